@@ -1,0 +1,220 @@
+"""Event model: S3 event notifications (as AWS, MinIO and Ceph publish them), dataset releases,
+and our own applied events. Parsing is pure; a message that fails validation raises EventError
+with a short machine-readable reason, and the caller sends it to the dead-letter topic.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+from urllib.parse import quote_plus, unquote_plus
+
+from xdc.errors import EventError
+
+SEQ_WIDTH = 40  # sequencers are right-padded to this width so they compare as strings
+
+RELEASE_TYPE = "dataset.released"
+APPLIED_TYPE = "object.applied"
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    op: Literal["put", "delete"]
+    bucket: str
+    key: str  # decoded
+    sequencer: str  # normalised (upper-case, right-padded)
+    event_time: float  # epoch seconds
+    size: int = 0
+    etag: str = ""
+    event_name: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseEvent:
+    dataset: str
+    version: str
+    manifest: str  # URI or path of the file list
+    time: float
+    datacenters: tuple[str, ...] = ()
+    deadline: float | None = None  # epoch seconds by which the dataset should be hot
+    prefix: str | None = None  # keys of the list must stay under this bucket/prefix
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"type": RELEASE_TYPE, "dataset": self.dataset, "version": self.version,
+                             "manifest": self.manifest, "time": iso(self.time),
+                             "datacenters": list(self.datacenters)}
+        if self.deadline is not None:
+            d["deadline"] = iso(self.deadline)
+        if self.prefix is not None:
+            d["prefix"] = self.prefix
+        return json.dumps(d).encode()
+
+
+@dataclass(frozen=True)
+class AppliedEvent:
+    route: str
+    op: str
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    sequencer: str
+    event_time: float
+    applied_time: float
+    source: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["type"] = APPLIED_TYPE
+        return json.dumps(d).encode()
+
+
+Event = ObjectEvent | ReleaseEvent
+
+
+def normalise_sequencer(seq: str) -> str:
+    """AWS: sequencers of one key compare as hex after right-padding the shorter with zeros."""
+    s = seq.strip().upper()
+    if not s or len(s) > SEQ_WIDTH or any(c not in "0123456789ABCDEF" for c in s):
+        raise EventError("bad_sequencer", repr(seq)[:80])
+    return s.ljust(SEQ_WIDTH, "0")
+
+
+def new_sequencer(t_ns: int | None = None) -> str:
+    """A sequencer for events we publish ourselves (ingest, scan, resize): time-ordered."""
+    return normalise_sequencer(format(t_ns if t_ns is not None else time.time_ns(), "020X"))
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_time(value: Any, what: str = "eventTime") -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise EventError("bad_time", f"{what} is not a timestamp")
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise EventError("bad_time", f"{what}={value[:40]!r}") from None
+
+
+def validate_key(key: str, max_bytes: int = 1024) -> str:
+    """Keys that could escape a prefix or confuse a filesystem are refused, not cleaned."""
+    if not key:
+        raise EventError("bad_key", "empty key")
+    if len(key.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise EventError("bad_key", f"key longer than {max_bytes} bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise EventError("bad_key", "control character in key")
+    if key.startswith("/") or "\\" in key:
+        raise EventError("bad_key", f"absolute or backslash path {key[:80]!r}")
+    if any(part in ("..", ".") for part in key.split("/")):
+        raise EventError("bad_key", f"dot segment in {key[:80]!r}")
+    return key
+
+
+def parse_message(value: bytes, *, max_bytes: int = 1_048_576, max_key_bytes: int = 1024) -> list[Event]:
+    """Parse one Kafka message: an S3 notification (one or more records) or a dataset release."""
+    if value is None or len(value) == 0:
+        raise EventError("empty", "empty message")
+    if len(value) > max_bytes:
+        raise EventError("too_large", f"{len(value)} bytes > {max_bytes}")
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EventError("bad_json", str(exc)[:200]) from None
+    if not isinstance(doc, dict):
+        raise EventError("bad_shape", f"top level is {type(doc).__name__}, not an object")
+    if doc.get("type") == RELEASE_TYPE:
+        return [parse_release(doc)]
+    if doc.get("EventName") == "s3:TestEvent" or doc.get("Event") == "s3:TestEvent":
+        return []  # AWS sends one when notifications are configured
+    records = doc.get("Records")
+    if not isinstance(records, list) or not records:
+        raise EventError("bad_shape", "no Records[] and not a dataset release")
+    return [parse_record(r, max_key_bytes) for r in records]
+
+
+def parse_record(rec: Any, max_key_bytes: int = 1024) -> ObjectEvent:
+    if not isinstance(rec, dict):
+        raise EventError("bad_shape", "record is not an object")
+    name = rec.get("eventName")
+    if not isinstance(name, str):
+        raise EventError("bad_shape", "eventName missing")
+    bare = name.removeprefix("s3:")  # MinIO/Ceph prefix it with s3:, AWS does not
+    if bare.startswith("ObjectCreated:"):
+        op: Literal["put", "delete"] = "put"
+    elif bare.startswith("ObjectRemoved:"):
+        op = "delete"
+    else:
+        raise EventError("unknown_event", name[:80])
+    s3 = rec.get("s3")
+    if not isinstance(s3, dict) or not isinstance(s3.get("bucket"), dict) or not isinstance(s3.get("object"), dict):
+        raise EventError("bad_shape", "s3.bucket / s3.object missing")
+    bucket = s3["bucket"].get("name")
+    obj = s3["object"]
+    raw_key = obj.get("key")
+    if not isinstance(bucket, str) or not bucket or not isinstance(raw_key, str):
+        raise EventError("bad_shape", "s3.bucket.name or s3.object.key missing")
+    key = validate_key(unquote_plus(raw_key), max_key_bytes)
+    size = obj.get("size", 0)
+    if op == "put" and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise EventError("bad_shape", "s3.object.size is not a non-negative integer")
+    etag = obj.get("eTag") or obj.get("etag") or ""
+    if not isinstance(etag, str):
+        raise EventError("bad_shape", "eTag is not a string")
+    seq = obj.get("sequencer")
+    if not isinstance(seq, str):
+        raise EventError("bad_shape", "s3.object.sequencer missing")
+    return ObjectEvent(op=op, bucket=bucket, key=key, sequencer=normalise_sequencer(seq),
+                       event_time=parse_time(rec.get("eventTime")), size=int(size or 0),
+                       etag=etag.strip('"'), event_name=name)
+
+
+def parse_release(doc: dict[str, Any]) -> ReleaseEvent:
+    def text(name: str) -> str:
+        v = doc.get(name)
+        if not isinstance(v, str) or not v.strip():
+            raise EventError("bad_release", f"{name} missing")
+        return v
+    dcs = doc.get("datacenters") or []
+    if not isinstance(dcs, list) or not all(isinstance(x, str) for x in dcs):
+        raise EventError("bad_release", "datacenters must be a list of names")
+    deadline = doc.get("deadline")
+    prefix = doc.get("prefix")
+    if prefix is not None and not isinstance(prefix, str):
+        raise EventError("bad_release", "prefix must be a string")
+    return ReleaseEvent(dataset=text("dataset"), version=text("version"), manifest=text("manifest"),
+                        time=parse_time(doc.get("time"), "time"), datacenters=tuple(dcs),
+                        deadline=parse_time(deadline, "deadline") if deadline is not None else None,
+                        prefix=prefix)
+
+
+def s3_record(op: Literal["put", "delete"], bucket: str, key: str, *, size: int = 0, etag: str = "",
+              sequencer: str | None = None, event_time: float | None = None, region: str = "us-east-1",
+              event_name: str | None = None) -> dict[str, Any]:
+    """One Records[] entry as AWS publishes it (URL-encoded key)."""
+    obj: dict[str, Any] = {"key": quote_plus(key, safe="/"),
+                           "sequencer": (sequencer or new_sequencer()).rstrip("0") or "0"}
+    if op == "put":
+        obj.update(size=size, eTag=etag)
+    return {
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": region,
+        "eventTime": iso(event_time if event_time is not None else time.time()),
+        "eventName": event_name or ("ObjectCreated:Put" if op == "put" else "ObjectRemoved:Delete"),
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
+               "object": obj},
+    }
+
+
+def encode_notification(records: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"Records": records}).encode()
+
+
+def message_key(bucket: str, key: str) -> bytes:
+    """Kafka key: one object's events land in one partition, so they stay in order."""
+    return f"{bucket}/{key}".encode()

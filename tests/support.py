@@ -1,0 +1,50 @@
+"""Test helpers that talk to the real local servers (no mocks)."""
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+from mirror.events import encode_notification, message_key, s3_record
+from xdc.config import XdcConfig
+from xdc.kafka import Record, make_producer, to_records
+
+
+def produce(cfg: XdcConfig, dc: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    p = make_producer(cfg.kafka_bootstrap(dc))
+    try:
+        for key, value in messages:
+            p.send(topic, key=key, value=value)
+        p.flush(timeout=30)
+    finally:
+        p.close(timeout=5)
+
+
+def put_event(bucket: str, key: str, *, seq: str, size: int = 1, etag: str = "e", t: float | None = None
+              ) -> tuple[bytes, bytes]:
+    rec = s3_record("put", bucket, key, size=size, etag=etag, sequencer=seq, event_time=t)
+    return message_key(bucket, key), encode_notification([rec])
+
+
+def delete_event(bucket: str, key: str, *, seq: str) -> tuple[bytes, bytes]:
+    return message_key(bucket, key), encode_notification([s3_record("delete", bucket, key, sequencer=seq)])
+
+
+def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> list[Record]:
+    """Everything in a topic, read without a group."""
+    c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap(dc), group_id=None, enable_auto_commit=False)
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in parts]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        out: list[Record] = []
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        while time.monotonic() < deadline and quiet < 3:
+            got = to_records(c.poll(timeout_ms=300))
+            out.extend(got)
+            quiet = 0 if got else quiet + 1
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        c.close()

@@ -1,0 +1,190 @@
+"""The `xdc` command: thin wiring from arguments to the library. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xdc.config import XdcConfig, config_path_from_env, load_config, masked_view
+from xdc.errors import XdcError
+
+DEFAULT_RUN_DIR = ".xdc/stack"
+log = logging.getLogger("xdc")
+
+
+def _cfg(args: argparse.Namespace) -> XdcConfig:
+    path = args.config or os.environ.get("XDC_CONFIG")
+    if not path and Path(args.run_dir, "xdc.yaml").exists():
+        path = str(Path(args.run_dir, "xdc.yaml"))  # the local stack's config
+    path = config_path_from_env(path)
+    from xdc.stack import load_secrets
+    load_secrets(Path(path).parent)  # a stack's generated credentials, if this is one
+    return load_config(path, dc=args.dc)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from xdc.stack import load_secrets
+    load_secrets(Path(args.file).parent)
+    cfg = load_config(args.file, dc=args.dc)
+    print(yaml.safe_dump(masked_view(cfg), sort_keys=False), end="")
+    print(f"# ok: {len(cfg.datacenters)} datacenters, {len(cfg.routes)} routes", file=sys.stderr)
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from xdc import stack
+    if args.action == "up":
+        cfg = stack.up(args.run_dir, nodes=args.nodes, durable_kafka=args.durable_kafka)
+        print(f"stack up: config {Path(args.run_dir, 'xdc.yaml')} ({', '.join(cfg.datacenters)})")
+        return 0
+    if args.action == "status":
+        rows = stack.status(args.run_dir)
+        for r in rows:
+            print("  ".join(f"{k}={v}" for k, v in r.items()))
+        return 0 if rows and all(r["alive"] for r in rows) else 1
+    n = stack.down(args.run_dir)
+    print(f"stack down: stopped {n}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from mirror.ingest import ingest
+    from xdc.progress import counter
+    cfg = _cfg(args)
+    with counter("ingest", unit="file") as bar:
+        rep = ingest(cfg, args.dc or cfg.require_local_dc(), args.dir, args.bucket, args.prefix, progress=bar)
+    _print(rep.to_dict())
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from mirror.ingest import scan
+    cfg = _cfg(args)
+    _print(scan(cfg, args.dc or cfg.require_local_dc(), args.bucket, args.prefix, dry_run=args.dry_run).to_dict())
+    return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from mirror.runner import Mirror
+    from xdc.serve import serving
+    cfg = _cfg(args)
+    with Mirror(cfg, args.dc) as m, serving(cfg, live=lambda: m.alive, ready=lambda: m.caught_up):
+        stats = m.run(once=not args.follow, max_seconds=args.max_seconds)
+    _print(stats.to_dict())
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from mirror import dlq
+    from xdc.kafka import make_producer
+    cfg = _cfg(args)
+    dc = args.dc or cfg.require_local_dc()
+    k = cfg.dc(dc).kafka
+    letters = list(dlq.read_letters(cfg.kafka_bootstrap(dc), k.topics.dead_letter))
+    if args.reason:
+        letters = [d for d in letters if d.reason == args.reason]
+    if args.action == "list":
+        for d in letters:
+            print(json.dumps(d.to_dict()))
+        print(f"# {len(letters)} dead letters by reason: {dlq.summarize(letters)}", file=sys.stderr)
+        return 0
+    producer = make_producer(cfg.kafka_bootstrap(dc))
+    try:
+        n = dlq.replay(letters, producer, topic=args.to_topic)
+    finally:
+        producer.close(timeout=5)
+    print(f"replayed {n} dead letters")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xdc.demo import run_demo
+    return run_demo(Path(args.run_dir), frames=args.frames, keep=args.keep)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdc", description="Cross-datacenter mirror and cache prewarm")
+    p.add_argument("--config", help="config file (default: $XDC_CONFIG, else the local stack's)")
+    p.add_argument("--dc", help="datacenter this process runs in (default: config local_dc / $XDC_DC)")
+    p.add_argument("--run-dir", default=os.environ.get("XDC_RUN_DIR", DEFAULT_RUN_DIR),
+                   help="local stack run directory")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            parent: Any = sub) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    c = sub.add_parser("config", help="config file tools").add_subparsers(dest="sub", required=True)
+    sp = add("check", cmd_config_check, "validate a config and print it resolved, secrets masked", c)
+    sp.add_argument("file")
+
+    sp = add("stack", cmd_stack, "start/inspect/stop the local two-datacenter stack")
+    sp.add_argument("action", choices=["up", "status", "down"])
+    sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter")
+    sp.add_argument("--durable-kafka", action="store_true", help="broker storage on the DC's S3 endpoint")
+
+    sp = add("ingest", cmd_ingest, "upload a directory and publish its S3 events")
+    sp.add_argument("dir")
+    sp.add_argument("--bucket", required=True)
+    sp.add_argument("--prefix", default="")
+
+    sp = add("scan", cmd_scan, "diff a bucket against the catalog and publish missed events")
+    sp.add_argument("--bucket", required=True)
+    sp.add_argument("--prefix", default="")
+    sp.add_argument("--dry-run", action="store_true")
+
+    m = sub.add_parser("mirror", help="the mirror").add_subparsers(dest="sub", required=True)
+    sp = add("run", cmd_mirror, "apply change events into this datacenter", m)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="stop when caught up (default)")
+    g.add_argument("--follow", action="store_true", help="run until stopped")
+    sp.add_argument("--max-seconds", type=float)
+
+    d = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="sub", required=True)
+    for action in ("list", "replay"):
+        sp = add(action, cmd_dlq, f"{action} dead letters of this datacenter", d)
+        sp.set_defaults(action=action)
+        sp.add_argument("--reason", help="only letters with this reason")
+        if action == "replay":
+            sp.add_argument("--to-topic", help="default: each letter's origin topic")
+
+    sp = add("demo", cmd_demo, "the whole flow on the local stack, with a report")
+    sp.add_argument("--frames", type=int, default=200)
+    sp.add_argument("--keep", action="store_true", help="leave the stack running")
+
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    try:
+        return int(args.fn(args) or 0)
+    except XdcError as exc:
+        print(f"xdc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The one config model: typed, validated at load, shared by the CLI, the DAGs and the Helm values.
+
+A config names datacenters (each with its S3 endpoint, Kafka, catalog and cache cluster) and routes
+(source DC/bucket/prefix -> target DC/bucket/prefix). Secrets are never in the file: credentials are
+references (environment variables or an Airflow connection id) resolved at use.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xdc.errors import ConfigError
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo in a config must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Credentials(_Model):
+    """A reference to a secret, never the secret: env var names or an Airflow connection id."""
+
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    airflow_conn_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Credentials:
+        envs = (self.access_key_env, self.secret_key_env)
+        if self.airflow_conn_id is None and None in envs:
+            raise ValueError("credentials need access_key_env and secret_key_env, or airflow_conn_id")
+        if self.airflow_conn_id is not None and any(envs):
+            raise ValueError("credentials: give env var names or airflow_conn_id, not both")
+        return self
+
+    def resolve(self) -> tuple[str, str]:
+        """Return (access key, secret key), read from the environment or the Airflow connection."""
+        if self.airflow_conn_id:
+            try:
+                from airflow.sdk import BaseHook  # only where Airflow runs
+            except ImportError as exc:  # pragma: no cover - depends on install
+                raise ConfigError(f"airflow_conn_id {self.airflow_conn_id!r} needs Airflow installed") from exc
+            conn = BaseHook.get_connection(self.airflow_conn_id)
+            return conn.login or "", conn.password or ""
+        assert self.access_key_env and self.secret_key_env
+        missing = [n for n in (self.access_key_env, self.secret_key_env) if n not in os.environ]
+        if missing:
+            raise ConfigError(f"credentials: environment variable(s) not set: {', '.join(missing)}")
+        return os.environ[self.access_key_env], os.environ[self.secret_key_env]
+
+
+class S3Endpoint(_Model):
+    internal_url: str  # used by processes running in this datacenter
+    external_url: str  # used from the other datacenter
+    region: str = "us-east-1"
+    credentials: Credentials
+
+    @field_validator("internal_url", "external_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v.rstrip("/")
+
+
+class KafkaTopics(_Model):
+    events: str = "xdc.events"  # S3 event notifications of this DC's buckets
+    applied: str = "xdc.applied"  # objects the mirror applied into this DC
+    releases: str = "xdc.releases"  # dataset releases
+    dead_letter: str = "xdc.dlq"
+
+
+class KafkaConfig(_Model):
+    bootstrap_servers: list[str] = Field(min_length=1)  # internal listeners
+    external_bootstrap_servers: list[str] | None = None  # from the other DC; default: internal
+    topics: KafkaTopics = KafkaTopics()
+    partitions: int = Field(4, ge=1)
+    # Airflow `kafka` connection used by the DAGs' message-queue trigger.
+    airflow_conn_id: str | None = None
+    # A group join takes about half the session timeout on the local broker: keep it short.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+
+
+class CacheNode(_Model):
+    name: str
+    mount: Path  # where the volume is mounted on this node
+    cache_dir: Path
+    cache_size_mib: int = Field(1024, ge=1)
+    metrics: str | None = None  # host:port of the node's Prometheus endpoint
+
+
+class CacheConfig(_Model):
+    backend: Literal["juicefs"] = "juicefs"
+    # replicate: every node warms the whole list (JuiceFS CE, readers on each node);
+    # shard: consistent hashing over the nodes (cache-group-style clusters).
+    placement: Literal["replicate", "shard"] = "replicate"
+    virtual_nodes: int = Field(64, ge=1)
+    meta_url: str  # the JuiceFS volume's metadata engine URL
+    nodes: list[CacheNode] = Field(min_length=1)
+    threads_per_node: int = Field(8, ge=1)
+    # Where a bucket's keys live inside the mount: <mount>/<bucket_root>/<bucket>/<key>
+    bucket_root: str = ""
+
+
+class Datacenter(_Model):
+    s3: S3Endpoint
+    kafka: KafkaConfig
+    catalog_url: str = "sqlite:///catalog.db"  # relative paths are relative to the config file
+    cache: CacheConfig | None = None
+    buckets: list[str] = []  # buckets of this DC that no route names
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _sqlite(cls, v: str) -> str:
+        if not v.startswith("sqlite:///"):
+            raise ValueError("catalog_url: only sqlite:///PATH is supported")
+        return v
+
+
+class Location(_Model):
+    dc: str
+    bucket: str
+    prefix: str = ""
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not _BUCKET_RE.match(v):
+            raise ValueError(f"not a valid S3 bucket name: {v!r}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"prefix must be relative with no '..': {v!r}")
+        return v
+
+    def covers(self, bucket: str, key: str) -> bool:
+        return bucket == self.bucket and key.startswith(self.prefix)
+
+
+class Route(_Model):
+    name: str = ""
+    source: Location
+    target: Location
+    mode: Literal["metadata", "data"] = "metadata"
+
+    @model_validator(mode="after")
+    def _name(self) -> Route:
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.source.dc}:{self.source.bucket}->{self.target.dc}:{self.target.bucket}")
+        if self.source.dc == self.target.dc:
+            raise ValueError(f"route {self.name}: source and target are the same datacenter")
+        return self
+
+    def target_key(self, source_key: str) -> str:
+        return self.target.prefix + source_key[len(self.source.prefix):]
+
+
+class MirrorSettings(_Model):
+    group_id: str = "xdc-mirror"
+    batch_max_records: int = Field(500, ge=1)
+    batch_max_seconds: float = Field(1.0, gt=0)
+    copy_concurrency: int = Field(8, ge=1)
+    multipart_threshold_mib: int = Field(16, ge=5)
+    multipart_chunk_mib: int = Field(8, ge=5)
+    max_attempts: int = Field(5, ge=1)  # per S3 call, with capped exponential backoff and jitter
+    max_key_bytes: int = Field(1024, ge=1)  # S3's own limit
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+
+
+class ResizeSettings(_Model):
+    dc: str | None = None  # where frames land; default: local_dc
+    bucket: str
+    prefixes: list[str] = ["raw/"]  # keys under these are frames to resize
+    derived_prefix: str = "720p/"  # derivative of raw/x.jpg is 720p/x.jpg
+    width: int = Field(1280, ge=16)
+    height: int = Field(720, ge=16)
+    quality: int = Field(90, ge=1, le=100)
+    subsampling: Literal["4:2:0", "4:2:2", "4:4:4"] = "4:2:0"
+    png_output: Literal["png", "jpeg"] = "jpeg"
+    small_input: Literal["skip", "copy"] = "skip"
+    max_pixels: int = Field(80_000_000, ge=1)  # decompression-bomb guard (4K is 8.3 MP)
+    max_input_mib: int = Field(64, ge=1)
+    workers: int = Field(0, ge=0)  # 0: one per core
+    group_id: str = "xdc-resize"
+
+
+class PrewarmSettings(_Model):
+    datacenters: list[str] = []  # where a release is prewarmed; default: every DC with a cache
+    ready_timeout_seconds: float = Field(600, ge=0)
+    ready_poll_seconds: float = Field(2.0, gt=0)
+    max_rewarm_rounds: int = Field(2, ge=0)
+    prefer_derived: bool = False  # warm the 720p derivative of a frame where it exists
+    default_bandwidth_mib_s: float = Field(100.0, gt=0)  # ETA before any run was measured
+    group_id: str = "xdc-prewarm"
+
+
+class LagSettings(_Model):
+    objective_p99_seconds: float = Field(60.0, gt=0)
+    window_seconds: float = Field(300.0, gt=0)  # events considered by one lag snapshot
+    retention_hours: float = Field(24.0, gt=0)
+
+
+class MetricsSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0)  # 0: no /metrics endpoint
+
+
+class XdcConfig(_Model):
+    version: Literal[1] = 1
+    local_dc: str | None = None  # which datacenter this process runs in (also --dc / XDC_DC)
+    datacenters: dict[str, Datacenter] = Field(min_length=1)
+    routes: list[Route] = []
+    mirror: MirrorSettings = MirrorSettings()
+    resize: ResizeSettings | None = None
+    prewarm: PrewarmSettings = PrewarmSettings()
+    lag: LagSettings = LagSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    run_dir: Path | None = None  # where the local stack keeps logs and pids
+    base_dir: Path = Path(".")  # directory of the config file; set by the loader
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XdcConfig:
+        dcs = set(self.datacenters)
+        if self.local_dc is not None and self.local_dc not in dcs:
+            raise ValueError(f"local_dc {self.local_dc!r} is not one of the datacenters {sorted(dcs)}")
+        for r in self.routes:
+            for end in (r.source, r.target):
+                if end.dc not in dcs:
+                    raise ValueError(f"route {r.name}: unknown datacenter {end.dc!r} (known: {sorted(dcs)})")
+        if len({r.name for r in self.routes}) != len(self.routes):
+            raise ValueError("route names must be unique")
+        for dc in self.prewarm.datacenters:
+            if dc not in dcs:
+                raise ValueError(f"prewarm.datacenters: unknown datacenter {dc!r}")
+        if self.resize and self.resize.dc and self.resize.dc not in dcs:
+            raise ValueError(f"resize.dc: unknown datacenter {self.resize.dc!r}")
+        _check_bucket_collisions(self)
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+    def dc(self, name: str | None = None) -> Datacenter:
+        name = name or self.require_local_dc()
+        try:
+            return self.datacenters[name]
+        except KeyError:
+            raise ConfigError(f"unknown datacenter {name!r} (known: {sorted(self.datacenters)})") from None
+
+    def require_local_dc(self) -> str:
+        if not self.local_dc:
+            raise ConfigError("which datacenter does this process run in? set local_dc, --dc or XDC_DC")
+        return self.local_dc
+
+    def with_local_dc(self, dc: str | None) -> XdcConfig:
+        if dc is None or dc == self.local_dc:
+            return self
+        if dc not in self.datacenters:
+            raise ConfigError(f"unknown datacenter {dc!r} (known: {sorted(self.datacenters)})")
+        return self.model_copy(update={"local_dc": dc})
+
+    def s3_url(self, dc: str) -> str:
+        """The URL this process uses for `dc`'s S3: internal at home, external from elsewhere."""
+        ep = self.dc(dc).s3
+        return ep.internal_url if dc == self.local_dc else ep.external_url
+
+    def kafka_bootstrap(self, dc: str) -> list[str]:
+        k = self.dc(dc).kafka
+        if dc == self.local_dc or not k.external_bootstrap_servers:
+            return list(k.bootstrap_servers)
+        return list(k.external_bootstrap_servers)
+
+    def catalog_path(self, dc: str) -> Path:
+        p = Path(self.dc(dc).catalog_url.removeprefix("sqlite:///"))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def routes_into(self, dc: str) -> list[Route]:
+        return [r for r in self.routes if r.target.dc == dc]
+
+    def routes_from(self, dc: str) -> list[Route]:
+        return [r for r in self.routes if r.source.dc == dc]
+
+    def prewarm_datacenters(self) -> list[str]:
+        return list(self.prewarm.datacenters) or [n for n, d in self.datacenters.items() if d.cache]
+
+
+def _check_bucket_collisions(cfg: XdcConfig) -> None:
+    """S3 bucket names are global per partition: the same name in two DCs must be the same data.
+
+    A name in two datacenters is accepted only when a route mirrors one into the other under the
+    same prefix mapping; otherwise it is refused, naming the bucket and both datacenters.
+    """
+    owners: dict[str, set[str]] = {}
+    for name, d in cfg.datacenters.items():
+        for b in d.buckets:
+            owners.setdefault(b, set()).add(name)
+    for r in cfg.routes:
+        owners.setdefault(r.source.bucket, set()).add(r.source.dc)
+        owners.setdefault(r.target.bucket, set()).add(r.target.dc)
+    mirrored = {
+        (r.source.bucket, frozenset((r.source.dc, r.target.dc)))
+        for r in cfg.routes
+        if r.source.bucket == r.target.bucket and r.source.prefix == r.target.prefix
+    }
+    for bucket, dcs in sorted(owners.items()):
+        if len(dcs) < 2:
+            continue
+        for a in sorted(dcs):
+            for b in sorted(dcs):
+                if a < b and (bucket, frozenset((a, b))) not in mirrored:
+                    raise ValueError(
+                        f"bucket {bucket!r} is used in datacenters {a} and {b} for different data "
+                        f"(no route mirrors {a}:{bucket} to {b}:{bucket} with the same prefix); "
+                        "bucket names are global per S3 partition: rename one of them"
+                    )
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str | None = None) -> XdcConfig:
+    """Validate a config mapping (from a file, a Helm ConfigMap or a DAG param)."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping")
+    data = dict(data)
+    if base_dir is not None:
+        data["base_dir"] = base_dir
+    dc = dc or os.environ.get("XDC_DC") or None
+    if dc:
+        data["local_dc"] = dc
+    try:
+        return XdcConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str], *, dc: str | None = None) -> XdcConfig:
+    """Load a YAML config file (JSON is YAML too). `dc` overrides local_dc, as does XDC_DC."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    try:
+        return parse_config(raw or {}, base_dir=p.resolve().parent, dc=dc)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def config_path_from_env(explicit: str | None = None) -> str:
+    path = explicit or os.environ.get("XDC_CONFIG")
+    if not path:
+        raise ConfigError("no config file: pass --config FILE or set XDC_CONFIG")
+    return path
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{where}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def masked_view(cfg: XdcConfig) -> dict[str, Any]:
+    """The resolved config as plain data, with every secret value masked.
+
+    Credentials show where they come from and whether they resolve, never their value.
+    """
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    for name, d in cfg.datacenters.items():
+        creds = d.s3.credentials
+        view: dict[str, Any] = data["datacenters"][name]["s3"]["credentials"]
+        try:
+            key, secret = creds.resolve()
+            view["resolved"] = {"access_key": _mask(key), "secret_key": _mask(secret)}
+        except Exception as exc:  # noqa: BLE001 - report, do not fail the check
+            view["resolved"] = f"NOT RESOLVED: {exc}"
+        data["datacenters"][name]["catalog_path"] = str(cfg.catalog_path(name))
+        data["datacenters"][name]["s3"]["url_used_here"] = cfg.s3_url(name) if cfg.local_dc else None
+    return data
+
+
+def _mask(value: str) -> str:
+    return "****" if value else "(empty)"

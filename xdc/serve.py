@@ -1,0 +1,20 @@
+"""Long-running processes expose /metrics, /healthz and /readyz when config.metrics.port is set."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from xdc.config import XdcConfig
+from xdc.http_server import ServerHandle, serve
+
+
+@contextmanager
+def serving(cfg: XdcConfig, *, live: Callable[[], bool], ready: Callable[[], bool]) -> Iterator[ServerHandle | None]:
+    if not cfg.metrics.port:
+        yield None
+        return
+    handle = serve(cfg.metrics.host, cfg.metrics.port, live=live, ready=ready)
+    try:
+        yield handle
+    finally:
+        handle.stop()
