@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote_plus, unquote_plus
@@ -66,9 +66,11 @@ class AppliedEvent:
     source: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        d = asdict(self)
-        d["type"] = APPLIED_TYPE
-        return json.dumps(d).encode()
+        # built by hand: dataclasses.asdict deep-copies and was a third of the apply time
+        return json.dumps({
+            "type": APPLIED_TYPE, "route": self.route, "op": self.op, "bucket": self.bucket, "key": self.key,
+            "size": self.size, "etag": self.etag, "sequencer": self.sequencer, "event_time": self.event_time,
+            "applied_time": self.applied_time, "source": self.source}).encode()
 
 
 Event = ObjectEvent | ReleaseEvent

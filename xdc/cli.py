@@ -111,7 +111,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from xdc.demo import run_demo
-    return run_demo(Path(args.run_dir), frames=args.frames, keep=args.keep)
+    return run_demo(Path(args.out), frames=args.frames, keep=args.keep)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "the whole flow on the local stack, with a report")
     sp.add_argument("--frames", type=int, default=200)
+    sp.add_argument("--out", default=".xdc/demo", help="run directory: samples, stack, report")
     sp.add_argument("--keep", action="store_true", help="leave the stack running")
 
     return p

@@ -168,7 +168,7 @@ class Route(_Model):
 
 class MirrorSettings(_Model):
     group_id: str = "xdc-mirror"
-    batch_max_records: int = Field(500, ge=1)
+    batch_max_records: int = Field(2000, ge=1)
     batch_max_seconds: float = Field(1.0, gt=0)
     copy_concurrency: int = Field(8, ge=1)
     multipart_threshold_mib: int = Field(16, ge=5)

@@ -187,7 +187,8 @@ class S3Store(Store):
             "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name=region,
             config=BotoConfig(
-                s3={"addressing_style": "path"},
+                # payload signing hashes every byte in Python; TLS protects the body where used
+                s3={"addressing_style": "path", "payload_signing_enabled": False},
                 # our own retry wrapper decides; botocore's would hide faults from it
                 retries={"mode": "standard", "max_attempts": 1},
                 max_pool_connections=max_pool,

@@ -1,0 +1,135 @@
+"""Mirror benchmark (run by hand): two ratios measured in one run on the local stack.
+
+1. metadata apply rate / raw kafka-python consume rate of the same topic (goal >= 0.8)
+2. data copy MiB/s / s5cmd MiB/s between the same two S3 endpoints (goal >= 1.0). s5cmd takes one
+   endpoint per invocation, so its cross-endpoint copy is download-to-disk + upload; both legs are
+   timed together, as a person using it between two datacenters would.
+
+    python bench/mirror.py [--events 50000] [--objects 40] [--object-mib 8]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kafka import KafkaConsumer  # noqa: E402
+
+from mirror.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
+from mirror.runner import Mirror  # noqa: E402
+from xdc import stack  # noqa: E402
+from xdc.kafka import make_producer  # noqa: E402
+from xdc.metrics import Metrics, new_registry  # noqa: E402
+from xdc.store import store_for  # noqa: E402
+
+MIB = 2**20
+
+
+def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
+    """Run the mirror once; time from its first batch to its last (group join excluded)."""
+    m = Mirror(cfg, "B", metrics=Metrics(new_registry()), group_id=group)
+    first: list[float] = []
+    last: list[float] = []
+    inner = m.process
+
+    def process(src, records):  # type: ignore[no-untyped-def]
+        if not first:
+            first.append(time.perf_counter())
+        r = inner(src, records)
+        last[:] = [time.perf_counter()]
+        return r
+    m.process = process  # type: ignore[method-assign]
+    try:
+        st = m.run(once=True)
+    finally:
+        m.close()
+    return st.applied, st.bytes_copied, (last[0] - first[0]) if first else 0.0
+
+
+def raw_consume(cfg, topic: str, n: int) -> float:  # type: ignore[no-untyped-def]
+    c = KafkaConsumer(topic, bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=f"raw-{time.time_ns()}",
+                      auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
+                      heartbeat_interval_ms=1000, max_poll_records=500)
+    got, t0 = 0, None
+    try:
+        while got < n:
+            polled = c.poll(timeout_ms=1000, max_records=500)
+            for msgs in polled.values():
+                if t0 is None:
+                    t0 = time.perf_counter()
+                got += len(msgs)
+        return time.perf_counter() - (t0 or time.perf_counter())
+    finally:
+        c.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--objects", type=int, default=40)
+    ap.add_argument("--object-mib", type=int, default=8)
+    args = ap.parse_args()
+    run = Path(tempfile.mkdtemp(prefix="xdc-bench-mirror-"))
+    try:
+        cfg = stack.up(run / "stack", nodes=0)
+        topic = cfg.dc("A").kafka.topics.events
+        src_bucket = cfg.routes[0].source.bucket
+        dst_bucket = cfg.routes[0].target.bucket
+
+        # 1. metadata apply vs raw consume
+        p = make_producer(cfg.kafka_bootstrap("A"))
+        for i in range(args.events):
+            key = f"lidar/bench/{i:08d}.bin"
+            p.send(topic, key=message_key(src_bucket, key),
+                   value=encode_notification([s3_record("put", src_bucket, key, size=1000, etag="x" * 32,
+                                                        sequencer=new_sequencer())]))
+        p.flush()
+        raw_s = raw_consume(cfg, topic, args.events)
+        applied, _, mir_s = timed_mirror(cfg, "bench-meta")
+        raw_rate, apply_rate = args.events / raw_s, applied / mir_s
+        print(f"metadata: raw kafka-python consume {raw_rate:,.0f} msg/s; mirror apply {apply_rate:,.0f} events/s "
+              f"({applied} applied); ratio {apply_rate / raw_rate:.2f} (goal >= 0.8)")
+
+        # 2. data copy vs s5cmd
+        a = store_for(cfg, "A")
+        blob = os.urandom(args.object_mib * MIB)
+        for i in range(args.objects):
+            info = a.put(src_bucket, f"camera/bench/{i:04d}.bin", blob[i:] + blob[:i])
+            p.send(topic, key=message_key(src_bucket, info.key),
+                   value=encode_notification([s3_record("put", src_bucket, info.key, size=info.size,
+                                                        etag=info.etag, sequencer=new_sequencer())]))
+        p.flush()
+        p.close()
+        total = args.objects * args.object_mib * MIB
+        _, copied, copy_s = timed_mirror(cfg, "bench-data")
+        mirror_mibs = copied / MIB / copy_s
+
+        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        tmp = run / "s5"
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": os.environ["XDC_A_ACCESS_KEY"],
+               "AWS_SECRET_ACCESS_KEY": os.environ["XDC_A_SECRET_KEY"], "AWS_REGION": "us-east-1"}
+        env_b = {**env, "AWS_ACCESS_KEY_ID": os.environ["XDC_B_ACCESS_KEY"],
+                 "AWS_SECRET_ACCESS_KEY": os.environ["XDC_B_SECRET_KEY"]}
+        t0 = time.perf_counter()
+        subprocess.run([s5, "--endpoint-url", cfg.s3_url("A"), "cp", f"s3://{src_bucket}/camera/bench/*", f"{tmp}/"],
+                       check=True, env=env, capture_output=True)
+        subprocess.run([s5, "--endpoint-url", cfg.s3_url("B"), "cp", f"{tmp}/", f"s3://{dst_bucket}/s5cmd-bench/"],
+                       check=True, env=env_b, capture_output=True)
+        s5_s = time.perf_counter() - t0
+        s5_mibs = total / MIB / s5_s
+        print(f"data: mirror copy {mirror_mibs:.1f} MiB/s ({copied / MIB:.0f} MiB, verified); "
+              f"s5cmd download+upload {s5_mibs:.1f} MiB/s; ratio {mirror_mibs / s5_mibs:.2f} (goal >= 1.0)")
+    finally:
+        stack.down(run / "stack")
+        shutil.rmtree(run, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
