@@ -109,6 +109,97 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resize_run(args: argparse.Namespace) -> int:
+    from resize.worker import ResizeWorker
+    from xdc.serve import serving
+    cfg = _cfg(args)
+    with ResizeWorker(cfg, args.dc) as w, serving(cfg, live=lambda: w.alive, ready=lambda: w.caught_up):
+        stats = w.run(once=not args.follow, max_seconds=args.max_seconds)
+    _print(stats.to_dict())
+    return 0
+
+
+def cmd_resize_file(args: argparse.Namespace) -> int:
+    from resize.frame import resize_file
+    from xdc.config import ResizeSettings
+    settings = ResizeSettings(bucket="local", quality=args.quality)
+    out = resize_file(Path(args.input), Path(args.output), settings)
+    print(f"{args.input}: {out.source_width}x{out.source_height} -> {out.width}x{out.height} ({out.action})")
+    return 0
+
+
+def cmd_prewarm(args: argparse.Namespace) -> int:
+    from cache_client import prewarm
+    cfg = _cfg(args)
+    dc = args.dc or cfg.require_local_dc()
+    if args.action == "plan":
+        plan = prewarm.plan_prewarm(cfg, dc, args.list, args.dataset, prefix=args.prefix, trim=args.trim)
+        print(plan.summary(), file=sys.stderr)
+        _print(plan.to_dict(args.max_files))
+    elif args.action == "run":
+        rep = prewarm.run_prewarm(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
+                                  trim=args.trim, wait=not args.no_wait)
+        print(rep.summary(), file=sys.stderr)
+        _print(rep.to_dict(args.max_files))
+        return 0 if rep.complete else 1
+    elif args.action == "check":
+        chk = prewarm.check_list(cfg, dc, args.list, prefix=args.prefix)
+        print(chk.summary(), file=sys.stderr)
+        _print(chk.to_dict(args.max_files))
+    else:
+        fr = prewarm.free_list(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
+                               force=args.force)
+        print(fr.summary(), file=sys.stderr)
+        _print(fr.to_dict())
+    return 0
+
+
+def cmd_prewarm_follow(args: argparse.Namespace) -> int:
+    from cache_client.release import follow_releases
+    cfg = _cfg(args)
+    reports = follow_releases(cfg, args.dc or cfg.require_local_dc(), once=args.once, max_seconds=args.max_seconds)
+    _print([r.to_dict(20) for r in reports])
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from cache_client.release import publish_release
+    from mirror.events import ReleaseEvent
+    cfg = _cfg(args)
+    ev = ReleaseEvent(args.dataset, args.version, args.manifest, _time.time(), tuple(args.datacenters or ()),
+                      prefix=args.prefix)
+    publish_release(cfg, args.dc or cfg.require_local_dc(), ev)
+    print(ev.to_json().decode())
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from xdc.dashboard import serve_dashboard, snapshot_html
+    cfg = _cfg(args)
+    if args.snapshot:
+        Path(args.snapshot).write_text(snapshot_html(cfg))
+        print(f"wrote {args.snapshot}")
+        return 0
+    handle = serve_dashboard(cfg, args.host, args.port)
+    print(f"dashboard: {handle.url}", flush=True)
+    try:
+        while True:
+            _time.sleep(3600)
+    finally:
+        handle.stop()
+
+
+def cmd_lag_snapshot(args: argparse.Namespace) -> int:
+    from xdc.lag import record_lag_snapshot
+    cfg = _cfg(args)
+    _print(record_lag_snapshot(cfg, args.dc or cfg.require_local_dc()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xdc.demo import run_demo
     return run_demo(Path(args.out), frames=args.frames, keep=args.keep)
@@ -163,6 +254,55 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--reason", help="only letters with this reason")
         if action == "replay":
             sp.add_argument("--to-topic", help="default: each letter's origin topic")
+
+    r = sub.add_parser("resize", help="4K -> 720p").add_subparsers(dest="sub", required=True)
+    sp = add("run", cmd_resize_run, "resize new frames of the landing datacenter", r)
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="stop when caught up (default)")
+    g.add_argument("--follow", action="store_true", help="run until stopped")
+    sp.add_argument("--max-seconds", type=float)
+    sp = add("file", cmd_resize_file, "resize one file", r)
+    sp.add_argument("input")
+    sp.add_argument("output")
+    sp.add_argument("--quality", type=int, default=90)
+
+    pw = sub.add_parser("prewarm", help="cache prewarm, check and free by file list").add_subparsers(
+        dest="sub", required=True)
+    for action, help_ in (("plan", "files, bytes, already cached, per node, ETA (nothing is loaded)"),
+                          ("run", "ready gate -> plan -> warm -> check -> re-warm misses -> report"),
+                          ("check", "per-file cache status"),
+                          ("free", "evict from every node, keeping files of other active datasets")):
+        sp = add(action, cmd_prewarm, help_, pw)
+        sp.set_defaults(action=action)
+        sp.add_argument("--list", required=True, help="file list: txt, csv, parquet or pkl")
+        sp.add_argument("--dataset")
+        sp.add_argument("--version", default="")
+        sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
+        sp.add_argument("--max-files", type=int, default=50, help="files listed in the JSON output")
+        if action in ("plan", "run"):
+            sp.add_argument("--trim", action="store_true", help="drop what does not fit instead of refusing")
+        if action == "run":
+            sp.add_argument("--no-wait", action="store_true", help="skip the ready gate")
+        if action == "free":
+            sp.add_argument("--force", action="store_true", help="evict files other datasets still use")
+    sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
+    sp.add_argument("--once", action="store_true")
+    sp.add_argument("--max-seconds", type=float)
+
+    sp = add("release", cmd_release, "publish a dataset release event")
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--version", required=True)
+    sp.add_argument("--manifest", required=True, help="path or s3://bucket/key of the file list")
+    sp.add_argument("--datacenters", nargs="*")
+    sp.add_argument("--prefix")
+
+    sp = add("dashboard", cmd_dashboard, "serve the operators' dashboard")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8080)
+    sp.add_argument("--snapshot", help="write a static HTML snapshot to this file and exit")
+
+    lg = sub.add_parser("lag", help="sync lag").add_subparsers(dest="sub", required=True)
+    add("snapshot", cmd_lag_snapshot, "record a lag snapshot per route into this datacenter", lg)
 
     sp = add("demo", cmd_demo, "the whole flow on the local stack, with a report")
     sp.add_argument("--frames", type=int, default=200)
