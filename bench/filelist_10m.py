@@ -1,0 +1,160 @@
+"""Stream a 10-million-key file list and count keys per cache node (run by hand).
+
+    python bench/filelist_10m.py [--keys N] [--nodes 4] [--parquet] [--dir DIR]
+
+Writes the list(s) into a temporary directory, then runs each phase in its own child process so
+every peak RSS (ru_maxrss) belongs to that phase alone:
+
+    baseline   iterate the raw lines of the txt file, nothing else
+    read       read_file_list(dedupe=False): decode, validate, ListEntry
+    dedupe     read_file_list(dedupe=True)
+    ring       dedupe + HashRing.node_for per key, counting per node (no per-node lists)
+    parquet    (with --parquet) the ring phase over the same keys in a Parquet list
+
+Prints keys/s, the ratio to the baseline's rate and peak RSS per phase (VmHWM of the child;
+ru_maxrss is shown too but includes the parent's RSS at the fork). Goal: ring < 1 GiB RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DUP_EVERY = 100  # every 100th line repeats the one before, so dedupe has work to do
+
+
+def _key(i: int) -> str:
+    return f"frames/datasets/ds-{i % 97:03d}/cam{i % 8}/frame-{i:09d}.jpg"
+
+
+def write_txt(path: Path, n: int) -> None:
+    with open(path, "w", buffering=1 << 20) as fh:
+        chunk: list[str] = []
+        for i in range(n):
+            chunk.append(_key(i - 1 if i % DUP_EVERY == DUP_EVERY - 1 else i))
+            if len(chunk) == 100_000:
+                fh.write("\n".join(chunk) + "\n")
+                chunk.clear()
+        if chunk:
+            fh.write("\n".join(chunk) + "\n")
+
+
+def write_parquet(txt: Path, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.string()), ("size", pa.int64())])
+    with pq.ParquetWriter(path, schema) as w, open(txt) as fh:
+        batch: list[str] = []
+        for line in fh:
+            batch.append(line.rstrip("\n"))
+            if len(batch) == 500_000:
+                w.write_table(pa.table({"key": batch, "size": [300_000] * len(batch)}, schema=schema))
+                batch = []
+        if batch:
+            w.write_table(pa.table({"key": batch, "size": [300_000] * len(batch)}, schema=schema))
+
+
+def run_phase(phase: str, path: Path, nodes: int) -> dict[str, object]:
+    """Runs inside the child process."""
+    from cache_client.filelist import read_file_list
+    from cache_client.placement import HashRing
+
+    t0 = time.perf_counter()
+    counts: dict[str, int] = {}
+    extra: dict[str, object] = {}
+    if phase == "baseline":
+        n = 0
+        with open(path, "rb", buffering=1 << 20) as fh:
+            for _ in fh:
+                n += 1
+    else:
+        fl = read_file_list(path, dedupe=phase != "read")
+        if phase in ("ring", "parquet"):
+            ring = HashRing([f"cache-{i}" for i in range(nodes)])
+            counts = dict.fromkeys(ring.nodes, 0)
+            node_for = ring.node_for
+            for e in fl:
+                counts[node_for(e.key)] += 1
+        else:
+            for _ in fl:
+                pass
+        s = fl.stats
+        n = s.entries + s.duplicates + s.unreadable_count + s.blank
+        extra = {"entries": s.entries, "duplicates": s.duplicates, "unreadable": s.unreadable_count}
+    dt = time.perf_counter() - t0
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"phase": phase, "lines": n, "seconds": dt, "rss_mib": _hwm_mib() or rss_kib / 1024,
+            "maxrss_mib": rss_kib / 1024, "counts": counts, **extra}
+
+
+def _hwm_mib() -> float | None:
+    """This process's own peak RSS. ru_maxrss also counts the parent's RSS at the fork (Linux
+    keeps the old address space's high-water mark across exec), VmHWM does not."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, default=10_000_000)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--parquet", action="store_true", help="also time a Parquet list")
+    ap.add_argument("--dir", type=Path, default=None, help="where to write the lists (default: a temp dir)")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--file", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.phase:
+        print(json.dumps(run_phase(args.phase, args.file, args.nodes)))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="xdc-filelist-bench-") as tmp:
+        txt = Path(tmp) / "list.txt"
+        t0 = time.perf_counter()
+        write_txt(txt, args.keys)
+        print(f"wrote {args.keys:,} lines ({txt.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        phases = [("baseline", txt), ("read", txt), ("dedupe", txt), ("ring", txt)]
+        if args.parquet:
+            pqf = Path(tmp) / "list.parquet"
+            t0 = time.perf_counter()
+            write_parquet(txt, pqf)
+            print(f"wrote parquet ({pqf.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+            phases.append(("parquet", pqf))
+
+        base_rate = None
+        print(f"{'phase':<10} {'lines':>12} {'seconds':>8} {'keys/s':>12} {'x baseline':>10} {'peak RSS MiB':>13}"
+              f" {'ru_maxrss MiB':>14}")
+        for phase, path in phases:
+            out = subprocess.run(
+                [sys.executable, __file__, "--phase", phase, "--file", str(path), "--nodes", str(args.nodes)],
+                check=True, capture_output=True, text=True,
+            )
+            r = json.loads(out.stdout)
+            rate = r["lines"] / r["seconds"]
+            base_rate = base_rate or rate
+            print(f"{phase:<10} {r['lines']:>12,} {r['seconds']:>8.1f} {rate:>12,.0f} {rate / base_rate:>10.3f} {r['rss_mib']:>13,.0f} {r['maxrss_mib']:>14,.0f}")
+            if r.get("counts"):
+                total = sum(r["counts"].values())
+                shares = ", ".join(f"{k} {v / total:.1%}" for k, v in r["counts"].items())
+                print(f"{'':<10} entries {r['entries']:,}, duplicates {r['duplicates']:,}; per node: {shares}")
+            if r["rss_mib"] >= 1024 and phase != "baseline":
+                print(f"{'':<10} WARNING: peak RSS above the 1 GiB goal")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Fixtures for DAG tests: an in-process Airflow on SQLite, dag.test(), and a Tansu broker.
+
+Airflow reads AIRFLOW_HOME and its config once, at first import, so the environment is set when
+this conftest is imported (collection time), before any test module imports airflow. A DAG test
+only needs the `airflow_home` fixture (or `run_dag`, which uses it).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xdc.airflow_local import airflow_env, running_tansu
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT_DAGS = ROOT / "dags"
+FIXTURE_DAGS = Path(__file__).resolve().parent / "fixture_dags"
+
+_HOME = Path(tempfile.mkdtemp(prefix="xdc-airflow-home-"))
+atexit.register(shutil.rmtree, _HOME, True)
+if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(_HOME):
+    # Too late to point Airflow at a temp home: it would use (and write) ~/airflow.
+    raise RuntimeError("airflow was imported before tests/dags/conftest.py could set AIRFLOW_HOME")
+# dag.test() serialises a DAG only from a configured bundle: the project's dags/ is the default
+# "dags-folder" bundle, the probe DAGs are a second one.
+_BUNDLES = [{"name": name, "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+             "kwargs": {"path": str(path), "refresh_interval": 0}}
+            for name, path in (("dags-folder", PROJECT_DAGS), ("xdc-fixtures", FIXTURE_DAGS))]
+os.environ.update(airflow_env(_HOME, PROJECT_DAGS,
+                              extra={"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(_BUNDLES)}))
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> Path:
+    """A fresh Airflow metadata DB (SQLite) in a temp AIRFLOW_HOME; removed at the end."""
+    from airflow.utils.db import resetdb
+
+    resetdb()
+    return _HOME
+
+
+def load_dag(dag_id: str, folder: Path = PROJECT_DAGS) -> Any:
+    """The DAG `dag_id` parsed from `folder` (the project's dags/ by default); fail on import errors."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(folder))
+    assert not bag.import_errors, bag.import_errors
+    assert dag_id in bag.dags, f"{dag_id} not in {sorted(bag.dags)}"
+    return bag.dags[dag_id]
+
+
+def _xcom_of(dag_run: Any, task_id: str, key: str = "return_value") -> Any:
+    """The XCom a task of a finished dag.test() run pushed (deserialised)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.scalars(
+            XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key=key)
+        ).first()
+        assert row is not None, f"no XCom {key!r} from {dag_run.dag_id}.{task_id}"
+        return XComModel.deserialize_value(row)
+
+
+@pytest.fixture
+def dag_xcom(airflow_home: Path) -> Callable[..., Any]:
+    """dag_xcom(dag_run, task_id, key="return_value") -> the XCom of a finished dag.test() run."""
+    return _xcom_of
+
+
+@pytest.fixture(scope="session")
+def fixture_dags() -> Path:
+    """The probe DAGs (tests/dags/fixture_dags): the second bundle of the in-process Airflow."""
+    return FIXTURE_DAGS
+
+
+@pytest.fixture
+def run_dag(airflow_home: Path) -> Callable[..., Any]:
+    """run_dag(dag_id, conf=None, folder=PROJECT_DAGS) -> DagRun, via dag.test() in this process."""
+
+    def _run(dag_id: str, conf: dict[str, Any] | None = None, folder: Path = PROJECT_DAGS) -> Any:
+        dag = load_dag(dag_id, folder)
+        return dag.test(run_conf=conf or {})
+
+    return _run
+
+
+@pytest.fixture
+def tansu_broker(tmp_path: Path) -> Iterator[str]:
+    """A Tansu Kafka broker in memory on a free port; yields its bootstrap address.
+
+    Swap for the session stack of tests/conftest.py (stack_cfg / xcfg) when a test needs more.
+    """
+    with running_tansu(tmp_path) as bootstrap:
+        yield bootstrap

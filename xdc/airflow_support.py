@@ -1,0 +1,188 @@
+"""What the DAGs share with Airflow: config lookup, the Kafka connection, and release events.
+
+Importable without Airflow: Airflow is imported inside the functions that need it.
+
+A dataset release reaches a DAG like this (read from the installed Airflow 3.3.2 and the Kafka
+provider 2.1.0, proven in tests/dags/test_harness.py):
+
+1. ``KafkaMessageQueueTrigger(apply_function="xdc.airflow_support.is_release_message")`` runs in the
+   triggerer. It calls the function with each confluent-kafka ``Message``; the offset is committed
+   whatever the result. A falsy result means "not for us": the trigger then sleeps
+   ``poll_interval`` seconds before the next poll, so keep that small on a busy topic.
+2. A truthy result becomes ``TriggerEvent(result)``; the trigger stops (the triggerer starts it
+   again, with a new consumer that resumes from the committed offset).
+3. ``Trigger.submit_event`` records an asset event on every watched asset with
+   ``extra = {"from_trigger": True, "payload": <result>}``; so the result must be JSON-able.
+4. The scheduler starts a run of each DAG scheduled on the asset. Several events that arrive
+   before the run is created land in ONE run, so a task must handle a list of releases:
+   ``context["triggering_asset_events"][asset]`` is a list of events whose ``.extra["payload"]``
+   is what ``is_release_message`` returned. ``release_payloads(context)`` does this, and also
+   accepts ``dag_run.conf["release"]`` (manual runs, ``dag.test(run_conf=...)``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from xdc.errors import ConfigError, EventError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_VARIABLE", "RELEASE_ASSET", "config_path", "kafka_connection_extra",
+           "kafka_connection_env", "release_asset", "is_release_message", "release_payload",
+           "release_payloads"]
+
+CONFIG_VARIABLE = "xdc_config"  # Airflow Variable holding the config file path
+RELEASE_ASSET = "xdc-release"  # name of the asset the release watcher feeds
+
+
+def config_path() -> str:
+    """The xdc config file path: Airflow Variable ``xdc_config`` if set, else env ``XDC_CONFIG``."""
+    path: str | None = None
+    try:
+        from airflow.sdk import Variable
+    except ImportError:  # plain CLI use, no Airflow installed
+        Variable = None  # type: ignore[assignment,misc]
+    if Variable is not None:
+        path = Variable.get(CONFIG_VARIABLE, default=None)
+    path = path or os.environ.get("XDC_CONFIG")
+    if not path:
+        raise ConfigError(f"no config file: set the Airflow Variable {CONFIG_VARIABLE!r} or XDC_CONFIG")
+    return str(path)
+
+
+def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeout_ms: int = 6000,
+                           heartbeat_interval_ms: int = 1000) -> dict[str, Any]:
+    """confluent-kafka settings for the provider's ``kafka`` connection (its ``extra`` field).
+
+    Short session timeout: a group join takes about half of it (45 s default -> ~23 s stall on
+    every trigger restart). ``earliest`` so a release published before the watcher's group
+    existed is still seen.
+    """
+    if not bootstrap:
+        raise ConfigError("kafka connection: empty bootstrap list")
+    if not group_id:
+        raise ConfigError("kafka connection: empty group id")
+    return {
+        "bootstrap.servers": ",".join(bootstrap),
+        "group.id": group_id,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": heartbeat_interval_ms,
+    }
+
+
+def kafka_connection_env(conn_id: str, bootstrap: list[str], group_id: str, **settings: int) -> tuple[str, str]:
+    """(``AIRFLOW_CONN_<ID>``, JSON value) defining a ``kafka`` connection through the environment.
+
+    `settings`: session_timeout_ms / heartbeat_interval_ms, as in kafka_connection_extra.
+    """
+    name = "AIRFLOW_CONN_" + conn_id.upper()
+    value = json.dumps({"conn_type": "kafka", "extra": kafka_connection_extra(bootstrap, group_id, **settings)})
+    return name, value
+
+
+def release_asset(topics: list[str], kafka_config_id: str, *, poll_interval: float = 1.0) -> Any:
+    """The ``xdc-release`` Asset with its Kafka watcher: schedule a DAG on it (``schedule=[...]``).
+
+    Build it in one place: every DAG that declares the asset must declare the same watcher.
+    The topics must exist before the triggerer starts the watcher (on an unknown topic the trigger
+    fails and is restarted in a loop). `poll_interval` is also the pause after each message that
+    is not a release.
+    """
+    from airflow.providers.apache.kafka.triggers.msg_queue import KafkaMessageQueueTrigger
+    from airflow.sdk import Asset, AssetWatcher
+
+    trigger = KafkaMessageQueueTrigger(topics=list(topics), kafka_config_id=kafka_config_id,
+                                       apply_function=f"{__name__}.is_release_message",
+                                       poll_interval=poll_interval)
+    return Asset(RELEASE_ASSET, watchers=[AssetWatcher(name="xdc_release_watcher", trigger=trigger)])
+
+
+def is_release_message(message: Any) -> dict[str, Any] | None:
+    """apply_function of the release watcher: the release payload, or None for any other message.
+
+    Never raises: an exception here fails the trigger and stops the watcher. A message that says
+    it is a release but does not validate is logged and skipped.
+    """
+    try:
+        raw = message.value()
+    except Exception:  # not a Message at all
+        log.warning("release watcher: got %r, not a Kafka message", type(message).__name__)
+        return None
+    if not raw:  # tombstone or empty
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("type") != _release_type():
+        return None
+    try:
+        return release_payload(doc, source=_source(message))
+    except EventError as exc:
+        log.warning("release watcher: skipping invalid release at %s: %s", _source(message), exc)
+        return None
+
+
+def release_payload(doc: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a release document and return it as a JSON-able dict (plus where it came from)."""
+    from mirror.events import parse_release  # the one release schema
+
+    parse_release(dict(doc))  # raises EventError
+    payload = dict(doc)
+    if source:
+        payload["source"] = dict(source)
+    return payload
+
+
+def release_payloads(context: Mapping[str, Any], asset: Any = None) -> list[dict[str, Any]]:
+    """Every release that started this run, oldest first.
+
+    From ``dag_run.conf["release"]`` (a dict or a list of dicts) and from the triggering asset
+    events of ``asset`` (default: the ``xdc-release`` asset) whose extra carries a payload.
+    """
+    out: list[dict[str, Any]] = []
+    dag_run = context.get("dag_run")
+    conf = getattr(dag_run, "conf", None) or {}
+    given = conf.get("release") if isinstance(conf, Mapping) else None
+    if isinstance(given, Mapping):
+        out.append(release_payload(given))
+    elif isinstance(given, list):
+        out.extend(release_payload(g) for g in given)
+    events = context.get("triggering_asset_events") or {}
+    for event in _events_of(events, asset):
+        extra = getattr(event, "extra", None) or {}
+        payload = extra.get("payload") if isinstance(extra, Mapping) else None
+        if isinstance(payload, Mapping) and payload.get("type") == _release_type():
+            out.append(dict(payload))
+    return out
+
+
+def _events_of(events: Any, asset: Any) -> Iterable[Any]:
+    if asset is None:
+        try:
+            from airflow.sdk import Asset
+        except ImportError:
+            return []
+        asset = Asset(RELEASE_ASSET)
+    try:
+        return list(events[asset])
+    except (KeyError, TypeError):
+        return []
+
+
+def _source(message: Any) -> dict[str, Any]:
+    try:
+        return {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
+    except Exception:
+        return {}
+
+
+def _release_type() -> str:
+    from mirror.events import RELEASE_TYPE
+
+    return RELEASE_TYPE
