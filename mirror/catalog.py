@@ -243,6 +243,18 @@ class SqliteCatalog(Catalog):
         return [dict(r) for r in self._conn().execute(
             "SELECT * FROM lag_snapshots WHERE time >= ? ORDER BY time", (since,))]
 
+    def route_totals(self) -> dict[str, dict[str, int]]:
+        """route -> live objects, their bytes, tombstones (what the dashboard shows per route)."""
+        rows = self._conn().execute(
+            "SELECT route, COUNT(*) - SUM(deleted) n, COALESCE(SUM(CASE WHEN deleted=0 THEN size END),0) b, "
+            "SUM(deleted) d FROM objects GROUP BY route")
+        return {r["route"]: {"objects": r["n"], "bytes": r["b"], "tombstones": r["d"]} for r in rows}
+
+    def latest_lag_snapshot(self) -> list[dict[str, Any]]:
+        """The rows of the most recent lag snapshot (one per route), [] if none."""
+        return [dict(r) for r in self._conn().execute(
+            "SELECT * FROM lag_snapshots WHERE time = (SELECT MAX(time) FROM lag_snapshots) ORDER BY route")]
+
 
 def _row(e: CatalogEntry) -> tuple[Any, ...]:
     return (e.bucket, e.key, e.size, e.etag, e.sequencer, int(e.deleted), e.event_time, e.applied_time,

@@ -1,0 +1,176 @@
+"""The operator's dashboard: one self-refreshing page over every datacenter's catalog.
+
+``serve_dashboard`` serves it on the metrics HTTP server (``/`` the page, ``/api/state`` the JSON
+it polls every few seconds, plus /metrics, /healthz, /readyz); ``snapshot_html`` renders the same
+page with the state embedded, for a file left in a run directory. The page is plain HTML, CSS and
+JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from anywhere else.
+
+The state is read from the catalogs only (lag snapshots, objects, dead letters, quarantine,
+prewarm tables), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
+the latest lag snapshot (``xdc lag snapshot``, ``xdc.lag.record_lag_snapshot``).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mirror.catalog import SqliteCatalog
+from xdc.config import XdcConfig
+from xdc.http_server import ServerHandle, serve
+from xdc.lag import prewarm_progress
+
+# A day of snapshots every 30 s is 2,880 points per route: draw at most this many.
+MAX_POINTS = 360
+RECENT = 20  # dead letters / quarantined objects listed per datacenter
+_STATE_MARK = "/*__XDC_STATE__*/null"
+
+
+# -- state (pure reads of the catalogs) ---------------------------------------------------------
+def downsample(history: list[list[float | None]], max_points: int = MAX_POINTS) -> list[list[float | None]]:
+    """[[t, p50, p99], ...] -> at most max_points, keeping the worst (max) lags of each time bucket
+    so a short spike never disappears from the chart."""
+    if len(history) <= max_points:
+        return history
+    t0, t1 = history[0][0] or 0.0, history[-1][0] or 0.0
+    width = (t1 - t0) / max_points or 1.0
+    buckets: dict[int, list[float | None]] = {}
+    for t, p50, p99 in history:
+        i = min(max_points - 1, int(((t or 0.0) - t0) / width))
+        b = buckets.get(i)
+        if b is None:
+            buckets[i] = [t, p50, p99]
+        else:
+            b[0] = t
+            b[1] = _max(b[1], p50)
+            b[2] = _max(b[2], p99)
+    return [buckets[i] for i in sorted(buckets)]
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _prewarm_datasets(path: Path, dc: str) -> list[dict[str, Any]]:
+    """cache_client's registrations (prewarm_datasets) merged with the progress rows, per dataset."""
+    out: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        db = sqlite3.connect(path, timeout=30)
+        db.row_factory = sqlite3.Row
+        try:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='prewarm_datasets'").fetchone():
+                for r in db.execute("SELECT dataset, version, state, registered_at FROM prewarm_datasets "
+                                    "WHERE dc=? ORDER BY registered_at", (dc,)):
+                    out[r["dataset"]] = {"dataset": r["dataset"], "version": r["version"], "state": r["state"],
+                                         "registered_at": r["registered_at"]}
+        finally:
+            db.close()
+    for p in prewarm_progress(path):
+        if p["dc"] != dc:
+            continue
+        d = out.setdefault(p["dataset"], {"dataset": p["dataset"], "version": None, "state": None})
+        d.update({k: p[k] for k in ("files_done", "files_total", "bytes_done", "bytes_total", "eta_s",
+                                    "cached_ratio", "ready", "updated")})
+    return sorted(out.values(), key=lambda d: d["dataset"])
+
+
+def dc_state(cfg: XdcConfig, dc: str, now: float) -> dict[str, Any]:
+    path = cfg.catalog_path(dc)
+    cat = SqliteCatalog(path)
+    try:
+        totals = cat.counts()
+        by_route = cat.route_totals()
+        latest = {r["route"]: r for r in cat.latest_lag_snapshot()}
+        since = now - cfg.lag.retention_hours * 3600
+        hist: dict[str, list[list[float | None]]] = {}
+        for r in cat.lag_history(since):
+            hist.setdefault(r["route"], []).append([r["time"], r["p50"], r["p99"]])
+        dead = cat.recent("dead_letters", RECENT)
+        quarantine = cat.recent("quarantine", RECENT)
+    finally:
+        cat.close()
+    routes = []
+    names = [r.name for r in cfg.routes_into(dc)]
+    names += sorted((set(by_route) | set(latest)) - set(names))  # routes no longer configured
+    conf = {r.name: r for r in cfg.routes}
+    for name in names:
+        r = conf.get(name)
+        routes.append({
+            "name": name,
+            "source": f"{r.source.dc}:{r.source.bucket}/{r.source.prefix}" if r else None,
+            "target": f"{r.target.dc}:{r.target.bucket}/{r.target.prefix}" if r else None,
+            "mode": r.mode if r else None,
+            **by_route.get(name, {"objects": 0, "bytes": 0, "tombstones": 0}),
+            "latest": latest.get(name),
+            "history": downsample(hist.get(name, [])),
+        })
+    return {"name": dc, "catalog": str(path), "totals": totals, "routes": routes,
+            "dead_letters": dead, "quarantine": quarantine, "datasets": _prewarm_datasets(path, dc)}
+
+
+def dashboard_state(cfg: XdcConfig, *, now: float | None = None) -> dict[str, Any]:
+    """Everything the page shows, for every datacenter of the config."""
+    now = time.time() if now is None else now
+    dcs = [dc_state(cfg, dc, now) for dc in cfg.datacenters]
+    latest = [r["latest"] for d in dcs for r in d["routes"] if r["latest"]]
+    p99s = [x["p99"] for x in latest if x["p99"] is not None]
+    # Routes from one source datacenter share its events topic, hence its consumer lag: count once.
+    source = {r.name: r.source.dc for r in cfg.routes}
+    topic_lag: dict[tuple[str, str], int] = {}
+    for d in dcs:
+        for r in d["routes"]:
+            if r["latest"]:
+                k = (d["name"], source.get(r["name"], r["name"]))
+                topic_lag[k] = max(topic_lag.get(k, 0), r["latest"]["consumer_lag"] or 0)
+    return {
+        "generated": now,
+        "objective_p99_s": cfg.lag.objective_p99_seconds,
+        "window_s": cfg.lag.window_seconds,
+        "retention_h": cfg.lag.retention_hours,
+        "totals": {
+            "objects": sum(d["totals"]["objects"] for d in dcs),
+            "bytes": sum(d["totals"]["bytes"] for d in dcs),
+            "events_window": sum(x["events"] for x in latest),
+            "worst_p99": max(p99s) if p99s else None,
+            "consumer_lag": sum(topic_lag.values()),
+            "pending_objects": sum(x["pending_objects"] or 0 for x in latest),
+            "pending_bytes": sum(x["pending_bytes"] or 0 for x in latest),
+            "dead_letters": sum(len(d["dead_letters"]) for d in dcs),
+        },
+        "datacenters": dcs,
+    }
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+def _template() -> str:
+    return resources.files("xdc").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+def _embed(state: dict[str, Any] | None) -> str:
+    page = _template()
+    if state is None:  # served: the page fetches /api/state itself
+        return page.replace(_STATE_MARK, "null", 1)
+    # JSON inside <script>: "</" would end the element early, so it is escaped.
+    data = json.dumps(state, allow_nan=False).replace("</", "<\\/").replace("<!--", "<\\!--")
+    return page.replace(_STATE_MARK, data, 1)
+
+
+def snapshot_html(cfg: XdcConfig) -> str:
+    """The page with the current state embedded: a static file that needs no server."""
+    return _embed(dashboard_state(cfg))
+
+
+def serve_dashboard(cfg: XdcConfig, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
+    """Serve the page on host:port (127.0.0.1 unless told otherwise; port 0 picks a free port)."""
+    page = _embed(None).encode()
+
+    def index() -> tuple[int, str, bytes]:
+        return 200, "text/html; charset=utf-8", page
+
+    def api_state() -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(dashboard_state(cfg), allow_nan=False).encode()
+
+    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state})
