@@ -5,6 +5,7 @@ with a short machine-readable reason, and the caller sends it to the dead-letter
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,6 +15,8 @@ from urllib.parse import quote_plus, unquote_plus
 from xdc.errors import EventError
 
 SEQ_WIDTH = 40  # sequencers are right-padded to this width so they compare as strings
+MAX_OBJECT_SIZE = 5 * 2**40  # S3's largest object; also keeps sizes inside SQLite's INTEGER
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: datetime's (and our ISO output's) last second
 
 RELEASE_TYPE = "dataset.released"
 APPLIED_TYPE = "object.applied"
@@ -65,15 +68,26 @@ class AppliedEvent:
     applied_time: float
     source: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
         # built by hand: dataclasses.asdict deep-copies and was a third of the apply time
-        return json.dumps({
-            "type": APPLIED_TYPE, "route": self.route, "op": self.op, "bucket": self.bucket, "key": self.key,
-            "size": self.size, "etag": self.etag, "sequencer": self.sequencer, "event_time": self.event_time,
-            "applied_time": self.applied_time, "source": self.source}).encode()
+        return {"route": self.route, "op": self.op, "bucket": self.bucket, "key": self.key, "size": self.size,
+                "etag": self.etag, "sequencer": self.sequencer, "event_time": self.event_time,
+                "applied_time": self.applied_time, "source": self.source}
 
 
 Event = ObjectEvent | ReleaseEvent
+
+
+def encode_applied(items: list[dict[str, Any]]) -> bytes:
+    """An applied message: the objects one mirror batch applied from one source partition, in order."""
+    return json.dumps({"type": APPLIED_TYPE, "records": items}).encode()
+
+
+def parse_applied(value: bytes) -> list[AppliedEvent]:
+    doc = json.loads(value)
+    if not isinstance(doc, dict) or doc.get("type") != APPLIED_TYPE or not isinstance(doc.get("records"), list):
+        raise EventError("bad_shape", "not an applied message")
+    return [AppliedEvent(**r) for r in doc["records"]]
 
 
 def normalise_sequencer(seq: str) -> str:
@@ -95,22 +109,35 @@ def iso(t: float) -> str:
 
 def parse_time(value: Any, what: str = "eventTime") -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # huge ints overflow float(); inf/nan/negative times would poison lag metrics and iso()
+        if not 0 <= value <= MAX_EPOCH:
+            raise EventError("bad_time", f"{what} out of range")
         return float(value)
     if not isinstance(value, str):
         raise EventError("bad_time", f"{what} is not a timestamp")
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
         raise EventError("bad_time", f"{what}={value[:40]!r}") from None
+    if not 0 <= t <= MAX_EPOCH:
+        raise EventError("bad_time", f"{what} out of range")
+    return t
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def validate_key(key: str, max_bytes: int = 1024) -> str:
     """Keys that could escape a prefix or confuse a filesystem are refused, not cleaned."""
     if not key:
         raise EventError("bad_key", "empty key")
+    try:  # a JSON "\ud800" escape decodes to a lone surrogate: no store or SQLite can take it
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError("bad_key", "key is not valid UTF-8") from None
     if len(key.encode("utf-8", "surrogatepass")) > max_bytes:
         raise EventError("bad_key", f"key longer than {max_bytes} bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+    if _CONTROL.search(key):
         raise EventError("bad_key", "control character in key")
     if key.startswith("/") or "\\" in key:
         raise EventError("bad_key", f"absolute or backslash path {key[:80]!r}")
@@ -127,7 +154,7 @@ def parse_message(value: bytes, *, max_bytes: int = 1_048_576, max_key_bytes: in
         raise EventError("too_large", f"{len(value)} bytes > {max_bytes}")
     try:
         doc = json.loads(value)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." bombs
         raise EventError("bad_json", str(exc)[:200]) from None
     if not isinstance(doc, dict):
         raise EventError("bad_shape", f"top level is {type(doc).__name__}, not an object")
@@ -139,6 +166,9 @@ def parse_message(value: bytes, *, max_bytes: int = 1_048_576, max_key_bytes: in
     if not isinstance(records, list) or not records:
         raise EventError("bad_shape", "no Records[] and not a dataset release")
     return [parse_record(r, max_key_bytes) for r in records]
+
+
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def parse_record(rec: Any, max_key_bytes: int = 1024) -> ObjectEvent:
@@ -162,13 +192,17 @@ def parse_record(rec: Any, max_key_bytes: int = 1024) -> ObjectEvent:
     raw_key = obj.get("key")
     if not isinstance(bucket, str) or not bucket or not isinstance(raw_key, str):
         raise EventError("bad_shape", "s3.bucket.name or s3.object.key missing")
+    if not _PRINTABLE_ASCII.fullmatch(bucket) or "/" in bucket:
+        raise EventError("bad_shape", f"bucket name {bucket[:80]!r} is not a bucket name")
     key = validate_key(unquote_plus(raw_key), max_key_bytes)
     size = obj.get("size", 0)
-    if op == "put" and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise EventError("bad_shape", "s3.object.size is not a non-negative integer")
+    if op == "delete":
+        size = 0  # S3 delete events carry no size; whatever is there is not ours to trust
+    elif not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_OBJECT_SIZE:
+        raise EventError("bad_shape", "s3.object.size is not an integer in [0, 5 TiB]")
     etag = obj.get("eTag") or obj.get("etag") or ""
-    if not isinstance(etag, str):
-        raise EventError("bad_shape", "eTag is not a string")
+    if not isinstance(etag, str) or len(etag) > 128 or (etag and not _PRINTABLE_ASCII.fullmatch(etag)):
+        raise EventError("bad_shape", "eTag is not a short printable string")
     seq = obj.get("sequencer")
     if not isinstance(seq, str):
         raise EventError("bad_shape", "s3.object.sequencer missing")

@@ -1,11 +1,10 @@
 """The mirror end to end on the real local stack: Tansu brokers, JuiceFS S3 gateways, SQLite."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mirror.catalog import SqliteCatalog
-from mirror.events import new_sequencer
+from mirror.events import new_sequencer, parse_applied
 from mirror.ingest import ingest, publish_delete, scan
 from mirror.runner import Mirror
 from tests.support import delete_event, produce, put_event, read_topic
@@ -45,9 +44,9 @@ def test_data_mode_end_to_end_copies_bytes_and_publishes_applied(xcfg: XdcConfig
     cat = SqliteCatalog(xcfg.catalog_path("B"))
     e = cat.get(DST, next(iter(files)))
     assert e is not None and e.mode == "data" and e.applied_time >= e.event_time
-    applied = [json.loads(r.value) for r in read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.applied)]
-    assert sorted(a["key"] for a in applied) == sorted(files)
-    assert all(a["type"] == "object.applied" and a["op"] == "put" for a in applied)
+    applied = [a for r in read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.applied) for a in parse_applied(r.value)]
+    assert sorted(a.key for a in applied) == sorted(files)
+    assert all(a.op == "put" and a.source["dc"] == "A" for a in applied)
 
 
 def test_metadata_mode_records_metadata_only(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
@@ -101,7 +100,7 @@ def test_same_batch_twice_is_applied_once(xcfg: XdcConfig, tag: str) -> None:
     produce(xcfg, "A", topic, batch)  # and once more, in a later batch
     stats = _mirror(xcfg)
     assert stats.applied == 0 and stats.ignored["duplicate"] == 10
-    applied = read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.applied)
+    applied = [a for r in read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.applied) for a in parse_applied(r.value)]
     assert len(applied) == 10
 
 

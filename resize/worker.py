@@ -1,0 +1,273 @@
+"""The resize worker: new frames in the landing datacenter -> 720p derivatives, published as puts.
+
+Its own consumer group on the landing DC's events topic. Per batch: pick put events of frames under
+the configured prefixes -> skip those whose derivative already matches the source ETag -> resize in
+a process pool (each task downloads, resizes and uploads, so frame bytes never cross processes) ->
+publish a put event per derivative -> quarantine what cannot be resized -> commit offsets.
+
+The derivative event reuses the source event's sequencer: replaying a batch re-publishes the same
+event, which the mirror then ignores as a duplicate.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mirror.catalog import SqliteCatalog
+from mirror.dlq import DeadLetterSink
+from mirror.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
+from resize.frame import derived_key, resize_frame
+from xdc.config import ResizeSettings, XdcConfig
+from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
+from xdc.kafka import Record, commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.metrics import METRICS, Metrics
+from xdc.store import META_SOURCE_ETAG, store_for
+
+log = logging.getLogger(__name__)
+
+META_SOURCE_KEY = "xdc-source-key"
+
+
+@dataclass(frozen=True)
+class Task:
+    bucket: str
+    key: str
+    etag: str
+    dst_key: str
+    sequencer: str
+    event_time: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task: Task
+    result: str  # resized | copied | skipped | done_before | superseded | quarantined
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    etag: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class ResizeStats:
+    frames: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, o: Outcome) -> None:
+        self.frames += 1
+        self.results[o.result] = self.results.get(o.result, 0) + 1
+        self.bytes_in += o.bytes_in
+        self.bytes_out += o.bytes_out
+        self.cpu_seconds += o.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        done = self.results.get("resized", 0) + self.results.get("copied", 0)
+        return {"frames": self.frames, "results": self.results, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "seconds": round(self.seconds, 3),
+                "ratio": round(self.bytes_in / self.bytes_out, 2) if self.bytes_out else None,
+                "frames_per_s": round(done / self.seconds, 2) if self.seconds else None}
+
+
+# -- the task, run in a worker process --------------------------------------------------------
+_worker_store: Any = None
+_worker_settings: ResizeSettings | None = None
+
+
+def _init_worker(cfg_json: dict[str, Any], base_dir: str, dc: str) -> None:
+    global _worker_store, _worker_settings
+    from pathlib import Path
+
+    from xdc.config import parse_config
+    cfg = parse_config(cfg_json, base_dir=Path(base_dir), dc=dc)
+    _worker_store = store_for(cfg, dc)
+    _worker_settings = cfg.resize
+
+
+def run_task(t: Task) -> Outcome:
+    """Download, resize, upload one frame. Never raises for a bad image: it is an Outcome."""
+    store, s = _worker_store, _worker_settings
+    assert store is not None and s is not None
+    t0 = time.process_time()
+    try:
+        info, body = store.open(t.bucket, t.key)
+        try:
+            if t.etag and info.etag != t.etag:
+                return Outcome(t, "superseded", detail=f"source ETag {info.etag} != event's {t.etag}")
+            if info.size > s.max_input_mib * 2**20:
+                raise ResizeError("too_large", f"{info.size} bytes > {s.max_input_mib} MiB")
+            data = body.read()
+        finally:
+            body.close()
+    except ObjectNotFound:
+        return Outcome(t, "superseded", detail="source object is gone")
+    try:
+        out = resize_frame(data, s)
+    except ResizeError as exc:
+        return Outcome(t, "quarantined", bytes_in=len(data), seconds=time.process_time() - t0,
+                       reason=exc.reason, detail=exc.detail)
+    if out.data is None:  # already small enough and policy says skip
+        return Outcome(t, "skipped", bytes_in=len(data), seconds=time.process_time() - t0)
+    landed = store.put(t.bucket, t.dst_key, out.data,
+                       metadata={META_SOURCE_ETAG: info.etag, META_SOURCE_KEY: t.key})
+    return Outcome(t, out.action, bytes_in=len(data), bytes_out=len(out.data),
+                   seconds=time.process_time() - t0, etag=landed.etag)
+
+
+# -- the worker -------------------------------------------------------------------------------
+class ResizeWorker:
+    def __init__(self, cfg: XdcConfig, dc: str | None = None, *, metrics: Metrics | None = None,
+                 group_id: str | None = None) -> None:
+        if cfg.resize is None:
+            from xdc.errors import ConfigError
+            raise ConfigError("no resize: section in the config")
+        self.settings = cfg.resize
+        self.dc = dc or cfg.resize.dc or cfg.require_local_dc()
+        self.cfg = cfg.with_local_dc(self.dc)
+        self.metrics = metrics or METRICS
+        self.metrics.init_resize_results()
+        k = self.cfg.dc(self.dc).kafka
+        self.topic = k.topics.events
+        self.group_id = group_id or self.settings.group_id
+        self.store = store_for(self.cfg, self.dc)
+        self.catalog = SqliteCatalog(self.cfg.catalog_path(self.dc))
+        self.producer = make_producer(self.cfg.kafka_bootstrap(self.dc))
+        self.dlq = DeadLetterSink(self.producer, k.topics.dead_letter, self.catalog,
+                                  on_letter=lambda t, r: self.metrics.dead_letters_total.labels(t, r).inc())
+        self.consumer = make_consumer(self.cfg.kafka_bootstrap(self.dc), self.group_id, [self.topic],
+                                      session_timeout_ms=k.session_timeout_ms,
+                                      heartbeat_interval_ms=k.heartbeat_interval_ms)
+        workers = self.settings.workers or os.cpu_count() or 1
+        cfg_json = self.cfg.model_dump(mode="json", exclude={"base_dir"})
+        self.pool = ProcessPoolExecutor(workers, initializer=_init_worker,
+                                        initargs=(cfg_json, str(self.cfg.base_dir), self.dc))
+        self.max_in_flight = workers * 2  # bounds memory: at most this many frames decoded at once
+        self.alive = True
+        self.caught_up = False
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            self.producer.close(timeout=5)
+            self.catalog.close()
+
+    def __enter__(self) -> ResizeWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, *, once: bool = False, max_seconds: float | None = None,
+            stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> ResizeStats:
+        stats = ResizeStats()
+        t0 = time.monotonic()
+        idle = 0
+        while not (stop and stop.is_set()):
+            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+                break
+            with kafka_errors("poll"):
+                records = to_records(self.consumer.poll(timeout_ms=1000, max_records=200))
+            if records:
+                idle = 0
+                for o in self.process(records):
+                    stats.add(o)
+                commit(self.consumer, records)
+                continue
+            from xdc.kafka import consumer_lag
+            joined = bool(self.consumer.assignment())
+            self.caught_up = joined and not any(consumer_lag(self.consumer).values())
+            idle += 1
+            if once and ((self.caught_up and idle >= 2) or (not joined and time.monotonic() - t0 > join_timeout_s)):
+                break
+        stats.seconds = time.monotonic() - t0
+        return stats
+
+    def tasks(self, records: list[Record]) -> list[tuple[Task, Record]]:
+        """Put events of frames under the configured prefixes; everything else is not ours."""
+        out = []
+        for rec in records:
+            try:
+                events = parse_message(rec.value)
+            except EventError:
+                continue  # the mirror dead-letters malformed events; not ours to judge twice
+            for ev in events:
+                if not isinstance(ev, ObjectEvent) or ev.op != "put" or ev.bucket != self.settings.bucket:
+                    continue
+                dst = derived_key(ev.key, self.settings)
+                if dst is not None:
+                    out.append((Task(ev.bucket, ev.key, ev.etag, dst, ev.sequencer, ev.event_time), rec))
+        return out
+
+    def process(self, records: list[Record]) -> list[Outcome]:
+        todo = []
+        outcomes: list[Outcome] = []
+        for task, rec in self.tasks(records):
+            if self._already_done(task):  # idempotent: a replay writes nothing
+                outcomes.append(Outcome(task, "done_before"))
+                self._publish(task, None)
+            else:
+                todo.append((task, rec))
+        in_flight: list[tuple[Future[Outcome], Record]] = []
+        for task, rec in todo:
+            in_flight.append((self.pool.submit(run_task, task), rec))
+            if len(in_flight) >= self.max_in_flight:
+                outcomes.append(self._finish(*in_flight.pop(0)))
+        while in_flight:
+            outcomes.append(self._finish(*in_flight.pop(0)))
+        with kafka_errors("flush resize events"):
+            self.producer.flush(timeout=60)
+        return outcomes
+
+    def _already_done(self, t: Task) -> bool:
+        try:
+            meta = self.store.head(t.bucket, t.dst_key).metadata
+        except ObjectNotFound:
+            return False
+        return bool(t.etag) and meta.get(META_SOURCE_ETAG) == t.etag
+
+    def _finish(self, fut: Future[Outcome], rec: Record) -> Outcome:
+        try:
+            o = fut.result()
+        except StoreError:
+            raise  # S3 trouble is not the frame's fault: the batch is retried, not quarantined
+        except Exception as exc:  # noqa: BLE001 - a crashed worker process must not stop the batch
+            task = self.tasks([rec])[0][0]
+            o = Outcome(task, "quarantined", reason="worker_crashed", detail=repr(exc)[:300])
+        m = self.metrics
+        if o.result in ("resized", "copied"):
+            self._publish(o.task, o)
+            m.resize_bytes_in_total.inc(o.bytes_in)
+            m.resize_bytes_out_total.inc(o.bytes_out)
+            m.resize_seconds.observe(o.seconds)
+            m.resize_frames_total.labels(o.result).inc()
+        elif o.result == "skipped":
+            m.resize_frames_total.labels("skipped").inc()
+        elif o.result == "quarantined":
+            log.warning("quarantine %s/%s: %s %s", o.task.bucket, o.task.key, o.reason, o.detail)
+            self.catalog.record_quarantine(o.task.bucket, o.task.key, o.reason, o.detail)
+            self.dlq.send(rec, f"resize_{o.reason}", f"{o.task.bucket}/{o.task.key}: {o.detail}")
+            m.resize_frames_total.labels("quarantined").inc()
+        return o
+
+    def _publish(self, t: Task, o: Outcome | None) -> None:
+        if o is None:
+            info = self.store.head(t.bucket, t.dst_key)
+            size, etag = info.size, info.etag
+        else:
+            size, etag = o.bytes_out, o.etag
+        rec = s3_record("put", t.bucket, t.dst_key, size=size, etag=etag, sequencer=t.sequencer,
+                        event_time=time.time())
+        with kafka_errors("publish derivative event"):
+            self.producer.send(self.topic, key=message_key(t.bucket, t.dst_key), value=encode_notification([rec]))
