@@ -22,7 +22,7 @@ from mirror.dlq import DeadLetterSink
 from mirror.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
 from xdc.config import XdcConfig
 from xdc.errors import EventError, ObjectNotFound, StoreError, XdcError
-from xdc.kafka import Record, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
+from xdc.kafka import Record, caught_up, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
 from xdc.metrics import METRICS, Metrics
 from xdc.store import Store, SupersededError, retry, store_for
 
@@ -50,6 +50,7 @@ class MirrorStats:
     bytes_copied: int = 0
     lags: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
 
     def add(self, b: BatchResult) -> None:
         self.batches += 1
@@ -65,6 +66,7 @@ class MirrorStats:
         return {"batches": self.batches, "records": self.records, "applied": self.applied,
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
                 "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
+                "busy_seconds": round(self.busy_seconds, 3),
                 "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
                 "lag_max_s": max(self.lags) if self.lags else None}
 
@@ -156,6 +158,8 @@ class Mirror:
                                            max_records=self.cfg.mirror.batch_max_records)
                 records = to_records(polled)
                 if records:
+                    self.caught_up = False
+                    t_batch = time.monotonic()
                     try:
                         res = self.process(src, records)
                         batch_failures = 0
@@ -168,13 +172,13 @@ class Mirror:
                         continue
                     commit(consumer, records)
                     stats.add(res)
+                    stats.busy_seconds += time.monotonic() - t_batch
                     progressed = True
                 self._observe_consumer_lag(consumer)
             if progressed:
                 idle = 0
                 continue
-            self.caught_up = all(c.assignment() and not any(consumer_lag(c).values())
-                                 for c in self.consumers().values())
+            self.caught_up = all(caught_up(c) for c in self.consumers().values())
             if once:
                 idle += 1
                 joined = all(c.assignment() for c in self.consumers().values())

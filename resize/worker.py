@@ -24,7 +24,7 @@ from mirror.events import ObjectEvent, encode_notification, message_key, parse_m
 from resize.frame import derived_key, resize_frame
 from xdc.config import ResizeSettings, XdcConfig
 from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
-from xdc.kafka import Record, commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.kafka import Record, caught_up, commit, kafka_errors, make_consumer, make_producer, to_records
 from xdc.metrics import METRICS, Metrics
 from xdc.store import META_SOURCE_ETAG, store_for
 
@@ -63,6 +63,7 @@ class ResizeStats:
     bytes_out: int = 0
     cpu_seconds: float = 0.0
     seconds: float = 0.0
+    busy_seconds: float = 0.0  # time spent on batches (not waiting for events)
 
     def add(self, o: Outcome) -> None:
         self.frames += 1
@@ -76,7 +77,8 @@ class ResizeStats:
         return {"frames": self.frames, "results": self.results, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "seconds": round(self.seconds, 3),
                 "ratio": round(self.bytes_in / self.bytes_out, 2) if self.bytes_out else None,
-                "frames_per_s": round(done / self.seconds, 2) if self.seconds else None}
+                "busy_seconds": round(self.busy_seconds, 3),
+                "frames_per_s": round(done / self.busy_seconds, 2) if self.busy_seconds else None}
 
 
 # -- the task, run in a worker process --------------------------------------------------------
@@ -181,13 +183,14 @@ class ResizeWorker:
                 records = to_records(self.consumer.poll(timeout_ms=1000, max_records=200))
             if records:
                 idle = 0
+                t_batch = time.monotonic()
                 for o in self.process(records):
                     stats.add(o)
                 commit(self.consumer, records)
+                stats.busy_seconds += time.monotonic() - t_batch
                 continue
-            from xdc.kafka import consumer_lag
             joined = bool(self.consumer.assignment())
-            self.caught_up = joined and not any(consumer_lag(self.consumer).values())
+            self.caught_up = caught_up(self.consumer)
             idle += 1
             if once and ((self.caught_up and idle >= 2) or (not joined and time.monotonic() - t0 > join_timeout_s)):
                 break

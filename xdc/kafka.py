@@ -121,6 +121,19 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return lag
 
 
+def caught_up(consumer: KafkaConsumer) -> bool:
+    """Joined, and every assigned partition's position is at its highwater. A partition whose
+    highwater is not known yet (no fetch answered) is not caught up."""
+    parts = consumer.assignment()
+    if not parts:
+        return False
+    for tp in parts:
+        hw = consumer.highwater(tp)
+        if hw is None or consumer.position(tp) < hw:
+            return False
+    return True
+
+
 def ensure_topics(bootstrap: list[str], topics: Iterable[str], partitions: int, *,
                   timeout_s: float = 20.0) -> None:
     """Create topics that do not exist yet (idempotent)."""
