@@ -1,0 +1,399 @@
+"""The cache-cluster interface: a few primitives per backend, everything else derived here.
+
+A backend (JuiceFS, the in-memory fake) implements five node-level primitives, like fsspec's
+`AbstractFileSystem` leaves `ls`/`_open` abstract:
+
+    stat(files)                  -> size of each file in the volume (None: not in this datacenter)
+    cached_bytes(node, files)    -> bytes of each file held in that node's cache
+    warm_node(node, files, ...)  -> fill that node's cache with the files
+    evict_node(node, files)      -> drop the files from that node's cache
+    usage(node)                  -> (used, capacity) bytes of that node's cache
+
+`plan`, `warm`, `check` and `free` over the whole cluster (placement, capacity, progress, per-file
+status) are built on them in this class, so every backend reports the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal, Protocol
+
+from cache_client.plan import Bandwidth, NodeCapacity, Plan, make_plan
+from xdc.errors import CacheError
+
+Placement = Literal["replicate", "shard"]
+
+
+@dataclass(frozen=True)
+class CacheFile:
+    """One file to cache: its "bucket/key", its path relative to a node's mount, its size if known."""
+
+    bucket_key: str
+    path: str
+    size: int | None = None
+
+
+class FileStatus(str, Enum):
+    CACHED = "cached"  # every byte on every node that should hold it
+    PARTIAL = "partial"  # some bytes on some of those nodes
+    NOT_CACHED = "not_cached"  # in the volume, no byte cached
+    MISSING = "missing"  # not in this datacenter's volume at all
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    bucket_key: str
+    path: str
+    status: FileStatus
+    size: int | None
+    cached: Mapping[str, int]  # node -> cached bytes, for the nodes that should hold the file
+
+    @property
+    def reason(self) -> str:
+        """Why the file is not cached, in words (empty when it is)."""
+        if self.status is FileStatus.MISSING:
+            return "not in this datacenter's volume"
+        if self.status is FileStatus.CACHED:
+            return ""
+        short = [f"{n}: {b} of {self.size} bytes" for n, b in sorted(self.cached.items()) if b < (self.size or 0)]
+        return "not cached on " + "; ".join(short)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"bucket_key": self.bucket_key, "status": self.status.value, "size": self.size, "cached": dict(self.cached)}
+        if self.status is not FileStatus.CACHED:
+            d["reason"] = self.reason
+        return d
+
+
+@dataclass
+class CheckReport:
+    files: list[FileCheck]
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # list entries never checked: (entry, why)
+
+    def by_status(self, status: FileStatus) -> list[FileCheck]:
+        return [f for f in self.files if f.status is status]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in FileStatus}
+        for f in self.files:
+            out[f.status.value] += 1
+        return out
+
+    @property
+    def bytes_total(self) -> int:
+        # what should be cached: every present file on every node that should hold it
+        return sum((f.size or 0) * len(f.cached) for f in self.files if f.status is not FileStatus.MISSING)
+
+    @property
+    def bytes_cached(self) -> int:
+        return sum(min(b, f.size or 0) for f in self.files for b in f.cached.values())
+
+    @property
+    def cached_ratio(self) -> float:
+        """Cached share of the present files' bytes (1.0 when there is nothing to cache)."""
+        total = self.bytes_total
+        return 1.0 if total == 0 else self.bytes_cached / total
+
+    @property
+    def complete(self) -> bool:
+        return not self.rejected and all(f.status is FileStatus.CACHED for f in self.files)
+
+    def not_cached(self) -> list[FileCheck]:
+        return [f for f in self.files if f.status is not FileStatus.CACHED]
+
+    def to_dict(self, max_files: int | None = 1000) -> dict[str, Any]:
+        bad = self.not_cached()
+        return {
+            "files": len(self.files),
+            "counts": self.counts,
+            "bytes_total": self.bytes_total,
+            "bytes_cached": self.bytes_cached,
+            "cached_ratio": self.cached_ratio,
+            "not_cached": [f.to_dict() for f in bad[:max_files]],
+            "not_cached_truncated": max(0, len(bad) - max_files) if max_files is not None else 0,
+            "rejected": [{"entry": e, "reason": r} for e, r in self.rejected[:max_files]],
+            "rejected_count": len(self.rejected),
+        }
+
+    def summary(self) -> str:
+        c = self.counts
+        return (
+            f"{len(self.files)} files: {c['cached']} cached, {c['partial']} partly, "
+            f"{c['not_cached']} not cached, {c['missing']} missing from the volume; "
+            f"{self.cached_ratio:.1%} of bytes cached"
+        )
+
+
+@dataclass(frozen=True)
+class NodeWarmResult:
+    node: str
+    files: int
+    bytes: int  # bytes the plan asked this node to warm
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class WarmReport:
+    nodes: list[NodeWarmResult]
+    seconds: float
+
+    @property
+    def files(self) -> int:
+        return sum(n.files for n in self.nodes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n.bytes for n in self.nodes)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {n.node: n.error for n in self.nodes if n.error}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "nodes": [n.__dict__ for n in self.nodes],
+        }
+
+
+@dataclass
+class FreeReport:
+    files: int
+    freed_bytes: dict[str, int]  # node -> bytes that were cached before and are gone
+    left_bytes: dict[str, int]  # node -> bytes of these files still cached after the evict
+    kept: dict[str, list[str]] = field(default_factory=dict)  # bucket_key -> datasets still using it
+    missing: int = 0
+    forced: dict[str, list[str]] = field(default_factory=dict)  # evicted although these datasets use them
+
+    @property
+    def complete(self) -> bool:
+        return not any(self.left_bytes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "freed_bytes": dict(self.freed_bytes),
+            "left_bytes": dict(self.left_bytes),
+            "kept": dict(self.kept),
+            "missing": self.missing,
+            "forced": dict(self.forced),
+        }
+
+    def summary(self) -> str:
+        freed = sum(self.freed_bytes.values())
+        s = f"evicted {self.files} files from {len(self.freed_bytes)} nodes, {freed / 2**20:.1f} MiB freed"
+        if self.kept:
+            s += f"; kept {len(self.kept)} files still used by other active datasets"
+        if self.forced:
+            s += f"; forced: evicted {len(self.forced)} files other active datasets still use"
+        if not self.complete:
+            s += f"; still cached: {self.left_bytes}"
+        return s
+
+
+class ProgressSink(Protocol):
+    """Receives warm progress; `add` is called from worker threads."""
+
+    def start(self, files: int, bytes: int) -> None: ...
+    def add(self, files: int, bytes: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
+
+
+class CacheCluster(ABC):
+    """A datacenter's cache cluster: nodes that cache files of one volume."""
+
+    name: str = ""
+
+    def __init__(self, nodes: Sequence[str], *, placement: Placement = "replicate", virtual_nodes: int = 64,
+                 threads_per_node: int = 8) -> None:
+        if not nodes:
+            raise CacheError("a cache cluster needs at least one node")
+        self.nodes = list(nodes)
+        self.placement: Placement = placement
+        self.virtual_nodes = virtual_nodes
+        self.threads_per_node = threads_per_node
+
+    # -- primitives ---------------------------------------------------------------------------
+    @abstractmethod
+    def stat(self, files: Sequence[CacheFile]) -> dict[str, int | None]:
+        """path -> size in the volume, None when the file is not there."""
+
+    @abstractmethod
+    def cached_bytes(self, node: str, files: Sequence[CacheFile]) -> dict[str, int]:
+        """path -> bytes of the file held by this node's cache (files must exist)."""
+
+    @abstractmethod
+    def warm_node(self, node: str, files: Sequence[CacheFile], threads: int, on_progress: ProgressFn) -> None:
+        """Load the files (all present in the volume) into this node's cache."""
+
+    @abstractmethod
+    def evict_node(self, node: str, files: Sequence[CacheFile]) -> None:
+        """Drop the files (all present in the volume) from this node's cache."""
+
+    @abstractmethod
+    def usage(self, node: str) -> tuple[int, int]:
+        """(used, capacity) bytes of this node's cache."""
+
+    # -- derived ------------------------------------------------------------------------------
+    def owners(self, files: Sequence[CacheFile]) -> dict[str, list[CacheFile]]:
+        """node -> the files it should hold, by the cluster's placement."""
+        if self.placement == "replicate" or len(self.nodes) == 1:
+            return {n: list(files) for n in self.nodes}
+        from cache_client.placement import HashRing
+
+        ring = HashRing(self.nodes, self.virtual_nodes)
+        out: dict[str, list[CacheFile]] = {n: [] for n in self.nodes}
+        for f in files:
+            out[ring.node_for(f.bucket_key)].append(f)
+        return out
+
+    def _survey(self, files: Sequence[CacheFile]) -> tuple[list[CacheFile], list[CacheFile], dict[str, dict[str, int]]]:
+        """(present files with sizes, missing files, node -> path -> cached bytes of its share)."""
+        sizes = self.stat(files)
+        present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
+        missing = [f for f in files if sizes.get(f.path) is None]
+        shares = self.owners(present)
+        cached = self._per_node(lambda n: self.cached_bytes(n, shares[n]) if shares[n] else {})
+        return present, missing, cached
+
+    def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False) -> Plan:
+        """What warming these files would take: sizes, what is cached, per-node shares, ETA.
+
+        Raises CapacityError when a node's share does not fit its free cache, unless trim=True.
+        """
+        present, missing, cached = self._survey(files)
+        shares = self.owners(present)
+        caps = {}
+        for n in self.nodes:
+            used, capacity = self.usage(n)
+            caps[n] = NodeCapacity(used=used, capacity=capacity)
+        return make_plan(present, missing, shares, cached, caps, bandwidth or Bandwidth(), trim=trim)
+
+    def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
+        """Warm each node's share of the plan, the nodes in parallel."""
+        lock = threading.Lock()
+
+        def on_progress(files: int, nbytes: int) -> None:
+            if progress is not None:
+                with lock:
+                    progress.add(files, nbytes)
+
+        if progress is not None:
+            progress.start(plan.warm_files, plan.warm_bytes)
+        t0 = time.monotonic()
+
+        def one(node: str) -> NodeWarmResult:
+            share = plan.shares[node]
+            t = time.monotonic()
+            if not share.files:
+                return NodeWarmResult(node, 0, 0, 0.0)
+            try:
+                self.warm_node(node, share.files, self.threads_per_node, on_progress)
+                err = None
+            except CacheError as exc:
+                err = str(exc)
+            return NodeWarmResult(node, len(share.files), share.bytes, time.monotonic() - t, err)
+
+        try:
+            results = self._per_node(one, nodes=list(plan.shares))
+        finally:
+            if progress is not None:
+                progress.finish()
+        return WarmReport(nodes=[results[n] for n in plan.shares], seconds=time.monotonic() - t0)
+
+    def check(self, files: Sequence[CacheFile]) -> CheckReport:
+        """Per file: cached fully / partly / not at all on the nodes that should hold it, or missing."""
+        present, missing, cached = self._survey(files)
+        shares = self.owners(present)
+        holders: dict[str, list[str]] = {}
+        for n, fs in shares.items():
+            for f in fs:
+                holders.setdefault(f.path, []).append(n)
+        by_path = {f.path: f for f in present}
+        out: list[FileCheck] = []
+        missing_paths = {f.path for f in missing}
+        for f in files:
+            if f.path in missing_paths:
+                out.append(FileCheck(f.bucket_key, f.path, FileStatus.MISSING, None, {}))
+                continue
+            size = by_path[f.path].size or 0
+            per = {n: cached[n].get(f.path, 0) for n in holders.get(f.path, [])}
+            out.append(FileCheck(f.bucket_key, f.path, status_of(size, per.values()), size, per))
+        return CheckReport(out)
+
+    def free(self, files: Sequence[CacheFile]) -> FreeReport:
+        """Evict the files from EVERY node (not only the owners: placement may have changed)."""
+        sizes = self.stat(files)
+        present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
+
+        def one(node: str) -> tuple[int, int]:
+            if not present:
+                return 0, 0
+            before = sum(self.cached_bytes(node, present).values())
+            self.evict_node(node, present)
+            after = sum(self.cached_bytes(node, present).values())
+            return before - after, after
+
+        res = self._per_node(one)
+        return FreeReport(
+            files=len(present),
+            freed_bytes={n: r[0] for n, r in res.items()},
+            left_bytes={n: r[1] for n, r in res.items()},
+            missing=len(files) - len(present),
+        )
+
+    def _per_node(self, fn: Callable[[str], Any], nodes: Iterable[str] | None = None) -> dict[str, Any]:
+        nodes = list(self.nodes if nodes is None else nodes)
+        if len(nodes) <= 1:
+            return {n: fn(n) for n in nodes}
+        with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="cache-node") as pool:
+            futs = {n: pool.submit(fn, n) for n in nodes}
+            return {n: f.result() for n, f in futs.items()}
+
+
+def status_of(size: int, cached: Iterable[int]) -> FileStatus:
+    per = list(cached)
+    if not per or all(b >= size for b in per):
+        return FileStatus.CACHED
+    if any(b > 0 for b in per):
+        return FileStatus.PARTIAL
+    return FileStatus.NOT_CACHED
+
+
+# -- backend registry (by name, lazily imported, like fsspec's) ---------------------------------
+_REGISTRY: dict[str, str] = {
+    "juicefs": "cache_client.juicefs:JuiceFSCluster",
+    "fake": "cache_client.fake:FakeCluster",
+}
+
+
+def register_backend(name: str, target: str | type[CacheCluster]) -> None:
+    """Register a backend class, or "module:Class" imported on first use."""
+    _REGISTRY[name] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+
+
+def cluster_from_config(cache: Any) -> CacheCluster:
+    """The cluster for a datacenter's CacheConfig, by its `backend` name."""
+    return get_backend(cache.backend)(cache)  # type: ignore[call-arg]
+
+
+def get_backend(name: str) -> type[CacheCluster]:
+    try:
+        target = _REGISTRY[name]
+    except KeyError:
+        raise CacheError(f"unknown cache backend {name!r} (known: {sorted(_REGISTRY)})") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]

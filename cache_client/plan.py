@@ -1,0 +1,216 @@
+"""Prewarm plans: what is there, what is cached, what each node must load, how long it will take.
+
+Pure: the caller (CacheCluster.plan) gathers sizes, cached bytes and cache usage; this module only
+does arithmetic, so it is tested without any server.
+
+ETA model: seconds = bytes / bandwidth + files * per_file_overhead, with bandwidth the cluster's
+aggregate warm rate (all nodes together) and both numbers learnt per datacenter from earlier runs
+(state.py); before any run, the configured default bandwidth.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from xdc.errors import CapacityError
+
+if TYPE_CHECKING:
+    from cache_client.base import CacheFile
+
+MIB = 1 << 20
+# JuiceFS stores a cached block in whole 4 KiB pages: a 100-byte file takes 4 KiB of cache.
+CACHE_PAGE = 4096
+DEFAULT_PER_FILE_SECONDS = 0.001
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    bytes_per_s: float = 100.0 * MIB
+    per_file_s: float = DEFAULT_PER_FILE_SECONDS
+    source: str = "default"  # "default" or "measured (N runs)"
+
+    def seconds(self, nbytes: int, files: int) -> float:
+        return nbytes / self.bytes_per_s + files * self.per_file_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mib_per_s": self.bytes_per_s / MIB, "per_file_s": self.per_file_s, "source": self.source}
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    used: int
+    capacity: int
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.used)
+
+
+@dataclass
+class NodeShare:
+    node: str
+    files: list[CacheFile]  # files this node must (finish) loading
+    bytes: int  # bytes still to load (size minus what the node already holds)
+    cached_files: int  # files of its share already fully cached
+    capacity: NodeCapacity
+    dropped: list[CacheFile] = field(default_factory=list)  # trimmed for lack of space
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "files": len(self.files),
+            "bytes": self.bytes,
+            "cached_files": self.cached_files,
+            "cache_used": self.capacity.used,
+            "cache_capacity": self.capacity.capacity,
+            "cache_free": self.capacity.free,
+            "dropped": len(self.dropped),
+        }
+
+
+@dataclass
+class Plan:
+    files: int  # files asked for (after key mapping)
+    bytes: int  # bytes of the files present in the volume (each counted once)
+    missing: list[CacheFile]  # not in this datacenter's volume
+    cached_files: int  # present files already fully cached where they should be
+    cached_bytes: int
+    shares: dict[str, NodeShare]
+    bandwidth: Bandwidth
+    trimmed: bool = False
+    # list entries that never became files (unreadable line, bad key, no route): (entry, reason)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def warm_files(self) -> int:
+        return sum(len(s.files) for s in self.shares.values())
+
+    @property
+    def warm_bytes(self) -> int:
+        return sum(s.bytes for s in self.shares.values())
+
+    @property
+    def eta_seconds(self) -> float:
+        return self.bandwidth.seconds(self.warm_bytes, self.warm_files)
+
+    @property
+    def dropped(self) -> list[tuple[str, CacheFile]]:
+        return [(n, f) for n, s in self.shares.items() for f in s.dropped]
+
+    @property
+    def noop(self) -> bool:
+        return self.warm_files == 0
+
+    def to_dict(self, max_files: int | None = 1000) -> dict[str, Any]:
+        cap = len(self.missing) if max_files is None else max_files
+        dropped = self.dropped
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "present_files": self.files - len(self.missing),
+            "missing_files": len(self.missing),
+            "missing": [f.bucket_key for f in self.missing[:cap]],
+            "cached_files": self.cached_files,
+            "cached_bytes": self.cached_bytes,
+            "warm_files": self.warm_files,
+            "warm_bytes": self.warm_bytes,
+            "eta_seconds": self.eta_seconds,
+            "bandwidth": self.bandwidth.to_dict(),
+            "trimmed": self.trimmed,
+            "dropped": [{"node": n, "bucket_key": f.bucket_key} for n, f in dropped[: (len(dropped) if max_files is None else max_files)]],
+            "nodes": {n: s.to_dict() for n, s in self.shares.items()},
+            "rejected": [{"entry": e, "reason": r} for e, r in self.rejected[:cap]],
+            "rejected_count": len(self.rejected),
+        }
+
+    def summary(self) -> str:
+        s = (
+            f"{self.files} files ({self.bytes / MIB:.1f} MiB present), {len(self.missing)} missing from the volume, "
+            f"{self.cached_files} already cached; to warm: {self.warm_files} file loads, "
+            f"{self.warm_bytes / MIB:.1f} MiB over {sum(1 for x in self.shares.values() if x.files)} nodes, "
+            f"ETA {format_seconds(self.eta_seconds)} at {self.bandwidth.bytes_per_s / MIB:.0f} MiB/s ({self.bandwidth.source})"
+        )
+        if self.trimmed:
+            s += f"; {len(self.dropped)} file loads dropped for lack of cache space"
+        if self.rejected:
+            s += f"; {len(self.rejected)} list entries rejected"
+        return s
+
+
+def footprint(nbytes: int) -> int:
+    """Cache space taken by `nbytes` of file data (whole pages)."""
+    return -(-nbytes // CACHE_PAGE) * CACHE_PAGE
+
+
+def make_plan(
+    present: Sequence[CacheFile],
+    missing: Sequence[CacheFile],
+    shares: Mapping[str, Sequence[CacheFile]],
+    cached: Mapping[str, Mapping[str, int]],
+    capacity: Mapping[str, NodeCapacity],
+    bandwidth: Bandwidth,
+    *,
+    trim: bool = False,
+) -> Plan:
+    """Build a plan from survey data.
+
+    present: files in the volume, with sizes; shares: node -> the present files it should hold;
+    cached: node -> path -> bytes it holds; capacity: node -> cache usage.
+    Raises CapacityError (with every node's numbers) if a share does not fit, unless trim=True:
+    then each node keeps its files in list order while they fit and drops the rest.
+    """
+    out: dict[str, NodeShare] = {}
+    fully = {f.path: True for f in present}
+    over: list[str] = []
+    for node, files in shares.items():
+        have = cached.get(node, {})
+        cap = capacity[node]
+        todo: list[CacheFile] = []
+        dropped: list[CacheFile] = []
+        todo_bytes = need = 0
+        done = 0
+        for f in files:
+            size = f.size or 0
+            left = max(0, size - have.get(f.path, 0))
+            if left == 0:
+                done += 1
+                continue
+            fully[f.path] = False
+            room = footprint(left)
+            if trim and need + room > cap.free:
+                dropped.append(f)
+                continue
+            todo.append(f)
+            todo_bytes += left
+            need += room
+        if need > cap.free:
+            over.append(
+                f"{node}: needs {need / MIB:.1f} MiB, free {cap.free / MIB:.1f} MiB "
+                f"(capacity {cap.capacity / MIB:.1f} MiB, used {cap.used / MIB:.1f} MiB)"
+            )
+        out[node] = NodeShare(node, todo, todo_bytes, done, cap, dropped)
+    if over:
+        raise CapacityError("plan does not fit the cache; " + "; ".join(over) + " (use trim to warm what fits)")
+    cached_files = [f for f in present if fully[f.path]]
+    return Plan(
+        files=len(present) + len(missing),
+        bytes=sum(f.size or 0 for f in present),
+        missing=list(missing),
+        cached_files=len(cached_files),
+        cached_bytes=sum(f.size or 0 for f in cached_files),
+        shares=out,
+        bandwidth=bandwidth,
+        trimmed=any(s.dropped for s in out.values()),
+    )
+
+
+def format_seconds(s: float) -> str:
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"

@@ -1,0 +1,230 @@
+"""The JuiceFS backend and the prewarm flow on real mounts (two nodes of one volume)."""
+from __future__ import annotations
+
+import posixpath
+import re
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cache_client.base import CacheFile, FileStatus
+from cache_client.juicefs import JuiceFSCluster, run_juicefs
+from cache_client.placement import HashRing
+from cache_client.prewarm import check_list, free_list, plan_prewarm, run_prewarm, to_cache_file, wait_ready
+from cache_client.progress import Progress
+from xdc.config import CacheConfig
+from xdc.errors import CapacityError, NotReadyError
+
+from xdc.config import XdcConfig
+
+MakeFiles = Callable[[str, dict[str, int]], list[str]]
+MakeConfig = Callable[..., XdcConfig]
+
+KIB = 1024
+MIB = 1 << 20
+SIZES = {"a/one": 300 * KIB, "a/two": 300 * KIB, "b/three": 5 * MIB + 123, "b/tiny": 100, "c/empty": 0}
+
+
+def files_of(keys: list[str]) -> list[CacheFile]:
+    return [to_cache_file(k, "") for k in keys]
+
+
+def write_list(tmp_path: Path, keys: list[str], name: str = "list.txt") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(k + "\n" for k in keys))
+    return p
+
+
+def juicefs_check_ratio(node_mount: Path, keys: list[str]) -> str:
+    """What `juicefs warmup --check` says (stderr summary line), to cross-check our per-file view."""
+    lst = node_mount.parent / "check-list.txt"
+    lst.write_text("".join(str(node_mount / k) + "\n" for k in keys))
+    cp = run_juicefs(["warmup", "--check", "-f", str(lst)])
+    m = re.search(r"check cache: (\d+) files checked, .* \(([\d.]+)%\) cached", cp.stderr)
+    assert m, cp.stderr
+    return m.group(2)
+
+
+def test_plan_warm_check_rerun_free(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
+    keys = make_files(bucket, SIZES)
+    cluster = JuiceFSCluster(jfs_cache)
+    files = files_of(keys)
+    total = sum(SIZES.values())
+
+    plan = cluster.plan(files)
+    assert (plan.files, plan.bytes, plan.cached_files, plan.missing) == (5, total, 1, [])  # the empty file is trivially cached
+    assert {n: (len(s.files), s.bytes) for n, s in plan.shares.items()} == {"node1": (4, total), "node2": (4, total)}
+    assert plan.warm_bytes == 2 * total and plan.eta_seconds > 0  # the empty file needs no load
+
+    progress = Progress(plan.bandwidth, render="none")
+    report = cluster.warm(plan, progress)
+    assert not report.errors
+    assert progress.snapshot().bytes_done == 2 * total and progress.snapshot().files_done == 8
+
+    check = cluster.check(files)
+    assert check.complete and check.cached_ratio == 1.0, check.to_dict()
+    assert all(f.cached == {"node1": f.size, "node2": f.size} for f in check.files)
+    for n in jfs_cache.nodes:  # JuiceFS's own aggregate agrees
+        assert juicefs_check_ratio(Path(n.mount), keys) == "100.0"
+
+    again = cluster.plan(files)
+    assert again.noop and again.cached_files == 5 and again.cached_bytes == total
+
+    freed = cluster.free(files)
+    assert freed.complete and freed.freed_bytes == {"node1": total, "node2": total}
+    after = cluster.check(files)
+    assert [f.status for f in after.files] == [FileStatus.NOT_CACHED] * 4 + [FileStatus.CACHED]  # empty file
+    for n in jfs_cache.nodes:
+        assert juicefs_check_ratio(Path(n.mount), keys) == "0.0"
+
+
+def test_block_lists_from_dump_and_info_agree(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
+    sizes = {f"d/{i}": 1000 * i for i in range(9)} | {"d/multi": 9 * MIB + 5, "d/over": 2 * MIB}
+    keys = make_files(bucket, sizes)
+    with open(Path(jfs_cache.nodes[0].mount) / bucket / "d/over", "r+b") as fh:  # a range written twice
+        fh.seek(MIB)
+        fh.write(b"x" * 10)
+    cluster = JuiceFSCluster(jfs_cache)
+    files = files_of(keys)
+    dumped = {}
+    for d in {posixpath.dirname(f.path) for f in files}:
+        dumped |= cluster._dump_dir(d)
+    via_info = cluster._info_blocks(files)
+    over = f"{bucket}/d/over"
+    assert over not in dumped  # overlapping slices: left to `juicefs info`
+    for f in files:
+        if f.path != over:
+            assert dumped[f.path] == via_info[f.path], f.path
+    assert sum(n for _, n in via_info[f"{bucket}/d/multi"]) == 9 * MIB + 5
+    assert sum(n for _, n in via_info[over]) == 2 * MIB
+    assert cluster._blocks(files) == via_info
+
+
+def test_run_prewarm_reports_missing_and_survives_first_missing_quirk(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig
+) -> None:
+    keys = make_files(bucket, {"x/1": 200 * KIB, "x/2": 200 * KIB})
+    # The missing key comes FIRST: passed to `juicefs warmup` as is, this is a FATAL exit 1.
+    lst = write_list(tmp_path, [f"{bucket}/x/nope", *keys, "not a key/"])
+    cfg = make_config(jfs_cache, tmp_path, [bucket])
+    report = run_prewarm(cfg, "dca", lst, progress=Progress(render="none"), wait=False)
+    assert not report.complete
+    assert report.check.counts == {"cached": 2, "partial": 0, "not_cached": 0, "missing": 1}
+    reasons = {d.get("bucket_key", d.get("entry")): d["reason"] for d in report.not_cached}
+    assert reasons[f"{bucket}/x/nope"] == "not in this datacenter's volume"
+    assert len(reasons) == 2  # + the unreadable line
+    assert report.to_dict()["plan"]["missing"] == [f"{bucket}/x/nope"]
+    with sqlite3.connect(cfg.catalog_path("dca")) as db:  # the run's bandwidth was recorded
+        assert db.execute("SELECT bytes, files, nodes FROM prewarm_bandwidth").fetchall() == [(800 * KIB, 4, 2)]
+
+    checked = check_list(cfg, "dca", lst)
+    assert checked.counts["cached"] == 2 and checked.rejected
+
+    with pytest.raises(NotReadyError) as exc:
+        wait_ready(cfg, "dca", [*keys, f"{bucket}/x/nope"], timeout=0, poll=0.1)
+    assert exc.value.missing == [f"{bucket}/x/nope"]  # type: ignore[attr-defined]
+    free_list(cfg, "dca", lst, force=True)
+
+
+def test_warm_survives_a_file_vanishing_before_warmup(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
+    keys = make_files(bucket, {"v/gone": 10 * KIB, "v/kept": 10 * KIB})
+    cluster = JuiceFSCluster(jfs_cache)
+    files = [CacheFile(f.bucket_key, f.path, 10 * KIB) for f in files_of(keys)]
+    (Path(jfs_cache.nodes[0].mount) / files[0].path).unlink()  # after the plan's stat, first in the list
+    done: list[tuple[int, int]] = []
+    cluster.warm_node("node1", files, 2, lambda f, b: done.append((f, b)))
+    assert sum(f for f, _ in done) == 2  # both accounted for, no FATAL
+    assert cluster.cached_bytes("node1", files[1:]) == {files[1].path: 10 * KIB}
+    cluster.free(files[1:])
+
+
+def test_shard_placement_warms_each_file_on_its_owner_only(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles
+) -> None:
+    keys = make_files(bucket, {f"s/{i}": 64 * KIB for i in range(12)})
+    cache = jfs_cache.model_copy(update={"placement": "shard"})
+    cluster = JuiceFSCluster(cache)
+    files = files_of(keys)
+    plan = cluster.plan(files)
+    owner = HashRing(cluster.nodes, cache.virtual_nodes)
+    assert {n: sorted(f.bucket_key for f in s.files) for n, s in plan.shares.items()} == {
+        n: sorted(k for k in keys if owner.node_for(k) == n) for n in cluster.nodes
+    }
+    cluster.warm(plan)
+    check = cluster.check(files)
+    assert check.complete
+    for f in check.files:
+        assert list(f.cached) == [owner.node_for(f.bucket_key)]
+    for node in cluster.nodes:  # and nothing on the other node
+        theirs = [f for f in files if owner.node_for(f.bucket_key) != node]
+        assert sum(cluster.cached_bytes(node, theirs).values()) == 0
+    cluster.free(files)
+
+
+def test_reference_counted_free(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig) -> None:
+    keys = make_files(bucket, {"d/shared": 128 * KIB, "d/only-a": 128 * KIB, "d/only-b": 128 * KIB})
+    shared, only_a, only_b = keys
+    cfg = make_config(jfs_cache, tmp_path, [bucket])
+    list_a = write_list(tmp_path, [shared, only_a], "a.txt")
+    list_b = write_list(tmp_path, [shared, only_b], "b.txt")
+    quiet = Progress(render="none")
+    assert run_prewarm(cfg, "dca", list_a, "ds-a", version="1", progress=quiet).complete
+    assert run_prewarm(cfg, "dca", list_b, "ds-b", version="1", progress=quiet).complete
+
+    freed = free_list(cfg, "dca", list_a, "ds-a", version="1")
+    assert freed.kept == {shared: ["ds-b@1"]}
+    status = {f.bucket_key: f.status for f in check_list(cfg, "dca", write_list(tmp_path, keys, "all.txt")).files}
+    assert status == {shared: FileStatus.CACHED, only_a: FileStatus.NOT_CACHED, only_b: FileStatus.CACHED}
+
+    forced = free_list(cfg, "dca", list_b, force=True)  # no dataset named: ds-b stays active, force wins
+    assert forced.forced == {shared: ["ds-b@1"], only_b: ["ds-b@1"]} and forced.complete
+    status = {f.bucket_key: f.status for f in check_list(cfg, "dca", tmp_path / "all.txt").files}
+    assert set(status.values()) == {FileStatus.NOT_CACHED}
+
+
+def test_capacity_refused_or_trimmed(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig) -> None:
+    keys = make_files(bucket, {f"big/{i}": 600 * KIB for i in range(4)})
+
+    def sized(mib: int) -> CacheConfig:
+        return jfs_cache.model_copy(update={"nodes": [n.model_copy(update={"cache_size_mib": mib}) for n in jfs_cache.nodes]})
+
+    with pytest.raises(CapacityError, match=r"node1: needs 2\.3 MiB, free .* \(capacity 1\.0 MiB, used"):
+        JuiceFSCluster(sized(1)).plan(files_of(keys))
+    small = sized(2)
+    used, capacity = JuiceFSCluster(small).usage("node1")  # other tests' leftovers may use some
+    cfg = make_config(small, tmp_path, [bucket])
+    plan = plan_prewarm(cfg, "dca", write_list(tmp_path, keys), trim=True)
+    fits = (capacity - used) // (600 * KIB)  # files are whole pages: 600 KiB each
+    assert fits < 4
+    assert plan.trimmed and len(plan.shares["node1"].files) == fits and len(plan.shares["node1"].dropped) == 4 - fits
+    assert plan.to_dict()["nodes"]["node1"]["dropped"] == 4 - fits
+
+
+def test_slice_blocks_and_info_parsing_pure() -> None:
+    from cache_client.juicefs import parse_info_objects, slice_blocks
+
+    block = 4 * MIB
+    # 9 MiB + 5 slice: three blocks; a file using bytes [1 MiB, 9 MiB + 5) of it, then a hole
+    chunks = [{"index": 0, "slices": [{"id": 1234567, "size": 9 * MIB + 5, "off": MIB, "len": 8 * MIB + 5},
+                                      {"id": 0, "pos": 8 * MIB + 5, "len": 100}]}]
+    assert slice_blocks(chunks, block) == [
+        ("chunks/1/1234/1234567_0_4194304", 3 * MIB),
+        ("chunks/1/1234/1234567_1_4194304", 4 * MIB),
+        ("chunks/1/1234/1234567_2_1048581", MIB + 5),
+    ]
+    overlapping = [{"index": 0, "slices": [{"id": 1, "size": 10, "len": 10}, {"id": 2, "pos": 5, "size": 1, "len": 1}]}]
+    assert slice_blocks(overlapping, block) is None
+    text = """/m/b/x :
+  inode: 4
+ objects:
++------------+----------------------------+---------+--------+---------+-----+
+| chunkIndex |         objectName         |   size  | offset |  length | pos |
++------------+----------------------------+---------+--------+---------+-----+
+|          0 | vol/chunks/0/0/1_0_1048576 | 1048576 |      0 | 1048576 |   0 |
++------------+----------------------------+---------+--------+---------+-----+
+/m/b/empty :
+  inode: 5
+"""
+    assert parse_info_objects(text) == {"/m/b/x": [("vol/chunks/0/0/1_0_1048576", 1048576)], "/m/b/empty": []}
