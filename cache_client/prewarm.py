@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from cache_client.base import CacheCluster, CacheFile, CheckReport, FreeReport, 
 from cache_client.filelist import ListStats, read_file_list
 from cache_client.keys import KeyMapper, derived_candidate, path_in_mount
 from cache_client.plan import MIB, Plan, format_seconds
-from cache_client.progress import Progress
+from cache_client.progress import Progress, Snapshot
 from cache_client.state import PrewarmState
 from xdc.config import XdcConfig
 from xdc.errors import BadKey, CacheError, NotReadyError
@@ -235,7 +235,8 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
     log.info("prewarm %s in %s: %s", dataset or list_path, dc, plan.summary())
     lap("plan")
 
-    sink = progress if progress is not None else Progress(bandwidth, desc=f"prewarm {dc}")
+    sink = progress if progress is not None else Progress(
+        bandwidth, desc=f"prewarm {dc}", callback=_publish_progress(cfg, dc, dataset) if dataset else None)
     rounds: list[dict[str, Any]] = []
     warm = cluster.warm(plan, sink)
     rounds.append(warm.to_dict() | {"errors": warm.errors})
@@ -267,8 +268,30 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
 
     report = PrewarmReport(dc, dataset, version, res.stats.entries, plan, rounds, check,
                            time.monotonic() - t0, res.derived, registered, _why_not_cached(check, plan, rounds), timings)
+    if dataset:  # the dashboard's and Prometheus' view of this dataset in this datacenter
+        from xdc.lag import record_prewarm_progress
+        from xdc.metrics import METRICS
+        ready = not report.not_cached
+        record_prewarm_progress(cfg, dc, dataset, files_done=check.counts.get("cached", 0),
+                                files_total=len(res.files), bytes_done=check.bytes_cached,
+                                bytes_total=check.bytes_total, eta_s=0.0, cached_ratio=check.cached_ratio,
+                                ready=ready)
+        METRICS.set_dataset_state(dataset, dc, cached_ratio=check.cached_ratio, ready=ready)
     log.info("%s", report.summary())
     return report
+
+
+def _publish_progress(cfg: XdcConfig, dc: str, dataset: str) -> Callable[[Snapshot], None]:
+    """Live progress to the catalog (dashboard) and to Prometheus."""
+    from xdc.lag import prewarm_progress_callback
+    from xdc.metrics import METRICS
+    store = prewarm_progress_callback(cfg, dc, dataset)
+
+    def cb(snap: Snapshot) -> None:
+        store(snap)
+        METRICS.set_prewarm(dataset, dc, files_done=snap.files_done, files_total=snap.files_total,
+                            bytes_done=snap.bytes_done, bytes_total=snap.bytes_total, eta_seconds=snap.eta_seconds)
+    return cb
 
 
 def _why_not_cached(check: CheckReport, plan: Plan, rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
