@@ -296,3 +296,9 @@ def running_tansu(run_dir: Path, name: str = "airflow") -> Iterator[str]:
         yield f"127.0.0.1:{proc.port}"
     finally:
         stop_proc(proc, timeout=5)
+
+
+def task_instances(af: AirflowProcesses, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """The task instances of a run (every map index), oldest start first, over REST."""
+    got = af._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+    return sorted(got, key=lambda t: (t["start_date"] or "", t["task_id"], t["map_index"]))

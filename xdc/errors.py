@@ -99,3 +99,7 @@ class BadKey(XdcError):
 
 class AirflowError(XdcError):
     """A local Airflow (tests, demo) that did not start, or a DAG run that did not finish in time."""
+
+
+class LagObjectiveError(XdcError):
+    """A route's p99 replication lag is over ``lag.objective_p99_seconds`` (the lag monitor DAG fails)."""

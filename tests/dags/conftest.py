@@ -101,3 +101,46 @@ def tansu_broker(tmp_path: Path) -> Iterator[str]:
     """
     with running_tansu(tmp_path) as bootstrap:
         yield bootstrap
+
+
+# -- the project's DAGs against the real stack (tests/conftest.py's xcfg) ---------------------------
+def write_xdc_config(xcfg: Any, path: Path, tag: str, **over: dict[str, Any]) -> Path:
+    """An XdcConfig as a YAML file the DAGs load (XDC_CONFIG): absolute catalog paths, the test's
+    own consumer groups, a short ready gate. `over`: top-level sections to update (lag={...})."""
+    import yaml
+
+    data = xcfg.model_dump(mode="json", exclude={"base_dir"})
+    for dc in data["datacenters"]:
+        data["datacenters"][dc]["catalog_url"] = f"sqlite:///{xcfg.catalog_path(dc).resolve()}"
+    data["mirror"]["group_id"] = f"{tag}-mirror"
+    if data.get("resize"):
+        data["resize"]["group_id"] = f"{tag}-resize"
+    data["prewarm"] |= {"group_id": f"{tag}-prewarm", "ready_timeout_seconds": 30, "ready_poll_seconds": 0.5}
+    for section, values in over.items():
+        data[section] = (data.get(section) or {}) | values
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_files(root: Path, tag: str, n: int, size: int = 40_000) -> dict[str, bytes]:
+    """n random files under root/tag/ -> {their key once ingested under "camera/": bytes}."""
+    out = {}
+    for i in range(n):
+        data = os.urandom(size)
+        p = root / tag / f"f{i}.bin"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        out[f"camera/{tag}/f{i}.bin"] = data
+    return out
+
+
+@pytest.fixture
+def config_writer() -> Callable[..., Path]:
+    """write_xdc_config as a fixture (test modules here are not a package: no imports between them)."""
+    return write_xdc_config
+
+
+@pytest.fixture
+def file_maker() -> Callable[..., dict[str, bytes]]:
+    """make_files as a fixture."""
+    return make_files
