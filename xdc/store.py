@@ -7,6 +7,7 @@ are translated once, at `_translate`.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import random
@@ -55,6 +56,7 @@ class Store(ABC):
     """An object store: a handful of primitives; the rest is derived."""
 
     name: str = "store"
+    single_put_max: int = 16 * 2**20  # larger objects stream as multipart uploads
 
     @abstractmethod
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -97,23 +99,27 @@ class Store(ABC):
         """Stream bucket/key into dst, then verify size and checksum of what landed.
 
         `expect_etag`: the ETag the caller expects at the source (the event's); a different one
-        means the source changed since, and ObjectNotFound-like `StoreError("superseded")` is raised
-        so the newer event carries the newer bytes.
+        means the source changed since, and SupersededError is raised so that the newer event
+        carries the newer bytes.
         """
         info, body = self.open(bucket, key)
         try:
             if expect_etag and info.etag != expect_etag.strip('"'):
                 raise SupersededError(f"{bucket}/{key}: source ETag {info.etag} != event's {expect_etag}")
-            reader = _HashingReader(body)
             meta = dict(metadata or {})
             meta[META_SOURCE_ETAG] = info.etag
-            dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size)
-            if reader.size != info.size:
-                raise IntegrityError(f"{bucket}/{key}: read {reader.size} bytes, source says {info.size}")
-            md5 = reader.md5.hexdigest()
-            if plain_md5_etag(info.etag) and md5 != info.etag:
-                raise IntegrityError(f"{bucket}/{key}: MD5 {md5} of the bytes read != source ETag {info.etag}")
-            landed = dst.head(dst_bucket, dst_key)
+            if info.size <= dst.single_put_max:
+                # small enough for one PUT: read it whole and check it before anything is written
+                data = body.read()
+                md5, size = hashlib.md5(data, usedforsecurity=False).hexdigest(), len(data)
+                _check_read(bucket, key, info, size, md5)
+                landed = dst.put(dst_bucket, dst_key, data, metadata=meta)
+            else:
+                reader = _HashingReader(body)
+                dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size)
+                md5 = reader.md5.hexdigest()
+                _check_read(bucket, key, info, reader.size, md5)
+                landed = dst.head(dst_bucket, dst_key)
             if landed.size != info.size:
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed {landed.size} bytes, expected {info.size}")
             if plain_md5_etag(landed.etag) and landed.etag != md5:
@@ -121,6 +127,13 @@ class Store(ABC):
             return landed
         finally:
             body.close()
+
+
+def _check_read(bucket: str, key: str, info: ObjectInfo, size: int, md5: str) -> None:
+    if size != info.size:
+        raise IntegrityError(f"{bucket}/{key}: read {size} bytes, source says {info.size}")
+    if plain_md5_etag(info.etag) and md5 != info.etag:
+        raise IntegrityError(f"{bucket}/{key}: MD5 {md5} of the bytes read != source ETag {info.etag}")
 
 
 class SupersededError(StoreError):
@@ -183,6 +196,7 @@ class S3Store(Store):
                  max_pool: int = 32) -> None:
         self.endpoint_url = endpoint_url
         self.attempts = attempts
+        self.single_put_max = multipart_threshold
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name=region,
@@ -251,7 +265,10 @@ class S3Store(Store):
         meta = dict(metadata or {})
         if isinstance(body, (bytes, bytearray, memoryview)):
             data = bytes(body)
-            r = self._call(what, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta))
+            # Content-MD5: the server refuses a body damaged on the way
+            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+            r = self._call(what, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta,
+                                                                 ContentMD5=md5))
             return ObjectInfo(bucket, key, len(data), r.get("ETag", "").strip('"'), meta)
         # A stream can be read once: no retry here; the caller retries the whole copy.
         try:
@@ -295,7 +312,6 @@ class _TranslatingBody:
 
 
 def _add_content_md5(request: Any, **_: Any) -> None:
-    import base64
     body = request.body if isinstance(request.body, bytes) else (request.body or b"")
     if isinstance(body, str):
         body = body.encode()
