@@ -13,13 +13,14 @@ from __future__ import annotations
 import sqlite3
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 from cache_client.plan import MIB, Bandwidth, DEFAULT_PER_FILE_SECONDS
+from xdc.sqlite import short_connection
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS prewarm_bandwidth (
@@ -63,16 +64,8 @@ class PrewarmState:
         with self._db() as db:
             db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        # One short connection per call: the catalog file is shared with other processes.
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _db(self) -> AbstractContextManager[sqlite3.Connection]:
+        return short_connection(self.path)
 
     # -- bandwidth ------------------------------------------------------------------------------
     def record_run(self, dc: str, nbytes: int, files: int, seconds: float, nodes: int = 1) -> None:

@@ -21,14 +21,12 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError as _KafkaError
 
 from mirror.apply import route_event
 from mirror.catalog import SqliteCatalog
@@ -37,6 +35,7 @@ from xdc.config import Route, XdcConfig
 from xdc.errors import EventError
 from xdc.kafka import kafka_errors, to_records
 from xdc.metrics import METRICS, Metrics
+from xdc.sqlite import short_connection
 from xdc.stats import percentile
 
 log = logging.getLogger(__name__)
@@ -236,17 +235,7 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
 """
 
 
-@contextmanager
-def _db(path: Path) -> Iterator[sqlite3.Connection]:
-    # Short connections: the catalog file is shared with the mirror and prewarm processes.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30)
-    try:
-        db.execute("PRAGMA journal_mode=WAL")
-        with db:
-            yield db
-    finally:
-        db.close()
+_db = short_connection  # the catalog file is shared with the mirror and prewarm processes
 
 
 def record_prewarm_progress(cfg: XdcConfig, dc: str, dataset: str, *, files_done: int, files_total: int,
