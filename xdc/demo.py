@@ -45,9 +45,13 @@ def run_demo(run_dir: Path, *, frames: int = 200, lidar: int = 5, keep: bool = F
     cfg = stack.up(run_dir / "stack", nodes=2, cache_size_mib=1024)
     report["stack_up_s"] = round(time.monotonic() - t, 1)
     flow_t0 = time.monotonic()
+    from xdc.dashboard import serve_dashboard
+    board = serve_dashboard(cfg, "127.0.0.1", 0)
+    print(f"    dashboard (live while the demo runs): {board.url}", flush=True)
     try:
         _flow(cfg, samples, run_dir, report)
     finally:
+        board.stop()
         report["flow_s"] = round(time.monotonic() - flow_t0, 1)
         if keep:
             print(f"stack left running: xdc --run-dir {run_dir / 'stack'} stack down")
@@ -102,14 +106,11 @@ def _flow(cfg: XdcConfig, samples: Path, run_dir: Path, report: dict[str, Any]) 
     report["prewarm_ok"] = all(p["complete"] for p in report["prewarm"].values())
 
     t = _step("lag snapshot and dashboard snapshot")
-    try:
-        from xdc.dashboard import snapshot_html
-        from xdc.lag import record_lag_snapshot
-        record_lag_snapshot(cfg, "B")
-        (run_dir / "dashboard.html").write_text(snapshot_html(cfg))
-        report["dashboard_snapshot"] = str(run_dir / "dashboard.html")
-    except ImportError:  # pragma: no cover - dashboard not installed
-        pass
+    from xdc.dashboard import snapshot_html
+    from xdc.lag import record_lag_snapshot
+    record_lag_snapshot(cfg, "B")
+    (run_dir / "dashboard.html").write_text(snapshot_html(cfg))
+    report["dashboard_snapshot"] = str(run_dir / "dashboard.html")
     lags = ms.lags
     report["lag"] = {"p50_s": percentile(lags, 50), "p99_s": percentile(lags, 99)}
 
