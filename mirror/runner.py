@@ -21,7 +21,7 @@ from mirror.catalog import CatalogEntry, Outgoing, SqliteCatalog
 from mirror.dlq import DeadLetterSink
 from mirror.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
 from xdc.config import XdcConfig
-from xdc.errors import EventError, ObjectNotFound, StoreError, XdcError
+from xdc.errors import EventError, KafkaError, ObjectNotFound, StoreError, XdcError
 from xdc.kafka import Record, caught_up, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
 from xdc.metrics import METRICS, Metrics
 from xdc.store import Store, SupersededError, retry, store_for
@@ -69,6 +69,9 @@ class MirrorStats:
                 "busy_seconds": round(self.busy_seconds, 3),
                 "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
                 "lag_max_s": max(self.lags) if self.lags else None}
+
+
+MAX_KAFKA_FAILURES = 30  # consecutive broker errors (about 2 minutes of backoff) before giving up
 
 
 class TransientBatchError(XdcError):
@@ -148,14 +151,19 @@ class Mirror:
         self.flush_outbox()  # what a previous process committed but did not publish
         idle = 0
         batch_failures = 0
+        kafka_failures = 0  # consecutive broker errors; the loop gives up after MAX_KAFKA_FAILURES
         while not (stop and stop.is_set()):
             if max_seconds is not None and time.monotonic() - t0 > max_seconds:
                 break
             progressed = False
             for src, consumer in self.consumers().items():
-                with kafka_errors("poll"):
-                    polled = consumer.poll(timeout_ms=int(self.cfg.mirror.batch_max_seconds * 1000),
-                                           max_records=self.cfg.mirror.batch_max_records)
+                try:
+                    with kafka_errors("poll"):
+                        polled = consumer.poll(timeout_ms=int(self.cfg.mirror.batch_max_seconds * 1000),
+                                               max_records=self.cfg.mirror.batch_max_records)
+                except KafkaError as exc:  # broker away: kafka-python reconnects; wait for it
+                    kafka_failures = self._kafka_trouble(kafka_failures, "poll", exc)
+                    continue
                 records = to_records(polled)
                 if records:
                     self.caught_up = False
@@ -170,7 +178,19 @@ class Mirror:
                         self._rewind(consumer, records)
                         time.sleep(delay)
                         continue
-                    commit(consumer, records)
+                    except KafkaError as exc:  # dead letters or outbox not published: redo the batch
+                        self._rewind(consumer, records)
+                        kafka_failures = self._kafka_trouble(kafka_failures, "batch", exc)
+                        continue
+                    try:
+                        commit(consumer, records)
+                    except KafkaError as exc:
+                        # The batch is in the catalog; deliver it again (ignored as duplicates) and
+                        # commit then. After a broker restart the group is rejoined on the next poll.
+                        self._rewind(consumer, records)
+                        kafka_failures = self._kafka_trouble(kafka_failures, "commit", exc)
+                        continue
+                    kafka_failures = 0
                     stats.add(res)
                     stats.busy_seconds += time.monotonic() - t_batch
                     progressed = True
@@ -194,8 +214,19 @@ class Mirror:
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             first[tp] = min(first.get(tp, r.offset), r.offset)
+        assigned = consumer.assignment()
         for tp, off in first.items():
-            consumer.seek(tp, off)
+            if tp in assigned:  # after a rebalance the new owner starts from the committed offset
+                consumer.seek(tp, off)
+
+    def _kafka_trouble(self, failures: int, what: str, exc: KafkaError) -> int:
+        failures += 1
+        if failures > MAX_KAFKA_FAILURES:
+            raise exc
+        delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
+        log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures, MAX_KAFKA_FAILURES, delay)
+        time.sleep(delay)
+        return failures
 
     def _observe_consumer_lag(self, consumer: Any) -> None:
         # committed() is a broker round trip per partition: once every few seconds is plenty

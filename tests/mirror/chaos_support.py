@@ -1,0 +1,188 @@
+"""Helpers of the crash / fault / hostile-input tests: config copies, a source workload, and the
+checks (source == target by march, applied once, committed offsets never ahead of the catalog)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kafka import KafkaAdminClient
+
+from mirror.catalog import SqliteCatalog
+from mirror.events import AppliedEvent, encode_notification, message_key, new_sequencer, s3_record
+from mirror.march import march
+from xdc.config import XdcConfig, parse_config
+from xdc.kafka import Record, make_producer
+from xdc.store import ObjectInfo, Store, store_for
+
+SRC_BUCKET, DST_BUCKET = "idca-drive", "idcb-drive"
+
+
+def config_data(cfg: XdcConfig) -> dict[str, Any]:
+    """A config as plain data with absolute catalog paths, so it can live in any directory."""
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    for dc in cfg.datacenters:
+        data["datacenters"][dc]["catalog_url"] = f"sqlite:///{cfg.catalog_path(dc).resolve()}"
+    data.pop("run_dir", None)
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def variant(cfg: XdcConfig, overrides: dict[str, Any]) -> XdcConfig:
+    """A copy of `cfg` with nested overrides (e.g. an S3 URL pointed at a fault proxy)."""
+    return parse_config(_merge(config_data(cfg), overrides), base_dir=cfg.base_dir)
+
+
+def write_config(cfg: XdcConfig, path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Dump `cfg` to a YAML file a subprocess can load (secrets stay in the environment)."""
+    path.write_text(yaml.safe_dump(_merge(config_data(cfg), overrides or {}), sort_keys=False))
+    return path
+
+
+def blob(rng: random.Random, size: int) -> bytes:
+    return rng.randbytes(size)
+
+
+@dataclass
+class Workload:
+    """Writes real objects into the source and publishes the events a bucket notification would,
+    one key's events in order: puts (some keys overwritten), deletes, metadata-route puts."""
+
+    cfg: XdcConfig
+    tag: str
+    seed: int = 0
+    data_prefix: str = "camera/"
+    meta_prefix: str = "lidar/"
+    live: dict[str, int] = field(default_factory=dict)  # key -> size, what the source should hold
+    published: int = 0
+    deletes: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.store: Store = store_for(self.cfg.with_local_dc("A"), "A")
+        self.producer = make_producer(self.cfg.kafka_bootstrap("A"))
+        self.topic = self.cfg.dc("A").kafka.topics.events
+
+    def close(self) -> None:
+        self.producer.flush(timeout=30)
+        self.producer.close(timeout=5)
+
+    def _publish(self, rec: dict[str, Any], key: str) -> None:
+        self.producer.send(self.topic, key=message_key(SRC_BUCKET, key), value=encode_notification([rec]))
+        self.published += 1
+
+    def step(self) -> None:
+        r = self.rng.random()
+        keys = sorted(self.live)
+        if r < 0.12 and keys:  # delete
+            key = self.rng.choice(keys)
+            self.store.delete(SRC_BUCKET, key)
+            del self.live[key]
+            self._publish(s3_record("delete", SRC_BUCKET, key, sequencer=new_sequencer()), key)
+            self.deletes += 1
+            return
+        if r < 0.3 and keys:  # overwrite an existing key with new bytes
+            key = self.rng.choice(keys)
+        elif r < 0.45:
+            key = f"{self.meta_prefix}{self.tag}/m{self.published}.bin"
+        else:
+            key = f"{self.data_prefix}{self.tag}/d{self.published}.bin"
+        data = blob(self.rng, self.rng.randint(1, 48_000))
+        info = self.store.put(SRC_BUCKET, key, data)
+        self.live[key] = len(data)
+        self._publish(s3_record("put", SRC_BUCKET, key, size=info.size, etag=info.etag, sequencer=new_sequencer()),
+                      key)
+
+    def flush(self) -> None:
+        self.producer.flush(timeout=30)
+
+
+@dataclass
+class Diff:
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    differ: list[str] = field(default_factory=list)
+    matched: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.differ)
+
+
+def compare_listings(src: Iterable[ObjectInfo], dst: Iterable[ObjectInfo], src_prefix: str, dst_prefix: str) -> Diff:
+    """March source against target: same keys (after prefix mapping), sizes and ETags (MD5)."""
+    d = Diff()
+    for a, b in march(src, dst, lambda o: o.key[len(src_prefix):], lambda o: o.key[len(dst_prefix):]):
+        if b is None:
+            d.missing.append(a.key)  # type: ignore[union-attr]
+        elif a is None:
+            d.extra.append(b.key)
+        elif (a.size, a.etag) != (b.size, b.etag):
+            d.differ.append(a.key)
+        else:
+            d.matched += 1
+    return d
+
+
+def compare_data(cfg: XdcConfig, tag: str, prefix: str = "camera/") -> Diff:
+    src = store_for(cfg.with_local_dc("A"), "A")
+    dst = store_for(cfg.with_local_dc("B"), "B")
+    p = f"{prefix}{tag}/"
+    return compare_listings(src.list(SRC_BUCKET, p), dst.list(DST_BUCKET, p), p, p)
+
+
+def compare_metadata(cfg: XdcConfig, tag: str, prefix: str = "lidar/") -> Diff:
+    """Metadata-mode route: the target catalog's live rows against the source listing."""
+    src = store_for(cfg.with_local_dc("A"), "A")
+    cat = SqliteCatalog(cfg.catalog_path("B"))
+    try:
+        p = f"{prefix}{tag}/"
+        rows = [ObjectInfo(e.bucket, e.key, e.size, e.etag) for e in cat.live_objects(DST_BUCKET)
+                if e.key.startswith(p)]
+        return compare_listings(src.list(SRC_BUCKET, p), rows, p, p)
+    finally:
+        cat.close()
+
+
+def applied_events(records: Iterable[Record]) -> list[AppliedEvent]:
+    """Applied events from the applied topic, whichever message shape the mirror publishes."""
+    out: list[AppliedEvent] = []
+    for r in records:
+        doc = json.loads(r.value)
+        items = doc.get("records") if isinstance(doc, dict) and "records" in doc else [doc]
+        for it in items:
+            it = {k: v for k, v in it.items() if k != "type"}
+            out.append(AppliedEvent(**it))
+    return out
+
+
+def committed_offsets(cfg: XdcConfig, dc: str, group: str) -> dict[tuple[str, int], int]:
+    admin = KafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap(dc), request_timeout_ms=10_000)
+    try:
+        got = admin.list_group_offsets(group).get(group, {})
+        return {(tp.topic, tp.partition): om.offset for tp, om in got.items() if om.offset >= 0}
+    finally:
+        admin.close()
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for an `xdc` subprocess: this one's (it holds the stack's secrets)."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,191 @@
+"""Faults of the servers under the mirror: S3 errors through a fault-injecting proxy, and a broker
+restart on a stack whose Kafka log lives in S3 (durable_kafka). Nothing may be lost; what can never
+succeed goes to the dead-letter topic with its reason, and the rest proceeds."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mirror.catalog import SqliteCatalog
+from mirror.dlq import read_letters
+from mirror.events import encode_notification, message_key, new_sequencer, s3_record
+from mirror.runner import Mirror
+from tests.mirror.chaos_support import (DST_BUCKET, SRC_BUCKET, Workload, compare_data, compare_metadata,
+                                        committed_offsets, variant)
+from tests.support import produce
+from xdc import stack
+from xdc.config import XdcConfig
+from xdc.faultproxy import FaultPlan, FaultProxy, Rule
+from xdc.metrics import Metrics, new_registry
+from xdc.store import store_for
+
+REPORT: dict[str, Any] = {}  # numbers for the report, printed by the last test of the module
+
+
+def _objects(cfg: XdcConfig, tag: str, n: int, seed: int = 1) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    src = store_for(cfg.with_local_dc("A"), "A")
+    out: dict[str, bytes] = {}
+    msgs = []
+    for i in range(n):
+        key = f"camera/{tag}/o{i}.bin"
+        data = rng.randbytes(rng.randint(200, 60_000))
+        info = src.put(SRC_BUCKET, key, data)
+        out[key] = data
+        msgs.append((message_key(SRC_BUCKET, key), encode_notification(
+            [s3_record("put", SRC_BUCKET, key, size=info.size, etag=info.etag, sequencer=new_sequencer())])))
+    produce(cfg, "A", cfg.dc("A").kafka.topics.events, msgs)
+    return out
+
+
+def _through(cfg: XdcConfig, src_proxy: FaultProxy, dst_proxy: FaultProxy, attempts: int) -> XdcConfig:
+    """The mirror in B reads A through A's external URL and writes B through B's internal one."""
+    return variant(cfg, {"datacenters": {"A": {"s3": {"external_url": src_proxy.url}},
+                                         "B": {"s3": {"internal_url": dst_proxy.url}}},
+                         "mirror": {"max_attempts": attempts}})
+
+
+def _run_once(cfg: XdcConfig) -> Any:
+    with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+        return m.run(once=True)
+
+
+def test_transient_s3_faults_lose_nothing(xcfg: XdcConfig, tag: str) -> None:
+    n = 40
+    _objects(xcfg, tag, n)
+    up_a, up_b = xcfg.dc("A").s3.external_url, xcfg.dc("B").s3.internal_url
+    plan = dict(slowdown=0.08, reset=0.05, latency=0.1, latency_s=0.02, truncate=0.1)
+    with FaultProxy(up_a, FaultPlan(**plan, seed=1)) as pa, FaultProxy(up_b, FaultPlan(**plan, seed=2)) as pb:
+        stats = _run_once(_through(xcfg, pa, pb, attempts=6))
+        injected = {k: pa.counts[k] + pb.counts[k] for k in ("slowdown", "reset", "latency", "truncate")}
+        requests = pa.counts["requests"] + pb.counts["requests"]
+    REPORT["transient"] = {"injected": injected, "requests": requests, "objects": n}
+    assert stats.dead_letters == 0
+    d = compare_data(xcfg, tag)
+    assert d.ok and d.matched == n, d
+    REPORT["transient"].update(lost=len(d.missing), diverged=len(d.differ))
+    assert all(injected[k] > 0 for k in ("slowdown", "reset", "truncate")), injected
+
+
+def test_permanent_failures_go_to_the_dead_letter_topic(xcfg: XdcConfig, tag: str) -> None:
+    files = _objects(xcfg, tag, 12)
+    denied, torn = f"camera/{tag}/o3.bin", f"camera/{tag}/o7.bin"
+    rules_b = [Rule("access_denied", f"/{DST_BUCKET}/{denied}", ("PUT",))]
+    rules_a = [Rule("truncate", f"/{SRC_BUCKET}/{torn}", ("GET",))]
+    up_a, up_b = xcfg.dc("A").s3.external_url, xcfg.dc("B").s3.internal_url
+    with FaultProxy(up_a, FaultPlan(rules=rules_a)) as pa, FaultProxy(up_b, FaultPlan(rules=rules_b)) as pb:
+        stats = _run_once(_through(xcfg, pa, pb, attempts=2))
+        REPORT["permanent"] = {"access_denied": pb.counts["access_denied"], "truncate": pa.counts["truncate"]}
+    assert stats.dead_letters == 2 and stats.applied == 10
+    letters = {json.loads(d.value)["Records"][0]["s3"]["object"]["key"]: d
+               for d in read_letters(xcfg.kafka_bootstrap("B"), xcfg.dc("B").kafka.topics.dead_letter)}
+    assert set(letters) == {denied, torn}
+    assert letters[denied].reason == "copy_failed" and "AccessDenied" in letters[denied].detail
+    assert letters[torn].reason == "copy_failed_after_retries"
+    assert letters[torn].origin_topic == xcfg.dc("A").kafka.topics.events
+    dst = store_for(xcfg.with_local_dc("B"), "B")
+    for key, data in files.items():
+        if key in (denied, torn):
+            assert not dst.exists(DST_BUCKET, key)
+        else:
+            assert dst.get(DST_BUCKET, key) == data
+    # the catalog does not claim what never landed; the offsets moved past the letters
+    cat = SqliteCatalog(xcfg.catalog_path("B"))
+    assert cat.get(DST_BUCKET, denied) is None and cat.get(DST_BUCKET, torn) is None
+    assert sum(cat.offsets(f"{xcfg.mirror.group_id}.B").values()) == 12
+
+
+# -- broker restart ------------------------------------------------------------------------------
+CRED_VARS = [f"XDC_{dc}_{k}" for dc in ("A", "B") for k in ("ACCESS_KEY", "SECRET_KEY")]
+
+
+@pytest.fixture(scope="module")
+def durable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, XdcConfig, dict[str, str]]]:
+    """A second stack of our own; stack.up puts its credentials into os.environ, so the session
+    stack's are put back at once and the test sets these only while it runs."""
+    run = tmp_path_factory.mktemp("durable")
+    saved = {k: os.environ.get(k) for k in CRED_VARS}
+    try:
+        cfg = stack.up(run, nodes=0, durable_kafka=True,
+                       config_overrides={"mirror": {"batch_max_records": 20, "batch_max_seconds": 0.2}})
+        creds = {k: os.environ[k] for k in CRED_VARS}
+        _restore(saved)
+        yield run, cfg, creds
+    finally:
+        _restore(saved)
+        stack.down(run)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_source_broker_restart_mid_stream_loses_nothing(durable: tuple[Path, XdcConfig, dict[str, str]], tag: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import isolated
+    run, base, creds = durable
+    for k, v in creds.items():
+        monkeypatch.setenv(k, v)
+    cfg = isolated(base, tag)
+    work = Workload(cfg, tag, seed=7)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def mirror_loop() -> None:
+        try:
+            with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+                m.run(stop=stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    t = threading.Thread(target=mirror_loop, name="mirror")
+    t.start()
+    try:
+        for _ in range(30):
+            work.step()
+        work.flush()
+        time.sleep(1.0)  # the mirror is joined and applying
+        stack.restart_broker(run, "A")
+        restarts = 1
+        for _ in range(30):
+            work.step()
+        work.flush()
+        work.close()
+    finally:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and t.is_alive() and not errors:
+            if compare_data(cfg, tag).ok and compare_metadata(cfg, tag).ok:
+                break
+            time.sleep(0.5)
+        stop.set()
+        t.join(timeout=60)
+    assert not errors, errors
+    # drain anything left with a fresh process, as an operator would
+    _run_once(cfg)
+    d, dm = compare_data(cfg, tag), compare_metadata(cfg, tag)
+    REPORT["broker_restart"] = {"restarts": restarts, "events": work.published, "lost": len(d.missing) + len(dm.missing),
+                                "diverged": len(d.differ) + len(dm.differ) + len(d.extra) + len(dm.extra)}
+    assert d.ok and dm.ok, (d, dm)
+    cat = SqliteCatalog(cfg.catalog_path("B"))
+    group = f"{cfg.mirror.group_id}.B"
+    done = cat.offsets(group)
+    for tp, off in committed_offsets(cfg, "A", group).items():
+        assert off <= done.get(tp, 0), (tp, off, done)
+
+
+def test_report(capsys: pytest.CaptureFixture[str]) -> None:
+    with capsys.disabled():
+        print("\nFAULTS REPORT " + json.dumps(REPORT, sort_keys=True))
