@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +83,11 @@ class Catalog(ABC):
     def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], CatalogEntry]: ...
 
     @abstractmethod
-    def commit_batch(self, entries: Sequence[CatalogEntry], outbox: Sequence[Outgoing],
-                     offsets: dict[tuple[str, str, int], int]) -> None:
-        """Upsert entries, queue outbox rows and record offsets, atomically."""
+    def commit_batch(self, entries: Sequence[CatalogEntry],
+                     outbox: Callable[[list[CatalogEntry]], Sequence[Outgoing]],
+                     offsets: dict[tuple[str, str, int], int]) -> list[CatalogEntry]:
+        """Upsert entries where newer, queue the outbox rows of those applied, record offsets:
+        atomically. Returns the entries applied."""
 
     @abstractmethod
     def pending_outbox(self, limit: int = 10_000) -> list[tuple[int, Outgoing]]: ...
@@ -174,23 +176,19 @@ class SqliteCatalog(Catalog):
         return [r["lag"] for r in self._conn().execute(sql, params)]
 
     # -- writes ------------------------------------------------------------------------------
-    def commit_batch(self, entries: Sequence[CatalogEntry], outbox: Sequence[Outgoing],
-                     offsets: dict[tuple[str, str, int], int]) -> None:
+    def commit_batch(self, entries: Sequence[CatalogEntry],
+                     outbox: Callable[[list[CatalogEntry]], Sequence[Outgoing]],
+                     offsets: dict[tuple[str, str, int], int]) -> list[CatalogEntry]:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(
-                "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(bucket, key) DO UPDATE SET size=excluded.size, etag=excluded.etag, "
-                "sequencer=excluded.sequencer, deleted=excluded.deleted, event_time=excluded.event_time, "
-                "applied_time=excluded.applied_time, route=excluded.route, mode=excluded.mode, "
-                "source_dc=excluded.source_dc, source_bucket=excluded.source_bucket, "
-                "source_key=excluded.source_key, source_etag=excluded.source_etag "
-                # the guard that makes apply idempotent and ordered per key, even across processes
-                "WHERE excluded.sequencer > objects.sequencer",
-                [_row(e) for e in entries])
+            applied = []
+            for e in entries:
+                cur = conn.execute(_UPSERT, _row(e))
+                if cur.rowcount:  # 0: the sequencer guard kept a newer row (another mirror was first)
+                    applied.append(e)
             conn.executemany("INSERT INTO outbox(topic, key, value) VALUES (?,?,?)",
-                             [(o.topic, o.key, o.value) for o in outbox])
+                             [(o.topic, o.key, o.value) for o in outbox(applied)])
             conn.executemany(
                 "INSERT INTO offsets VALUES (?,?,?,?) ON CONFLICT(grp, topic, part) DO UPDATE SET "
                 "next_offset=MAX(next_offset, excluded.next_offset)",
@@ -199,6 +197,7 @@ class SqliteCatalog(Catalog):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        return applied
 
     def pending_outbox(self, limit: int = 10_000) -> list[tuple[int, Outgoing]]:
         rows = self._conn().execute("SELECT id, topic, key, value FROM outbox ORDER BY id LIMIT ?", (limit,))
@@ -254,6 +253,17 @@ class SqliteCatalog(Catalog):
         """The rows of the most recent lag snapshot (one per route), [] if none."""
         return [dict(r) for r in self._conn().execute(
             "SELECT * FROM lag_snapshots WHERE time = (SELECT MAX(time) FROM lag_snapshots) ORDER BY route")]
+
+
+_UPSERT = (
+    "INSERT INTO objects VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT(bucket, key) DO UPDATE SET size=excluded.size, etag=excluded.etag, "
+    "sequencer=excluded.sequencer, deleted=excluded.deleted, event_time=excluded.event_time, "
+    "applied_time=excluded.applied_time, route=excluded.route, mode=excluded.mode, "
+    "source_dc=excluded.source_dc, source_bucket=excluded.source_bucket, "
+    "source_key=excluded.source_key, source_etag=excluded.source_etag "
+    # the guard that makes apply idempotent and ordered per key, even across processes
+    "WHERE excluded.sequencer > objects.sequencer")
 
 
 def _row(e: CatalogEntry) -> tuple[Any, ...]:

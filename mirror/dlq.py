@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ class DeadLetter:
     reason: str
     detail: str
     origin_topic: str
+    origin_dc: str  # whose broker holds origin_topic ("" if unknown)
     origin_partition: int | None
     origin_offset: int | None
     time: float
@@ -43,13 +44,14 @@ class DeadLetterSink:
         self.on_letter = on_letter
         self.count = 0
 
-    def send(self, record: Record | None, reason: str, detail: str, *, value: bytes | None = None,
-             key: bytes | None = None, origin_topic: str = "") -> None:
+    def send(self, record: Record | None, reason: str, detail: str, *, origin_dc: str = "",
+             value: bytes | None = None, key: bytes | None = None, origin_topic: str = "") -> None:
         value = record.value if record is not None else (value or b"")
         key = record.key if record is not None else key
         headers = [
             ("xdc-reason", reason.encode()), ("xdc-detail", detail[:1000].encode("utf-8", "replace")),
             ("xdc-origin-topic", (record.topic if record else origin_topic).encode()),
+            ("xdc-origin-dc", origin_dc.encode()),
             ("xdc-origin-partition", str(record.partition if record else "").encode()),
             ("xdc-origin-offset", str(record.offset if record else "").encode()),
             ("xdc-time", repr(time.time()).encode()),
@@ -74,6 +76,7 @@ def parse_letter(r: Record) -> DeadLetter:
     part = h.get("xdc-origin-partition") or ""
     off = h.get("xdc-origin-offset") or ""
     return DeadLetter(h.get("xdc-reason", "?"), h.get("xdc-detail", ""), h.get("xdc-origin-topic", ""),
+                      h.get("xdc-origin-dc", ""),
                       int(part) if part.lstrip("-").isdigit() else None,
                       int(off) if off.lstrip("-").isdigit() else None,
                       float(h.get("xdc-time", "0") or 0), r.key, r.value, r.offset)
@@ -102,15 +105,22 @@ def read_letters(bootstrap: list[str], topic: str, *, timeout_s: float = 5.0) ->
         consumer.close()
 
 
-def replay(letters: list[DeadLetter], producer: KafkaProducer, *, topic: str | None = None) -> int:
-    """Send letters back to their origin topic (or `topic`), unchanged."""
+def replay(letters: list[DeadLetter], producer_for: Callable[[str], KafkaProducer], *,
+           default_dc: str, topic: str | None = None) -> int:
+    """Send letters back, unchanged, to their origin topic on their origin datacenter's broker
+    (or to `topic`). `producer_for(dc)` gives a producer for that datacenter's Kafka."""
+    by_dc: dict[str, list[DeadLetter]] = {}
+    for d in letters:
+        by_dc.setdefault(d.origin_dc or default_dc, []).append(d)
     n = 0
     with kafka_errors("replay dead letters"):
-        for d in letters:
-            producer.send(topic or d.origin_topic, key=d.key, value=d.value,
-                          headers=[("xdc-replayed-from", str(d.offset).encode())])
-            n += 1
-        producer.flush(timeout=30)
+        for dc, group in by_dc.items():
+            producer = producer_for(dc)
+            for d in group:
+                producer.send(topic or d.origin_topic, key=d.key, value=d.value,
+                              headers=[("xdc-replayed-from", str(d.offset).encode())])
+                n += 1
+            producer.flush(timeout=30)
     return n
 
 

@@ -290,16 +290,18 @@ class Mirror:
                 self.metrics.events_ignored_total.labels(route=it.route.name, reason=d).inc()
 
         done = self._apply_data(todo, res)  # copy / delete where mode is data
-        now_entries = [e for _, e in done]
-        outbox = _applied_messages(self.applied_topic, done)
+        routed_of = {id(e): it for it, e in done}
         offsets = {}
         for rec in records:
             k = (self.group_id, rec.topic, rec.partition)
             offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
         for rec, reason, detail in res.letters:
-            self.dlq.send(rec, reason, detail)
+            self.dlq.send(rec, reason, detail, origin_dc=source_dc)
         self.dlq.flush()  # dead letters are durable before their offsets are committed
-        self.catalog.commit_batch(now_entries, outbox, offsets)  # durable
+        now_entries = self.catalog.commit_batch(  # durable
+            [e for _, e in done],
+            lambda applied: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in applied]),
+            offsets)
         self.flush_outbox()
         self._observe_applied(now_entries, res)
         res.applied = len(now_entries)

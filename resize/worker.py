@@ -260,7 +260,7 @@ class ResizeWorker:
         elif o.result == "quarantined":
             log.warning("quarantine %s/%s: %s %s", o.task.bucket, o.task.key, o.reason, o.detail)
             self.catalog.record_quarantine(o.task.bucket, o.task.key, o.reason, o.detail)
-            self.dlq.send(rec, f"resize_{o.reason}", f"{o.task.bucket}/{o.task.key}: {o.detail}")
+            self.dlq.send(rec, f"resize_{o.reason}", f"{o.task.bucket}/{o.task.key}: {o.detail}", origin_dc=self.dc)
             m.resize_frames_total.labels("quarantined").inc()
         return o
 

@@ -100,11 +100,17 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             print(json.dumps(d.to_dict()))
         print(f"# {len(letters)} dead letters by reason: {dlq.summarize(letters)}", file=sys.stderr)
         return 0
-    producer = make_producer(cfg.kafka_bootstrap(dc))
+    producers: dict[str, Any] = {}
+
+    def producer_for(origin: str) -> Any:
+        if origin not in producers:
+            producers[origin] = make_producer(cfg.kafka_bootstrap(origin))
+        return producers[origin]
     try:
-        n = dlq.replay(letters, producer, topic=args.to_topic)
+        n = dlq.replay(letters, producer_for, default_dc=dc, topic=args.to_topic)
     finally:
-        producer.close(timeout=5)
+        for p in producers.values():
+            p.close(timeout=5)
     print(f"replayed {n} dead letters")
     return 0
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from mirror.dlq import read_letters
 from mirror.events import encode_notification, message_key, new_sequencer, s3_record
@@ -111,12 +110,11 @@ def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig,
           f"applied={stats.applied} unrouted={stats.ignored['unrouted']} escaped={len(new - expect_written)}")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (xdc/cli.py cmd_dlq, not in this change's scope): replay produces to "
-                   "the dead-letter DC's broker, so a letter from A's events topic lands in a same-named topic on "
-                   "B's broker instead of its origin; the producer must use the origin topic's DC bootstrap")
 def test_dlq_replay_puts_letters_back_on_the_origin_topic(xcfg: XdcConfig, tag: str, tmp_path: Path) -> None:
     origin = xcfg.dc("A").kafka.topics.events
-    bad = _raw(f"camera/{tag}/x", eventName="s3:ObjectRestore:Post")
+    rec = s3_record("put", SRC_BUCKET, f"camera/{tag}/x", size=1, etag="0" * 32, sequencer=new_sequencer())
+    rec["eventName"] = "s3:ObjectRestore:Post"
+    bad = encode_notification([rec])
     produce(xcfg, "A", origin, [(b"k", bad)])
     with Mirror(xcfg, "B", metrics=Metrics(new_registry())) as m:
         assert m.run(once=True).dead_letters == 1
