@@ -182,11 +182,14 @@ class SqliteCatalog(Catalog):
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            applied = []
-            for e in entries:
-                cur = conn.execute(_UPSERT, _row(e))
-                if cur.rowcount:  # 0: the sequencer guard kept a newer row (another mirror was first)
-                    applied.append(e)
+            before = conn.total_changes
+            conn.executemany(_UPSERT, [_row(e) for e in entries])
+            applied = list(entries)
+            if conn.total_changes - before != len(entries):
+                # The sequencer guard kept some newer rows (another mirror got there first): only
+                # the rows that now hold our sequencer were applied by us.
+                held = self.get_many((e.bucket, e.key) for e in entries)
+                applied = [e for e in entries if held[(e.bucket, e.key)].sequencer == e.sequencer]
             conn.executemany("INSERT INTO outbox(topic, key, value) VALUES (?,?,?)",
                              [(o.topic, o.key, o.value) for o in outbox(applied)])
             conn.executemany(

@@ -16,7 +16,8 @@ from mirror.events import ReleaseEvent
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from xdc.airflow_local import running_airflow, task_instances
-from xdc.airflow_support import DEFAULT_KAFKA_CONN_ID, kafka_connection_env
+from xdc.airflow_support import kafka_connection_env
+from xdc.airflow_tasks import DEFAULT_KAFKA_CONN_ID
 from xdc.config import XdcConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
