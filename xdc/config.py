@@ -170,7 +170,7 @@ class MirrorSettings(_Model):
     group_id: str = "xdc-mirror"
     batch_max_records: int = Field(2000, ge=1)
     batch_max_seconds: float = Field(1.0, gt=0)
-    copy_concurrency: int = Field(8, ge=1)
+    copy_concurrency: int = Field(16, ge=1)
     multipart_threshold_mib: int = Field(16, ge=5)
     multipart_chunk_mib: int = Field(8, ge=5)
     max_attempts: int = Field(5, ge=1)  # per S3 call, with capped exponential backoff and jitter
