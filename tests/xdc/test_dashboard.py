@@ -75,9 +75,9 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
     if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium at /usr/bin/chromium")
+        pytest.fail("no chromium at /usr/bin/chromium: scripts/setup.sh installs Debian's chromium")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
