@@ -11,6 +11,7 @@ event, which the mirror then ignores as a duplicate.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -151,7 +152,10 @@ class ResizeWorker:
                                       heartbeat_interval_ms=k.heartbeat_interval_ms)
         workers = self.settings.workers or os.cpu_count() or 1
         cfg_json = self.cfg.model_dump(mode="json", exclude={"base_dir"})
-        self.pool = ProcessPoolExecutor(workers, initializer=_init_worker,
+        # spawn, not fork: a forked child inherits libvips' thread pool half-initialised from a
+        # parent that already used it, and hangs in its first render (seen in the test suite)
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker,
                                         initargs=(cfg_json, str(self.cfg.base_dir), self.dc))
         self.max_in_flight = workers * 2  # bounds memory: at most this many frames decoded at once
         self.alive = True
