@@ -40,11 +40,11 @@ def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> l
         c.seek_to_beginning(*tps)
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
-        quiet = 0
-        while time.monotonic() < deadline and quiet < 3:
-            got = to_records(c.poll(timeout_ms=300))
-            out.extend(got)
-            quiet = 0 if got else quiet + 1
+        while time.monotonic() < deadline:
+            out.extend(to_records(c.poll(timeout_ms=300)))
+            # done when every partition's position reached its highwater (known after a fetch)
+            if all((hw := c.highwater(tp)) is not None and c.position(tp) >= hw for tp in tps):
+                break
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
         c.close()
