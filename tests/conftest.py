@@ -43,8 +43,12 @@ def tag() -> str:
 
 
 def isolated(cfg: XdcConfig, tag: str) -> XdcConfig:
-    """The stack's config with topics and catalogs of this test's own."""
+    """The stack's config with topics, consumer groups and catalogs of this test's own."""
     data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    data["mirror"]["group_id"] = f"{tag}-mirror"
+    data["prewarm"]["group_id"] = f"{tag}-prewarm"
+    if data.get("resize"):
+        data["resize"]["group_id"] = f"{tag}-resize"
     for dc, d in data["datacenters"].items():
         d["kafka"]["topics"] = {"events": f"{tag}.events", "applied": f"{tag}.applied",
                                 "releases": f"{tag}.releases", "dead_letter": f"{tag}.dlq"}
