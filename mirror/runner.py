@@ -30,25 +30,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BatchResult:
+class _Counts:
     records: int = 0
     applied: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
     lags: list[float] = field(default_factory=list)
-    letters: list[tuple[Record, str, str]] = field(default_factory=list)
 
 
 @dataclass
-class MirrorStats:
+class BatchResult(_Counts):
+    letters: list[tuple[Record, str, str]] = field(default_factory=list)  # sent just before commit
+
+
+@dataclass
+class MirrorStats(_Counts):
     batches: int = 0
-    records: int = 0
-    applied: int = 0
-    ignored: Counter[str] = field(default_factory=Counter)
-    dead_letters: int = 0
-    bytes_copied: int = 0
-    lags: list[float] = field(default_factory=list)
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
 

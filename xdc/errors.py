@@ -5,14 +5,19 @@
      +-- StoreError             object store I/O
      |    +-- ObjectNotFound
      |    +-- TransientStoreError   (retriable: 5xx, SlowDown, resets, timeouts)
-     |    +-- IntegrityError        size / checksum mismatch after a copy
-     +-- EventError             a message that fails validation (goes to the dead-letter topic)
+     |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
+     |    +-- SupersededError       (xdc.store) the source changed after the event
      +-- KafkaError             broker I/O (retriable)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout
      |    +-- CapacityError         plan larger than the cluster's free cache
-     +-- ResizeError            an image that cannot be resized (goes to quarantine)
      +-- FileListError          a file list that cannot be read at all
+     +-- ReasonedError          one bad input, with a machine-readable reason and a detail
+     |    +-- EventError            a message that fails validation (-> dead-letter topic)
+     |    +-- ResizeError           an image that cannot be resized (-> quarantine)
+     |    +-- BadKey                a key in a file list that cannot be used or mapped
+     +-- AirflowError           a local Airflow that did not start / a run that did not finish
+     +-- LagObjectiveError      p99 lag over the objective (the lag monitor DAG fails)
 
 Third-party exceptions are translated at one boundary per client and raised ``from exc``.
 """
@@ -45,13 +50,17 @@ class IntegrityError(StoreError):
     retriable = True  # a torn copy is worth one more try before the dead-letter topic
 
 
-class EventError(XdcError):
-    """A message that cannot be applied as it is. ``reason`` is short and machine-readable."""
+class ReasonedError(XdcError):
+    """An error about one input, with a short machine-readable ``reason`` and a human ``detail``."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class EventError(ReasonedError):
+    """A message that cannot be applied as it is."""
 
 
 class KafkaError(XdcError):
@@ -70,31 +79,21 @@ class CapacityError(CacheError):
     pass
 
 
-class ResizeError(XdcError):
-    """An input image that cannot be resized; ``reason`` is short and machine-readable."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+class ResizeError(ReasonedError):
+    """An input image that cannot be resized."""
 
 
 class FileListError(XdcError):
     pass
 
 
-class BadKey(XdcError):
+class BadKey(ReasonedError):
     """An object key that cannot be used as given (file lists, key mapping).
 
     ``reason`` is short and machine-readable: not_str, control_char, backslash, not_utf8, too_long,
     absolute, missing_bucket, bad_bucket, missing_key, dot_segment, empty_segment, no_route,
     outside_prefix, outside_mount.
     """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class AirflowError(XdcError):
