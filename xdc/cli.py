@@ -76,14 +76,19 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mirror(args: argparse.Namespace) -> int:
-    from mirror.runner import Mirror
+def _run_service(cfg: XdcConfig, service: Any, args: argparse.Namespace) -> int:
+    """A long-running loop (mirror, resize worker) with /metrics, /healthz, /readyz while it runs."""
     from xdc.serve import serving
-    cfg = _cfg(args)
-    with Mirror(cfg, args.dc) as m, serving(cfg, live=lambda: m.alive, ready=lambda: m.caught_up):
-        stats = m.run(once=not args.follow, max_seconds=args.max_seconds)
+    with service as s, serving(cfg, live=lambda: s.alive, ready=lambda: s.caught_up):
+        stats = s.run(once=not args.follow, max_seconds=args.max_seconds)
     _print(stats.to_dict())
     return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from mirror.runner import Mirror
+    cfg = _cfg(args)
+    return _run_service(cfg, Mirror(cfg, args.dc), args)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -117,12 +122,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_resize_run(args: argparse.Namespace) -> int:
     from resize.worker import ResizeWorker
-    from xdc.serve import serving
     cfg = _cfg(args)
-    with ResizeWorker(cfg, args.dc) as w, serving(cfg, live=lambda: w.alive, ready=lambda: w.caught_up):
-        stats = w.run(once=not args.follow, max_seconds=args.max_seconds)
-    _print(stats.to_dict())
-    return 0
+    return _run_service(cfg, ResizeWorker(cfg, args.dc), args)
 
 
 def cmd_resize_file(args: argparse.Namespace) -> int:
