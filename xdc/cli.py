@@ -213,6 +213,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------
+def _service_options(sp: argparse.ArgumentParser) -> None:
+    """Options shared by the long-running loops (mirror, resize worker)."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="stop when caught up (default)")
+    g.add_argument("--follow", action="store_true", help="run until stopped")
+    sp.add_argument("--max-seconds", type=float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdc", description="Cross-datacenter mirror and cache prewarm")
     p.add_argument("--config", help="config file (default: $XDC_CONFIG, else the local stack's)")
@@ -249,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mirror", help="the mirror").add_subparsers(dest="sub", required=True)
     sp = add("run", cmd_mirror, "apply change events into this datacenter", m)
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument("--once", action="store_true", help="stop when caught up (default)")
-    g.add_argument("--follow", action="store_true", help="run until stopped")
-    sp.add_argument("--max-seconds", type=float)
+    _service_options(sp)
 
     d = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="sub", required=True)
     for action in ("list", "replay"):
@@ -264,10 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resize", help="4K -> 720p").add_subparsers(dest="sub", required=True)
     sp = add("run", cmd_resize_run, "resize new frames of the landing datacenter", r)
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument("--once", action="store_true", help="stop when caught up (default)")
-    g.add_argument("--follow", action="store_true", help="run until stopped")
-    sp.add_argument("--max-seconds", type=float)
+    _service_options(sp)
     sp = add("file", cmd_resize_file, "resize one file", r)
     sp.add_argument("input")
     sp.add_argument("output")
