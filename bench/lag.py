@@ -208,7 +208,7 @@ def main() -> int:
               f"(target {args.rate:.0f}/s, {prod['late_ticks']:.0f} late ticks)", flush=True)
         cat = SqliteCatalog(cfg.catalog_path("B"))
         deadline = time.monotonic() + 300
-        where = f"key LIKE 'lidar/run/%'"
+        where = "key LIKE 'lidar/run/%'"
         while time.monotonic() < deadline:
             n = cat.query(f"SELECT COUNT(*) n FROM objects WHERE {where}")[0]["n"]
             if n >= prod["sent"]:
