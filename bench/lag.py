@@ -3,7 +3,7 @@
     .venv/bin/python bench/lag.py [--rate 5000] [--seconds 60] [--producers 2]
                                   [--batch-records 2000] [--batch-seconds 0.05] [--profile FILE]
 
-Starts the local stack (xdc.stack.up, no cache nodes) in a temp run dir and stops it in `finally`.
+Starts the local stack (devtools.stack.up, no cache nodes) in a temp run dir and stops it in `finally`.
 Two phases at the same paced rate (metadata mode, route lidar/, event time = send time):
   baseline: a plain group-less consumer only decodes the messages (Kafka's own produce->consume
             latency on this machine, measured in this run)
@@ -27,10 +27,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mirror.catalog import SqliteCatalog  # noqa: E402
-from mirror.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
-from xdc import stack  # noqa: E402
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
+from devtools import stack  # noqa: E402
 from xdc.config import XdcConfig  # noqa: E402
-from xdc.kafka import ensure_topics, make_producer  # noqa: E402
+from xdc.io.kafka import ensure_topics, make_producer  # noqa: E402
 from xdc.stats import percentile  # noqa: E402
 
 SRC = "idca-drive"
@@ -89,7 +89,7 @@ def _baseline_consumer(run_dir: str, topic: str, expect: int, ready: Any, out: A
 
     from kafka import KafkaConsumer, TopicPartition
 
-    from mirror.events import parse_time
+    from xdc.events import parse_time
     cfg = stack.open_config(run_dir, dc="B")
     c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=None, enable_auto_commit=False,
                       fetch_max_wait_ms=50)

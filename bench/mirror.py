@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafka import KafkaConsumer  # noqa: E402
 
-from mirror.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from mirror.runner import Mirror  # noqa: E402
-from xdc import stack  # noqa: E402
-from xdc.kafka import make_producer  # noqa: E402
+from devtools import stack  # noqa: E402
+from xdc.io.kafka import make_producer  # noqa: E402
 from xdc.metrics import Metrics, new_registry  # noqa: E402
-from xdc.store import store_for  # noqa: E402
+from xdc.io.store import store_for  # noqa: E402
 
 MIB = 2**20
 

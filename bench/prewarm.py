@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache_client.juicefs import format_volume, juicefs_bin, mount_node, run_juicefs, umount_node  # noqa: E402
-from cache_client.prewarm import run_prewarm  # noqa: E402
-from cache_client.progress import Progress  # noqa: E402
+from cache_client.prewarm.pipeline import run_prewarm  # noqa: E402
+from cache_client.prewarm.progress import Progress  # noqa: E402
 from cache_client.state import PrewarmState  # noqa: E402
 from xdc.config import CacheConfig, CacheNode, XdcConfig, parse_config  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/resize.py [--frames 20] [--rounds 2]
 
-Frames are photo-like synthetic 4K q90 JPEGs (xdc.samples.make_frame), made in this run. Prints,
+Frames are photo-like synthetic 4K q90 JPEGs (devtools.samples.make_frame), made in this run. Prints,
 per frame (CPU ms, one thread; libvips is single-threaded per process here):
   (a) baseline   Pillow full decode + LANCZOS + q90 4:2:0 encode
   (b) pipeline   resize.frame.resize_frame (default backend; the Pillow fallback on its own line)
@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from resize.frame import available_backends, default_backend, render_pixels, resize_frame  # noqa: E402
 from xdc.config import ResizeSettings  # noqa: E402
-from xdc.samples import make_frame  # noqa: E402
+from devtools.samples import make_frame  # noqa: E402
 
 SETTINGS = ResizeSettings(bucket="frames")
 BOX = (SETTINGS.width, SETTINGS.height)

@@ -22,19 +22,19 @@ from airflow.sdk import Param, dag, task
 def xdc_free() -> None:
     @task
     def units(params: dict | None = None) -> list[dict]:
-        from xdc.airflow_tasks import free_units, load_xdc_config
+        from xdc.app.airflow_tasks import free_units, load_xdc_config
 
         return free_units(load_xdc_config(), params or {})
 
     @task
     def free(unit: dict) -> dict:
-        from xdc.airflow_tasks import free_unit, load_xdc_config
+        from xdc.app.airflow_tasks import free_unit, load_xdc_config
 
         return free_unit(load_xdc_config(), unit)
 
     @task(trigger_rule="none_failed")
     def report(results: list[dict]) -> list[dict]:
-        from xdc.airflow_tasks import free_outcome
+        from xdc.app.airflow_tasks import free_outcome
 
         return free_outcome(results)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from xdc.airflow_support import release_asset
+from xdc.app.airflow_support import release_asset
 
-from xdc.airflow_tasks import parse_time_config, release_watch
+from xdc.app.airflow_tasks import parse_time_config, release_watch
 
 CFG = parse_time_config()
 # No config while parsing: manual/REST runs only (a watcher on a guessed topic would crash-loop).
@@ -38,8 +38,8 @@ def xdc_prewarm() -> None:
     @task
     def releases() -> list[dict]:
         """The releases of this run: from the triggering asset events and/or the params."""
-        from xdc.airflow_support import release_payloads
-        from xdc.airflow_tasks import release_from_params
+        from xdc.app.airflow_support import release_payloads
+        from xdc.app.airflow_tasks import release_from_params
 
         ctx = get_current_context()
         out = release_payloads(ctx)
@@ -50,43 +50,43 @@ def xdc_prewarm() -> None:
 
     @task
     def units(releases: list[dict]) -> list[dict]:
-        from xdc.airflow_tasks import load_xdc_config, prewarm_units
+        from xdc.app.airflow_tasks import load_xdc_config, prewarm_units
 
         return prewarm_units(load_xdc_config(), releases)
 
     @task
     def ready(unit: dict, params: dict | None = None) -> dict:
-        from xdc.airflow_tasks import load_xdc_config, unit_ready
+        from xdc.app.airflow_tasks import load_xdc_config, unit_ready
 
         return unit_ready(load_xdc_config(), unit, (params or {}).get("ready_timeout"))
 
     @task
     def plan(unit: dict) -> dict:
-        from xdc.airflow_tasks import load_xdc_config, unit_plan
+        from xdc.app.airflow_tasks import load_xdc_config, unit_plan
 
         return unit_plan(load_xdc_config(), unit)
 
     @task
     def node_jobs(plans: list[dict]) -> list[dict]:
-        from xdc.airflow_tasks import warm_jobs
+        from xdc.app.airflow_tasks import warm_jobs
 
         return warm_jobs(plans)
 
     @task
     def warm(job: dict) -> dict:
-        from xdc.airflow_tasks import load_xdc_config, warm_node_job
+        from xdc.app.airflow_tasks import load_xdc_config, warm_node_job
 
         return warm_node_job(load_xdc_config(), job)
 
     @task(trigger_rule=NONE_FAILED)
     def check(unit: dict, warms: list[dict] | None = None) -> dict:
-        from xdc.airflow_tasks import load_xdc_config, unit_check
+        from xdc.app.airflow_tasks import load_xdc_config, unit_check
 
         return unit_check(load_xdc_config(), unit, list(warms or []))
 
     @task(trigger_rule=NONE_FAILED)
     def report(checks: list[dict]) -> list[dict]:
-        from xdc.airflow_tasks import prewarm_outcome
+        from xdc.app.airflow_tasks import prewarm_outcome
 
         return prewarm_outcome(checks)
 

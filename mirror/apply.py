@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mirror.catalog import CatalogEntry
-from mirror.events import ObjectEvent, validate_key
+from xdc.events import ObjectEvent, validate_key
 from xdc.config import Route
 from xdc.errors import EventError
-from xdc.kafka import Record
+from xdc.io.kafka import Record
 
 Decision = Literal["apply", "stale", "duplicate"]
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from mirror.catalog import CatalogEntry, SqliteCatalog
-from mirror.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
 from mirror.march import march
 from xdc.config import XdcConfig
 from xdc.errors import ConfigError
-from xdc.kafka import kafka_errors, make_producer
-from xdc.store import ObjectInfo, Store, store_for
+from xdc.io.kafka import kafka_errors, make_producer
+from xdc.io.store import ObjectInfo, Store, store_for
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from typing import Any
 
 from mirror.apply import Routed, collapse, decide, entry_for, route_event
 from mirror.catalog import CatalogEntry, Outgoing, SqliteCatalog
-from mirror.dlq import DeadLetterSink
-from mirror.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
+from xdc.io.deadletter import DeadLetterSink
+from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
 from xdc.config import XdcConfig
 from xdc.errors import EventError, KafkaError, ObjectNotFound, StoreError, XdcError
-from xdc.kafka import Record, caught_up, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
+from xdc.io.kafka import Record, caught_up, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
 from xdc.metrics import METRICS, Metrics
-from xdc.store import Store, SupersededError, retry, store_for
+from xdc.io.store import Store, SupersededError, retry, store_for
 
 log = logging.getLogger(__name__)
 

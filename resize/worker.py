@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirror.catalog import SqliteCatalog
-from mirror.dlq import DeadLetterSink
-from mirror.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
+from xdc.io.deadletter import DeadLetterSink
+from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
 from resize.frame import derived_key, resize_frame
 from xdc.config import ResizeSettings, XdcConfig
 from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
-from xdc.kafka import Record, caught_up, commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.io.kafka import Record, caught_up, commit, kafka_errors, make_consumer, make_producer, to_records
 from xdc.metrics import METRICS, Metrics
-from xdc.store import META_SOURCE_ETAG, store_for
+from xdc.io.store import META_SOURCE_ETAG, store_for
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from xdc import stack
+from devtools import stack
 from xdc.config import XdcConfig, parse_config
-from xdc.kafka import ensure_topics
+from xdc.io.kafka import ensure_topics
 
 OUT = Path(__file__).resolve().parent.parent / "test-output"
 

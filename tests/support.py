@@ -5,9 +5,9 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from mirror.events import encode_notification, message_key, s3_record
+from xdc.events import encode_notification, message_key, s3_record
 from xdc.config import XdcConfig
-from xdc.kafka import Record, make_producer, to_records
+from xdc.io.kafka import Record, make_producer, to_records
 
 
 def produce(cfg: XdcConfig, dc: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:

@@ -6,7 +6,7 @@
      |    +-- ObjectNotFound
      |    +-- TransientStoreError   (retriable: 5xx, SlowDown, resets, timeouts)
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
-     |    +-- SupersededError       (xdc.store) the source changed after the event
+     |    +-- SupersededError       (xdc.io.store) the source changed after the event
      +-- KafkaError             broker I/O (retriable)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout

@@ -5,7 +5,7 @@ helm/xdc-mirror/files/ query them by name (a test checks that every name they us
 
 Metrics live on a registry of our own, not prometheus_client's global default, so that tests can
 build a fresh ``Metrics(new_registry())`` and read exact values. Production code uses ``METRICS``
-(on ``REGISTRY``), which ``xdc.http_server.serve`` exposes on /metrics.
+(on ``REGISTRY``), which ``xdc.observe.http.serve`` exposes on /metrics.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import pytest
 from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
 from cache_client.placement import HashRing
-from cache_client.prewarm import check_list, free_list, plan_prewarm, run_prewarm, to_cache_file, wait_ready
-from cache_client.progress import Progress
+from cache_client.prewarm.pipeline import check_list, free_list, plan_prewarm, run_prewarm, to_cache_file, wait_ready
+from cache_client.prewarm.progress import Progress
 from xdc.config import CacheConfig
 from xdc.errors import CapacityError, NotReadyError
 

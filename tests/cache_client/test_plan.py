@@ -7,7 +7,7 @@ from cache_client.base import CacheFile, FileStatus, get_backend
 from cache_client.fake import FakeCluster
 from cache_client.placement import HashRing
 from cache_client.plan import MIB, Bandwidth, footprint
-from cache_client.progress import Progress, blended_eta
+from cache_client.prewarm.progress import Progress, blended_eta
 from xdc.errors import CacheError, CapacityError
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from cache_client.fake import FakeCluster
 from cache_client.plan import MIB
-from cache_client.prewarm import check_list, free_list, plan_prewarm, run_prewarm, wait_ready
-from cache_client.progress import Progress
+from cache_client.prewarm.pipeline import check_list, free_list, plan_prewarm, run_prewarm, wait_ready
+from cache_client.prewarm.progress import Progress
 from cache_client.state import PrewarmState
 from xdc.config import CacheConfig, CacheNode, ResizeSettings, XdcConfig
 from xdc.errors import NotReadyError

@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cache_client.prewarm import check_list
-from cache_client.release import follow_releases, publish_release
-from mirror.events import ReleaseEvent
+from cache_client.prewarm.pipeline import check_list
+from cache_client.prewarm.release import follow_releases, publish_release
+from xdc.events import ReleaseEvent
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from xdc.config import XdcConfig

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from xdc.airflow_local import airflow_env, running_tansu
+from devtools.airflow_local import airflow_env, running_tansu
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_DAGS = ROOT / "dags"

@@ -1,4 +1,4 @@
-"""xdc.airflow_support: pure pieces (message filter, connection, payload extraction), no servers."""
+"""xdc.app.airflow_support: pure pieces (message filter, connection, payload extraction), no servers."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
-from xdc.airflow_support import (RELEASE_ASSET, config_path, is_release_message, kafka_connection_env,
+from xdc.app.airflow_support import (RELEASE_ASSET, config_path, is_release_message, kafka_connection_env,
                                  kafka_connection_extra, release_asset, release_payloads)
 from xdc.errors import ConfigError, EventError
 
@@ -93,4 +93,4 @@ def test_release_asset_watches_topics() -> None:
     path, kwargs = watcher.trigger.serialize()
     assert path == "airflow.providers.apache.kafka.triggers.await_message.AwaitMessageTrigger"
     assert kwargs["topics"] == ["xdc.releases"] and kwargs["kafka_config_id"] == "xdc_kafka"
-    assert kwargs["apply_function"] == "xdc.airflow_support.is_release_message"
+    assert kwargs["apply_function"] == "xdc.app.airflow_support.is_release_message"

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from cache_client.prewarm import check_list
+from cache_client.prewarm.pipeline import check_list
 from mirror.catalog import SqliteCatalog
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from xdc.config import XdcConfig, load_config
-from xdc.store import store_for
+from xdc.io.store import store_for
 
 SRC, DST = "idca-drive", "idcb-drive"
 DAG_IDS = {"xdc_mirror", "xdc_resize", "xdc_prewarm", "xdc_free", "xdc_lag_monitor"}
@@ -95,7 +95,7 @@ def test_mirror_dag_then_lag_monitor(run_dag: Callable[..., Any], dag_xcom: Call
 
 def test_resize_dag_writes_derivatives(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any], config_file: Path,
                                        xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
-    from xdc.samples import make_frame
+    from devtools.samples import make_frame
 
     frames = tmp_path / "frames" / tag
     frames.mkdir(parents=True)
@@ -169,7 +169,7 @@ def two_dc_config(tmp_path: Path, **over: Any) -> XdcConfig:
 
 
 def test_watch_targets_and_shards_from_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xdc.airflow_tasks import mirror_targets, release_watch, resize_shards, schedule_from_env
+    from xdc.app.airflow_tasks import mirror_targets, release_watch, resize_shards, schedule_from_env
 
     cfg = two_dc_config(tmp_path)
     assert release_watch(cfg) == (["rel-1", "rel-3"], "xdc_kafka")  # A's broker carries A's and C's topics
@@ -180,7 +180,7 @@ def test_watch_targets_and_shards_from_the_config(tmp_path: Path, monkeypatch: p
 
 
 def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
-    from xdc.airflow_tasks import prewarm_units, release_from_params, warm_jobs
+    from xdc.app.airflow_tasks import prewarm_units, release_from_params, warm_jobs
     from xdc.errors import ConfigError
 
     cfg = two_dc_config(tmp_path)
@@ -196,7 +196,7 @@ def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
 
 
 def test_outcomes_fail_the_run_when_incomplete(tmp_path: Path) -> None:
-    from xdc.airflow_tasks import enforce_lag_objective, free_outcome, prewarm_outcome, sum_resize_stats
+    from xdc.app.airflow_tasks import enforce_lag_objective, free_outcome, prewarm_outcome, sum_resize_stats
     from xdc.errors import CacheError, LagObjectiveError
 
     cfg = two_dc_config(tmp_path, lag={"objective_p99_seconds": 5})

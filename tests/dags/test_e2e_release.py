@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from cache_client.prewarm import check_list
-from cache_client.release import publish_release
-from mirror.events import ReleaseEvent
+from cache_client.prewarm.pipeline import check_list
+from cache_client.prewarm.release import publish_release
+from xdc.events import ReleaseEvent
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from xdc.airflow_local import running_airflow, task_instances
-from xdc.airflow_support import kafka_connection_env
-from xdc.airflow_tasks import DEFAULT_KAFKA_CONN_ID
+from devtools.airflow_local import running_airflow, task_instances
+from xdc.app.airflow_support import kafka_connection_env
+from xdc.app.airflow_tasks import DEFAULT_KAFKA_CONN_ID
 from xdc.config import XdcConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from xdc.airflow_local import running_airflow
-from xdc.airflow_support import kafka_connection_env
-from xdc.kafka import ensure_topics, make_producer
+from devtools.airflow_local import running_airflow
+from xdc.app.airflow_support import kafka_connection_env
+from xdc.io.kafka import ensure_topics, make_producer
 
 RELEASE = {"type": "dataset.released", "dataset": "cams-2026", "version": "v3",
            "manifest": "s3://releases/cams-2026/v3/files.txt", "time": "2026-11-23T10:00:00Z",

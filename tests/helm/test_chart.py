@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from xdc import helm_schema
+from devtools import helm_schema
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.errors import ConfigError
 
@@ -79,7 +79,7 @@ def test_values_schema_is_generated_from_the_config_model() -> None:
     committed = (CHART / "values.schema.json").read_text()
     assert committed == helm_schema.render(), (
         "helm/xdc-mirror/values.schema.json is stale: "
-        "python -m xdc.helm_schema > helm/xdc-mirror/values.schema.json"
+        "python -m devtools.helm_schema > helm/xdc-mirror/values.schema.json"
     )
 
 
@@ -233,7 +233,7 @@ def test_workloads_run_the_cli_with_probes_resources_and_secrets(chart: Any, ren
 @pytest.mark.parametrize("component", ["mirror", "resize", "dashboard"])
 def test_container_args_parse_with_the_real_cli(render: Render, component: str) -> None:
     """The rendered command line is one `xdc` accepts (global --config before the subcommand)."""
-    from xdc.cli import build_parser
+    from xdc.app.cli import build_parser
 
     parser = build_parser()
     args = containers(render(case_values("values-idc-a")))[component]["args"]

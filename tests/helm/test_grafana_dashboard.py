@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from xdc.http_server import serve
+from xdc.observe.http import serve
 from xdc.metrics import Metrics, new_registry
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,11 +15,11 @@ import yaml
 from kafka import KafkaAdminClient
 
 from mirror.catalog import SqliteCatalog
-from mirror.events import AppliedEvent, encode_notification, message_key, new_sequencer, s3_record
+from xdc.events import AppliedEvent, encode_notification, message_key, new_sequencer, s3_record
 from mirror.march import march
 from xdc.config import XdcConfig, parse_config
-from xdc.kafka import Record, make_producer
-from xdc.store import ObjectInfo, Store, store_for
+from xdc.io.kafka import Record, make_producer
+from xdc.io.store import ObjectInfo, Store, store_for
 
 SRC_BUCKET, DST_BUCKET = "idca-drive", "idcb-drive"
 

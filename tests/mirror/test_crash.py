@@ -30,7 +30,7 @@ FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
 
 def _spawn(cfg_file: Path, mode: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "xdc.cli", "--config", str(cfg_file), "--dc", "B",
+        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B",
                                  "mirror", "run", mode], cwd=ROOT, env=child_env(), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mirror.apply import route_event
-from mirror.events import (MAX_OBJECT_SIZE, SEQ_WIDTH, ObjectEvent, encode_notification, normalise_sequencer,
+from xdc.events import (MAX_OBJECT_SIZE, SEQ_WIDTH, ObjectEvent, encode_notification, normalise_sequencer,
                            parse_message, parse_record, s3_record, validate_key)
 from xdc.config import Route
 from xdc.errors import EventError
-from xdc.kafka import Record
+from xdc.io.kafka import Record
 
 REC = Record("t", 0, 0, None, b"", 0)
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from mirror.catalog import SqliteCatalog
-from mirror.dlq import read_letters
-from mirror.events import encode_notification, message_key, new_sequencer, s3_record
+from xdc.io.deadletter import read_letters
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record
 from mirror.runner import Mirror
 from tests.mirror.chaos_support import (DST_BUCKET, SRC_BUCKET, Workload, compare_data, compare_metadata,
                                         committed_offsets, variant)
 from tests.support import produce
-from xdc import stack
+from devtools import stack
 from xdc.config import XdcConfig
-from xdc.faultproxy import FaultPlan, FaultProxy, Rule
+from devtools.faultproxy import FaultPlan, FaultProxy, Rule
 from xdc.metrics import Metrics, new_registry
-from xdc.store import store_for
+from xdc.io.store import store_for
 
 REPORT: dict[str, Any] = {}  # numbers for the report, printed by the last test of the module
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 
-from mirror.dlq import read_letters
-from mirror.events import encode_notification, message_key, new_sequencer, s3_record
+from xdc.io.deadletter import read_letters
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record
 from mirror.runner import Mirror
 from tests.mirror.chaos_support import DST_BUCKET, SRC_BUCKET, child_env, write_config
 from tests.support import produce, read_topic
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
-from xdc.store import S3Store, store_for
+from xdc.io.store import S3Store, store_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,7 @@ def test_dlq_replay_puts_letters_back_on_the_origin_topic(xcfg: XdcConfig, tag: 
     with Mirror(xcfg, "B", metrics=Metrics(new_registry())) as m:
         assert m.run(once=True).dead_letters == 1
     cfg_file = write_config(xcfg, tmp_path / "xdc.yaml")
-    out = subprocess.run([sys.executable, "-m", "xdc.cli", "--config", str(cfg_file), "--dc", "B", "dlq", "replay",
+    out = subprocess.run([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B", "dlq", "replay",
                           "--reason", "unknown_event"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

@@ -6,11 +6,11 @@ from urllib.request import Request, urlopen
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.catalog import SqliteCatalog
-from mirror.events import new_sequencer
+from xdc.events import new_sequencer
 from mirror.runner import Mirror
 from tests.support import delete_event, produce, put_event
 from xdc.config import XdcConfig
-from xdc.http_server import serve
+from xdc.observe.http import serve
 from xdc.metrics import Metrics, new_registry
 
 SRC = "idca-drive"

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mirror.catalog import SqliteCatalog
-from mirror.events import new_sequencer, parse_applied
+from xdc.events import new_sequencer, parse_applied
 from mirror.ingest import ingest, publish_delete, scan
 from mirror.runner import Mirror
 from tests.support import delete_event, produce, put_event, read_topic
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
-from xdc.store import store_for
+from xdc.io.store import store_for
 
 SRC, DST = "idca-drive", "idcb-drive"
 

@@ -14,7 +14,7 @@ from resize.frame import available_backends, derived_key, render_pixels, resize_
 from resize.geometry import fit_box
 from xdc.config import ResizeSettings
 from xdc.errors import ResizeError, XdcError
-from xdc.samples import make_frame, render_frame
+from devtools.samples import make_frame, render_frame
 
 BACKENDS = available_backends()
 SETTINGS = ResizeSettings(bucket="frames")

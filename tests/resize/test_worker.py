@@ -14,8 +14,8 @@ from resize.worker import ResizeWorker
 from tests.support import read_topic
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
-from xdc.samples import make_frame
-from xdc.store import store_for
+from devtools.samples import make_frame
+from xdc.io.store import store_for
 
 SRC, DST = "idca-drive", "idcb-drive"
 

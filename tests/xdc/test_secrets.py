@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tests.mirror.chaos_support import child_env, write_config
 from xdc.config import XdcConfig
-from xdc.stack import SECRETS_FILE
+from devtools.stack import SECRETS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _xdc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xdc.cli", *args], cwd=ROOT, env=child_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "xdc.app.cli", *args], cwd=ROOT, env=child_env(), capture_output=True,
                           text=True, timeout=180)
 
 

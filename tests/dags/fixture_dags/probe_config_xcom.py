@@ -9,7 +9,7 @@ from airflow.sdk import dag, task
 def xdc_probe_config():
     @task
     def read_config_path() -> str:
-        from xdc.airflow_support import config_path
+        from xdc.app.airflow_support import config_path
 
         return config_path()
 
@@ -17,7 +17,7 @@ def xdc_probe_config():
     def releases() -> list[dict]:
         from airflow.sdk import get_current_context
 
-        from xdc.airflow_support import release_payloads
+        from xdc.app.airflow_support import release_payloads
 
         return release_payloads(get_current_context())
 

@@ -10,7 +10,7 @@ import os
 import pendulum
 from airflow.sdk import dag, task, get_current_context
 
-from xdc.airflow_support import release_asset, release_payloads
+from xdc.app.airflow_support import release_asset, release_payloads
 
 RELEASES = release_asset([os.environ.get("XDC_PROBE_RELEASE_TOPIC", "xdc.releases")], "xdc_kafka")
 

@@ -1,4 +1,4 @@
-"""xdc.samples: deterministic, photo-like frames and KITTI-style lidar sweeps."""
+"""devtools.samples: deterministic, photo-like frames and KITTI-style lidar sweeps."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xdc.samples import LIDAR_DTYPE, make_frame, make_lidar, write_samples
+from devtools.samples import LIDAR_DTYPE, make_frame, make_lidar, write_samples
 
 
 def test_frames_are_deterministic_per_seed() -> None:

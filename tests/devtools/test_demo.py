@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from xdc import stack
+from devtools import stack
 
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     try:
-        r = subprocess.run([sys.executable, "-m", "xdc.cli", "demo", "--frames", "12", "--out", str(out)],
+        r = subprocess.run([sys.executable, "-m", "xdc.app.cli", "demo", "--frames", "12", "--out", str(out)],
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "xdc-mirror demo report" in r.stdout and "dashboard (live while the demo runs): http://127.0.0.1:" in r.stdout

@@ -1,4 +1,4 @@
-"""xdc.http_server: real HTTP requests with urllib against a server on a free port."""
+"""xdc.observe.http: real HTTP requests with urllib against a server on a free port."""
 from __future__ import annotations
 
 import socket
@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdc.errors import ConfigError
-from xdc.http_server import ServerHandle, serve
+from xdc.observe.http import ServerHandle, serve
 from xdc.metrics import Metrics, new_registry
 
 

@@ -24,7 +24,7 @@ def _cfg(args: argparse.Namespace) -> XdcConfig:
     if not path and Path(args.run_dir, "xdc.yaml").exists():
         path = str(Path(args.run_dir, "xdc.yaml"))  # the local stack's config
     path = config_path_from_env(path)
-    from xdc.stack import load_secrets
+    from devtools.stack import load_secrets
     load_secrets(Path(path).parent)  # a stack's generated credentials, if this is one
     return load_config(path, dc=args.dc)
 
@@ -35,7 +35,7 @@ def _print(obj: Any) -> None:
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from xdc.stack import load_secrets
+    from devtools.stack import load_secrets
     load_secrets(Path(args.file).parent)
     cfg = load_config(args.file, dc=args.dc)
     print(yaml.safe_dump(masked_view(cfg), sort_keys=False), end="")
@@ -44,7 +44,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from xdc import stack
+    from devtools import stack
     if args.action == "up":
         cfg = stack.up(args.run_dir, nodes=args.nodes, durable_kafka=args.durable_kafka)
         print(f"stack up: config {Path(args.run_dir, 'xdc.yaml')} ({', '.join(cfg.datacenters)})")
@@ -61,7 +61,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from mirror.ingest import ingest
-    from xdc.progress import counter
+    from xdc.app.progress import counter
     cfg = _cfg(args)
     with counter("ingest", unit="file") as bar:
         rep = ingest(cfg, args.dc or cfg.require_local_dc(), args.dir, args.bucket, args.prefix, progress=bar)
@@ -78,7 +78,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def _run_service(cfg: XdcConfig, service: Any, args: argparse.Namespace) -> int:
     """A long-running loop (mirror, resize worker) with /metrics, /healthz, /readyz while it runs."""
-    from xdc.serve import serving
+    from xdc.app.services import serving
     with service as s, serving(cfg, live=lambda: s.alive, ready=lambda: s.caught_up):
         stats = s.run(once=not args.follow, max_seconds=args.max_seconds)
     _print(stats.to_dict())
@@ -93,7 +93,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     from mirror import dlq
-    from xdc.kafka import make_producer
+    from xdc.io.kafka import make_producer
     cfg = _cfg(args)
     dc = args.dc or cfg.require_local_dc()
     k = cfg.dc(dc).kafka
@@ -162,7 +162,7 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
 
 
 def cmd_prewarm_follow(args: argparse.Namespace) -> int:
-    from cache_client.release import follow_releases
+    from cache_client.prewarm.release import follow_releases
     cfg = _cfg(args)
     reports = follow_releases(cfg, args.dc or cfg.require_local_dc(), once=args.once, max_seconds=args.max_seconds)
     _print([r.to_dict(20) for r in reports])
@@ -172,8 +172,8 @@ def cmd_prewarm_follow(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     import time as _time
 
-    from cache_client.release import publish_release
-    from mirror.events import ReleaseEvent
+    from cache_client.prewarm.release import publish_release
+    from xdc.events import ReleaseEvent
     cfg = _cfg(args)
     ev = ReleaseEvent(args.dataset, args.version, args.manifest, _time.time(), tuple(args.datacenters or ()),
                       prefix=args.prefix)
@@ -185,7 +185,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import time as _time
 
-    from xdc.dashboard import serve_dashboard, snapshot_html
+    from xdc.observe.dashboard import serve_dashboard, snapshot_html
     cfg = _cfg(args)
     if args.snapshot:
         Path(args.snapshot).write_text(snapshot_html(cfg))
@@ -201,14 +201,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_lag_snapshot(args: argparse.Namespace) -> int:
-    from xdc.lag import record_lag_snapshot
+    from xdc.observe.lag import record_lag_snapshot
     cfg = _cfg(args)
     _print(record_lag_snapshot(cfg, args.dc or cfg.require_local_dc()))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from xdc.demo import run_demo
+    from devtools.demo import run_demo
     return run_demo(Path(args.out), frames=args.frames, keep=args.keep)
 
 

@@ -30,10 +30,10 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 from mirror.apply import route_event
 from mirror.catalog import SqliteCatalog
-from mirror.events import ObjectEvent, parse_message
+from xdc.events import ObjectEvent, parse_message
 from xdc.config import Route, XdcConfig
 from xdc.errors import EventError
-from xdc.kafka import kafka_errors, to_records
+from xdc.io.kafka import kafka_errors, to_records
 from xdc.metrics import METRICS, Metrics
 from xdc.sqlite import short_connection
 from xdc.stats import percentile
@@ -261,7 +261,7 @@ def record_prewarm_progress(cfg: XdcConfig, dc: str, dataset: str, *, files_done
 
 def prewarm_progress_callback(cfg: XdcConfig, dc: str, dataset: str, *, every_s: float = 2.0
                               ) -> Callable[[Any], None]:
-    """A cache_client.progress.Progress callback that stores snapshots, at most one per every_s
+    """A cache_client.prewarm.progress.Progress callback that stores snapshots, at most one per every_s
     (and always the last one, when files_done reaches files_total)."""
     last = [0.0]
 

@@ -4,7 +4,7 @@ Never `airflow standalone`: it binds serve-logs on 0.0.0.0:8793/8794. Here each 
 in its own process group (api-server, scheduler, dag-processor, triggerer) with AIRFLOW_HOME in a
 directory of the caller, SQLite, and every process group is killed on exit, even on error.
 
-Also a one-broker context manager (xdc.stack's Tansu) for tests that need only Kafka.
+Also a one-broker context manager (devtools.stack's Tansu) for tests that need only Kafka.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xdc.errors import AirflowError
-from xdc.stack import free_port
+from devtools.stack import free_port
 
 __all__ = ["AirflowError", "AirflowProcesses", "airflow_env", "running_airflow", "running_tansu",
            "process_tree_pss_mb"]
@@ -285,11 +285,11 @@ def running_airflow(home: Path, dags_folder: Path, *, extra_env: Mapping[str, st
 # -- Kafka ----------------------------------------------------------------------------------------
 @contextmanager
 def running_tansu(run_dir: Path, name: str = "airflow") -> Iterator[str]:
-    """One Tansu broker in memory (xdc.stack's), stopped on exit; yields "127.0.0.1:port".
+    """One Tansu broker in memory (devtools.stack's), stopped on exit; yields "127.0.0.1:port".
 
     For tests that need Kafka without the whole two-datacenter stack. Log: run_dir/logs/.
     """
-    from xdc.stack import start_broker, stop_proc
+    from devtools.stack import start_broker, stop_proc
 
     proc = start_broker(run_dir, name)
     try:

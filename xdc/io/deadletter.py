@@ -13,7 +13,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from xdc.kafka import Record, kafka_errors, make_consumer, to_records
+from xdc.io.kafka import Record, kafka_errors, make_consumer, to_records
 
 
 @dataclass(frozen=True)

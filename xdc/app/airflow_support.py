@@ -5,7 +5,7 @@ Importable without Airflow: Airflow is imported inside the functions that need i
 A dataset release reaches a DAG like this (read from the installed Airflow 3.3.2 and the Kafka
 provider 2.1.0, proven in tests/dags/test_harness.py):
 
-1. ``KafkaMessageQueueTrigger(apply_function="xdc.airflow_support.is_release_message")`` runs in the
+1. ``KafkaMessageQueueTrigger(apply_function="xdc.app.airflow_support.is_release_message")`` runs in the
    triggerer. It calls the function with each confluent-kafka ``Message``; the offset is committed
    whatever the result. A falsy result means "not for us": the trigger then sleeps
    ``poll_interval`` seconds before the next poll, so keep that small on a busy topic.
@@ -130,7 +130,7 @@ def is_release_message(message: Any) -> dict[str, Any] | None:
 
 def release_payload(doc: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate a release document and return it as a JSON-able dict (plus where it came from)."""
-    from mirror.events import parse_release  # the one release schema
+    from xdc.events import parse_release  # the one release schema
 
     parse_release(dict(doc))  # raises EventError
     payload = dict(doc)
@@ -183,6 +183,6 @@ def _source(message: Any) -> dict[str, Any]:
 
 
 def _release_type() -> str:
-    from mirror.events import RELEASE_TYPE
+    from xdc.events import RELEASE_TYPE
 
     return RELEASE_TYPE

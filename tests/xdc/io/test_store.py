@@ -13,8 +13,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from xdc.config import XdcConfig
 from xdc.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError, XdcError
-from xdc.faultproxy import FaultPlan, FaultProxy, Rule
-from xdc.store import ObjectInfo, S3Store, Store, SupersededError, _translate, plain_md5_etag, retry
+from devtools.faultproxy import FaultPlan, FaultProxy, Rule
+from xdc.io.store import ObjectInfo, S3Store, Store, SupersededError, _translate, plain_md5_etag, retry
 
 
 def _client_error(code: str, status: int) -> ClientError:

@@ -18,7 +18,7 @@ from cache_client.base import CacheCluster, CacheFile, CheckReport, FreeReport, 
 from cache_client.filelist import ListStats, read_file_list
 from cache_client.keys import KeyMapper, derived_candidate, path_in_mount
 from cache_client.plan import MIB, Plan, format_seconds
-from cache_client.progress import Progress, Snapshot
+from cache_client.prewarm.progress import Progress, Snapshot
 from cache_client.state import PrewarmState
 from xdc.config import XdcConfig
 from xdc.errors import BadKey, CacheError, NotReadyError
@@ -269,7 +269,7 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
     report = PrewarmReport(dc, dataset, version, res.stats.entries, plan, rounds, check,
                            time.monotonic() - t0, res.derived, registered, _why_not_cached(check, plan, rounds), timings)
     if dataset:  # the dashboard's and Prometheus' view of this dataset in this datacenter
-        from xdc.lag import record_prewarm_progress
+        from xdc.observe.lag import record_prewarm_progress
         from xdc.metrics import METRICS
         ready = not report.not_cached
         record_prewarm_progress(cfg, dc, dataset, files_done=check.counts.get("cached", 0),
@@ -283,7 +283,7 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
 
 def _publish_progress(cfg: XdcConfig, dc: str, dataset: str) -> Callable[[Snapshot], None]:
     """Live progress to the catalog (dashboard) and to Prometheus."""
-    from xdc.lag import prewarm_progress_callback
+    from xdc.observe.lag import prewarm_progress_callback
     from xdc.metrics import METRICS
     store = prewarm_progress_callback(cfg, dc, dataset)
 

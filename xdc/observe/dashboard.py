@@ -7,7 +7,7 @@ JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from an
 
 The state is read from the catalogs only (lag snapshots, objects, dead letters, quarantine,
 prewarm tables), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
-the latest lag snapshot (``xdc lag snapshot``, ``xdc.lag.record_lag_snapshot``).
+the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snapshot``).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from mirror.catalog import SqliteCatalog
 from xdc.config import XdcConfig
-from xdc.http_server import ServerHandle, serve
-from xdc.lag import prewarm_progress
+from xdc.observe.http import ServerHandle, serve
+from xdc.observe.lag import prewarm_progress
 
 # A day of snapshots every 30 s is 2,880 points per route: draw at most this many.
 MAX_POINTS = 360
@@ -146,7 +146,7 @@ def dashboard_state(cfg: XdcConfig, *, now: float | None = None) -> dict[str, An
 
 # -- HTML ---------------------------------------------------------------------------------------
 def _template() -> str:
-    return resources.files("xdc").joinpath("dashboard.html").read_text(encoding="utf-8")
+    return resources.files("xdc.observe").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
 def _embed(state: dict[str, Any] | None) -> str:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from xdc.airflow_support import config_path, release_payload
+from xdc.app.airflow_support import config_path, release_payload
 
 if TYPE_CHECKING:
     from xdc.config import XdcConfig
@@ -27,7 +27,7 @@ def load_xdc_config(path: str | None = None) -> XdcConfig:
     from pathlib import Path
 
     from xdc.config import load_config
-    from xdc.stack import load_secrets
+    from devtools.stack import load_secrets
 
     path = path or config_path()
     load_secrets(Path(path).resolve().parent)
@@ -81,7 +81,7 @@ def release_from_params(params: Mapping[str, Any], now: float | None = None) -> 
     """A release payload from a manual run's params (dataset, version, manifest, datacenters)."""
     import time
 
-    from mirror.events import RELEASE_TYPE, iso
+    from xdc.events import RELEASE_TYPE, iso
 
     if not params.get("manifest"):
         return None
@@ -95,8 +95,8 @@ def release_from_params(params: Mapping[str, Any], now: float | None = None) -> 
 
 def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc"}."""
-    from cache_client.release import wants
-    from mirror.events import parse_release
+    from cache_client.prewarm.release import wants
+    from xdc.events import parse_release
 
     units = []
     for payload in releases:
@@ -124,7 +124,7 @@ class _Manifest:
         import tempfile
         from pathlib import Path
 
-        from cache_client.release import fetch_manifest
+        from cache_client.prewarm.release import fetch_manifest
 
         self._tmp = tempfile.TemporaryDirectory(prefix="xdc-manifest-")
         return str(fetch_manifest(self.cfg, self.unit["dc"], self.unit["release"]["manifest"], Path(self._tmp.name)))
@@ -139,7 +139,7 @@ def manifest_of(cfg: XdcConfig, unit: Mapping[str, Any]) -> _Manifest:
 
 def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """The ready gate: wait until every file of the release exists in the unit's datacenter."""
-    from cache_client.prewarm import cluster_for, resolve_list, wait_for_files
+    from cache_client.prewarm.pipeline import cluster_for, resolve_list, wait_for_files
 
     dc = unit["dc"]
     cfg = cfg.with_local_dc(dc)
@@ -154,7 +154,7 @@ def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = 
 
 def unit_plan(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """The plan (files, bytes, per-node shares, ETA) of a unit: {"unit", "plan", "summary"}."""
-    from cache_client.prewarm import plan_prewarm
+    from cache_client.prewarm.pipeline import plan_prewarm
 
     dc = unit["dc"]
     with manifest_of(cfg, unit) as path:
@@ -175,7 +175,7 @@ def warm_node_job(cfg: XdcConfig, job: Mapping[str, Any]) -> dict[str, Any]:
     "seconds", "error"}. Planned again here (cheap), so it loads only what is still missing."""
     import time
 
-    from cache_client.prewarm import cluster_for, resolve_list
+    from cache_client.prewarm.pipeline import cluster_for, resolve_list
 
     unit, node = job["unit"], job["node"]
     dc = unit["dc"]
@@ -204,7 +204,7 @@ def unit_check(cfg: XdcConfig, unit: Mapping[str, Any], warms: Iterable[Mapping[
 
     Returns the PrewarmReport as a dict (+ "summary" and "warm_nodes").
     """
-    from cache_client.prewarm import run_prewarm, state_for
+    from cache_client.prewarm.pipeline import run_prewarm, state_for
 
     dc = unit["dc"]
     cfg = cfg.with_local_dc(dc)
@@ -227,7 +227,7 @@ def free_units(cfg: XdcConfig, params: Mapping[str, Any]) -> list[dict[str, Any]
     """Free requests per datacenter from a manual run's params {dataset, version, manifest,
     datacenters, force}. Without a manifest, each datacenter's registration of the dataset (its
     latest active version, or `version`) names the manifest it was warmed from."""
-    from cache_client.prewarm import state_for
+    from cache_client.prewarm.pipeline import state_for
     from xdc.errors import ConfigError
 
     dataset, version = params.get("dataset") or None, str(params.get("version") or "")
@@ -254,7 +254,7 @@ def free_units(cfg: XdcConfig, params: Mapping[str, Any]) -> list[dict[str, Any]
 
 def free_unit(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """Evict a unit's list from every node of its datacenter's cache (reference-counted)."""
-    from cache_client.prewarm import free_list
+    from cache_client.prewarm.pipeline import free_list
 
     dc = unit["dc"]
     cfg = cfg.with_local_dc(dc)
@@ -274,7 +274,7 @@ def lag_targets(cfg: XdcConfig) -> list[str]:
 
 def lag_snapshot(cfg: XdcConfig, dc: str) -> dict[str, Any]:
     """Record one lag snapshot of every route into `dc` (the dashboard's rows): {"dc", "rows"}."""
-    from xdc.lag import record_lag_snapshot
+    from xdc.observe.lag import record_lag_snapshot
 
     rows = record_lag_snapshot(cfg.with_local_dc(dc), dc)
     for row in rows:
@@ -286,7 +286,7 @@ def lag_snapshot(cfg: XdcConfig, dc: str) -> dict[str, Any]:
 def enforce_lag_objective(cfg: XdcConfig, snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Raise LagObjectiveError naming each route whose p99 lag is over the objective."""
     from xdc.errors import LagObjectiveError
-    from xdc.lag import lag_over_objective
+    from xdc.observe.lag import lag_over_objective
 
     objective = cfg.lag.objective_p99_seconds
     rows = [r for s in snapshots for r in s["rows"]]

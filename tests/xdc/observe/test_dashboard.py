@@ -14,13 +14,13 @@ import pytest
 
 from cache_client.state import PrewarmState
 from mirror.catalog import SqliteCatalog
-from mirror.events import new_sequencer
+from xdc.events import new_sequencer
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from tests.support import produce, put_event
 from xdc.config import XdcConfig
-from xdc.dashboard import dashboard_state, downsample, serve_dashboard, snapshot_html
-from xdc.lag import record_lag_snapshot, record_prewarm_progress
+from xdc.observe.dashboard import dashboard_state, downsample, serve_dashboard, snapshot_html
+from xdc.observe.lag import record_lag_snapshot, record_prewarm_progress
 from xdc.metrics import Metrics, new_registry
 
 SRC = "idca-drive"

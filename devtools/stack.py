@@ -292,14 +292,14 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
 
 
 def _make_bucket(port: int | None, key: str, secret: str, bucket: str) -> None:
-    from xdc.store import S3Store
+    from xdc.io.store import S3Store
     S3Store(f"http://127.0.0.1:{port}", key, secret, attempts=3).ensure_bucket(bucket)
 
 
 def _provision(cfg: XdcConfig) -> None:
     """Buckets and topics the config names."""
-    from xdc.kafka import ensure_topics
-    from xdc.store import store_for
+    from xdc.io.kafka import ensure_topics
+    from xdc.io.store import store_for
     buckets: dict[str, set[str]] = {dc: set(d.buckets) for dc, d in cfg.datacenters.items()}
     for r in cfg.routes:
         buckets[r.source.dc].add(r.source.bucket)

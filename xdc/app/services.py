@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from xdc.config import XdcConfig
-from xdc.http_server import ServerHandle, serve
+from xdc.observe.http import ServerHandle, serve
 
 
 @contextmanager

@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 
 from mirror.catalog import SqliteCatalog
-from mirror.events import new_sequencer
+from xdc.events import new_sequencer
 from mirror.runner import Mirror
 from tests.support import delete_event, produce, put_event
 from xdc.config import XdcConfig
-from xdc.lag import Backlog, committed_offsets, lag_over_objective, lag_stats, prewarm_progress, record_lag_snapshot, \
+from xdc.observe.lag import Backlog, committed_offsets, lag_over_objective, lag_stats, prewarm_progress, record_lag_snapshot, \
     record_prewarm_progress
 from xdc.metrics import Metrics, new_registry
 from xdc.stats import percentile

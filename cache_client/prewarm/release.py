@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cache_client.prewarm import PrewarmReport, run_prewarm
-from mirror.events import ReleaseEvent, parse_message
+from cache_client.prewarm.pipeline import PrewarmReport, run_prewarm
+from xdc.events import ReleaseEvent, parse_message
 from xdc.config import XdcConfig
 from xdc.errors import EventError, XdcError
-from xdc.kafka import commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.io.kafka import commit, kafka_errors, make_consumer, make_producer, to_records
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def fetch_manifest(cfg: XdcConfig, dc: str, uri: str, dest: Path) -> Path:
     """A local path as it is; s3://bucket/key is read from `dc`'s store (mirrored there too)."""
     if not uri.startswith("s3://"):
         return Path(uri)
-    from xdc.store import store_for
+    from xdc.io.store import store_for
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     out = dest / Path(key).name
     out.write_bytes(store_for(cfg, dc).get(bucket, key))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xdc import stack
+from devtools import stack
 from xdc.config import XdcConfig
 from xdc.stats import percentile
 
@@ -34,7 +34,7 @@ def run_demo(run_dir: Path, *, frames: int = 200, lidar: int = 5, keep: bool = F
     t_all = time.monotonic()
     samples = run_dir / "samples"
     t = _step("generate sample frames")
-    from xdc.samples import write_samples
+    from devtools.samples import write_samples
     if not (samples / "frames").exists() or len(list((samples / "frames").iterdir())) < frames:
         write_samples(samples, frames=frames, lidar=lidar)
     report["generate_s"] = round(time.monotonic() - t, 1)
@@ -45,7 +45,7 @@ def run_demo(run_dir: Path, *, frames: int = 200, lidar: int = 5, keep: bool = F
     cfg = stack.up(run_dir / "stack", nodes=2, cache_size_mib=1024)
     report["stack_up_s"] = round(time.monotonic() - t, 1)
     flow_t0 = time.monotonic()
-    from xdc.dashboard import serve_dashboard
+    from xdc.observe.dashboard import serve_dashboard
     board = serve_dashboard(cfg, "127.0.0.1", 0)
     print(f"    dashboard (live while the demo runs): {board.url}", flush=True)
     try:
@@ -106,8 +106,8 @@ def _flow(cfg: XdcConfig, samples: Path, run_dir: Path, report: dict[str, Any]) 
     report["prewarm_ok"] = all(p["complete"] for p in report["prewarm"].values())
 
     t = _step("lag snapshot and dashboard snapshot")
-    from xdc.dashboard import snapshot_html
-    from xdc.lag import record_lag_snapshot
+    from xdc.observe.dashboard import snapshot_html
+    from xdc.observe.lag import record_lag_snapshot
     record_lag_snapshot(cfg, "B")
     (run_dir / "dashboard.html").write_text(snapshot_html(cfg))
     report["dashboard_snapshot"] = str(run_dir / "dashboard.html")
@@ -117,7 +117,7 @@ def _flow(cfg: XdcConfig, samples: Path, run_dir: Path, report: dict[str, Any]) 
 
 def _wait_mirrored(cfg: XdcConfig, mirror: Any, timeout_s: float) -> None:
     """Until every object under a route's source prefix in A is live in B's catalog."""
-    from xdc.store import store_for
+    from xdc.io.store import store_for
     a = store_for(cfg, "A")
     want = {(r.target.bucket, r.target_key(o.key)) for r in cfg.routes_from("A")
             for o in a.list(r.source.bucket, r.source.prefix)}
@@ -131,7 +131,7 @@ def _wait_mirrored(cfg: XdcConfig, mirror: Any, timeout_s: float) -> None:
 
 
 def _verify(cfg: XdcConfig, src_bucket: str, dst_bucket: str, sample: int = 20) -> dict[str, Any]:
-    from xdc.store import store_for
+    from xdc.io.store import store_for
     a = store_for(cfg.with_local_dc("B"), "A")
     b = store_for(cfg.with_local_dc("B"), "B")
     keys = [o.key for o in a.list(src_bucket, "camera/")]
@@ -143,8 +143,8 @@ def _verify(cfg: XdcConfig, src_bucket: str, dst_bucket: str, sample: int = 20) 
 
 def _prewarm(cfg: XdcConfig, run_dir: Path, dst_bucket: str) -> dict[str, Any]:
     """Release the 720p frames as a dataset (a file list in IDC-A's keys) and warm both DCs."""
-    from cache_client.prewarm import run_prewarm
-    from xdc.store import store_for
+    from cache_client.prewarm.pipeline import run_prewarm
+    from xdc.io.store import store_for
     src_bucket = cfg.routes[0].source.bucket
     keys = [o.key for o in store_for(cfg, "A").list(src_bucket, "camera/720p/")]
     lst = run_dir / "release-720p.txt"

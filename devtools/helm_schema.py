@@ -5,7 +5,7 @@ keys refused, as the loader refuses them); the chart's other keys (dc, image, se
 workloads, monitoring, ...) are described here. Helm validates values against this file on every
 install, upgrade and template, so a typo in a values file fails before anything reaches a cluster.
 
-    python -m xdc.helm_schema > helm/xdc-mirror/values.schema.json
+    python -m devtools.helm_schema > helm/xdc-mirror/values.schema.json
 """
 from __future__ import annotations
 
