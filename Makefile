@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.stamp
 
@@ -12,8 +12,15 @@ $(VENV)/.stamp: pyproject.toml constraints.txt scripts/setup.sh
 demo: setup
 	$(VENV)/bin/xdc demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The edit loop: the layer contracts and the tests that need no server (about a minute).
+test-fast: setup lint
+	$(VENV)/bin/python -m pytest -m "not servers" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .xdc test-output

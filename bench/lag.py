@@ -1,16 +1,18 @@
 """Replication lag bench (run by hand): a steady event stream through the real mirror.
 
-    .venv/bin/python bench/lag.py [--rate 5000] [--seconds 60] [--producers 2]
+    .venv/bin/python bench/lag.py [--rate 5000] [--seconds 60] [--producers 2] [--state sqlite,postgres]
                                   [--batch-records 2000] [--batch-seconds 0.05] [--profile FILE]
 
-Starts the local stack (devtools.stack.up, no cache nodes) in a temp run dir and stops it in `finally`.
-Two phases at the same paced rate (metadata mode, route lidar/, event time = send time):
+Starts the local stack (devtools.stack.up, no cache nodes, PostgreSQL too) in a temp run dir and
+stops it in `finally`. Phases at the same paced rate (metadata mode, route lidar/, event time =
+send time), each on a topic and consumer group of its own:
   baseline: a plain group-less consumer only decodes the messages (Kafka's own produce->consume
             latency on this machine, measured in this run)
-  mirror:   Mirror(cfg, "B").run() in its own process (batch settings from the flags), lag taken
-            from the catalog (applied_time - event_time per object)
-Prints p50/p99/max of each, the mirror's sustained apply rate, and p99 vs the goal (500 ms) and
-vs the baseline. --profile writes a cProfile of the mirror process (pstats file) and prints the top.
+  mirror:   Mirror(Topology(cfg, "B")).run() in its own process (batch settings from the flags), once
+            per state backend of --state; lag taken from the state (applied_time - event_time)
+Prints p50/p99/max of each, the mirror's sustained apply rate per backend, p99 vs the goal (500 ms),
+and the apply rate of each backend against the first one's. --profile writes a cProfile of the
+mirror process (pstats file) and prints the top.
 """
 from __future__ import annotations
 
@@ -26,12 +28,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mirror.catalog import SqliteCatalog  # noqa: E402
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
+
 from devtools import stack  # noqa: E402
-from xdc.config import XdcConfig  # noqa: E402
+from xdc.config import XdcConfig, parse_config  # noqa: E402
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from xdc.io.kafka import ensure_topics, make_producer  # noqa: E402
 from xdc.stats import percentile  # noqa: E402
+from xdc.topology import Topology  # noqa: E402
+
+
+def bootstrap(cfg: XdcConfig, dc: str) -> list[str]:
+    return list(cfg.dc(dc).kafka.bootstrap_servers)
 
 SRC = "idca-drive"
 GOAL_P99_S = 0.5
@@ -45,7 +52,7 @@ def produce_paced(cfg: XdcConfig, topic: str, rate: float, seconds: float, produ
     late_ticks = [0] * producers
 
     def run(i: int) -> None:
-        p = make_producer(cfg.kafka_bootstrap("A"), acks=1, linger_ms=2, batch_size=256 * 1024)
+        p = make_producer(bootstrap(cfg, "A"), acks=1, linger_ms=2, batch_size=256 * 1024)
         try:
             t0 = time.monotonic()
             owed = 0.0
@@ -84,14 +91,13 @@ def produce_paced(cfg: XdcConfig, topic: str, rate: float, seconds: float, produ
 
 
 # -- baseline: Kafka alone ----------------------------------------------------------------------
-def _baseline_consumer(run_dir: str, topic: str, expect: int, ready: Any, out: Any) -> None:
+def _baseline_consumer(boot: list[str], topic: str, expect: int, ready: Any, out: Any) -> None:
     import json
 
     from kafka import KafkaConsumer, TopicPartition
 
     from xdc.events import parse_time
-    cfg = stack.open_config(run_dir, dc="B")
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=None, enable_auto_commit=False,
+    c = KafkaConsumer(bootstrap_servers=boot, group_id=None, enable_auto_commit=False,
                       fetch_max_wait_ms=50)
     tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
     c.assign(tps)
@@ -112,12 +118,15 @@ def _baseline_consumer(run_dir: str, topic: str, expect: int, ready: Any, out: A
 
 
 # -- the mirror, in its own process ---------------------------------------------------------------
-def _mirror_proc(run_dir: str, stop: Any, ready: Any, profile: str | None) -> None:
+def _mirror_proc(cfg_data: dict[str, Any], base_dir: str, env: dict[str, str], stop: Any, ready: Any,
+                 profile: str | None) -> None:
+    import xdc.io.consume as consume_mod
+    import mirror.runner as runner_mod
     from mirror.runner import Mirror
     from xdc.metrics import Metrics, new_registry
-    import mirror.runner as runner_mod
-    cfg = stack.open_config(run_dir, dc="B")
-    with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+    os.environ.update(env)
+    cfg = parse_config(cfg_data, base_dir=Path(base_dir))
+    with Topology(cfg, "B") as topo, Mirror(topo, metrics=Metrics(new_registry())) as m:
         m.run(once=True)  # join the group and drain whatever is there before the clock starts
         # wall time per phase of the loop (wrappers on the instance / module, this process only)
         phases: dict[str, list[float]] = {}
@@ -132,14 +141,16 @@ def _mirror_proc(run_dir: str, stop: Any, ready: Any, profile: str | None) -> No
                     acc[0] += time.perf_counter() - t
                     acc[1] += 1
             return wrapper
-        for c in m.consumers().values():
+        for c in m._consumers.values():
             c.poll = timed("kafka poll", c.poll)
-        m.catalog.commit_batch = timed("catalog commit_batch (sqlite)", m.catalog.commit_batch)
-        m.catalog.get_many = timed("catalog get_many", m.catalog.get_many)
+        backend = topo.here.state.backend
+        m.catalog.commit_batch = timed(f"state commit_batch ({backend})", m.catalog.commit_batch)
+        m.catalog.get_many = timed(f"state get_many ({backend})", m.catalog.get_many)
         m.flush_outbox = timed("flush_outbox (publish applied)", m.flush_outbox)
-        m.process = timed("process (whole batch)", m.process)
+        m.loop.handler = m  # the loop calls m.handle: time it through the instance
+        m.handle = timed("handle (whole batch)", m.handle)  # type: ignore[method-assign]
         m._observe_consumer_lag = timed("consumer lag gauge (committed())", m._observe_consumer_lag)
-        runner_mod.commit = timed("kafka offset commit", runner_mod.commit)
+        consume_mod.commit = timed("kafka offset commit", consume_mod.commit)
         runner_mod.parse_message = timed("parse_message", runner_mod.parse_message)
         ready.set()
         if profile:
@@ -159,6 +170,56 @@ def _mirror_proc(run_dir: str, stop: Any, ready: Any, profile: str | None) -> No
             sys.stdout.flush()
 
 
+def phase_config(cfg: XdcConfig, backend: str, pg_urls: dict[str, str], run: Path) -> dict[str, Any]:
+    """The stack's config with an events topic, a group and a state of this phase's own."""
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    data["mirror"]["group_id"] = f"bench-{backend}"
+    for dc, d in data["datacenters"].items():
+        d["kafka"]["topics"]["events"] = f"bench.{backend}.events"
+        d["state_url"] = pg_urls[dc] if backend == "postgres" else f"sqlite:///{run / f'bench-{dc}.db'}"
+    return data
+
+
+def mirror_phase(cfg: XdcConfig, backend: str, run: Path, args: argparse.Namespace, ctx: Any) -> dict[str, float]:
+    data = phase_config(cfg, backend, {dc: cfg.dc(dc).state_url for dc in cfg.datacenters}, run)
+    pcfg = parse_config(data, base_dir=cfg.base_dir)
+    topic = pcfg.dc("A").kafka.topics.events
+    ensure_topics(bootstrap(cfg, "A"), [topic], args.partitions)
+    stop, ready = ctx.Event(), ctx.Event()
+    env = {k: v for k, v in os.environ.items() if k.startswith("XDC_")}
+    mproc = ctx.Process(target=_mirror_proc, args=(data, str(cfg.base_dir), env, stop, ready, args.profile))
+    mproc.start()
+    if not ready.wait(120):
+        raise SystemExit("mirror did not join in 120 s")
+    prod = produce_paced(cfg, topic, args.rate, args.seconds, args.producers, "run")
+    print(f"[{backend}] produced {prod['sent']:.0f} events in {prod['seconds']:.1f}s = {prod['rate']:.0f}/s "
+          f"(target {args.rate:.0f}/s, {prod['late_ticks']:.0f} late ticks)", flush=True)
+    with Topology(pcfg, "B") as topo:
+        cat = topo.here.state.catalog
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if cat.route_totals().get("lidar", {}).get("objects", 0) >= prod["sent"]:
+                break
+            time.sleep(0.5)
+        stop.set()
+        mproc.join(60)
+        rows = sorted(((e.event_time, e.applied_time) for e in cat.live_objects()), key=lambda r: r[1])
+    lags = [max(0.0, a - e) for e, a in rows]
+    span = rows[-1][1] - rows[0][1] if len(rows) > 1 else 0.0
+    # sustained: applied per second over the middle 80 % of the run (no ramp up / drain)
+    t0, t1 = rows[0][1] + 0.1 * span, rows[0][1] + 0.9 * span
+    mid = sum(1 for _, a in rows if t0 <= a <= t1)
+    rate = mid / (t1 - t0) if t1 > t0 else 0.0
+    p50, p99 = percentile(lags, 50) or 0.0, percentile(lags, 99) or 0.0
+    print(f"[{backend}] mirror: applied {len(rows)}/{prod['sent']:.0f}; lag p50 {p50 * 1000:.0f} ms  "
+          f"p99 {p99 * 1000:.0f} ms  max {max(lags) * 1000:.0f} ms")
+    print(f"[{backend}] sustained apply rate {rate:.0f}/s (middle 80 %), "
+          f"{len(rows) / span if span else 0:.0f}/s overall; offered {prod['rate']:.0f}/s")
+    print(f"[{backend}] p99 vs goal {GOAL_P99_S * 1000:.0f} ms: {p99 / GOAL_P99_S:.2f}x -> "
+          f"{'MET' if p99 < GOAL_P99_S else 'MISSED'}", flush=True)
+    return {"p50": p50, "p99": p99, "rate": rate}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=5000)
@@ -168,6 +229,7 @@ def main() -> int:
     ap.add_argument("--batch-records", type=int, default=2000)
     ap.add_argument("--batch-seconds", type=float, default=0.05)
     ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--state", default="sqlite,postgres", help="state backends, in order (the first is the reference)")
     ap.add_argument("--profile", default=None, help="write a cProfile of the mirror process here")
     args = ap.parse_args()
 
@@ -175,19 +237,17 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     try:
         t = time.monotonic()
-        cfg = stack.up(run, nodes=0, config_overrides={
+        cfg = stack.up(run, nodes=0, state="postgres", config_overrides={
             "mirror": {"batch_max_records": args.batch_records, "batch_max_seconds": args.batch_seconds},
             "datacenters": {dc: {"kafka": {"partitions": args.partitions}} for dc in ("A", "B")}})
         print(f"stack up in {time.monotonic() - t:.1f}s ({run})", flush=True)
-        topic = cfg.dc("A").kafka.topics.events
-        ensure_topics(cfg.kafka_bootstrap("A"), [topic], args.partitions)
 
         # baseline: Kafka produce -> consume, nothing else (own topic: the mirror never sees it)
         btopic = "bench.baseline"
-        ensure_topics(cfg.kafka_bootstrap("A"), [btopic], args.partitions)
+        ensure_topics(bootstrap(cfg, "A"), [btopic], args.partitions)
         q, ready = ctx.Queue(), ctx.Event()
         expect = int(args.rate * args.baseline_seconds)
-        cons = ctx.Process(target=_baseline_consumer, args=(str(run), btopic, expect, ready, q))
+        cons = ctx.Process(target=_baseline_consumer, args=(bootstrap(cfg, "A"), btopic, expect, ready, q))
         cons.start()
         ready.wait(60)
         prod = produce_paced(cfg, btopic, args.rate, args.baseline_seconds, args.producers, "base")
@@ -197,39 +257,12 @@ def main() -> int:
               f"lag p50 {percentile(base, 50) * 1000:.1f} ms  p99 {percentile(base, 99) * 1000:.1f} ms  "
               f"max {max(base) * 1000:.1f} ms  (n={len(base)})", flush=True)
 
-        # mirror: joins and drains before the clock starts
-        stop, ready = ctx.Event(), ctx.Event()
-        mproc = ctx.Process(target=_mirror_proc, args=(str(run), stop, ready, args.profile))
-        mproc.start()
-        if not ready.wait(120):
-            raise SystemExit("mirror did not join in 120 s")
-        prod = produce_paced(cfg, topic, args.rate, args.seconds, args.producers, "run")
-        print(f"produced {prod['sent']:.0f} events in {prod['seconds']:.1f}s = {prod['rate']:.0f}/s "
-              f"(target {args.rate:.0f}/s, {prod['late_ticks']:.0f} late ticks)", flush=True)
-        cat = SqliteCatalog(cfg.catalog_path("B"))
-        deadline = time.monotonic() + 300
-        where = "key LIKE 'lidar/run/%'"
-        while time.monotonic() < deadline:
-            n = cat.query(f"SELECT COUNT(*) n FROM objects WHERE {where}")[0]["n"]
-            if n >= prod["sent"]:
-                break
-            time.sleep(0.5)
-        stop.set()
-        mproc.join(60)
-        rows = cat.query(f"SELECT event_time, applied_time FROM objects WHERE {where} ORDER BY applied_time")
-        lags = [max(0.0, r["applied_time"] - r["event_time"]) for r in rows]
-        span = rows[-1]["applied_time"] - rows[0]["applied_time"] if len(rows) > 1 else 0.0
-        # sustained: applied per second over the middle 80 % of the run (no ramp up / drain)
-        t0, t1 = rows[0]["applied_time"] + 0.1 * span, rows[0]["applied_time"] + 0.9 * span
-        mid = sum(1 for r in rows if t0 <= r["applied_time"] <= t1)
-        p50, p99 = percentile(lags, 50) or 0.0, percentile(lags, 99) or 0.0
-        bp99 = percentile(base, 99) or 1e-9
-        print(f"mirror: applied {len(rows)}/{prod['sent']:.0f}; lag p50 {p50 * 1000:.0f} ms  p99 {p99 * 1000:.0f} ms  "
-              f"max {max(lags) * 1000:.0f} ms")
-        print(f"sustained apply rate {mid / (t1 - t0) if t1 > t0 else 0:.0f}/s (middle 80 %), "
-              f"{len(rows) / span if span else 0:.0f}/s overall; offered {prod['rate']:.0f}/s")
-        print(f"p99 vs goal {GOAL_P99_S * 1000:.0f} ms: {p99 / GOAL_P99_S:.2f}x -> {'MET' if p99 < GOAL_P99_S else 'MISSED'}; "
-              f"p99 vs kafka-only baseline: {p99 / bp99:.1f}x")
+        results = {b: mirror_phase(cfg, b, run, args, ctx) for b in args.state.split(",")}
+        first = next(iter(results))
+        for b, r in results.items():
+            print(f"{b}: p99 {r['p99'] * 1000:.0f} ms, apply {r['rate']:.0f}/s = "
+                  f"{r['rate'] / results[first]['rate']:.2f}x of {first}; "
+                  f"p99 vs kafka-only baseline {r['p99'] / (percentile(base, 99) or 1e-9):.1f}x")
         if args.profile and os.path.exists(args.profile):
             import pstats
             pstats.Stats(args.profile).sort_stats("cumulative").print_stats(25)

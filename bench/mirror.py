@@ -22,39 +22,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kafka import KafkaConsumer  # noqa: E402
 
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
-from mirror.runner import Mirror  # noqa: E402
 from devtools import stack  # noqa: E402
+from mirror.runner import Mirror  # noqa: E402
+from xdc.topology import Topology  # noqa: E402
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from xdc.io.kafka import make_producer  # noqa: E402
 from xdc.metrics import Metrics, new_registry  # noqa: E402
-from xdc.io.store import store_for  # noqa: E402
 
 MIB = 2**20
 
 
 def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
     """Run the mirror once; time from its first batch to its last (group join excluded)."""
-    m = Mirror(cfg, "B", metrics=Metrics(new_registry()), group_id=group)
+    topo = Topology(cfg, "B")
+    m = Mirror(topo, metrics=Metrics(new_registry()), group_id=group)
     first: list[float] = []
     last: list[float] = []
-    inner = m.process
+    inner = m.handle
 
-    def process(src, records):  # type: ignore[no-untyped-def]
+    def handle(batch):  # type: ignore[no-untyped-def]
         if not first:
             first.append(time.perf_counter())
-        r = inner(src, records)
+        r = inner(batch)
         last[:] = [time.perf_counter()]
         return r
-    m.process = process  # type: ignore[method-assign]
+    m.handle = handle  # type: ignore[method-assign]
     try:
         st = m.run(once=True)
     finally:
         m.close()
+        topo.close()
     return st.applied, st.bytes_copied, (last[0] - first[0]) if first else 0.0
 
 
 def raw_consume(cfg, topic: str, n: int) -> float:  # type: ignore[no-untyped-def]
-    c = KafkaConsumer(topic, bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=f"raw-{time.time_ns()}",
+    c = KafkaConsumer(topic, bootstrap_servers=cfg.dc("A").kafka.bootstrap_servers, group_id=f"raw-{time.time_ns()}",
                       auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
                       heartbeat_interval_ms=1000, max_poll_records=500)
     got, t0 = 0, None
@@ -84,7 +86,7 @@ def main() -> None:
         dst_bucket = cfg.routes[0].target.bucket
 
         # 1. metadata apply vs raw consume
-        p = make_producer(cfg.kafka_bootstrap("A"))
+        p = make_producer(cfg.dc("A").kafka.bootstrap_servers)
         for i in range(args.events):
             key = f"lidar/bench/{i:08d}.bin"
             p.send(topic, key=message_key(src_bucket, key),
@@ -98,7 +100,7 @@ def main() -> None:
               f"({applied} applied); ratio {apply_rate / raw_rate:.2f} (goal >= 0.8)")
 
         # 2. data copy vs s5cmd
-        a = store_for(cfg, "A")
+        a = Topology(cfg, "A").here.store
         blob = os.urandom(args.object_mib * MIB)
         for i in range(args.objects):
             info = a.put(src_bucket, f"camera/bench/{i:04d}.bin", blob[i:] + blob[:i])
@@ -118,9 +120,9 @@ def main() -> None:
         env_b = {**env, "AWS_ACCESS_KEY_ID": os.environ["XDC_B_ACCESS_KEY"],
                  "AWS_SECRET_ACCESS_KEY": os.environ["XDC_B_SECRET_KEY"]}
         t0 = time.perf_counter()
-        subprocess.run([s5, "--endpoint-url", cfg.s3_url("A"), "cp", f"s3://{src_bucket}/camera/bench/*", f"{tmp}/"],
+        subprocess.run([s5, "--endpoint-url", cfg.dc("A").s3.internal_url, "cp", f"s3://{src_bucket}/camera/bench/*", f"{tmp}/"],
                        check=True, env=env, capture_output=True)
-        subprocess.run([s5, "--endpoint-url", cfg.s3_url("B"), "cp", f"{tmp}/", f"s3://{dst_bucket}/s5cmd-bench/"],
+        subprocess.run([s5, "--endpoint-url", cfg.dc("B").s3.internal_url, "cp", f"{tmp}/", f"s3://{dst_bucket}/s5cmd-bench/"],
                        check=True, env=env_b, capture_output=True)
         s5_s = time.perf_counter() - t0
         s5_mibs = total / MIB / s5_s

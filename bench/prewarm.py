@@ -24,10 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_client.juicefs import format_volume, juicefs_bin, mount_node, run_juicefs, umount_node  # noqa: E402
-from cache_client.prewarm.pipeline import run_prewarm  # noqa: E402
+
+from cache_client.juicefs import (  # noqa: E402
+    format_volume,
+    juicefs_bin,
+    mount_node,
+    run_juicefs,
+    umount_node,
+)
+from cache_client.prewarm.pipeline import Request, bandwidth, run_prewarm  # noqa: E402
+from xdc.topology import Topology  # noqa: E402
 from cache_client.prewarm.progress import Progress  # noqa: E402
-from cache_client.state import PrewarmState  # noqa: E402
 from xdc.config import CacheConfig, CacheNode, XdcConfig, parse_config  # noqa: E402
 
 MIB = 1 << 20
@@ -41,7 +48,7 @@ def config(cache: CacheConfig, base: Path) -> XdcConfig:
             "s3": {"internal_url": "http://127.0.0.1:1", "external_url": "http://127.0.0.1:1",
                    "credentials": {"access_key_env": "X", "secret_key_env": "Y"}},
             "kafka": {"bootstrap_servers": ["127.0.0.1:1"]},
-            "catalog_url": f"sqlite:///{base / 'catalog.db'}",
+            "state_url": f"sqlite:///{base / 'state.db'}",
             "cache": cache.model_dump(mode="json"),
             "buckets": [BUCKET],
         }},
@@ -108,7 +115,7 @@ def main() -> None:
         lst = base / "list.txt"
         lst.write_text("\n".join(keys) + "\n")
         cfg = config(cache, base)
-        state = PrewarmState(cfg.catalog_path("dca"))
+        site = Topology(cfg, "dca").here
         total_mib = 2 * a.files * a.size_kib / 1024  # two nodes, replicate
         print(f"{a.files} files x {a.size_kib} KiB, 2 nodes (replicate), -p {a.threads}; {total_mib:.0f} MiB loaded per run")
 
@@ -118,9 +125,9 @@ def main() -> None:
                 evict_all(cache, keys, base)
                 base_t.append(baseline(cache, keys, base))
             evict_all(cache, keys, base)
-            progress = Progress(state.bandwidth("dca", cfg.prewarm.default_bandwidth_mib_s), render="none")
+            progress = Progress(bandwidth(site), render="none")
             t = time.monotonic()
-            report = run_prewarm(cfg, "dca", lst, progress=progress, state=state)
+            report = run_prewarm(site, Request(str(lst)), progress=progress)
             ours_t.append(time.monotonic() - t)
             if rep % 2 == 0:
                 evict_all(cache, keys, base)

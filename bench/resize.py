@@ -31,9 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from resize.frame import available_backends, default_backend, render_pixels, resize_frame  # noqa: E402
-from xdc.config import ResizeSettings  # noqa: E402
 from devtools.samples import make_frame  # noqa: E402
+from resize.frame import (  # noqa: E402
+    available_backends,
+    default_backend,
+    render_pixels,
+    resize_frame,
+)
+from xdc.config import ResizeSettings  # noqa: E402
 
 SETTINGS = ResizeSettings(bucket="frames")
 BOX = (SETTINGS.width, SETTINGS.height)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
 
+from cache_client.placement import HashRing
 from cache_client.plan import Bandwidth, NodeCapacity, Plan, make_plan
 from xdc.errors import CacheError
 
@@ -252,8 +253,6 @@ class CacheCluster(ABC):
         """node -> the files it should hold, by the cluster's placement."""
         if self.placement == "replicate" or len(self.nodes) == 1:
             return {n: list(files) for n in self.nodes}
-        from cache_client.placement import HashRing
-
         ring = HashRing(self.nodes, self.virtual_nodes)
         out: dict[str, list[CacheFile]] = {n: [] for n in self.nodes}
         for f in files:

@@ -1,76 +1,26 @@
-"""Object keys: validation, mapping into a datacenter, and their place inside a cache mount.
+"""Object keys of file lists: mapping into a datacenter, and their place inside a cache mount.
 
-Every key handled by the cache client is the string "bucket/key". Keys come from file lists
-written by people and tools, so they are checked once here before they turn into paths: a key
-that could climb out of a mount ("..", absolute paths, backslashes) or that the mount could not
-represent exactly (empty or "." segments, control characters) is refused with a `BadKey`.
+Every key handled by the cache client is the string "bucket/key", checked by the one key rule
+(`xdc.keys.check_bucket_key`) before it turns into a path: a key that could climb out of a mount
+or that the mount could not represent exactly is refused with a `BadKey`.
 """
 from __future__ import annotations
 
 import os
 import posixpath
-import re
 from pathlib import Path
 
 from xdc.config import Route, XdcConfig
 from xdc.errors import BadKey, ConfigError
-
-MAX_KEY_BYTES = 1024  # S3's own limit on the key (the part after the bucket)
-
-# Same rule as xdc.config's bucket check (S3 bucket naming).
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_GOOD_BUCKETS: set[str] = set()  # names that passed _BUCKET_RE
-# One C-level scan for everything a key may never contain: C0/C1 controls, DEL, backslash and
-# lone surrogates (what undecodable bytes become under errors="surrogateescape").
-_FORBIDDEN_RE = re.compile("[\x00-\x1f\x7f-\x9f\\\\\ud800-\udfff]")
-
-
-def validate_key(key: str) -> str:
-    """Return `key` as "bucket/key", accepting "s3://bucket/key" too; raise BadKey otherwise."""
-    if not isinstance(key, str):
-        raise BadKey("not_str", f"expected a string, got {type(key).__name__}")
-    if key.startswith(("s3://", "S3://")):
-        key = key[5:]
-    bad = _FORBIDDEN_RE.search(key)
-    if bad is not None:
-        ch = bad.group()
-        if ch == "\\":
-            raise BadKey("backslash", repr(key))
-        if "\ud800" <= ch <= "\udfff":
-            raise BadKey("not_utf8", repr(key))
-        raise BadKey("control_char", repr(key))
-    if key.startswith("/"):
-        raise BadKey("absolute", repr(key))
-    bucket, sep, rest = key.partition("/")
-    if not sep or not bucket:
-        raise BadKey("missing_bucket", f"{key!r}: need bucket/key or s3://bucket/key")
-    if bucket not in _GOOD_BUCKETS:
-        if not _BUCKET_RE.match(bucket):
-            raise BadKey("bad_bucket", repr(bucket))
-        if len(_GOOD_BUCKETS) < 4096:  # lists name few buckets; the memo saves a regex a key
-            _GOOD_BUCKETS.add(bucket)
-    if not rest:
-        raise BadKey("missing_key", repr(key))
-    # A char is at most 4 UTF-8 bytes: only long keys need encoding to be measured.
-    if len(rest) * 4 > MAX_KEY_BYTES and len(rest.encode("utf-8")) > MAX_KEY_BYTES:
-        raise BadKey("too_long", f"{len(rest.encode('utf-8'))} bytes > {MAX_KEY_BYTES}: {key[:80]!r}...")
-    # Splitting is needed only when a segment may be empty or start with a dot (most keys: no).
-    if rest[0] in "./" or rest[-1] == "/" or "/." in rest or "//" in rest:
-        segments = rest.split("/")
-        if ".." in segments or "." in segments:
-            raise BadKey("dot_segment", repr(key))
-        # S3 allows "a//b" and "dir/", but a mount path collapses or cannot name them.
-        if "" in segments:
-            raise BadKey("empty_segment", repr(key))
-    return key
-
+from xdc.keys import check_bucket_key as validate_key
+from xdc.keys import is_bucket_name
 
 def _normalise_prefix(prefix: str) -> str:
     """A dataset prefix as "bucket" or "bucket/some/dir", validated like a key."""
     p = prefix[5:] if prefix.startswith(("s3://", "S3://")) else prefix
     p = p.rstrip("/")
     if "/" not in p:
-        if not _BUCKET_RE.match(p):
+        if not is_bucket_name(p):
             raise BadKey("bad_bucket", f"prefix {prefix!r}")
         return p
     return validate_key(p)
@@ -102,7 +52,7 @@ class KeyMapper:
             if r.target.dc == dc:
                 local.add(r.target.bucket)
         self._local_buckets = frozenset(local)
-        routes = [r for r in cfg.routes_into(dc) if home_dc is None or r.source.dc == home_dc]
+        routes = [r for r in cfg.routes if r.target.dc == dc and (home_dc is None or r.source.dc == home_dc)]
         # Most specific first, so the first covering route is the one to use.
         self._routes: dict[str, list[Route]] = {}
         for r in sorted(routes, key=lambda r: len(r.source.prefix), reverse=True):

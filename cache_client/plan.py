@@ -9,6 +9,7 @@ aggregate warm rate (all nodes together) and both numbers learnt per datacenter 
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -214,3 +215,44 @@ def format_seconds(s: float) -> str:
         return f"{m}m{sec:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m"
+
+
+RECENT_RUNS = 5  # warm runs the estimate learns from
+MIN_RUN_SECONDS = 0.2  # runs this short say more about process start-up than about bandwidth
+
+
+def estimate_bandwidth(runs: Sequence[tuple[int, int, float]], default_mib_s: float) -> Bandwidth:
+    """Fit seconds = bytes / bw + files * c over recent runs (bytes, files, seconds).
+
+    With runs of different file-size mixes a least-squares fit separates bandwidth from per-file
+    overhead; otherwise (or if the fit is not physical) keep the default overhead and take the
+    median bandwidth of the runs, robust to one odd run.
+    """
+    if not runs:
+        return Bandwidth(default_mib_s * MIB, DEFAULT_PER_FILE_SECONDS, "default")
+    src = f"measured ({len(runs)} runs)"
+    if len(runs) >= 3:
+        fit = _fit(runs)
+        if fit is not None:
+            return Bandwidth(fit[0], fit[1], src)
+    bws = [b / max(s - f * DEFAULT_PER_FILE_SECONDS, 1e-3) for b, f, s in runs if b > 0]
+    if not bws:
+        return Bandwidth(default_mib_s * MIB, DEFAULT_PER_FILE_SECONDS, "default")
+    return Bandwidth(statistics.median(bws), DEFAULT_PER_FILE_SECONDS, src)
+
+
+def _fit(runs: Sequence[tuple[int, int, float]]) -> tuple[float, float] | None:
+    # Normal equations for s = a*b + c*f (no intercept): a = 1/bandwidth, c = per-file overhead.
+    sbb = sum(b * b for b, _, _ in runs)
+    sff = sum(f * f for _, f, _ in runs)
+    sbf = sum(b * f for b, f, _ in runs)
+    sbs = sum(b * s for b, _, s in runs)
+    sfs = sum(f * s for _, f, s in runs)
+    det = sbb * sff - sbf * sbf
+    if det <= 1e-9 * sbb * sff:  # same file-size mix in every run: a and c can't be told apart
+        return None
+    a = (sbs * sff - sfs * sbf) / det
+    c = (sfs * sbb - sbs * sbf) / det
+    if a <= 0 or c < 0:
+        return None
+    return 1 / a, c

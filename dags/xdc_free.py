@@ -22,13 +22,15 @@ from airflow.sdk import Param, dag, task
 def xdc_free() -> None:
     @task
     def units(params: dict | None = None) -> list[dict]:
-        from xdc.app.airflow_tasks import free_units, load_xdc_config
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import free_units
 
         return free_units(load_xdc_config(), params or {})
 
     @task
     def free(unit: dict) -> dict:
-        from xdc.app.airflow_tasks import free_unit, load_xdc_config
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import free_unit
 
         return free_unit(load_xdc_config(), unit)
 

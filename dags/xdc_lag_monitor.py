@@ -8,7 +8,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, task
 
-from xdc.app.airflow_tasks import schedule_from_env
+from xdc.app.airflow_support import schedule_from_env
 
 
 @dag(dag_id="xdc_lag_monitor", schedule=schedule_from_env("XDC_LAG_SCHEDULE"),
@@ -17,19 +17,22 @@ from xdc.app.airflow_tasks import schedule_from_env
 def xdc_lag_monitor() -> None:
     @task
     def targets() -> list[str]:
-        from xdc.app.airflow_tasks import lag_targets, load_xdc_config
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import lag_targets
 
         return lag_targets(load_xdc_config())
 
     @task
     def snapshot(dc: str) -> dict:
-        from xdc.app.airflow_tasks import lag_snapshot, load_xdc_config
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import lag_snapshot
 
         return lag_snapshot(load_xdc_config(), dc)
 
     @task
     def objective(snapshots: list[dict]) -> dict:
-        from xdc.app.airflow_tasks import enforce_lag_objective, load_xdc_config
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import enforce_lag_objective
 
         return enforce_lag_objective(load_xdc_config(), list(snapshots))
 

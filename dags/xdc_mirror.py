@@ -11,7 +11,7 @@ import os
 import pendulum
 from airflow.sdk import Asset, dag, task
 
-from xdc.app.airflow_tasks import dc_asset_name, mirror_targets, parse_time_config, schedule_from_env
+from xdc.app.airflow_support import dc_asset_name, mirror_targets, parse_time_config, schedule_from_env
 
 CFG = parse_time_config()
 TARGETS = mirror_targets(CFG) if CFG is not None else []
@@ -23,7 +23,8 @@ def _mirror_task(dc: str):  # noqa: ANN202 - an Airflow task factory
 
     @task(task_id=f"mirror_into_{dc}", outlets=[asset])
     def mirror_into(**context) -> dict:  # noqa: ANN003
-        from xdc.app.airflow_tasks import load_xdc_config, mirror_into as run
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import mirror_into as run
 
         stats = run(load_xdc_config(), dc, MAX_SECONDS)
         context["outlet_events"][asset].extra = {k: stats[k] for k in ("records", "applied", "dead_letters")}
@@ -40,7 +41,7 @@ def xdc_mirror() -> None:
         @task
         def no_routes() -> None:
             """The config could not be read while parsing (or names no routes): say why."""
-            from xdc.app.airflow_tasks import load_xdc_config
+            from xdc.app.airflow_support import load_xdc_config
             from xdc.errors import ConfigError
 
             load_xdc_config()  # raises the ConfigError that explains what is missing

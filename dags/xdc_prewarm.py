@@ -4,19 +4,19 @@ Started by a release event on Kafka (the ``xdc-release`` asset's watcher, topics
 from the config: the local datacenter's releases topic, connection ``kafka.airflow_conn_id`` or
 ``xdc_kafka``), or by hand / REST with params {dataset, version, manifest, datacenters, prefix}.
 
-Per (release, datacenter): ready gate (every file mirrored into the DC) -> plan (files, bytes,
-per-node shares, ETA; in the log and XCom) -> warm, mapped over the cache nodes -> check (per
-file; re-warms stragglers, registers the dataset version as active there) -> report (fails the run
-when any datacenter is not 100 % cached).
+Per (release, datacenter), the phases of the one prewarm pipeline: resolve (the file list is
+fetched and mapped once, kept in the datacenter's state) -> ready gate (every file mirrored into
+the DC) -> plan (files, bytes, per-node shares, ETA; in the log and XCom) -> warm, mapped over the
+cache nodes -> check (per file; re-warms stragglers, registers the dataset version as active
+there) -> report (fails the run when any datacenter is not 100 % cached).
+Imports inside tasks keep DAG parsing light (Airflow's advice); they are not hiding a cycle.
 """
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from xdc.app.airflow_support import release_asset
-
-from xdc.app.airflow_tasks import parse_time_config, release_watch
+from xdc.app.airflow_support import parse_time_config, release_asset, release_watch
 
 CFG = parse_time_config()
 # No config while parsing: manual/REST runs only (a watcher on a guessed topic would crash-loop).
@@ -50,19 +50,30 @@ def xdc_prewarm() -> None:
 
     @task
     def units(releases: list[dict]) -> list[dict]:
-        from xdc.app.airflow_tasks import load_xdc_config, prewarm_units
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import prewarm_units
 
         return prewarm_units(load_xdc_config(), releases)
 
     @task
+    def resolve(unit: dict) -> dict:
+        """Fetch and resolve the file list once; later tasks read it from the datacenter's state."""
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import unit_resolve
+
+        return unit_resolve(load_xdc_config(), unit)
+
+    @task
     def ready(unit: dict, params: dict | None = None) -> dict:
-        from xdc.app.airflow_tasks import load_xdc_config, unit_ready
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import unit_ready
 
         return unit_ready(load_xdc_config(), unit, (params or {}).get("ready_timeout"))
 
     @task
     def plan(unit: dict) -> dict:
-        from xdc.app.airflow_tasks import load_xdc_config, unit_plan
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import unit_plan
 
         return unit_plan(load_xdc_config(), unit)
 
@@ -74,13 +85,15 @@ def xdc_prewarm() -> None:
 
     @task
     def warm(job: dict) -> dict:
-        from xdc.app.airflow_tasks import load_xdc_config, warm_node_job
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import warm_node_job
 
         return warm_node_job(load_xdc_config(), job)
 
     @task(trigger_rule=NONE_FAILED)
     def check(unit: dict, warms: list[dict] | None = None) -> dict:
-        from xdc.app.airflow_tasks import load_xdc_config, unit_check
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import unit_check
 
         return unit_check(load_xdc_config(), unit, list(warms or []))
 
@@ -90,7 +103,7 @@ def xdc_prewarm() -> None:
 
         return prewarm_outcome(checks)
 
-    gated = ready.expand(unit=units(releases()))
+    gated = ready.expand(unit=resolve.expand(unit=units(releases())))
     plans = plan.expand(unit=gated)
     warmed = warm.expand(job=node_jobs(plans))
     report(check.partial(warms=warmed).expand(unit=gated))

@@ -12,7 +12,7 @@ import os
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from xdc.app.airflow_tasks import schedule_from_env
+from xdc.app.airflow_support import schedule_from_env
 
 MAX_SECONDS = float(os.environ.get("XDC_RESIZE_MAX_SECONDS", "50"))
 
@@ -24,14 +24,16 @@ MAX_SECONDS = float(os.environ.get("XDC_RESIZE_MAX_SECONDS", "50"))
 def xdc_resize() -> None:
     @task
     def shards(params: dict | None = None) -> list[dict]:
-        from xdc.app.airflow_tasks import load_xdc_config, resize_shards
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import resize_shards
 
         got = resize_shards(load_xdc_config(), (params or {}).get("shards", 2))
         return [{"shard": s, "of": len(got)} for s in got]
 
     @task
     def resize(job: dict) -> dict:
-        from xdc.app.airflow_tasks import load_xdc_config, resize_shard
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import resize_shard
 
         return resize_shard(load_xdc_config(), job["shard"], job["of"], MAX_SECONDS)
 

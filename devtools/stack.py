@@ -12,19 +12,23 @@ import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cache_client import juicefs
+from cache_client.juicefs import juicefs_bin, mount_node
+from devtools import postgres
+from devtools.procs import Proc, StackError, alive, free_port, http_ok, spawn, stop_proc, tcp_ready, wait_ready
 from xdc.config import XdcConfig, load_config, parse_config
-from xdc.errors import XdcError
+from xdc.io.kafka import ensure_topics
+from xdc.io.store import S3Store
+from xdc.retry import RetryPolicy
+from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +36,6 @@ DEFAULT_DCS = ("A", "B")
 STATE_FILE = "stack.json"
 CONFIG_FILE = "xdc.yaml"
 SECRETS_FILE = "secrets.env"
-
-
-class StackError(XdcError):
-    pass
-
-
-@dataclass
-class Proc:
-    name: str
-    pid: int
-    start_ticks: int  # /proc/PID/stat starttime: guards against pid reuse
-    cmd: list[str]
-    log: str
-    port: int | None = None
 
 
 @dataclass
@@ -75,85 +65,20 @@ def tansu_bin() -> str:
     return str(p)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_ticks(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _alive(p: Proc) -> bool:
-    if p.start_ticks == -1 or _start_ticks(p.pid) != p.start_ticks:
-        return False
-    try:  # a zombie child of ours still has a /proc entry: reap it and call it dead
-        state = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
-        try:
-            os.waitpid(p.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        return False
-    return True
-
-
-def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-           port: int | None = None) -> Proc:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-    return Proc(name, proc.pid, _start_ticks(proc.pid), cmd, str(log_path), port)
-
-
-def _wait(check: Any, what: str, proc: Proc | None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and not _alive(proc):
-            tail = Path(proc.log).read_text(errors="replace")[-2000:] if Path(proc.log).exists() else ""
-            raise StackError(f"{what} exited during start-up; log {proc.log}:\n{tail}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise StackError(f"{what} not ready after {timeout:.0f}s")
-
-
-def _tcp_ready(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - loopback only
-        return r.status == 200
-
-
 # -- servers ----------------------------------------------------------------------------------
 def start_broker(run_dir: Path, dc: str, *, port: int | None = None, storage: str = "memory://tansu/",
                  env: dict[str, str] | None = None) -> Proc:
     port = port or free_port()
     url = f"tcp://127.0.0.1:{port}"
-    p = _spawn(f"broker-{dc}", [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+    p = spawn(f"broker-{dc}", [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                                 "--storage-engine", storage],
                run_dir / "logs" / f"broker-{dc}.log", env, port)
-    _wait(lambda: _tcp_ready(port), f"broker {dc}", p)
+    wait_ready(lambda: tcp_ready(port), f"broker {dc}", p)
     return p
 
 
 def format_volume(dc_dir: Path, name: str) -> str:
     """A JuiceFS volume on file storage with SQLite metadata (idempotent). Returns the meta URL."""
-    from cache_client import juicefs
     meta = f"sqlite3://{dc_dir / 'meta.db'}"
     dc_dir.mkdir(parents=True, exist_ok=True)
     juicefs.format_volume(meta, dc_dir / "data", name)
@@ -165,37 +90,19 @@ def start_gateway(run_dir: Path, dc: str, meta: str, access_key: str, secret_key
     port = port or free_port()
     dc_dir = run_dir / dc
     env = {"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key}
-    from cache_client.juicefs import juicefs_bin
-    p = _spawn(f"s3-{dc}", [juicefs_bin(), "gateway", "--no-agent", "--no-usage-report", "--multi-buckets",
+    p = spawn(f"s3-{dc}", [juicefs_bin(), "gateway", "--no-agent", "--no-usage-report", "--multi-buckets",
                             "--keep-etag", "--object-meta", "--cache-dir", str(dc_dir / "gateway-cache"),
                             "--cache-size", "256", "--metrics", f"127.0.0.1:{free_port()}", meta,
                             f"127.0.0.1:{port}"],
                run_dir / "logs" / f"s3-{dc}.log", env, port)
-    _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/minio/health/live"), f"S3 gateway {dc}", p)
+    wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/live"), f"S3 gateway {dc}", p)
     return p
-
-
-def stop_proc(p: Proc, timeout: float = 10.0) -> None:
-    if not _alive(p):
-        return
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(p):
-        time.sleep(0.05)
-    if _alive(p):
-        os.killpg(p.pid, signal.SIGKILL)
-    try:  # reap it if it is our child
-        os.waitpid(p.pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 # -- the stack --------------------------------------------------------------------------------
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
-                 nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS) -> dict[str, Any]:
+                 nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
+                 state_urls: dict[str, str] | None = None) -> dict[str, Any]:
     """The config the stack writes: one datacenter per name, routes A -> B."""
     datacenters: dict[str, Any] = {}
     for dc in dcs:
@@ -206,7 +113,7 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
             "s3": {"internal_url": url, "external_url": url,
                    "credentials": {"access_key_env": f"XDC_{dc}_ACCESS_KEY", "secret_key_env": f"XDC_{dc}_SECRET_KEY"}},
             "kafka": {"bootstrap_servers": [f"127.0.0.1:{ports[dc]['kafka']}"], "partitions": 4},
-            "catalog_url": f"sqlite:///{dc}/catalog.db",
+            "state_url": (state_urls or {}).get(dc, f"sqlite:///{dc}/state.db"),
             "buckets": [f"idc{d}-datasets"],
             "cache": {
                 "meta_url": metas[dc], "placement": "replicate",
@@ -233,27 +140,39 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
 
 
 def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: tuple[str, ...] = DEFAULT_DCS,
-       config_overrides: dict[str, Any] | None = None, durable_kafka: bool = False) -> XdcConfig:
-    """Start the stack (or return the running one's config). Returns the loaded config."""
+       config_overrides: dict[str, Any] | None = None, durable_kafka: bool = False,
+       state: str = "sqlite") -> XdcConfig:
+    """Start the stack (or return the running one's config). Returns the loaded config.
+
+    `state`: "sqlite" (a file per datacenter) or "postgres" (one PostgreSQL server for the stack,
+    a database per datacenter)."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     old = StackState.load(run)
-    if old and old.procs and all(_alive(p) for p in old.procs):
+    if old and old.procs and all(alive(p) for p in old.procs):
         return open_config(run)
     if old:
         down(run)
-    state = StackState(str(run))
+    stk = StackState(str(run))
     creds: dict[str, str] = {}
     try:
         ports: dict[str, dict[str, int]] = {}
         metas: dict[str, str] = {}
+        state_urls: dict[str, str] = {}
+        if state == "postgres":
+            pg = postgres.start_postgres(run)
+            stk.procs.append(pg)
+            stk.save()
+            for dc in dcs:
+                postgres.create_database(pg.port or 0, f"xdc_{dc.lower()}")
+                state_urls[dc] = postgres.url(pg.port or 0, f"xdc_{dc.lower()}")
         for dc in dcs:
             key, secret = f"xdc{dc.lower()}{secrets.token_hex(4)}", secrets.token_urlsafe(24)
             creds[f"XDC_{dc}_ACCESS_KEY"], creds[f"XDC_{dc}_SECRET_KEY"] = key, secret
             metas[dc] = format_volume(run / dc, f"idc{dc.lower()}")
             gw = start_gateway(run, dc, metas[dc], key, secret)
-            state.procs.append(gw)
-            state.save()
+            stk.procs.append(gw)
+            stk.save()
             storage, benv = "memory://tansu/", None
             if durable_kafka:  # broker data in the DC's own S3 endpoint: survives a broker restart
                 storage = "s3://tansu/"
@@ -261,13 +180,14 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
                         "AWS_ENDPOINT": f"http://127.0.0.1:{gw.port}", "AWS_ALLOW_HTTP": "true"}
                 _make_bucket(gw.port, key, secret, "tansu")
             br = start_broker(run, dc, storage=storage, env=benv)
-            state.procs.append(br)
-            state.save()
+            stk.procs.append(br)
+            stk.save()
             ports[dc] = {"s3": gw.port or 0, "kafka": br.port or 0}
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
-        data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs)
+        data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs,
+                            state_urls=state_urls)
         data = _merge(data, config_overrides or {})
         os.environ.update(creds)
         cfg = parse_config(data, base_dir=run)
@@ -278,39 +198,35 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             cache = cfg.dc(dc).cache
             if cache is None:
                 continue
-            from cache_client.juicefs import mount_node
             for node in cache.nodes:
                 mount_node(cache.meta_url, node)
-                state.mounts.append({"dc": dc, "node": node.name, "mount": str(node.mount)})
-                state.save()
-        state.save()
+                stk.mounts.append({"dc": dc, "node": node.name, "mount": str(node.mount)})
+                stk.save()
+        stk.save()
         return cfg
     except BaseException:
-        state.save()
+        stk.save()
         down(run)
         raise
 
 
 def _make_bucket(port: int | None, key: str, secret: str, bucket: str) -> None:
-    from xdc.io.store import S3Store
-    S3Store(f"http://127.0.0.1:{port}", key, secret, attempts=3).ensure_bucket(bucket)
+    S3Store(f"http://127.0.0.1:{port}", key, secret, retry=RetryPolicy(max_attempts=3)).ensure_bucket(bucket)
 
 
 def _provision(cfg: XdcConfig) -> None:
-    """Buckets and topics the config names."""
-    from xdc.io.kafka import ensure_topics
-    from xdc.io.store import store_for
+    """Buckets and topics the config names, in each datacenter."""
     buckets: dict[str, set[str]] = {dc: set(d.buckets) for dc, d in cfg.datacenters.items()}
     for r in cfg.routes:
         buckets[r.source.dc].add(r.source.bucket)
         buckets[r.target.dc].add(r.target.bucket)
     for dc, names in buckets.items():
-        st = store_for(cfg.with_local_dc(dc), dc)
-        for b in sorted(names):
-            st.ensure_bucket(b)
-        k = cfg.dc(dc).kafka
-        ensure_topics(k.bootstrap_servers, [k.topics.events, k.topics.applied, k.topics.releases,
-                                            k.topics.dead_letter], k.partitions)
+        with Topology(cfg, dc) as topo:
+            site = topo.here
+            for b in sorted(names):
+                site.store.ensure_bucket(b)
+            k = site.config.kafka
+            ensure_topics(site.bootstrap, list(k.topics.model_dump().values()), k.partitions)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +256,7 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
     state = StackState.load(Path(run_dir))
     if state is None:
         return []
-    rows: list[dict[str, Any]] = [{"name": p.name, "pid": p.pid, "port": p.port, "alive": _alive(p), "log": p.log}
+    rows: list[dict[str, Any]] = [{"name": p.name, "pid": p.pid, "port": p.port, "alive": alive(p), "log": p.log}
                                   for p in state.procs]
     for m in state.mounts:
         rows.append({"name": f"cache-{m['node']}", "mount": m["mount"], "alive": os.path.ismount(m["mount"])})
@@ -359,7 +275,7 @@ def down(run_dir: str | Path) -> int:
             _umount(m["mount"])
             n += 1
     for p in reversed(state.procs):
-        if _alive(p):
+        if alive(p):
             stop_proc(p)
             n += 1
     state.procs, state.mounts = [], []
@@ -368,7 +284,6 @@ def down(run_dir: str | Path) -> int:
 
 
 def _umount(mount: str) -> None:
-    from cache_client.juicefs import juicefs_bin
     r = subprocess.run([juicefs_bin(), "umount", mount], capture_output=True, text=True)
     if r.returncode != 0:
         subprocess.run([juicefs_bin(), "umount", "--force", mount], capture_output=True, text=True)

@@ -1,42 +1,16 @@
-"""Pure apply logic: route an event, collapse a batch per key, decide against the catalog.
+"""Pure apply logic: collapse a batch per key, decide against the state, the entry to record.
 
-No I/O here: the runner feeds records in and acts on the decisions.
+No I/O here: the runner feeds routed events in (`xdc.routing`) and acts on the decisions.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Literal
 
-from mirror.catalog import CatalogEntry
-from xdc.events import ObjectEvent, validate_key
-from xdc.config import Route
-from xdc.errors import EventError
-from xdc.io.kafka import Record
+from xdc.io.state import CatalogEntry
+from xdc.routing import Routed
 
 Decision = Literal["apply", "stale", "duplicate"]
-
-
-@dataclass(frozen=True)
-class Routed:
-    event: ObjectEvent
-    route: Route
-    target_bucket: str
-    target_key: str
-    record: Record  # where it came from, for the dead-letter topic and offsets
-
-
-def route_event(event: ObjectEvent, routes: Sequence[Route], record: Record,
-                max_key_bytes: int = 1024) -> Routed | None:
-    """The route that covers the event, or None. The target key is re-checked so that a crafted
-    key can never land outside the route's target bucket and prefix."""
-    for r in routes:
-        if r.source.covers(event.bucket, event.key):
-            tkey = validate_key(r.target_key(event.key), max_key_bytes)
-            if not tkey.startswith(r.target.prefix):
-                raise EventError("escapes_target", f"{event.key!r} maps outside {r.target.prefix!r}")
-            return Routed(event, r, r.target.bucket, tkey, record)
-    return None
 
 
 def collapse(items: Iterable[Routed]) -> list[Routed]:

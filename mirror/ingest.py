@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirror.catalog import CatalogEntry, SqliteCatalog
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
 from mirror.march import march
-from xdc.config import XdcConfig
 from xdc.errors import ConfigError
-from xdc.io.kafka import kafka_errors, make_producer
-from xdc.io.store import ObjectInfo, Store, store_for
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
+from xdc.io.kafka import kafka_errors
+from xdc.io.state import CatalogEntry
+from xdc.io.store import ObjectInfo
+from xdc.topology import Site
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +39,17 @@ def _files(root: Path) -> Iterator[Path]:
             yield p
 
 
-def ingest(cfg: XdcConfig, dc: str, src_dir: str | Path, bucket: str, prefix: str = "", *,
+def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
            concurrency: int = 8, progress: Callable[[int, int], None] | None = None) -> IngestReport:
-    """Upload every file under src_dir to dc's bucket/prefix, then publish one S3 event per object
-    on dc's events topic (keyed by bucket/key, so one object's events stay in order)."""
-    cfg = cfg.with_local_dc(dc)
+    """Upload every file under src_dir to the site's bucket/prefix, then publish one S3 event per
+    object on the site's events topic (keyed by bucket/key, so one object's events stay in order)."""
     root = Path(src_dir)
     if not root.is_dir():
         raise ConfigError(f"ingest: not a directory: {root}")
-    store = store_for(cfg, dc)
+    store = site.store
     store.ensure_bucket(bucket)
-    k = cfg.dc(dc).kafka
-    producer = make_producer(cfg.kafka_bootstrap(dc))
+    producer = site.producer
+    region = site.config.s3.region
     rep = IngestReport()
     t0 = time.monotonic()
     paths = list(_files(root))
@@ -59,40 +58,30 @@ def ingest(cfg: XdcConfig, dc: str, src_dir: str | Path, bucket: str, prefix: st
         key = validate_key(prefix + p.relative_to(root).as_posix())
         return store.put(bucket, key, p.read_bytes())
 
-    try:
-        with ThreadPoolExecutor(concurrency) as pool:
-            for info in pool.map(upload, paths):
-                rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag,
-                                region=cfg.dc(dc).s3.region)
-                with kafka_errors("publish event"):
-                    producer.send(k.topics.events, key=message_key(bucket, info.key),
-                                  value=encode_notification([rec]))
-                rep.files += 1
-                rep.bytes += info.size
-                rep.events += 1
-                if progress:
-                    progress(rep.files, len(paths))
-        with kafka_errors("flush events"):
-            producer.flush(timeout=60)
-    finally:
-        producer.close(timeout=5)
+    with ThreadPoolExecutor(concurrency) as pool:
+        for info in pool.map(upload, paths):
+            rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
+            with kafka_errors("publish event"):
+                producer.send(site.topics.events, key=message_key(bucket, info.key), value=encode_notification([rec]))
+            rep.files += 1
+            rep.bytes += info.size
+            rep.events += 1
+            if progress:
+                progress(rep.files, len(paths))
+    with kafka_errors("flush events"):
+        producer.flush(timeout=60)
     rep.seconds = time.monotonic() - t0
     return rep
 
 
-def publish_delete(cfg: XdcConfig, dc: str, bucket: str, key: str, *, delete_object: bool = True) -> None:
-    """Delete an object in dc and publish the ObjectRemoved event a notification would."""
-    cfg = cfg.with_local_dc(dc)
+def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
+    """Delete an object in the site and publish the ObjectRemoved event a notification would."""
     if delete_object:
-        store_for(cfg, dc).delete(bucket, key)
-    producer = make_producer(cfg.kafka_bootstrap(dc))
-    try:
-        with kafka_errors("publish delete"):
-            producer.send(cfg.dc(dc).kafka.topics.events, key=message_key(bucket, key),
-                          value=encode_notification([s3_record("delete", bucket, key)]))
-            producer.flush(timeout=30)
-    finally:
-        producer.close(timeout=5)
+        site.store.delete(bucket, key)
+    with kafka_errors("publish delete"):
+        site.producer.send(site.topics.events, key=message_key(bucket, key),
+                           value=encode_notification([s3_record("delete", bucket, key)]))
+        site.producer.flush(timeout=30)
 
 
 @dataclass
@@ -107,43 +96,34 @@ class ScanReport:
         return self.__dict__.copy()
 
 
-def scan(cfg: XdcConfig, dc: str, bucket: str, prefix: str = "", *, dry_run: bool = False) -> ScanReport:
-    """For each route out of dc covering bucket/prefix: list the source, march it against the
+def scan(site: Site, bucket: str, prefix: str = "", *, dry_run: bool = False) -> ScanReport:
+    """For each route out of the site covering bucket/prefix: list the source, march it against the
     target's catalog, and publish put events for missing or changed objects and delete events
     for objects the catalog holds that the source no longer has."""
-    cfg = cfg.with_local_dc(dc)
-    routes = [r for r in cfg.routes_from(dc) if r.source.bucket == bucket
+    routes = [r for r in site.routes_out if r.source.bucket == bucket
               and (r.source.prefix.startswith(prefix) or prefix.startswith(r.source.prefix))]
     if not routes:
-        raise ConfigError(f"scan: no route from {dc}:{bucket}/{prefix}")
-    store: Store = store_for(cfg, dc)
-    k = cfg.dc(dc).kafka
+        raise ConfigError(f"scan: no route from {site.name}:{bucket}/{prefix}")
     rep = ScanReport()
-    producer = None if dry_run else make_producer(cfg.kafka_bootstrap(dc))
-    try:
-        for r in routes:
-            pfx = max(prefix, r.source.prefix, key=len)
-            catalog = SqliteCatalog(cfg.catalog_path(r.target.dc))
-            try:
-                src = store.list(bucket, pfx)
-                dst = catalog.iter_route(r.name, pfx)
-                for s_obj, c_obj in march(src, dst, lambda o: o.key, lambda e: e.source_key):
-                    if s_obj is not None:
-                        rep.listed += 1
-                    rec = _scan_record(s_obj, c_obj, rep, bucket, cfg.dc(dc).s3.region)
-                    if rec is not None and producer is not None:
-                        key = s_obj.key if s_obj is not None else c_obj.source_key  # type: ignore[union-attr]
-                        with kafka_errors("publish scan event"):
-                            producer.send(k.topics.events, key=message_key(bucket, key),
-                                          value=encode_notification([rec]))
-                        rep.events += 1
-            finally:
-                catalog.close()
-        if producer is not None:
-            producer.flush(timeout=60)
-    finally:
-        if producer is not None:
-            producer.close(timeout=5)
+    region = site.config.s3.region
+    for r in routes:
+        pfx = max(prefix, r.source.prefix, key=len)
+        catalog = site.topology.site(r.target.dc).state.catalog
+        src = site.store.list(bucket, pfx)
+        dst = catalog.iter_route(r.name, pfx)
+        for s_obj, c_obj in march(src, dst, lambda o: o.key, lambda e: e.source_key):
+            if s_obj is not None:
+                rep.listed += 1
+            rec = _scan_record(s_obj, c_obj, rep, bucket, region)
+            if rec is not None and not dry_run:
+                key = s_obj.key if s_obj is not None else c_obj.source_key  # type: ignore[union-attr]
+                with kafka_errors("publish scan event"):
+                    site.producer.send(site.topics.events, key=message_key(bucket, key),
+                                       value=encode_notification([rec]))
+                rep.events += 1
+    if not dry_run:
+        with kafka_errors("flush scan events"):
+            site.producer.flush(timeout=60)
     return rep
 
 

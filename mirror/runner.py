@@ -1,14 +1,20 @@
-"""The mirror loop: consume a batch -> validate -> route -> decide -> copy -> catalog -> applied
-events -> commit offsets. Offsets are committed only after the catalog transaction is durable.
+"""The mirror: a consume-loop handler that applies change events to this datacenter.
+
+    event -> validate -> route -> decide -> copy -> state -> applied event -> commit
+
+Per batch: parse and validate each message (a bad one becomes a dead letter with its reason) ->
+route each object event to the route that covers it -> collapse to the newest event per key and
+decide against the state (stale and duplicate events are dropped) -> copy or delete object data on
+data routes -> one state transaction with the entries, the applied events owed (outbox) and the
+consumed offsets -> publish the outbox -> the loop commits the Kafka offsets.
 
 At-least-once delivery with idempotent apply: a batch delivered again finds its sequencers in the
-catalog and is ignored; the outbox guarantees the applied events of a committed batch go out even
-when the process dies between the catalog commit and the publish.
+state and is ignored; the outbox guarantees the applied events of a committed batch go out even
+when the process dies between the state commit and the publish.
 """
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -16,51 +22,38 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from mirror.apply import Routed, collapse, decide, entry_for, route_event
-from mirror.catalog import CatalogEntry, Outgoing, SqliteCatalog
-from xdc.io.deadletter import DeadLetterSink
+from kafka import KafkaConsumer
+
+from mirror.apply import collapse, decide, entry_for
+from xdc.routing import Routed, route_event
+from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
-from xdc.config import XdcConfig
-from xdc.errors import EventError, KafkaError, ObjectNotFound, StoreError, XdcError
-from xdc.io.kafka import Record, caught_up, commit, consumer_lag, kafka_errors, make_consumer, make_producer, to_records
+from xdc.faults import crash_point
+from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
+from xdc.io.deadletter import DeadLetterSink
+from xdc.io.kafka import Record, consumer_lag, kafka_errors
+from xdc.io.state import CatalogEntry, Outgoing
+from xdc.io.store import META_SOURCE_SEQUENCER
 from xdc.metrics import METRICS, Metrics
-from xdc.io.store import Store, SupersededError, retry, store_for
+from xdc.stats import percentile
+from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Counts:
+class MirrorStats:
+    batches: int = 0
     records: int = 0
     applied: int = 0
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
     lags: list[float] = field(default_factory=list)
-
-
-@dataclass
-class BatchResult(_Counts):
-    letters: list[tuple[Record, str, str]] = field(default_factory=list)  # sent just before commit
-
-
-@dataclass
-class MirrorStats(_Counts):
-    batches: int = 0
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
 
-    def add(self, b: BatchResult) -> None:
-        self.batches += 1
-        self.records += b.records
-        self.applied += b.applied
-        self.ignored.update(b.ignored)
-        self.dead_letters += b.dead_letters
-        self.bytes_copied += b.bytes_copied
-        self.lags.extend(b.lags)
-
     def to_dict(self) -> dict[str, Any]:
-        from xdc.stats import percentile
         return {"batches": self.batches, "records": self.records, "applied": self.applied,
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
                 "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
@@ -69,66 +62,55 @@ class MirrorStats(_Counts):
                 "lag_max_s": max(self.lags) if self.lags else None}
 
 
-MAX_KAFKA_FAILURES = 30  # consecutive broker errors (about 2 minutes of backoff) before giving up
+class TargetUnavailable(XdcError):
+    """Some copies found an endpoint unreachable: the batch waits for it (nothing is dead-lettered)."""
 
-
-class TransientBatchError(XdcError):
     retriable = True
 
 
 class Mirror:
-    """Mirrors every route into `dc` (this process's datacenter) from each source datacenter."""
+    """Mirrors every route into `topology.here` from each source datacenter."""
 
-    def __init__(self, cfg: XdcConfig, dc: str | None = None, *, metrics: Metrics | None = None,
-                 group_id: str | None = None) -> None:
-        self.cfg = cfg.with_local_dc(dc) if dc else cfg
-        self.dc = self.cfg.require_local_dc()
-        self.routes = self.cfg.routes_into(self.dc)
+    def __init__(self, topology: Topology, *, metrics: Metrics | None = None, group_id: str | None = None) -> None:
+        self.topology = topology
+        self.site = topology.here
+        self.dc = self.site.name
+        self.routes = self.site.routes_in
+        self.settings = topology.config.mirror
         self.metrics = metrics or METRICS
-        self.group_id = group_id or f"{self.cfg.mirror.group_id}.{self.dc}"
-        self.catalog = SqliteCatalog(self.cfg.catalog_path(self.dc))
-        self.target: Store = store_for(self.cfg, self.dc)
-        self._sources: dict[str, Store] = {}
-        self.producer = make_producer(self.cfg.kafka_bootstrap(self.dc))
-        self.applied_topic = self.cfg.dc(self.dc).kafka.topics.applied
-        self.dlq = DeadLetterSink(self.producer, self.cfg.dc(self.dc).kafka.topics.dead_letter, self.catalog,
-                                  on_letter=self._count_dead_letter)
-        self._pool = ThreadPoolExecutor(self.cfg.mirror.copy_concurrency, thread_name_prefix="copy")
-        self._consumers: dict[str, Any] = {}
-        self._transient_rounds = 0  # consecutive retries of the current batch
+        for r in self.routes:  # zero series: increase() sees the first event of each route
+            self.metrics.init_route(r.name)
+        self.group_id = group_id or self.site.group("mirror")
+        self.catalog = self.site.state.catalog
+        self.target = self.site.store
+        self.producer = self.site.producer
+        self.applied_topic = self.site.topics.applied
+        self.stats = MirrorStats()
+        self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
+        self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
-        self.alive = True  # for /healthz
-        self.caught_up = False  # for /readyz and --once
+        sources = []
+        for src in sorted({r.source.dc for r in self.routes}):
+            site = topology.site(src)
+            self._consumers[src] = site.consumer(self.group_id)
+            sources.append(Source(src, self._consumers[src], self.group_id, (site.topics.events,)))
+        self.loop = ConsumeLoop(
+            sources, self, name="mirror", max_records=self.settings.batch_max_records,
+            poll_timeout_s=self.settings.batch_max_seconds,
+            dead_letters=DeadLetterSink(self.producer, self.site.topics.dead_letter,
+                                        incidents=self.site.state.incidents, on_letter=self._count_dead_letter))
 
-    # -- plumbing ---------------------------------------------------------------------------
-    def source_store(self, dc: str) -> Store:
-        if dc not in self._sources:
-            self._sources[dc] = store_for(self.cfg, dc)
-        return self._sources[dc]
+    @property
+    def alive(self) -> bool:
+        return self.loop.alive
 
-    def consumers(self) -> dict[str, Any]:
-        if not self._consumers:
-            k = self.cfg.dc(self.dc).kafka
-            for src in sorted({r.source.dc for r in self.routes}):
-                topic = self.cfg.dc(src).kafka.topics.events
-                self._consumers[src] = make_consumer(
-                    self.cfg.kafka_bootstrap(src), self.group_id, [topic],
-                    session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
-        return self._consumers
+    @property
+    def caught_up(self) -> bool:
+        return self.loop.caught_up
 
     def close(self) -> None:
-        for c in self._consumers.values():
-            try:
-                c.close(autocommit=False)
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._consumers.clear()
+        self.loop.close()
         self._pool.shutdown(wait=True)
-        try:
-            self.producer.close(timeout=5)
-        except Exception:  # noqa: BLE001
-            pass
-        self.catalog.close()
 
     def __enter__(self) -> Mirror:
         return self
@@ -139,144 +121,22 @@ class Mirror:
     def _count_dead_letter(self, topic: str, reason: str) -> None:
         self.metrics.dead_letters_total.labels(topic=topic, reason=reason).inc()
 
-    # -- the loop ---------------------------------------------------------------------------
     def run(self, *, once: bool = False, max_seconds: float | None = None,
-            stop: threading.Event | None = None, idle_polls_to_finish: int = 2,
-            join_timeout_s: float = 60.0) -> MirrorStats:
-        """`once`: stop when caught up (every assigned partition at its highwater)."""
-        stats = MirrorStats()
-        t0 = time.monotonic()
+            stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> MirrorStats:
+        """Apply events until stopped (`once`: until every assigned partition is at its end)."""
         self.flush_outbox()  # what a previous process committed but did not publish
-        idle = 0
-        batch_failures = 0
-        kafka_failures = 0  # consecutive broker errors; the loop gives up after MAX_KAFKA_FAILURES
-        while not (stop and stop.is_set()):
-            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-                break
-            progressed = False
-            for src, consumer in self.consumers().items():
-                try:
-                    with kafka_errors("poll"):
-                        polled = consumer.poll(timeout_ms=int(self.cfg.mirror.batch_max_seconds * 1000),
-                                               max_records=self.cfg.mirror.batch_max_records)
-                except KafkaError as exc:  # broker away: kafka-python reconnects; wait for it
-                    kafka_failures = self._kafka_trouble(kafka_failures, "poll", exc)
-                    continue
-                records = to_records(polled)
-                if records:
-                    self.caught_up = False
-                    t_batch = time.monotonic()
-                    try:
-                        res = self.process(src, records)
-                        batch_failures = 0
-                    except TransientBatchError as exc:
-                        batch_failures += 1
-                        delay = min(10.0, 0.2 * 2 ** batch_failures) * random.uniform(0.5, 1.0)
-                        log.warning("batch failed (%s); rewinding and retrying in %.1fs", exc, delay)
-                        self._rewind(consumer, records)
-                        time.sleep(delay)
-                        continue
-                    except KafkaError as exc:  # dead letters or outbox not published: redo the batch
-                        self._rewind(consumer, records)
-                        kafka_failures = self._kafka_trouble(kafka_failures, "batch", exc)
-                        continue
-                    try:
-                        commit(consumer, records)
-                    except KafkaError as exc:
-                        # The batch is in the catalog; deliver it again (ignored as duplicates) and
-                        # commit then. After a broker restart the group is rejoined on the next poll.
-                        self._rewind(consumer, records)
-                        kafka_failures = self._kafka_trouble(kafka_failures, "commit", exc)
-                        continue
-                    kafka_failures = 0
-                    stats.add(res)
-                    stats.busy_seconds += time.monotonic() - t_batch
-                    progressed = True
-                self._observe_consumer_lag(consumer)
-            if progressed:
-                idle = 0
-                continue
-            self.caught_up = all(caught_up(c) for c in self.consumers().values())
-            if once:
-                idle += 1
-                joined = all(c.assignment() for c in self.consumers().values())
-                if (joined and self.caught_up and idle >= idle_polls_to_finish) or \
-                        (not joined and time.monotonic() - t0 > join_timeout_s):
-                    break
-        stats.seconds = time.monotonic() - t0
-        return stats
+        ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        st = self.stats
+        st.batches, st.records, st.dead_letters = ls.batches, ls.records, ls.dead_letters
+        st.seconds, st.busy_seconds = ls.seconds, ls.busy_seconds
+        return st
 
-    def _rewind(self, consumer: Any, records: list[Record]) -> None:
-        from kafka import TopicPartition
-        first: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            first[tp] = min(first.get(tp, r.offset), r.offset)
-        assigned = consumer.assignment()
-        for tp, off in first.items():
-            if tp in assigned:  # after a rebalance the new owner starts from the committed offset
-                consumer.seek(tp, off)
-
-    def _kafka_trouble(self, failures: int, what: str, exc: KafkaError) -> int:
-        failures += 1
-        if failures > MAX_KAFKA_FAILURES:
-            raise exc
-        delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
-        log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures, MAX_KAFKA_FAILURES, delay)
-        time.sleep(delay)
-        return failures
-
-    def _observe_consumer_lag(self, consumer: Any) -> None:
-        # committed() is a broker round trip per partition: once every few seconds is plenty
-        now = time.monotonic()
-        if now - self._lag_observed_at < 5.0:
-            return
-        self._lag_observed_at = now
-        for tp, lag in consumer_lag(consumer).items():
-            self.metrics.consumer_lag_messages.labels(self.group_id, tp.topic, str(tp.partition)).set(lag)
-
-    # -- one batch --------------------------------------------------------------------------
-    def process(self, source_dc: str, records: list[Record]) -> BatchResult:
-        res = BatchResult(records=len(records))
-        m = self.cfg.mirror
-        routes = [r for r in self.routes if r.source.dc == source_dc]
-        routed: list[Routed] = []
-        for rec in records:  # validate
-            try:
-                events = parse_message(rec.value, max_bytes=m.max_message_bytes, max_key_bytes=m.max_key_bytes)
-            except EventError as exc:
-                self._dead_letter(res, rec, exc.reason, exc.detail)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a parser bug must not become a poison pill
-                log.exception("unexpected error parsing %s[%d]@%d", rec.topic, rec.partition, rec.offset)
-                self._dead_letter(res, rec, "unexpected_error", repr(exc))
-                continue
-            bad = False
-            batch_routed = []
-            for ev in events:
-                if not isinstance(ev, ObjectEvent):
-                    res.ignored["not_object_event"] += 1
-                    continue
-                try:
-                    it = route_event(ev, routes, rec, m.max_key_bytes)
-                except EventError as exc:
-                    self._dead_letter(res, rec, exc.reason, exc.detail)
-                    bad = True
-                    break
-                except Exception as exc:  # noqa: BLE001 - as above
-                    log.exception("unexpected error routing %s[%d]@%d", rec.topic, rec.partition, rec.offset)
-                    self._dead_letter(res, rec, "unexpected_error", repr(exc))
-                    bad = True
-                    break
-                if it is None:
-                    res.ignored["unrouted"] += 1
-                else:
-                    batch_routed.append(it)
-            if not bad:
-                routed.extend(batch_routed)
-
+    # -- the consume-loop handler ----------------------------------------------------------------
+    def handle(self, batch: Batch) -> list[Letter]:
+        letters: list[Letter] = []
+        routed = self._validate_and_route(batch, letters)
         items = collapse(routed)  # decide
-        res.ignored["superseded_in_batch"] += len(routed) - len(items)
+        self.stats.ignored["superseded_in_batch"] += len(routed) - len(items)
         current = self.catalog.get_many((it.target_bucket, it.target_key) for it in items)
         todo: list[Routed] = []
         for it in items:
@@ -284,28 +144,125 @@ class Mirror:
             if d == "apply":
                 todo.append(it)
             else:
-                res.ignored[d] += 1
+                self.stats.ignored[d] += 1
                 self.metrics.events_ignored_total.labels(route=it.route.name, reason=d).inc()
 
-        done = self._apply_data(todo, res)  # copy / delete where mode is data
+        done, unavailable = self._copy(todo, letters)  # copy / delete where the route says data
+        crash_point("mirror.after_copy")
+        offsets: dict[tuple[str, str, int], int] = {}
+        if not unavailable:  # a batch that waits for an endpoint records no offsets yet
+            for rec in batch.records:
+                k = (self.group_id, rec.topic, rec.partition)
+                offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
         routed_of = {id(e): it for it, e in done}
-        offsets = {}
-        for rec in records:
-            k = (self.group_id, rec.topic, rec.partition)
-            offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
-        for rec, reason, detail in res.letters:
-            self.dlq.send(rec, reason, detail, origin_dc=source_dc)
-        self.dlq.flush()  # dead letters are durable before their offsets are committed
-        now_entries = self.catalog.commit_batch(  # durable
+        applied = self.catalog.commit_batch(  # durable: entries + outbox + offsets in one transaction
             [e for _, e in done],
-            lambda applied: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in applied]),
+            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok]),
             offsets)
+        crash_point("mirror.after_state_commit")
         self.flush_outbox()
-        self._observe_applied(now_entries, res)
-        res.applied = len(now_entries)
-        return res
+        crash_point("mirror.after_applied_publish")
+        self._observe_applied(applied)
+        self.stats.applied += len(applied)
+        self._observe_consumer_lag(batch.source)
+        if unavailable:
+            it, exc = unavailable[0]
+            raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
+                                    f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
+        return letters
 
-    def _observe_applied(self, entries: list[CatalogEntry], res: BatchResult) -> None:
+    def on_revoked(self, source: str, partitions: list[Any]) -> None:
+        self.flush_outbox()  # before another replica takes the partitions
+
+    def _validate_and_route(self, batch: Batch, letters: list[Letter]) -> list[Routed]:
+        m = self.settings
+        routes = [r for r in self.routes if r.source.dc == batch.source]
+        routed: list[Routed] = []
+        for rec in batch.records:
+            try:
+                events = parse_message(rec.value, max_bytes=m.max_message_bytes, max_key_bytes=m.max_key_bytes)
+                mine = []
+                for ev in events:
+                    if not isinstance(ev, ObjectEvent):
+                        self.stats.ignored["not_object_event"] += 1
+                        continue
+                    it = route_event(ev, routes, rec, m.max_key_bytes)
+                    if it is None:
+                        self.stats.ignored["unrouted"] += 1
+                    else:
+                        mine.append(it)
+            except EventError as exc:  # a message with one bad record is dead-lettered whole
+                log.warning("dead letter %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, exc.reason,
+                            exc.detail[:200])
+                letters.append(Letter(rec, exc.reason, exc.detail))
+                continue
+            routed.extend(mine)
+        return routed
+
+    def _copy(self, todo: list[Routed], letters: list[Letter]
+              ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
+        """Copy or delete object data for data routes (metadata routes pass through). Returns the
+        entries to record and the items whose endpoint was unreachable."""
+        entries: list[tuple[Routed, CatalogEntry]] = []
+        futures = []
+        for it in todo:
+            if it.route.mode == "metadata":
+                entries.append((it, entry_for(it, applied_time=time.time())))
+            else:
+                futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one, it)))
+        unavailable: list[tuple[Routed, StoreError]] = []
+        for it, fut in futures:
+            try:
+                size, etag = fut.result()
+            except SupersededError as exc:
+                self.stats.ignored["superseded"] += 1
+                log.info("%s", exc)
+                continue
+            except UnavailableError as exc:
+                unavailable.append((it, exc))
+                continue
+            except StoreError as exc:  # permanent, or still failing after the copy's retries
+                reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
+                letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
+                self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
+                continue
+            entries.append((it, entry_for(it, applied_time=time.time(), size=size, etag=etag)))
+            if it.event.op == "put":
+                self.stats.bytes_copied += size
+                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(size)
+        return entries, unavailable
+
+    def _copy_one(self, it: Routed) -> tuple[int, str]:
+        src = self.topology.site(it.route.source.dc).store
+        meta = {META_SOURCE_SEQUENCER: it.event.sequencer.rstrip("0") or "0"}
+        try:
+            landed = src.copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket, it.target_key,
+                                 expect_etag=it.event.etag or None, metadata=meta)
+        except ObjectNotFound as exc:
+            raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
+        return landed.size, landed.etag
+
+    def _delete(self, it: Routed) -> tuple[int, str]:
+        try:
+            self.target.delete(it.target_bucket, it.target_key)
+        except ObjectNotFound:
+            pass  # already gone: deletes are idempotent
+        return 0, ""
+
+    def flush_outbox(self) -> int:
+        """Publish the applied events the state owes; each row is published by one replica."""
+        with self.catalog.claim_outbox() as rows:
+            if not rows:
+                return 0
+            with kafka_errors("publish applied events"):
+                for _, o in rows:
+                    self.producer.send(o.topic, key=o.key, value=o.value)
+                self.producer.flush(timeout=30)
+            crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
+            return len(rows)
+
+    # -- metrics -----------------------------------------------------------------------------
+    def _observe_applied(self, entries: list[CatalogEntry]) -> None:
         """Lag histogram and counters, one label lookup per route and batch (not per event)."""
         by_route: dict[tuple[str, str], list[CatalogEntry]] = {}
         for e in entries:
@@ -315,7 +272,7 @@ class Mirror:
             hist = m.replication_lag_seconds.labels(route, src, self.dc)
             for e in es:
                 lag = max(0.0, e.applied_time - e.event_time)  # clock skew counts as 0, not dropped
-                res.lags.append(lag)
+                self.stats.lags.append(lag)
                 hist.observe(lag)
             deletes = sum(1 for e in es if e.deleted)
             if deletes:
@@ -324,91 +281,21 @@ class Mirror:
                 m.events_applied_total.labels(route, "put").inc(len(es) - deletes)
             m.last_apply_timestamp_seconds.labels(route).set(max(e.applied_time for e in es))
 
-    def _apply_data(self, todo: list[Routed], res: BatchResult) -> list[tuple[Routed, CatalogEntry]]:
-        """Copy or delete object data for data-mode routes; metadata-mode items pass through."""
-        entries: list[tuple[Routed, CatalogEntry]] = []
-        futures = []
-        for it in todo:
-            if it.route.mode == "metadata":
-                entries.append((it, entry_for(it, applied_time=time.time())))
-            elif it.event.op == "delete":
-                futures.append((it, self._pool.submit(self._delete, it)))
-            else:
-                futures.append((it, self._pool.submit(self._copy, it)))
-        transient: list[tuple[Routed, StoreError]] = []
-        for it, fut in futures:
-            try:
-                size, etag = fut.result()
-                entries.append((it, entry_for(it, applied_time=time.time(), size=size, etag=etag)))
-                if it.event.op == "put":
-                    res.bytes_copied += size
-                    self.metrics.bytes_copied_total.labels(route=it.route.name).inc(size)
-            except SupersededError as exc:
-                res.ignored["superseded"] += 1
-                log.info("%s", exc)
-            except StoreError as exc:
-                if exc.retriable:
-                    transient.append((it, exc))
-                else:
-                    self._dead_letter(res, it.record, "copy_failed", f"{it.event.bucket}/{it.event.key}: {exc}")
-                    self.metrics.events_failed_total.labels(route=it.route.name, reason="copy_failed").inc()
-        if transient:
-            self._transient_rounds += 1
-            if self._transient_rounds <= self.cfg.mirror.max_attempts:
-                it, exc = transient[0]
-                raise TransientBatchError(f"{len(transient)} transient failures, e.g. {it.event.key}: {exc}")
-            # The batch was retried enough: these objects fail for good, the rest proceeds.
-            for it, exc in transient:
-                self._dead_letter(res, it.record, "copy_failed_after_retries",
-                                  f"{it.event.bucket}/{it.event.key}: {exc}")
-                self.metrics.events_failed_total.labels(route=it.route.name, reason="retries_exhausted").inc()
-        self._transient_rounds = 0
-        return entries
-
-    def _copy(self, it: Routed) -> tuple[int, str]:
-        src = self.source_store(it.route.source.dc)
-        meta = {"xdc-source-sequencer": it.event.sequencer.rstrip("0") or "0"}
-
-        def once() -> tuple[int, str]:
-            try:
-                landed = src.copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket,
-                                     it.target_key, expect_etag=it.event.etag or None, metadata=meta)
-            except ObjectNotFound as exc:
-                raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
-            return landed.size, landed.etag
-        return retry(once, what=f"copy {it.event.bucket}/{it.event.key}", attempts=self.cfg.mirror.max_attempts)
-
-    def _delete(self, it: Routed) -> tuple[int, str]:
-        try:
-            self.target.delete(it.target_bucket, it.target_key)
-        except ObjectNotFound:
-            pass  # already gone: deletes are idempotent
-        return 0, ""
-
-    def _dead_letter(self, res: BatchResult, rec: Record, reason: str, detail: str) -> None:
-        """Queued, sent just before the batch commits: a retried batch does not send twice."""
-        log.warning("dead letter %s[%d]@%d: %s %s", rec.topic, rec.partition, rec.offset, reason, detail[:200])
-        res.letters.append((rec, reason, detail))
-        res.dead_letters += 1
-
-    def flush_outbox(self) -> int:
-        pending = self.catalog.pending_outbox()
-        if not pending:
-            return 0
-        with kafka_errors("publish applied events"):
-            for _, o in pending:
-                self.producer.send(o.topic, key=o.key, value=o.value)
-            self.producer.flush(timeout=30)
-        self.catalog.ack_outbox([i for i, _ in pending])
-        return len(pending)
+    def _observe_consumer_lag(self, source: str) -> None:
+        # committed() is a broker round trip per partition: once every few seconds is plenty
+        now = time.monotonic()
+        if now - self._lag_observed_at < 5.0:
+            return
+        self._lag_observed_at = now
+        for tp, lag in consumer_lag(self._consumers[source]).items():
+            self.metrics.consumer_lag_messages.labels(self.group_id, tp.topic, str(tp.partition)).set(lag)
 
 
 def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> list[Outgoing]:
     """One applied message per source partition per batch, holding that partition's objects in order.
 
     Keyed by the source partition, so one object's applied events always share a partition and stay
-    in order; batching cut the publish cost per object by the batch size (one message per object
-    was a third of the apply time).
+    in order; batching cut the publish cost per object by the batch size.
     """
     by_part: dict[int, list[dict[str, Any]]] = {}
     for it, e in done:
@@ -418,3 +305,6 @@ def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> li
             source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
         ).to_dict())
     return [Outgoing(topic, f"p{part}".encode(), encode_applied(items)) for part, items in sorted(by_part.items())]
+
+
+__all__ = ["Mirror", "MirrorStats", "Record"]

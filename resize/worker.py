@@ -17,17 +17,19 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mirror.catalog import SqliteCatalog
-from xdc.io.deadletter import DeadLetterSink
-from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
 from resize.frame import derived_key, resize_frame
-from xdc.config import ResizeSettings, XdcConfig
+from xdc.config import ResizeSettings, parse_config
 from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
-from xdc.io.kafka import Record, caught_up, commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
+from xdc.io.consume import Batch, ConsumeLoop, Letter, LoopStats, Source
+from xdc.io.deadletter import DeadLetterSink
+from xdc.io.kafka import Record, kafka_errors
+from xdc.io.store import META_SOURCE_ETAG
 from xdc.metrics import METRICS, Metrics
-from xdc.io.store import META_SOURCE_ETAG, store_for
+from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,8 @@ _worker_settings: ResizeSettings | None = None
 
 def _init_worker(cfg_json: dict[str, Any], base_dir: str, dc: str) -> None:
     global _worker_store, _worker_settings
-    from pathlib import Path
-
-    from xdc.config import parse_config
     cfg = parse_config(cfg_json, base_dir=Path(base_dir), dc=dc)
-    _worker_store = store_for(cfg, dc)
+    _worker_store = Topology(cfg, dc).here.store
     _worker_settings = cfg.resize
 
 
@@ -129,45 +128,48 @@ def run_task(t: Task) -> Outcome:
 
 # -- the worker -------------------------------------------------------------------------------
 class ResizeWorker:
-    def __init__(self, cfg: XdcConfig, dc: str | None = None, *, metrics: Metrics | None = None,
-                 group_id: str | None = None) -> None:
-        if cfg.resize is None:
-            from xdc.errors import ConfigError
-            raise ConfigError("no resize: section in the config")
-        self.settings = cfg.resize
-        self.dc = dc or cfg.resize.dc or cfg.require_local_dc()
-        self.cfg = cfg.with_local_dc(self.dc)
+    """Consume-loop handler on the landing datacenter's events topic (the `resize` role's group)."""
+
+    def __init__(self, topology: Topology, *, metrics: Metrics | None = None, group_id: str | None = None,
+                 workers: int | None = None) -> None:
+        site = topology.resize_site()
+        assert topology.config.resize is not None
+        self.settings = topology.config.resize
+        self.site = site
+        self.dc = site.name
         self.metrics = metrics or METRICS
         self.metrics.init_resize_results()
-        k = self.cfg.dc(self.dc).kafka
-        self.topic = k.topics.events
-        self.group_id = group_id or self.settings.group_id
-        self.store = store_for(self.cfg, self.dc)
-        self.catalog = SqliteCatalog(self.cfg.catalog_path(self.dc))
-        self.producer = make_producer(self.cfg.kafka_bootstrap(self.dc))
-        self.dlq = DeadLetterSink(self.producer, k.topics.dead_letter, self.catalog,
-                                  on_letter=lambda t, r: self.metrics.dead_letters_total.labels(t, r).inc())
-        self.consumer = make_consumer(self.cfg.kafka_bootstrap(self.dc), self.group_id, [self.topic],
-                                      session_timeout_ms=k.session_timeout_ms,
-                                      heartbeat_interval_ms=k.heartbeat_interval_ms)
-        workers = self.settings.workers or os.cpu_count() or 1
-        cfg_json = self.cfg.model_dump(mode="json", exclude={"base_dir"})
+        self.topic = site.topics.events
+        self.group_id = group_id or site.group("resize")
+        self.store = site.store
+        self.incidents = site.state.incidents
+        self.producer = site.producer
+        self.stats = ResizeStats()
+        n = workers or self.settings.workers or os.cpu_count() or 1
+        cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
         # spawn, not fork: a forked child inherits libvips' thread pool half-initialised from a
         # parent that already used it, and hangs in its first render (seen in the test suite)
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker,
-                                        initargs=(cfg_json, str(self.cfg.base_dir), self.dc))
-        self.max_in_flight = workers * 2  # bounds memory: at most this many frames decoded at once
-        self.alive = True
-        self.caught_up = False
+                                        initargs=(cfg_json, str(topology.config.base_dir), self.dc))
+        self.max_in_flight = n * 2  # bounds memory: at most this many frames decoded at once
+        self.loop = ConsumeLoop(
+            [Source(self.dc, site.consumer(self.group_id), self.group_id, (self.topic,))], self,
+            name="resize", max_records=200,
+            dead_letters=DeadLetterSink(self.producer, site.topics.dead_letter, incidents=self.incidents,
+                                        on_letter=lambda t, r: self.metrics.dead_letters_total.labels(t, r).inc()))
+
+    @property
+    def alive(self) -> bool:
+        return self.loop.alive
+
+    @property
+    def caught_up(self) -> bool:
+        return self.loop.caught_up
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            self.consumer.close(autocommit=False)
-        finally:
-            self.producer.close(timeout=5)
-            self.catalog.close()
+        self.loop.close()
 
     def __enter__(self) -> ResizeWorker:
         return self
@@ -177,29 +179,17 @@ class ResizeWorker:
 
     def run(self, *, once: bool = False, max_seconds: float | None = None,
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> ResizeStats:
-        stats = ResizeStats()
-        t0 = time.monotonic()
-        idle = 0
-        while not (stop and stop.is_set()):
-            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-                break
-            with kafka_errors("poll"):
-                records = to_records(self.consumer.poll(timeout_ms=1000, max_records=200))
-            if records:
-                idle = 0
-                t_batch = time.monotonic()
-                for o in self.process(records):
-                    stats.add(o)
-                commit(self.consumer, records)
-                stats.busy_seconds += time.monotonic() - t_batch
-                continue
-            joined = bool(self.consumer.assignment())
-            self.caught_up = caught_up(self.consumer)
-            idle += 1
-            if once and ((self.caught_up and idle >= 2) or (not joined and time.monotonic() - t0 > join_timeout_s)):
-                break
-        stats.seconds = time.monotonic() - t0
-        return stats
+        ls: LoopStats = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        self.stats.seconds, self.stats.busy_seconds = ls.seconds, ls.busy_seconds
+        return self.stats
+
+    def handle(self, batch: Batch) -> list[Letter]:
+        letters: list[Letter] = []
+        for o, rec in self.process(batch.records):
+            self.stats.add(o)
+            if o.result == "quarantined":
+                letters.append(Letter(rec, f"resize_{o.reason}", f"{o.task.bucket}/{o.task.key}: {o.detail}"))
+        return letters
 
     def tasks(self, records: list[Record]) -> list[tuple[Task, Record]]:
         """Put events of frames under the configured prefixes; everything else is not ours."""
@@ -217,18 +207,19 @@ class ResizeWorker:
                     out.append((Task(ev.bucket, ev.key, ev.etag, dst, ev.sequencer, ev.event_time), rec))
         return out
 
-    def process(self, records: list[Record]) -> list[Outcome]:
+    def process(self, records: list[Record]) -> list[tuple[Outcome, Record]]:
+        """Resize the frames of these records; each outcome with the record it came from."""
         todo = []
-        outcomes: list[Outcome] = []
+        outcomes: list[tuple[Outcome, Record]] = []
         for task, rec in self.tasks(records):
             if self._already_done(task):  # idempotent: a replay writes nothing
-                outcomes.append(Outcome(task, "done_before"))
+                outcomes.append((Outcome(task, "done_before"), rec))
                 self._publish(task, None)
             else:
                 todo.append((task, rec))
-        in_flight: list[tuple[Future[Outcome], Record]] = []
+        in_flight: list[tuple[Future[Outcome], Task, Record]] = []
         for task, rec in todo:
-            in_flight.append((self.pool.submit(run_task, task), rec))
+            in_flight.append((self.pool.submit(run_task, task), task, rec))
             if len(in_flight) >= self.max_in_flight:
                 outcomes.append(self._finish(*in_flight.pop(0)))
         while in_flight:
@@ -244,13 +235,12 @@ class ResizeWorker:
             return False
         return bool(t.etag) and meta.get(META_SOURCE_ETAG) == t.etag
 
-    def _finish(self, fut: Future[Outcome], rec: Record) -> Outcome:
+    def _finish(self, fut: Future[Outcome], task: Task, rec: Record) -> tuple[Outcome, Record]:
         try:
             o = fut.result()
         except StoreError:
             raise  # S3 trouble is not the frame's fault: the batch is retried, not quarantined
         except Exception as exc:  # noqa: BLE001 - a crashed worker process must not stop the batch
-            task = self.tasks([rec])[0][0]
             o = Outcome(task, "quarantined", reason="worker_crashed", detail=repr(exc)[:300])
         m = self.metrics
         if o.result in ("resized", "copied"):
@@ -261,12 +251,11 @@ class ResizeWorker:
             m.resize_frames_total.labels(o.result).inc()
         elif o.result == "skipped":
             m.resize_frames_total.labels("skipped").inc()
-        elif o.result == "quarantined":
+        elif o.result == "quarantined":  # the loop sends the record to the dead-letter topic
             log.warning("quarantine %s/%s: %s %s", o.task.bucket, o.task.key, o.reason, o.detail)
-            self.catalog.record_quarantine(o.task.bucket, o.task.key, o.reason, o.detail)
-            self.dlq.send(rec, f"resize_{o.reason}", f"{o.task.bucket}/{o.task.key}: {o.detail}", origin_dc=self.dc)
+            self.incidents.record_quarantine(o.task.bucket, o.task.key, o.reason, o.detail)
             m.resize_frames_total.labels("quarantined").inc()
-        return o
+        return o, rec
 
     def _publish(self, t: Task, o: Outcome | None) -> None:
         if o is None:

@@ -5,13 +5,38 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from xdc.events import encode_notification, message_key, s3_record
 from xdc.config import XdcConfig
+from xdc.events import encode_notification, message_key, s3_record
 from xdc.io.kafka import Record, make_producer, to_records
+from xdc.topology import Site, Topology
+
+_OPEN: dict[tuple[int, str], Topology] = {}  # closed after each test by the autouse fixture in conftest
+
+
+def topo(cfg: XdcConfig, here: str) -> Topology:
+    """The config seen from `here` (one per test and vantage point), closed when the test ends."""
+    k = (id(cfg), here)
+    if k not in _OPEN:
+        _OPEN[k] = Topology(cfg, here)
+    return _OPEN[k]
+
+
+def site(cfg: XdcConfig, dc: str, *, seen_from: str | None = None) -> Site:
+    """Datacenter `dc` as seen from `seen_from` (default: from itself), closed when the test ends."""
+    return topo(cfg, seen_from or dc).site(dc)
+
+
+def close_open_topologies() -> None:
+    while _OPEN:
+        _OPEN.popitem()[1].close()
+
+
+def bootstrap(cfg: XdcConfig, dc: str) -> list[str]:
+    return list(cfg.dc(dc).kafka.bootstrap_servers)
 
 
 def produce(cfg: XdcConfig, dc: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    p = make_producer(cfg.kafka_bootstrap(dc))
+    p = make_producer(bootstrap(cfg, dc))
     try:
         for key, value in messages:
             p.send(topic, key=key, value=value)
@@ -32,7 +57,7 @@ def delete_event(bucket: str, key: str, *, seq: str) -> tuple[bytes, bytes]:
 
 def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> list[Record]:
     """Everything in a topic, read without a group."""
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap(dc), group_id=None, enable_auto_commit=False)
+    c = KafkaConsumer(bootstrap_servers=bootstrap(cfg, dc), group_id=None, enable_auto_commit=False)
     try:
         parts = c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xdc.errors import ConfigError
-
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+from xdc.keys import is_bucket_name
 
 
 class _Model(BaseModel):
@@ -113,15 +112,17 @@ class CacheConfig(_Model):
 class Datacenter(_Model):
     s3: S3Endpoint
     kafka: KafkaConfig
-    catalog_url: str = "sqlite:///catalog.db"  # relative paths are relative to the config file
+    # sqlite:///PATH (relative to the config file) or postgresql://user@host:port/db
+    state_url: str = Field("sqlite:///state.db", validation_alias=AliasChoices("state_url", "catalog_url"))
+    state_password_env: str | None = None  # env var holding the PostgreSQL password (never the password)
     cache: CacheConfig | None = None
     buckets: list[str] = []  # buckets of this DC that no route names
 
-    @field_validator("catalog_url")
+    @field_validator("state_url")
     @classmethod
-    def _sqlite(cls, v: str) -> str:
-        if not v.startswith("sqlite:///"):
-            raise ValueError("catalog_url: only sqlite:///PATH is supported")
+    def _state_url(cls, v: str) -> str:
+        if not v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("state_url: sqlite:///PATH or postgresql://user@host:port/database")
         return v
 
 
@@ -133,7 +134,7 @@ class Location(_Model):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        if not _BUCKET_RE.match(v):
+        if not is_bucket_name(v):
             raise ValueError(f"not a valid S3 bucket name: {v!r}")
         return v
 
@@ -203,6 +204,10 @@ class PrewarmSettings(_Model):
     prefer_derived: bool = False  # warm the 720p derivative of a frame where it exists
     default_bandwidth_mib_s: float = Field(100.0, gt=0)  # ETA before any run was measured
     group_id: str = "xdc-prewarm"
+    # a released dataset that cannot be warmed yet is tried this often, with capped backoff from
+    # release_retry_seconds, before it goes to the dead-letter topic
+    release_attempts: int = Field(5, ge=1)
+    release_retry_seconds: float = Field(2.0, gt=0)
 
 
 class LagSettings(_Model):
@@ -248,49 +253,12 @@ class XdcConfig(_Model):
         _check_bucket_collisions(self)
         return self
 
-    # -- derived views -------------------------------------------------------------------------
-    def dc(self, name: str | None = None) -> Datacenter:
-        name = name or self.require_local_dc()
+    def dc(self, name: str) -> Datacenter:
+        """A datacenter's section; ConfigError naming the known ones when there is none."""
         try:
             return self.datacenters[name]
         except KeyError:
             raise ConfigError(f"unknown datacenter {name!r} (known: {sorted(self.datacenters)})") from None
-
-    def require_local_dc(self) -> str:
-        if not self.local_dc:
-            raise ConfigError("which datacenter does this process run in? set local_dc, --dc or XDC_DC")
-        return self.local_dc
-
-    def with_local_dc(self, dc: str | None) -> XdcConfig:
-        if dc is None or dc == self.local_dc:
-            return self
-        if dc not in self.datacenters:
-            raise ConfigError(f"unknown datacenter {dc!r} (known: {sorted(self.datacenters)})")
-        return self.model_copy(update={"local_dc": dc})
-
-    def s3_url(self, dc: str) -> str:
-        """The URL this process uses for `dc`'s S3: internal at home, external from elsewhere."""
-        ep = self.dc(dc).s3
-        return ep.internal_url if dc == self.local_dc else ep.external_url
-
-    def kafka_bootstrap(self, dc: str) -> list[str]:
-        k = self.dc(dc).kafka
-        if dc == self.local_dc or not k.external_bootstrap_servers:
-            return list(k.bootstrap_servers)
-        return list(k.external_bootstrap_servers)
-
-    def catalog_path(self, dc: str) -> Path:
-        p = Path(self.dc(dc).catalog_url.removeprefix("sqlite:///"))
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    def routes_into(self, dc: str) -> list[Route]:
-        return [r for r in self.routes if r.target.dc == dc]
-
-    def routes_from(self, dc: str) -> list[Route]:
-        return [r for r in self.routes if r.source.dc == dc]
-
-    def prewarm_datacenters(self) -> list[str]:
-        return list(self.prewarm.datacenters) or [n for n, d in self.datacenters.items() if d.cache]
 
 
 def _check_bucket_collisions(cfg: XdcConfig) -> None:
@@ -371,26 +339,3 @@ def _explain(exc: ValidationError) -> str:
             msg = "unknown key"
         lines.append(f"{where}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def masked_view(cfg: XdcConfig) -> dict[str, Any]:
-    """The resolved config as plain data, with every secret value masked.
-
-    Credentials show where they come from and whether they resolve, never their value.
-    """
-    data = cfg.model_dump(mode="json", exclude={"base_dir"})
-    for name, d in cfg.datacenters.items():
-        creds = d.s3.credentials
-        view: dict[str, Any] = data["datacenters"][name]["s3"]["credentials"]
-        try:
-            key, secret = creds.resolve()
-            view["resolved"] = {"access_key": _mask(key), "secret_key": _mask(secret)}
-        except Exception as exc:  # noqa: BLE001 - report, do not fail the check
-            view["resolved"] = f"NOT RESOLVED: {exc}"
-        data["datacenters"][name]["catalog_path"] = str(cfg.catalog_path(name))
-        data["datacenters"][name]["s3"]["url_used_here"] = cfg.s3_url(name) if cfg.local_dc else None
-    return data
-
-
-def _mask(value: str) -> str:
-    return "****" if value else "(empty)"

@@ -5,9 +5,13 @@
      +-- StoreError             object store I/O
      |    +-- ObjectNotFound
      |    +-- TransientStoreError   (retriable: 5xx, SlowDown, resets, timeouts)
+     |    |    +-- UnavailableError      the endpoint cannot be reached at all
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
      |    +-- SupersededError       (xdc.io.store) the source changed after the event
-     +-- KafkaError             broker I/O (retriable)
+     +-- KafkaError             broker I/O (retriable as the client says)
+     |    +-- RebalancedError       a commit refused after the group moved the partitions
+     +-- StateError             state database I/O
+     |    +-- TransientStateError   (retriable: lost connection, lock timeout, serialization)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout
      |    +-- CapacityError         plan larger than the cluster's free cache
@@ -46,8 +50,16 @@ class TransientStoreError(StoreError):
     retriable = True
 
 
+class UnavailableError(TransientStoreError):
+    """The endpoint cannot be reached at all (refused, connect timeout): wait for it, do not give up."""
+
+
 class IntegrityError(StoreError):
     retriable = True  # a torn copy is worth one more try before the dead-letter topic
+
+
+class SupersededError(StoreError):
+    """The source object changed or vanished after the event: a newer event carries the truth."""
 
 
 class ReasonedError(XdcError):
@@ -64,6 +76,20 @@ class EventError(ReasonedError):
 
 
 class KafkaError(XdcError):
+    retriable = True  # the boundary sets it per error from the client's own flag
+
+
+class RebalancedError(KafkaError):
+    """A commit refused because the consumer group moved the partitions to another member."""
+
+    retriable = False
+
+
+class StateError(XdcError):
+    pass
+
+
+class TransientStateError(StateError):
     retriable = True
 
 
@@ -72,7 +98,7 @@ class CacheError(XdcError):
 
 
 class NotReadyError(CacheError):
-    pass
+    retriable = True  # files (or the list) not mirrored here yet: later they will be
 
 
 class CapacityError(CacheError):

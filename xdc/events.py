@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote_plus, unquote_plus
 
-from xdc.errors import EventError
+from xdc.errors import BadKey, EventError
+from xdc.keys import check_key, is_bucket_name
 
 SEQ_WIDTH = 40  # sequencers are right-padded to this width so they compare as strings
 MAX_OBJECT_SIZE = 5 * 2**40  # S3's largest object; also keeps sizes inside SQLite's INTEGER
@@ -124,26 +125,12 @@ def parse_time(value: Any, what: str = "eventTime") -> float:
     return t
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def validate_key(key: str, max_bytes: int = 1024) -> str:
-    """Keys that could escape a prefix or confuse a filesystem are refused, not cleaned."""
-    if not key:
-        raise EventError("bad_key", "empty key")
-    try:  # a JSON "\ud800" escape decodes to a lone surrogate: no store or SQLite can take it
-        key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise EventError("bad_key", "key is not valid UTF-8") from None
-    if len(key.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise EventError("bad_key", f"key longer than {max_bytes} bytes")
-    if _CONTROL.search(key):
-        raise EventError("bad_key", "control character in key")
-    if key.startswith("/") or "\\" in key:
-        raise EventError("bad_key", f"absolute or backslash path {key[:80]!r}")
-    if any(part in ("..", ".") for part in key.split("/")):
-        raise EventError("bad_key", f"dot segment in {key[:80]!r}")
-    return key
+    """The one key rule (xdc.keys.check_key), as an event error: keys are refused, not cleaned."""
+    try:
+        return check_key(key, max_bytes)
+    except BadKey as exc:
+        raise EventError("bad_key", f"{exc.reason}: {exc.detail}") from None
 
 
 def parse_message(value: bytes, *, max_bytes: int = 1_048_576, max_key_bytes: int = 1024) -> list[Event]:
@@ -192,7 +179,7 @@ def parse_record(rec: Any, max_key_bytes: int = 1024) -> ObjectEvent:
     raw_key = obj.get("key")
     if not isinstance(bucket, str) or not bucket or not isinstance(raw_key, str):
         raise EventError("bad_shape", "s3.bucket.name or s3.object.key missing")
-    if not _PRINTABLE_ASCII.fullmatch(bucket) or "/" in bucket:
+    if not is_bucket_name(bucket):
         raise EventError("bad_shape", f"bucket name {bucket[:80]!r} is not a bucket name")
     key = validate_key(unquote_plus(raw_key), max_key_bytes)
     size = obj.get("size", 0)

@@ -24,7 +24,6 @@ RESIZE_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf,
 )
 
-APPLY_OPS = ("put", "delete")
 RESIZE_RESULTS = ("resized", "skipped", "copied", "quarantined")
 
 
@@ -130,21 +129,6 @@ class Metrics:
 
     # Helpers so callers set related series together and with the same label values.
 
-    def observe_applied(self, route: str, source_dc: str, target_dc: str, op: str,
-                        event_time: float, applied_time: float, nbytes: int = 0) -> None:
-        """Record one applied event: lag, op counter, bytes and the last-apply time.
-
-        A negative lag (clock skew between datacenters) is recorded as 0 rather than dropped, so
-        the event count in the histogram stays equal to the number of applied events.
-        """
-        if op not in APPLY_OPS:
-            raise ValueError(f"op must be one of {APPLY_OPS}, not {op!r}")
-        self.replication_lag_seconds.labels(route, source_dc, target_dc).observe(max(0.0, applied_time - event_time))
-        self.events_applied_total.labels(route, op).inc()
-        if nbytes:
-            self.bytes_copied_total.labels(route).inc(nbytes)
-        self.last_apply_timestamp_seconds.labels(route).set(applied_time)
-
     def set_consumer_lag(self, group: str, topic: str, partition: int, highwater: int, committed: int | None) -> None:
         """Lag = highwater - committed; a group that never committed lags by the whole partition."""
         lag = highwater - (committed if committed is not None and committed >= 0 else 0)
@@ -194,7 +178,7 @@ class Metrics:
 
     def init_route(self, route: str) -> None:
         """Create a route's counters at 0 so dashboards show it and increase() sees the first event."""
-        for op in APPLY_OPS:
+        for op in ("put", "delete"):
             self.events_applied_total.labels(route, op)
         self.bytes_copied_total.labels(route)
 

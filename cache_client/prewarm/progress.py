@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from tqdm import tqdm
+
 from cache_client.plan import MIB, Bandwidth, format_seconds
 
 log = logging.getLogger("xdc.prewarm")
@@ -84,8 +86,6 @@ class Progress:
             self._files = self._bytes = 0
             self._t0 = self._last_log = self.clock()
             if self.render == "tqdm":
-                from tqdm import tqdm
-
                 self._bar = tqdm(total=bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc)
         self._emit(force=True)
 

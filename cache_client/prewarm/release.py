@@ -1,105 +1,89 @@
 """Release trigger: a dataset-release event starts a prewarm in each datacenter it names.
 
-`follow_releases` runs in one datacenter (its own consumer group) and consumes the releases topics of
-every datacenter; a release whose `datacenters` include this one (or, when empty, the config's
-prewarm datacenters) is prewarmed here through the same `run_prewarm` the CLI and the DAG use.
-Offsets are committed after the prewarm report is in.
+`ReleaseFollower` runs in one datacenter (its own consumer group, `prewarm` role) on the consume
+loop, over the releases topics of every datacenter. A release whose `datacenters` include this one
+(or, when empty, the config's prewarm datacenters) is prewarmed here through the same pipeline
+the CLI and the DAG use. A prewarm that fails for a reason that may pass (files not mirrored yet,
+a store or broker away) is retried with backoff; after `prewarm.release_attempts` tries, or at
+once for a permanent reason (a malformed release, an unreadable list), the release goes to the
+dead-letter topic with the reason. The offset is committed only after one of the two.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
-import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
-from cache_client.prewarm.pipeline import PrewarmReport, run_prewarm
+from cache_client.prewarm.pipeline import PrewarmReport, Request, run_prewarm
 from xdc.events import ReleaseEvent, parse_message
-from xdc.config import XdcConfig
-from xdc.errors import EventError, XdcError
-from xdc.io.kafka import commit, kafka_errors, make_consumer, make_producer, to_records
+from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
+from xdc.io.deadletter import DeadLetterSink
+from xdc.io.kafka import kafka_errors
+from xdc.metrics import METRICS
+from xdc.retry import RetryPolicy
+from xdc.topology import Site, Topology
 
 log = logging.getLogger(__name__)
 
 
-def fetch_manifest(cfg: XdcConfig, dc: str, uri: str, dest: Path) -> Path:
-    """A local path as it is; s3://bucket/key is read from `dc`'s store (mirrored there too)."""
-    if not uri.startswith("s3://"):
-        return Path(uri)
-    from xdc.io.store import store_for
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    out = dest / Path(key).name
-    out.write_bytes(store_for(cfg, dc).get(bucket, key))
-    return out
+def publish_release(site: Site, release: ReleaseEvent) -> None:
+    """Publish a release on the site's releases topic."""
+    with kafka_errors("publish release"):
+        site.producer.send(site.topics.releases, key=release.dataset.encode(), value=release.to_json())
+        site.producer.flush(timeout=30)
 
 
-def publish_release(cfg: XdcConfig, dc: str, release: ReleaseEvent) -> None:
-    """Publish a release on `dc`'s releases topic."""
-    p = make_producer(cfg.kafka_bootstrap(dc))
-    try:
-        with kafka_errors("publish release"):
-            p.send(cfg.dc(dc).kafka.topics.releases, key=release.dataset.encode(), value=release.to_json())
-            p.flush(timeout=30)
-    finally:
-        p.close(timeout=5)
+def wants(site: Site, release: ReleaseEvent) -> bool:
+    """Is `release` to be warmed in `site`?"""
+    names = release.datacenters or tuple(s.name for s in site.topology.prewarm_sites())
+    return site.name in names
 
 
-def wants(cfg: XdcConfig, dc: str, release: ReleaseEvent) -> bool:
-    return dc in (release.datacenters or tuple(cfg.prewarm_datacenters()))
+def request_of(release: ReleaseEvent) -> Request:
+    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline)
 
 
-def prewarm_release(cfg: XdcConfig, dc: str, release: ReleaseEvent, **kw: Any) -> PrewarmReport:
-    with tempfile.TemporaryDirectory(prefix="xdc-manifest-") as tmp:
-        path = fetch_manifest(cfg, dc, release.manifest, Path(tmp))
-        return run_prewarm(cfg.with_local_dc(dc), dc, path, release.dataset, version=release.version,
-                           prefix=release.prefix, **kw)
+class ReleaseFollower:
+    """Consume-loop handler: one release at a time, prewarmed into `topology.here`."""
+
+    def __init__(self, topology: Topology, *, group_id: str | None = None) -> None:
+        self.topology = topology
+        self.site = topology.here
+        self.reports: list[PrewarmReport] = []
+        p = topology.config.prewarm
+        group = group_id or self.site.group("prewarm")
+        sources = [Source(s.name, s.consumer(group), group, (s.topics.releases,)) for s in topology.sites]
+        self.loop = ConsumeLoop(
+            sources, self, name="releases", max_records=1, poll_timeout_s=0.5,
+            retry=RetryPolicy(max_attempts=p.release_attempts, base_s=p.release_retry_seconds, cap_s=60.0),
+            dead_letters=DeadLetterSink(self.site.producer, self.site.topics.dead_letter,
+                                        incidents=self.site.state.incidents,
+                                        on_letter=lambda t, r: METRICS.dead_letters_total.labels(t, r).inc()))
+
+    def handle(self, batch: Batch) -> Sequence[Letter]:
+        for rec in batch.records:
+            for ev in parse_message(rec.value):  # EventError: the loop dead-letters it with its reason
+                if isinstance(ev, ReleaseEvent) and wants(self.site, ev):
+                    report = run_prewarm(self.site, request_of(ev))
+                    self.reports.append(report)
+        return []
+
+    def run(self, *, once: bool = False, max_seconds: float | None = None,
+            stop: threading.Event | None = None) -> list[PrewarmReport]:
+        self.loop.run(once=once, max_seconds=max_seconds, stop=stop)
+        return self.reports
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def __enter__(self) -> ReleaseFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def follow_releases(cfg: XdcConfig, dc: str, *, once: bool = False, max_seconds: float | None = None,
+def follow_releases(topology: Topology, *, once: bool = False, max_seconds: float | None = None,
                     stop: threading.Event | None = None, group_id: str | None = None) -> list[PrewarmReport]:
-    cfg = cfg.with_local_dc(dc)
-    k = cfg.dc(dc).kafka
-    reports: list[PrewarmReport] = []
-    consumers = [make_consumer(cfg.kafka_bootstrap(src), group_id or f"{cfg.prewarm.group_id}.{dc}",
-                               [cfg.dc(src).kafka.topics.releases], session_timeout_ms=k.session_timeout_ms,
-                               heartbeat_interval_ms=k.heartbeat_interval_ms)
-                 for src in cfg.datacenters]
-    t0 = time.monotonic()
-    idle = 0
-    try:
-        while not (stop and stop.is_set()):
-            if max_seconds is not None and time.monotonic() - t0 > max_seconds:
-                break
-            got = False
-            for c in consumers:
-                with kafka_errors("poll releases"):
-                    records = to_records(c.poll(timeout_ms=500, max_records=10))
-                for rec in records:
-                    got = True
-                    try:
-                        events = parse_message(rec.value)
-                    except EventError as exc:
-                        log.warning("release topic: bad message at %s[%d]@%d: %s", rec.topic, rec.partition,
-                                    rec.offset, exc)
-                        continue
-                    for ev in events:
-                        if isinstance(ev, ReleaseEvent) and wants(cfg, dc, ev):
-                            try:
-                                rep = prewarm_release(cfg, dc, ev)
-                            except XdcError as exc:  # a release that cannot be warmed must not stop the rest
-                                log.error("prewarm %s@%s in %s failed: %s", ev.dataset, ev.version, dc, exc)
-                                continue
-                            log.info("%s", rep.summary())
-                            reports.append(rep)
-                commit(c, records)
-            idle = 0 if got else idle + 1
-            joined = all(c.assignment() for c in consumers)
-            if once and joined and idle >= 2:
-                break
-            if once and not joined and time.monotonic() - t0 > 60:
-                break
-    finally:
-        for c in consumers:
-            c.close(autocommit=False)
-    return reports
+    with ReleaseFollower(topology, group_id=group_id) as f:
+        return f.run(once=once, max_seconds=max_seconds, stop=stop)

@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from devtools import postgres
+from tests.conftest import PG_DATABASE
 from xdc.config import CacheConfig, CacheNode, XdcConfig, parse_config
 
 try:
-    from cache_client.juicefs import format_volume, juicefs_bin, mount_node, run_juicefs, umount_node
+    from cache_client.juicefs import (
+        format_volume,
+        juicefs_bin,
+        mount_node,
+        run_juicefs,
+        umount_node,
+    )
 
     juicefs_bin()
     HAVE_JUICEFS = os.path.exists("/dev/fuse")
@@ -79,12 +87,20 @@ def make_files(jfs_cache: CacheConfig) -> MakeFiles:
 
 
 @pytest.fixture
-def make_config() -> Callable[..., XdcConfig]:
-    """xdc_config as a fixture (test modules here are not a package: no relative imports)."""
-    return xdc_config
+def make_config(state_backend: str, tag: str, request: pytest.FixtureRequest) -> Callable[..., XdcConfig]:
+    """xdc_config as a fixture, its state on the test's backend (a schema of its own on PostgreSQL)."""
+    def build(cache: CacheConfig, tmp_path: Path, buckets: list[str], **prewarm: object) -> XdcConfig:
+        url = None
+        if state_backend == "postgres":
+            port = request.getfixturevalue("pg_port")
+            postgres.create_schema(port, PG_DATABASE, tag)
+            url = postgres.url(port, PG_DATABASE, schema=tag)
+        return xdc_config(cache, tmp_path, buckets, state_url=url, **prewarm)
+    return build
 
 
-def xdc_config(cache: CacheConfig, tmp_path: Path, buckets: list[str], **prewarm: object) -> XdcConfig:
+def xdc_config(cache: CacheConfig, tmp_path: Path, buckets: list[str], *, state_url: str | None = None,
+               **prewarm: object) -> XdcConfig:
     """A one-DC config around a cache (S3 and Kafka entries are placeholders: not used here)."""
     return parse_config(
         {
@@ -94,7 +110,7 @@ def xdc_config(cache: CacheConfig, tmp_path: Path, buckets: list[str], **prewarm
                     "s3": {"internal_url": "http://127.0.0.1:1", "external_url": "http://127.0.0.1:1",
                            "credentials": {"access_key_env": "X", "secret_key_env": "Y"}},
                     "kafka": {"bootstrap_servers": ["127.0.0.1:1"]},
-                    "catalog_url": f"sqlite:///{tmp_path / 'catalog.db'}",
+                    "state_url": state_url or f"sqlite:///{tmp_path / 'state.db'}",
                     "cache": cache.model_dump(mode="json"),
                     "buckets": buckets,
                 }

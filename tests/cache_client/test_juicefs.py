@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +11,19 @@ import pytest
 from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
 from cache_client.placement import HashRing
-from cache_client.prewarm.pipeline import check_list, free_list, plan_prewarm, run_prewarm, to_cache_file, wait_ready
+from cache_client.prewarm.pipeline import (
+    Request,
+    check_list,
+    free_list,
+    plan_prewarm,
+    run_prewarm,
+    to_cache_file,
+    wait_ready,
+)
 from cache_client.prewarm.progress import Progress
-from xdc.config import CacheConfig
+from tests.support import site
+from xdc.config import CacheConfig, XdcConfig
 from xdc.errors import CapacityError, NotReadyError
-
-from xdc.config import XdcConfig
 
 MakeFiles = Callable[[str, dict[str, int]], list[str]]
 MakeConfig = Callable[..., XdcConfig]
@@ -109,23 +115,23 @@ def test_run_prewarm_reports_missing_and_survives_first_missing_quirk(
     # The missing key comes FIRST: passed to `juicefs warmup` as is, this is a FATAL exit 1.
     lst = write_list(tmp_path, [f"{bucket}/x/nope", *keys, "not a key/"])
     cfg = make_config(jfs_cache, tmp_path, [bucket])
-    report = run_prewarm(cfg, "dca", lst, progress=Progress(render="none"), wait=False)
+    report = run_prewarm(site(cfg, "dca"), Request(str(lst)), progress=Progress(render="none"), wait=False)
     assert not report.complete
     assert report.check.counts == {"cached": 2, "partial": 0, "not_cached": 0, "missing": 1}
     reasons = {d.get("bucket_key", d.get("entry")): d["reason"] for d in report.not_cached}
     assert reasons[f"{bucket}/x/nope"] == "not in this datacenter's volume"
     assert len(reasons) == 2  # + the unreadable line
     assert report.to_dict()["plan"]["missing"] == [f"{bucket}/x/nope"]
-    with sqlite3.connect(cfg.catalog_path("dca")) as db:  # the run's bandwidth was recorded
-        assert db.execute("SELECT bytes, files, nodes FROM prewarm_bandwidth").fetchall() == [(800 * KIB, 4, 2)]
+    runs = site(cfg, "dca").state.prewarm.runs(min_seconds=0)  # the run's bandwidth was recorded
+    assert [(b, f) for b, f, _ in runs] == [(800 * KIB, 4)]
 
-    checked = check_list(cfg, "dca", lst)
+    checked = check_list(site(cfg, "dca"), Request(str(lst)))
     assert checked.counts["cached"] == 2 and checked.rejected
 
     with pytest.raises(NotReadyError) as exc:
-        wait_ready(cfg, "dca", [*keys, f"{bucket}/x/nope"], timeout=0, poll=0.1)
+        wait_ready(site(cfg, "dca"), [to_cache_file(k, "") for k in [*keys, f"{bucket}/x/nope"]], timeout=0, poll=0.1)
     assert exc.value.missing == [f"{bucket}/x/nope"]  # type: ignore[attr-defined]
-    free_list(cfg, "dca", lst, force=True)
+    free_list(site(cfg, "dca"), Request(str(lst)), force=True)
 
 
 def test_warm_survives_a_file_vanishing_before_warmup(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
@@ -170,17 +176,17 @@ def test_reference_counted_free(jfs_cache: CacheConfig, bucket: str, make_files:
     list_a = write_list(tmp_path, [shared, only_a], "a.txt")
     list_b = write_list(tmp_path, [shared, only_b], "b.txt")
     quiet = Progress(render="none")
-    assert run_prewarm(cfg, "dca", list_a, "ds-a", version="1", progress=quiet).complete
-    assert run_prewarm(cfg, "dca", list_b, "ds-b", version="1", progress=quiet).complete
+    assert run_prewarm(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"), progress=quiet).complete
+    assert run_prewarm(site(cfg, "dca"), Request(str(list_b), "ds-b", "1"), progress=quiet).complete
 
-    freed = free_list(cfg, "dca", list_a, "ds-a", version="1")
+    freed = free_list(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"))
     assert freed.kept == {shared: ["ds-b@1"]}
-    status = {f.bucket_key: f.status for f in check_list(cfg, "dca", write_list(tmp_path, keys, "all.txt")).files}
+    status = {f.bucket_key: f.status for f in check_list(site(cfg, "dca"), Request(str(write_list(tmp_path, keys, "all.txt")))).files}
     assert status == {shared: FileStatus.CACHED, only_a: FileStatus.NOT_CACHED, only_b: FileStatus.CACHED}
 
-    forced = free_list(cfg, "dca", list_b, force=True)  # no dataset named: ds-b stays active, force wins
+    forced = free_list(site(cfg, "dca"), Request(str(list_b)), force=True)  # no dataset named: ds-b stays active, force wins
     assert forced.forced == {shared: ["ds-b@1"], only_b: ["ds-b@1"]} and forced.complete
-    status = {f.bucket_key: f.status for f in check_list(cfg, "dca", tmp_path / "all.txt").files}
+    status = {f.bucket_key: f.status for f in check_list(site(cfg, "dca"), Request(str(tmp_path / "all.txt"))).files}
     assert set(status.values()) == {FileStatus.NOT_CACHED}
 
 
@@ -195,7 +201,7 @@ def test_capacity_refused_or_trimmed(jfs_cache: CacheConfig, bucket: str, make_f
     small = sized(2)
     used, capacity = JuiceFSCluster(small).usage("node1")  # other tests' leftovers may use some
     cfg = make_config(small, tmp_path, [bucket])
-    plan = plan_prewarm(cfg, "dca", write_list(tmp_path, keys), trim=True)
+    plan = plan_prewarm(site(cfg, "dca"), Request(str(write_list(tmp_path, keys))), trim=True)
     fits = (capacity - used) // (600 * KIB)  # files are whole pages: 600 KiB each
     assert fits < 4
     assert plan.trimmed and len(plan.shares["node1"].files) == fits and len(plan.shares["node1"].dropped) == 4 - fits

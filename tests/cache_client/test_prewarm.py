@@ -9,11 +9,22 @@ import pytest
 
 from cache_client.fake import FakeCluster
 from cache_client.plan import MIB
-from cache_client.prewarm.pipeline import check_list, free_list, plan_prewarm, run_prewarm, wait_ready
+from cache_client.prewarm.pipeline import (
+    Request,
+    check_list,
+    free_list,
+    plan_prewarm,
+    run_prewarm,
+    to_cache_file,
+    wait_ready,
+)
 from cache_client.prewarm.progress import Progress
-from cache_client.state import PrewarmState
+from tests.support import site
 from xdc.config import CacheConfig, CacheNode, ResizeSettings, XdcConfig
 from xdc.errors import NotReadyError
+from xdc.topology import Site
+
+pytestmark = pytest.mark.both_backends
 
 CACHE = CacheConfig(meta_url="sqlite3:///unused.db",
                     nodes=[CacheNode(name=n, mount=Path(f"/unused/{n}"), cache_dir=Path("/unused")) for n in ("n1", "n2")])
@@ -35,11 +46,19 @@ def fake(n: int = 4) -> FakeCluster:
     return FakeCluster(volume={f"bkt/k{i}": MIB for i in range(n)})
 
 
+def at(cfg: XdcConfig, cluster: FakeCluster | None = None) -> Site:
+    """The test's datacenter, with the in-memory cluster standing in for its cache."""
+    s = site(cfg, "dca")
+    if cluster is not None:
+        s.cache = cluster  # type: ignore[misc]
+    return s
+
+
 def test_run_rewarms_misses_and_reports_to_json(cfg: XdcConfig, tmp_path: Path) -> None:
     c = fake()
     c.lose["n2"] = {"bkt/k1"}
     lst = write(tmp_path, "l.txt", [f"bkt/k{i}" for i in range(4)] + ["bkt/k0", "bkt/absent"])
-    report = run_prewarm(cfg, "dca", lst, "ds", version="7", cluster=c, progress=QUIET, wait=False)
+    report = run_prewarm(at(cfg, c), Request(str(lst), "ds", version="7"), progress=QUIET, wait=False)
     assert len(report.rounds) == 2 and report.rounds[1]["files"] == 1  # only the partly loaded file again
     assert report.check.counts == {"cached": 4, "partial": 0, "not_cached": 0, "missing": 1}
     assert report.not_cached == [{"bucket_key": "bkt/absent", "status": "missing", "reason": "not in this datacenter's volume"}]
@@ -47,32 +66,30 @@ def test_run_rewarms_misses_and_reports_to_json(cfg: XdcConfig, tmp_path: Path) 
     d = json.loads(json.dumps(report.to_dict()))
     assert d["plan"]["warm_bytes"] == 8 * MIB and d["complete"] is False
     assert "INCOMPLETE, 1 not cached" in report.summary()
-    st = PrewarmState(cfg.catalog_path("dca"))
-    assert [r.dataset for r in st.registrations("dca")] == ["ds"]
+    assert [r.dataset for r in at(cfg).state.prewarm.registrations()] == ["ds"]
 
 
 def test_rounds_exhausted_says_why(cfg: XdcConfig, tmp_path: Path) -> None:
     c = fake(2)
     c.lose["n1"] = {"bkt/k0"}
     cfg0 = cfg.model_copy(update={"prewarm": cfg.prewarm.model_copy(update={"max_rewarm_rounds": 0})})
-    report = run_prewarm(cfg0, "dca", write(tmp_path, "l.txt", ["bkt/k0", "bkt/k1"]), cluster=c, progress=QUIET)
+    report = run_prewarm(at(cfg0, c), Request(str(write(tmp_path, "l.txt", ["bkt/k0", "bkt/k1"]))), progress=QUIET)
     assert report.not_cached == [{"bucket_key": "bkt/k0", "status": "partial", "reason": "not cached on n1: 524288 of 1048576 bytes"}]
 
 
 def test_second_run_is_a_noop(cfg: XdcConfig, tmp_path: Path) -> None:
     c = fake()
     lst = write(tmp_path, "l.txt", [f"bkt/k{i}" for i in range(4)])
-    run_prewarm(cfg, "dca", lst, cluster=c, progress=QUIET)
-    plan = plan_prewarm(cfg, "dca", lst, cluster=c)
+    run_prewarm(at(cfg, c), Request(str(lst)), progress=QUIET)
+    plan = plan_prewarm(at(cfg, c), Request(str(lst)))
     assert plan.noop and plan.cached_files == 4
-    again = run_prewarm(cfg, "dca", lst, cluster=c, progress=QUIET)
+    again = run_prewarm(at(cfg, c), Request(str(lst)), progress=QUIET)
     assert again.complete and again.warmed_files == 0 and len(c.warm_calls) == 2  # first run only, 2 nodes
 
 
 def test_bandwidth_from_earlier_runs_drives_the_eta(cfg: XdcConfig, tmp_path: Path) -> None:
-    st = PrewarmState(cfg.catalog_path("dca"))
-    st.record_run("dca", 200 * MIB, 0, 10.0)  # 20 MiB/s learnt
-    plan = plan_prewarm(cfg, "dca", write(tmp_path, "l.txt", ["bkt/k0", "bkt/k1"]), cluster=fake(), state=st)
+    at(cfg).state.prewarm.record_run(200 * MIB, 0, 10.0)  # 20 MiB/s learnt
+    plan = plan_prewarm(at(cfg, fake()), Request(str(write(tmp_path, "l.txt", ["bkt/k0", "bkt/k1"]))))
     assert plan.bandwidth.source == "measured (1 runs)"
     assert plan.eta_seconds == pytest.approx(4 * MIB / (20 * MIB) + 4 * plan.bandwidth.per_file_s)
 
@@ -80,7 +97,7 @@ def test_bandwidth_from_earlier_runs_drives_the_eta(cfg: XdcConfig, tmp_path: Pa
 def test_ready_gate(cfg: XdcConfig, tmp_path: Path) -> None:
     c = fake(1)
     with pytest.raises(NotReadyError, match=r"1 of 2 files not in the datacenter.*bkt/late") as exc:
-        wait_ready(cfg, "dca", ["bkt/k0", "bkt/late"], timeout=0, cluster=c)
+        wait_ready(at(cfg, c), [to_cache_file(k, "") for k in ("bkt/k0", "bkt/late")], timeout=0)
     assert exc.value.missing == ["bkt/late"]  # type: ignore[attr-defined]
 
     class Arriving(FakeCluster):
@@ -88,15 +105,15 @@ def test_ready_gate(cfg: XdcConfig, tmp_path: Path) -> None:
             self.volume["bkt/late"] = 10  # mirrored while we wait
             return super().stat(files)
 
-    wait_ready(cfg, "dca", ["bkt/late"], timeout=5, poll=0.01, cluster=Arriving())
+    wait_ready(at(cfg, Arriving()), [to_cache_file("bkt/late", "")], timeout=5, poll=0.01)
     lst = write(tmp_path, "l.txt", ["bkt/k0", "bkt/never"])
     with pytest.raises(NotReadyError):
-        run_prewarm(cfg, "dca", lst, cluster=c, progress=QUIET, ready_timeout=0)
+        run_prewarm(at(cfg, c), Request(str(lst)), progress=QUIET, ready_timeout=0)
 
 
 def test_rejected_entries_are_reported(cfg: XdcConfig, tmp_path: Path) -> None:
     lst = write(tmp_path, "l.txt", ["bkt/k0", "otherbucket/x", "/abs"])
-    report = check_list(cfg, "dca", lst, cluster=fake())
+    report = check_list(at(cfg, fake()), Request(str(lst)))
     assert report.counts["cached"] == 0 and len(report.rejected) == 2 and not report.complete
     assert any("no_route" in r for _, r in report.rejected)
 
@@ -105,7 +122,7 @@ def test_prefer_derived(tmp_path: Path, make_config: Callable[..., XdcConfig]) -
     cfg = make_config(CACHE, tmp_path, ["bkt"], prefer_derived=True)
     cfg = cfg.model_copy(update={"resize": ResizeSettings(bucket="bkt")})  # raw/ -> 720p/
     c = FakeCluster(volume={"bkt/raw/a.jpg": 5 * MIB, "bkt/720p/a.jpg": MIB, "bkt/raw/b.jpg": 5 * MIB})
-    plan = plan_prewarm(cfg, "dca", write(tmp_path, "l.txt", ["bkt/raw/a.jpg", "bkt/raw/b.jpg"]), cluster=c)
+    plan = plan_prewarm(at(cfg, c), Request(str(write(tmp_path, "l.txt", ["bkt/raw/a.jpg", "bkt/raw/b.jpg"]))))
     assert plan.bytes == 6 * MIB  # a's derivative (1 MiB) + b's original (no derivative yet)
 
 
@@ -113,10 +130,10 @@ def test_free_keeps_files_of_other_active_datasets(cfg: XdcConfig, tmp_path: Pat
     c = fake(3)
     a = write(tmp_path, "a.txt", ["bkt/k0", "bkt/k1"])
     b = write(tmp_path, "b.txt", ["bkt/k1", "bkt/k2"])
-    run_prewarm(cfg, "dca", a, "A", cluster=c, progress=QUIET)
-    run_prewarm(cfg, "dca", b, "B", cluster=c, progress=QUIET)
-    rep = free_list(cfg, "dca", a, "A", cluster=c)
+    run_prewarm(at(cfg, c), Request(str(a), "A"), progress=QUIET)
+    run_prewarm(at(cfg, c), Request(str(b), "B"), progress=QUIET)
+    rep = free_list(at(cfg, c), Request(str(a), "A"))
     assert rep.kept == {"bkt/k1": ["B@"]} and rep.files == 1 and "kept 1 files" in rep.summary()
     assert sorted(c.cache["n1"]) == ["bkt/k1", "bkt/k2"]
-    rep = free_list(cfg, "dca", b, "B", cluster=c)  # A is retired now: nothing holds k1
+    rep = free_list(at(cfg, c), Request(str(b), "B"))  # A is retired now: nothing holds k1
     assert rep.kept == {} and c.cache == {"n1": {}, "n2": {}}

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from devtools.airflow_local import airflow_env, running_tansu
+from xdc.io.state import sqlite_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_DAGS = ROOT / "dags"
@@ -105,13 +106,15 @@ def tansu_broker(tmp_path: Path) -> Iterator[str]:
 
 # -- the project's DAGs against the real stack (tests/conftest.py's xcfg) ---------------------------
 def write_xdc_config(xcfg: Any, path: Path, tag: str, **over: dict[str, Any]) -> Path:
-    """An XdcConfig as a YAML file the DAGs load (XDC_CONFIG): absolute catalog paths, the test's
+    """An XdcConfig as a YAML file the DAGs load (XDC_CONFIG): absolute state paths, the test's
     own consumer groups, a short ready gate. `over`: top-level sections to update (lag={...})."""
     import yaml
 
     data = xcfg.model_dump(mode="json", exclude={"base_dir"})
     for dc in data["datacenters"]:
-        data["datacenters"][dc]["catalog_url"] = f"sqlite:///{xcfg.catalog_path(dc).resolve()}"
+        url = xcfg.dc(dc).state_url
+        if url.startswith("sqlite:///"):
+            data["datacenters"][dc]["state_url"] = f"sqlite:///{sqlite_path(url, xcfg.base_dir).resolve()}"
     data["mirror"]["group_id"] = f"{tag}-mirror"
     if data.get("resize"):
         data["resize"]["group_id"] = f"{tag}-resize"

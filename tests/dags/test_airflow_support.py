@@ -9,8 +9,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
-from xdc.app.airflow_support import (RELEASE_ASSET, config_path, is_release_message, kafka_connection_env,
-                                 kafka_connection_extra, release_asset, release_payloads)
+from xdc.app.airflow_support import (
+    RELEASE_ASSET,
+    config_path,
+    is_release_message,
+    kafka_connection_env,
+    kafka_connection_extra,
+    release_asset,
+    release_payloads,
+)
 from xdc.errors import ConfigError, EventError
 
 RELEASE = {"type": "dataset.released", "dataset": "cams", "version": "v1", "manifest": "/lists/cams-v1.txt",

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from cache_client.prewarm.pipeline import check_list
-from mirror.catalog import SqliteCatalog
+from cache_client.prewarm.pipeline import Request, check_list
 from mirror.ingest import ingest
 from mirror.runner import Mirror
+from tests.support import site, topo
 from xdc.config import XdcConfig, load_config
-from xdc.io.store import store_for
+
+pytestmark = pytest.mark.both_backends
 
 SRC, DST = "idca-drive", "idcb-drive"
 DAG_IDS = {"xdc_mirror", "xdc_resize", "xdc_prewarm", "xdc_free", "xdc_lag_monitor"}
@@ -67,30 +68,30 @@ def test_mirror_dag_then_lag_monitor(run_dag: Callable[..., Any], dag_xcom: Call
                                      config_writer: Callable[..., Path], file_maker: Callable[..., dict[str, bytes]],
                                      xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     files = file_maker(tmp_path / "src", tag, 4)
-    ingest(xcfg, "A", tmp_path / "src", SRC, "camera/")
+    ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
 
     run = run_dag("xdc_mirror")
     assert run.state == "success"
     stats = dag_xcom(run, "mirror_into_B")
     assert stats["applied"] == 4 and stats["dead_letters"] == 0
-    dst = store_for(xcfg.with_local_dc("B"), "B")
+    dst = site(xcfg, "B", seen_from="B").store
     for key, data in files.items():
         assert dst.get(DST, key) == data
-    assert SqliteCatalog(xcfg.catalog_path("B")).get(DST, next(iter(files))) is not None
+    assert site(xcfg, "B").state.catalog.get(DST, next(iter(files))) is not None
 
     run = run_dag("xdc_lag_monitor")
     assert run.state == "success"
-    rows = SqliteCatalog(xcfg.catalog_path("B")).latest_lag_snapshot()
+    rows = site(xcfg, "B").state.lag.latest()
     camera = next(r for r in rows if r["route"] == "camera")
     assert camera["events"] == 4 and camera["p99"] is not None
-    assert dag_xcom(run, "objective")["routes"] == len(xcfg.routes_into("B"))
+    assert dag_xcom(run, "objective")["routes"] == len([r for r in xcfg.routes if r.target.dc == "B"])
 
     # An objective no real lag can meet: the monitor fails, and still recorded its snapshot.
     config_writer(xcfg, config_file, tag, lag={"objective_p99_seconds": 1e-9})
-    before = len(SqliteCatalog(xcfg.catalog_path("B")).lag_history(0))
+    before = len(site(xcfg, "B").state.lag.history(0))
     run = run_dag("xdc_lag_monitor")
     assert run.state == "failed"
-    assert len(SqliteCatalog(xcfg.catalog_path("B")).lag_history(0)) > before
+    assert len(site(xcfg, "B").state.lag.history(0)) > before
 
 
 def test_resize_dag_writes_derivatives(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any], config_file: Path,
@@ -101,13 +102,13 @@ def test_resize_dag_writes_derivatives(run_dag: Callable[..., Any], dag_xcom: Ca
     frames.mkdir(parents=True)
     for i in range(2):
         (frames / f"cam{i}.jpg").write_bytes(make_frame(i))
-    ingest(xcfg, "A", tmp_path / "frames", SRC, "camera/raw/")
+    ingest(site(xcfg, "A"), tmp_path / "frames", SRC, "camera/raw/")
 
     run = run_dag("xdc_resize", conf={"shards": 2})
     assert run.state == "success"
     total = dag_xcom(run, "summary")
     assert total["shards"] == 2 and total["results"].get("resized") == 2
-    derived = list(store_for(xcfg, "A").list(SRC, f"camera/720p/{tag}/"))
+    derived = list(site(xcfg, "A").store.list(SRC, f"camera/720p/{tag}/"))
     assert len(derived) == 2 and all(o.size < 1_000_000 for o in derived)
 
 
@@ -115,8 +116,8 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
                            file_maker: Callable[..., dict[str, bytes]], xcfg: XdcConfig, tmp_path: Path,
                            tag: str) -> None:
     files = file_maker(tmp_path / "src", tag, 5)
-    ingest(xcfg, "A", tmp_path / "src", SRC, "camera/")
-    with Mirror(xcfg, "B", group_id=f"{tag}-lib-mirror") as m:
+    ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
+    with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
         assert m.run(once=True).applied == 5
     listing = tmp_path / "release.txt"
     listing.write_text("".join(f"{SRC}/{k}\n" for k in files))  # keys as released in IDC-A
@@ -126,7 +127,7 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
     run = run_dag("xdc_prewarm", conf=conf)
     assert run.state == "success"
     for dc in ("A", "B"):
-        check = check_list(cfg.with_local_dc(dc), dc, listing)
+        check = check_list(site(cfg, dc), Request(str(listing)))
         assert check.complete and check.cached_ratio == 1.0 and len(check.files) == 5, check.summary()
     plans = mapped_xcoms(run, "plan")
     assert {p["unit"]["dc"] for p in plans} == {"A", "B"}
@@ -146,7 +147,7 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
     run = run_dag("xdc_free", conf={"dataset": f"ds-{tag}", "datacenters": ["A", "B"]})
     assert run.state == "success"
     for dc in ("A", "B"):
-        check = check_list(cfg.with_local_dc(dc), dc, listing)
+        check = check_list(site(cfg, dc), Request(str(listing)))
         assert check.counts["not_cached"] == 5 and check.bytes_cached == 0, check.summary()
     freed = dag_xcom(run, "report")
     assert {r["dc"] for r in freed} == {"A", "B"} and all(r["complete"] for r in freed)
@@ -160,7 +161,7 @@ def two_dc_config(tmp_path: Path, **over: Any) -> XdcConfig:
         return {"s3": {"internal_url": f"http://127.0.0.1:{port}", "external_url": f"http://127.0.0.1:{port}",
                        "credentials": {"access_key_env": "AK", "secret_key_env": "SK"}},
                 "kafka": {"bootstrap_servers": [bootstrap], "topics": {"releases": f"rel-{port}"}, "partitions": 3},
-                "catalog_url": f"sqlite:///{tmp_path / f'{port}.db'}",
+                "state_url": f"sqlite:///{tmp_path / f'{port}.db'}",
                 "cache": {"meta_url": "sqlite3:///x.db", "nodes": [{"name": "n1", "mount": "/m", "cache_dir": "/c"}]}}
     data = {"local_dc": "A", "datacenters": {"A": dc(1, "k:1"), "B": dc(2, "k:2"), "C": dc(3, "k:1")},
             "routes": [{"source": {"dc": "A", "bucket": "src-a"}, "target": {"dc": "B", "bucket": "dst-b"}}],
@@ -169,7 +170,8 @@ def two_dc_config(tmp_path: Path, **over: Any) -> XdcConfig:
 
 
 def test_watch_targets_and_shards_from_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from xdc.app.airflow_tasks import mirror_targets, release_watch, resize_shards, schedule_from_env
+    from xdc.app.airflow_support import mirror_targets, release_watch, schedule_from_env
+    from xdc.app.airflow_tasks import resize_shards
 
     cfg = two_dc_config(tmp_path)
     assert release_watch(cfg) == (["rel-1", "rel-3"], "xdc_kafka")  # A's broker carries A's and C's topics
@@ -196,7 +198,12 @@ def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
 
 
 def test_outcomes_fail_the_run_when_incomplete(tmp_path: Path) -> None:
-    from xdc.app.airflow_tasks import enforce_lag_objective, free_outcome, prewarm_outcome, sum_resize_stats
+    from xdc.app.airflow_tasks import (
+        enforce_lag_objective,
+        free_outcome,
+        prewarm_outcome,
+        sum_resize_stats,
+    )
     from xdc.errors import CacheError, LagObjectiveError
 
     cfg = two_dc_config(tmp_path, lag={"objective_p99_seconds": 5})

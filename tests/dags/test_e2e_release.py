@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from cache_client.prewarm.pipeline import check_list
+from cache_client.prewarm.pipeline import Request, check_list
 from cache_client.prewarm.release import publish_release
-from xdc.events import ReleaseEvent
+from devtools.airflow_local import running_airflow, task_instances
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from devtools.airflow_local import running_airflow, task_instances
-from xdc.app.airflow_support import kafka_connection_env
-from xdc.app.airflow_tasks import DEFAULT_KAFKA_CONN_ID
+from tests.support import bootstrap, site, topo
+from xdc.app.airflow_support import DEFAULT_KAFKA_CONN_ID, kafka_connection_env
 from xdc.config import XdcConfig, load_config
+from xdc.events import ReleaseEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = "idca-drive"
@@ -30,12 +30,12 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
                                                 file_maker: Callable[..., dict[str, bytes]]) -> None:
     t0 = time.monotonic()
     files = file_maker(tmp_path / "src", tag, 4)
-    ingest(xcfg, "A", tmp_path / "src", SRC, "camera/")
+    ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
     # Mirror into IDC-B while Airflow starts (two cores: overlap the waits, not the CPU work).
     mirrored: list[int] = []
 
     def mirror() -> None:
-        with Mirror(xcfg, "B", group_id=f"{tag}-lib-mirror") as m:
+        with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
             mirrored.append(m.run(once=True).applied)
 
     mirror_thread = threading.Thread(target=mirror, name="mirror-into-B")
@@ -45,7 +45,7 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     config = config_writer(xcfg, tmp_path / "xdc.yaml", tag)
     cfg = load_config(config)
 
-    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, cfg.kafka_bootstrap("A"), f"{tag}-airflow")
+    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, bootstrap(cfg, "A"), f"{tag}-airflow")
     env = {conn_name: conn_value, "XDC_CONFIG": str(config),
            # Only the release path runs here: the minute-scheduled DAGs stay manual.
            "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none"}
@@ -58,9 +58,9 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
             af.wait_dag("xdc_prewarm")
             release = ReleaseEvent(dataset=f"ds-{tag}", version="v1", manifest=str(listing), time=time.time(),
                                    datacenters=("A", "B"))
-            publish_release(cfg, "A", release)
+            publish_release(site(cfg, "A"), release)
             t_sent = time.monotonic()
-            run = af.wait_run("xdc_prewarm", af.wait_new_run("xdc_prewarm", timeout=90)["dag_run_id"], timeout=120)
+            run = af.wait_run("xdc_prewarm", af.wait_new_run("xdc_prewarm", timeout=90)["dag_run_id"], timeout=300)
             release_s = time.monotonic() - t_sent
             report = af.xcom("xdc_prewarm", run["dag_run_id"], "report") if run["state"] == "success" else None
             tails = af.log_tails(60) if run["state"] != "success" else ""
@@ -70,9 +70,10 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     assert run["state"] == "success" and run["run_type"] == "asset_triggered", tails
     assert {(r["dc"], r["complete"]) for r in report} == {("A", True), ("B", True)}
     for dc in ("A", "B"):
-        check = check_list(cfg.with_local_dc(dc), dc, listing)
+        check = check_list(site(cfg, dc), Request(str(listing)))
         assert check.complete and check.cached_ratio == 1.0 and len(check.files) == 4, check.summary()
-    assert {t["task_id"] for t in tis} == {"releases", "units", "ready", "plan", "node_jobs", "warm", "check", "report"}
+    assert {t["task_id"] for t in tis} == {"releases", "units", "resolve", "ready", "plan", "node_jobs", "warm", "check",
+                                         "report"}
     assert sum(t["task_id"] == "warm" for t in tis) == 4  # mapped over 2 datacenters x 2 cache nodes
     busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration']:.1f}s" for t in tis)
     print(f"\ntask durations: {busy}")

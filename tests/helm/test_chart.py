@@ -15,6 +15,7 @@ import yaml
 from devtools import helm_schema
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.errors import ConfigError
+from xdc.topology import Topology
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
@@ -180,10 +181,10 @@ def test_embedded_config_loads_with_the_cli_loader(chart: Any, render: Render, c
     cfg = load_config(path, dc=values["dc"])
     assert cfg.local_dc == values["dc"]
     assert cfg == parse_config(values["config"], base_dir=tmp_path, dc=values["dc"])
-    # Catalogs live on the volume, not beside the read-only ConfigMap mount.
+    # SQLite state lives on the volume, not beside the read-only ConfigMap mount.
     mount = Path(values["persistence"]["mountPath"])
     for name in cfg.datacenters:
-        assert mount in cfg.catalog_path(name).parents, name
+        assert mount in Path(Topology(cfg).site(name).state_location).parents, name
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from xdc.observe.http import serve
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.http import serve
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "helm" / "xdc-mirror" / "files" / "grafana-dashboard.json"
@@ -156,8 +156,13 @@ def _api(base: str, path: str, **params: str) -> Any:
 def _feed(m: Metrics, step: int) -> None:
     """One tick of plausible activity on every metric (counters must move for rate())."""
     now = time.time()
-    m.observe_applied("frames", "idc-a", "idc-b", "put", now - 2.0 - step % 5, now, nbytes=1 << 20)
-    m.observe_applied("frames", "idc-a", "idc-b", "delete", now - 0.5, now)
+    lag = m.replication_lag_seconds.labels("frames", "idc-a", "idc-b")
+    lag.observe(2.0 + step % 5)
+    lag.observe(0.5)
+    m.events_applied_total.labels("frames", "put").inc()
+    m.events_applied_total.labels("frames", "delete").inc()
+    m.bytes_copied_total.labels("frames").inc(1 << 20)
+    m.last_apply_timestamp_seconds.labels("frames").set(now)
     m.set_consumer_lag("xdc-mirror", "s3-events", 0, highwater=100 + step, committed=90)
     m.objects_pending.labels("frames").set(10)
     m.bytes_pending.labels("frames").set(10 << 20)

@@ -14,21 +14,30 @@ from typing import Any
 import yaml
 from kafka import KafkaAdminClient
 
-from mirror.catalog import SqliteCatalog
-from xdc.events import AppliedEvent, encode_notification, message_key, new_sequencer, s3_record
 from mirror.march import march
+from tests.support import bootstrap, site
 from xdc.config import XdcConfig, parse_config
+from xdc.events import (
+    AppliedEvent,
+    encode_notification,
+    message_key,
+    new_sequencer,
+    s3_record,
+)
 from xdc.io.kafka import Record, make_producer
-from xdc.io.store import ObjectInfo, Store, store_for
+from xdc.io.state import sqlite_path
+from xdc.io.store import ObjectInfo, Store
 
 SRC_BUCKET, DST_BUCKET = "idca-drive", "idcb-drive"
 
 
 def config_data(cfg: XdcConfig) -> dict[str, Any]:
-    """A config as plain data with absolute catalog paths, so it can live in any directory."""
+    """A config as plain data with absolute state paths, so it can live in any directory."""
     data = cfg.model_dump(mode="json", exclude={"base_dir"})
     for dc in cfg.datacenters:
-        data["datacenters"][dc]["catalog_url"] = f"sqlite:///{cfg.catalog_path(dc).resolve()}"
+        url = cfg.dc(dc).state_url
+        if url.startswith("sqlite:///"):
+            data["datacenters"][dc]["state_url"] = f"sqlite:///{sqlite_path(url, cfg.base_dir).resolve()}"
     data.pop("run_dir", None)
     return data
 
@@ -71,8 +80,8 @@ class Workload:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.store: Store = store_for(self.cfg.with_local_dc("A"), "A")
-        self.producer = make_producer(self.cfg.kafka_bootstrap("A"))
+        self.store: Store = site(self.cfg, "A").store
+        self.producer = make_producer(bootstrap(self.cfg, "A"))
         self.topic = self.cfg.dc("A").kafka.topics.events
 
     def close(self) -> None:
@@ -137,23 +146,19 @@ def compare_listings(src: Iterable[ObjectInfo], dst: Iterable[ObjectInfo], src_p
 
 
 def compare_data(cfg: XdcConfig, tag: str, prefix: str = "camera/") -> Diff:
-    src = store_for(cfg.with_local_dc("A"), "A")
-    dst = store_for(cfg.with_local_dc("B"), "B")
+    src = site(cfg, "A", seen_from="A").store
+    dst = site(cfg, "B", seen_from="B").store
     p = f"{prefix}{tag}/"
     return compare_listings(src.list(SRC_BUCKET, p), dst.list(DST_BUCKET, p), p, p)
 
 
 def compare_metadata(cfg: XdcConfig, tag: str, prefix: str = "lidar/") -> Diff:
     """Metadata-mode route: the target catalog's live rows against the source listing."""
-    src = store_for(cfg.with_local_dc("A"), "A")
-    cat = SqliteCatalog(cfg.catalog_path("B"))
-    try:
-        p = f"{prefix}{tag}/"
-        rows = [ObjectInfo(e.bucket, e.key, e.size, e.etag) for e in cat.live_objects(DST_BUCKET)
-                if e.key.startswith(p)]
-        return compare_listings(src.list(SRC_BUCKET, p), rows, p, p)
-    finally:
-        cat.close()
+    src = site(cfg, "A", seen_from="A").store
+    cat = site(cfg, "B").state.catalog
+    p = f"{prefix}{tag}/"
+    rows = [ObjectInfo(e.bucket, e.key, e.size, e.etag) for e in cat.live_objects(DST_BUCKET) if e.key.startswith(p)]
+    return compare_listings(src.list(SRC_BUCKET, p), rows, p, p)
 
 
 def applied_events(records: Iterable[Record]) -> list[AppliedEvent]:
@@ -169,7 +174,7 @@ def applied_events(records: Iterable[Record]) -> list[AppliedEvent]:
 
 
 def committed_offsets(cfg: XdcConfig, dc: str, group: str) -> dict[tuple[str, int], int]:
-    admin = KafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap(dc), request_timeout_ms=10_000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap(cfg, dc), request_timeout_ms=10_000)
     try:
         got = admin.list_group_offsets(group).get(group, {})
         return {(tp.topic, tp.partition): om.offset for tp, om in got.items() if om.offset >= 0}

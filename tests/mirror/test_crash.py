@@ -17,11 +17,19 @@ from typing import Any
 
 import pytest
 
-from mirror.catalog import SqliteCatalog
-from tests.mirror.chaos_support import (Workload, applied_events, child_env, committed_offsets, compare_data,
-                                        compare_metadata, write_config)
-from tests.support import read_topic
+from tests.mirror.chaos_support import (
+    Workload,
+    applied_events,
+    child_env,
+    committed_offsets,
+    compare_data,
+    compare_metadata,
+    write_config,
+)
+from tests.support import read_topic, site
 from xdc.config import XdcConfig
+
+pytestmark = pytest.mark.both_backends
 
 ROOT = Path(__file__).resolve().parents[2]
 # short session: a killed member leaves the group fast, so the restarted one is assigned quickly
@@ -36,11 +44,7 @@ def _spawn(cfg_file: Path, mode: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _offsets_not_ahead(cfg: XdcConfig, group: str) -> int:
-    cat = SqliteCatalog(cfg.catalog_path("B"))
-    try:
-        done = cat.offsets(group)
-    finally:
-        cat.close()
+    done = site(cfg, "B").state.catalog.offsets(group)
     committed = committed_offsets(cfg, "A", group)
     for tp, off in committed.items():
         assert off <= done.get(tp, 0), f"committed {tp}={off} ahead of the catalog's {done.get(tp)}"
@@ -48,11 +52,7 @@ def _offsets_not_ahead(cfg: XdcConfig, group: str) -> int:
 
 
 def _progress(cfg: XdcConfig, group: str) -> int:
-    cat = SqliteCatalog(cfg.catalog_path("B"))
-    try:
-        return sum(cat.offsets(group).values())
-    finally:
-        cat.close()
+    return sum(site(cfg, "B").state.catalog.offsets(group).values())
 
 
 @pytest.mark.slow
@@ -133,11 +133,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_once(
     report["applied_twice"] = len(twice)
     print("\nCRASH REPORT " + json.dumps(report, sort_keys=True))
     assert not twice, twice
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
-    try:
-        rows = [e for e in cat.live_objects() if f"/{tag}/" in e.key]
-        for e in rows:
-            assert times.get((e.key, e.sequencer)) == {e.applied_time}, e
-        assert not cat.pending_outbox()
-    finally:
-        cat.close()
+    cat = site(xcfg, "B").state.catalog
+    rows = [e for e in cat.live_objects() if f"/{tag}/" in e.key]
+    for e in rows:
+        assert times.get((e.key, e.sequencer)) == {e.applied_time}, e
+    assert cat.outbox_size() == 0

@@ -14,25 +14,30 @@ from typing import Any
 
 import pytest
 
-from mirror.catalog import SqliteCatalog
-from xdc.io.deadletter import read_letters
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record
-from mirror.runner import Mirror
-from tests.mirror.chaos_support import (DST_BUCKET, SRC_BUCKET, Workload, compare_data, compare_metadata,
-                                        committed_offsets, variant)
-from tests.support import produce
 from devtools import stack
-from xdc.config import XdcConfig
 from devtools.faultproxy import FaultPlan, FaultProxy, Rule
+from mirror.dlq import read_letters
+from mirror.runner import Mirror
+from tests.mirror.chaos_support import (
+    DST_BUCKET,
+    SRC_BUCKET,
+    Workload,
+    committed_offsets,
+    compare_data,
+    compare_metadata,
+    variant,
+)
+from tests.support import produce, site, topo
+from xdc.config import XdcConfig
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record
 from xdc.metrics import Metrics, new_registry
-from xdc.io.store import store_for
 
 REPORT: dict[str, Any] = {}  # numbers for the report, printed by the last test of the module
 
 
 def _objects(cfg: XdcConfig, tag: str, n: int, seed: int = 1) -> dict[str, bytes]:
     rng = random.Random(seed)
-    src = store_for(cfg.with_local_dc("A"), "A")
+    src = site(cfg, "A", seen_from="A").store
     out: dict[str, bytes] = {}
     msgs = []
     for i in range(n):
@@ -54,7 +59,7 @@ def _through(cfg: XdcConfig, src_proxy: FaultProxy, dst_proxy: FaultProxy, attem
 
 
 def _run_once(cfg: XdcConfig) -> Any:
-    with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(cfg, "B"), metrics=Metrics(new_registry())) as m:
         return m.run(once=True)
 
 
@@ -86,19 +91,19 @@ def test_permanent_failures_go_to_the_dead_letter_topic(xcfg: XdcConfig, tag: st
         REPORT["permanent"] = {"access_denied": pb.counts["access_denied"], "truncate": pa.counts["truncate"]}
     assert stats.dead_letters == 2 and stats.applied == 10
     letters = {json.loads(d.value)["Records"][0]["s3"]["object"]["key"]: d
-               for d in read_letters(xcfg.kafka_bootstrap("B"), xcfg.dc("B").kafka.topics.dead_letter)}
+               for d in read_letters(site(xcfg, "B"))}
     assert set(letters) == {denied, torn}
     assert letters[denied].reason == "copy_failed" and "AccessDenied" in letters[denied].detail
     assert letters[torn].reason == "copy_failed_after_retries"
     assert letters[torn].origin_topic == xcfg.dc("A").kafka.topics.events
-    dst = store_for(xcfg.with_local_dc("B"), "B")
+    dst = site(xcfg, "B", seen_from="B").store
     for key, data in files.items():
         if key in (denied, torn):
             assert not dst.exists(DST_BUCKET, key)
         else:
             assert dst.get(DST_BUCKET, key) == data
     # the catalog does not claim what never landed; the offsets moved past the letters
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
+    cat = site(xcfg, "B").state.catalog
     assert cat.get(DST_BUCKET, denied) is None and cat.get(DST_BUCKET, torn) is None
     assert sum(cat.offsets(f"{xcfg.mirror.group_id}.B").values()) == 12
 
@@ -146,7 +151,7 @@ def test_source_broker_restart_mid_stream_loses_nothing(durable: tuple[Path, Xdc
 
     def mirror_loop() -> None:
         try:
-            with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+            with Mirror(topo(cfg, "B"), metrics=Metrics(new_registry())) as m:
                 m.run(stop=stop)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
@@ -179,7 +184,7 @@ def test_source_broker_restart_mid_stream_loses_nothing(durable: tuple[Path, Xdc
     REPORT["broker_restart"] = {"restarts": restarts, "events": work.published, "lost": len(d.missing) + len(dm.missing),
                                 "diverged": len(d.differ) + len(dm.differ) + len(d.extra) + len(dm.extra)}
     assert d.ok and dm.ok, (d, dm)
-    cat = SqliteCatalog(cfg.catalog_path("B"))
+    cat = site(cfg, "B").state.catalog
     group = f"{cfg.mirror.group_id}.B"
     done = cat.offsets(group)
     for tp, off in committed_offsets(cfg, "A", group).items():

@@ -9,15 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-from xdc.io.deadletter import read_letters
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record
+from mirror.dlq import read_letters
 from mirror.runner import Mirror
 from tests.mirror.chaos_support import DST_BUCKET, SRC_BUCKET, child_env, write_config
-from tests.support import produce, read_topic
+from tests.support import produce, read_topic, site, topo
 from xdc.config import XdcConfig
+from xdc.events import encode_notification, message_key, new_sequencer, s3_record
+from xdc.io.store import S3Store
 from xdc.metrics import Metrics, new_registry
-from xdc.io.store import S3Store, store_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,8 +37,8 @@ def _everything(store: S3Store) -> set[tuple[str, str]]:
 
 
 def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig, tag: str, tmp_path: Path) -> None:
-    src = store_for(xcfg.with_local_dc("A"), "A")
-    dst = store_for(xcfg.with_local_dc("B"), "B")
+    src = site(xcfg, "A", seen_from="A").store
+    dst = site(xcfg, "B", seen_from="B").store
     before = _everything(dst)
 
     good: list[tuple[bytes | None, bytes]] = []
@@ -87,12 +86,12 @@ def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig,
     msgs = good[:2] + [(b"hostile", v) for v, _ in hostile.values()] + good[2:]
     produce(xcfg, "A", xcfg.dc("A").kafka.topics.events, msgs)  # 16 MiB max request: the broker takes 10 MB
 
-    with Mirror(xcfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(xcfg, "B"), metrics=Metrics(new_registry())) as m:
         stats = m.run(once=True)
     assert stats.dead_letters == len(hostile)
     assert stats.applied == len(good) - 2 and stats.ignored["unrouted"] == 2
 
-    letters = list(read_letters(xcfg.kafka_bootstrap("B"), xcfg.dc("B").kafka.topics.dead_letter))
+    letters = list(read_letters(site(xcfg, "B")))
     by_value = {d.value: d for d in letters}
     for name, (value, reason) in hostile.items():
         assert value in by_value, f"{name}: no dead letter"
@@ -116,7 +115,7 @@ def test_dlq_replay_puts_letters_back_on_the_origin_topic(xcfg: XdcConfig, tag: 
     rec["eventName"] = "s3:ObjectRestore:Post"
     bad = encode_notification([rec])
     produce(xcfg, "A", origin, [(b"k", bad)])
-    with Mirror(xcfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(xcfg, "B"), metrics=Metrics(new_registry())) as m:
         assert m.run(once=True).dead_letters == 1
     cfg_file = write_config(xcfg, tmp_path / "xdc.yaml")
     out = subprocess.run([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B", "dlq", "replay",

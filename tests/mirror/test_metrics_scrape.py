@@ -5,13 +5,12 @@ from urllib.request import Request, urlopen
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirror.catalog import SqliteCatalog
-from xdc.events import new_sequencer
 from mirror.runner import Mirror
-from tests.support import delete_event, produce, put_event
+from tests.support import delete_event, produce, put_event, site, topo
 from xdc.config import XdcConfig
-from xdc.observe.http import serve
+from xdc.events import new_sequencer
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.http import serve
 
 SRC = "idca-drive"
 
@@ -34,18 +33,17 @@ def test_scraped_lag_count_equals_applied_events(xcfg: XdcConfig, tag: str) -> N
     metrics = Metrics(new_registry())
     with serve("127.0.0.1", 0, registry=metrics.registry) as srv:
         produce(xcfg, "A", topic, puts)
-        with Mirror(xcfg, "B", metrics=metrics) as m:
+        with Mirror(topo(xcfg, "B"), metrics=metrics) as m:
             first = m.run(once=True)
         # then a delete (an applied event too), a duplicate (ignored) and a dead letter
         produce(xcfg, "A", topic, [delete_event(SRC, keys[0], seq=new_sequencer()), puts[1], (b"x", b"{not json")])
-        with Mirror(xcfg, "B", metrics=metrics) as m:
+        with Mirror(topo(xcfg, "B"), metrics=metrics) as m:
             second = m.run(once=True)
         scraped = _scrape(srv.url + "/metrics")
 
     assert (first.applied, second.applied) == (25, 1)
-    rows = SqliteCatalog(xcfg.catalog_path("B")).query(
-        "SELECT COUNT(*) n, SUM(deleted) d FROM objects WHERE route='lidar'")[0]
-    assert (rows["n"], rows["d"]) == (25, 1)  # 24 live objects and one tombstone
+    totals = site(xcfg, "B").state.catalog.route_totals()["lidar"]
+    assert (totals["objects"], totals["tombstones"]) == (24, 1)  # 24 live objects and one tombstone
     count = sum(v for _, v in scraped["xdc_replication_lag_seconds_count"])
     assert count == first.applied + second.applied == 26
     inf_bucket = sum(v for lab, v in scraped["xdc_replication_lag_seconds_bucket"] if lab["le"] == "+Inf")

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirror.catalog import SqliteCatalog
-from xdc.events import new_sequencer, parse_applied
+import pytest
+
 from mirror.ingest import ingest, publish_delete, scan
 from mirror.runner import Mirror
-from tests.support import delete_event, produce, put_event, read_topic
+from tests.support import delete_event, produce, put_event, read_topic, site, topo
 from xdc.config import XdcConfig
+from xdc.events import new_sequencer, parse_applied
 from xdc.metrics import Metrics, new_registry
-from xdc.io.store import store_for
+
+pytestmark = pytest.mark.both_backends
 
 SRC, DST = "idca-drive", "idcb-drive"
 
@@ -28,20 +30,20 @@ def _files(root: Path, tag: str, n: int, sub: str = "camera", size: int = 50_000
 
 
 def _mirror(cfg: XdcConfig, **kw):  # type: ignore[no-untyped-def]
-    with Mirror(cfg, "B", metrics=Metrics(new_registry()), **kw) as m:
+    with Mirror(topo(cfg, "B"), metrics=Metrics(new_registry()), **kw) as m:
         return m.run(once=True)
 
 
 def test_data_mode_end_to_end_copies_bytes_and_publishes_applied(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     files = _files(tmp_path, tag, 5)
-    ingest(xcfg, "A", tmp_path, SRC, "camera/")
+    ingest(site(xcfg, "A"), tmp_path, SRC, "camera/")
     stats = _mirror(xcfg)
     assert stats.applied == 5
-    dst = store_for(xcfg.with_local_dc("B"), "B")
+    dst = site(xcfg, "B", seen_from="B").store
     for key, data in files.items():
         assert dst.get(DST, key) == data
         assert dst.head(DST, key).metadata["xdc-source-etag"]
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
+    cat = site(xcfg, "B").state.catalog
     e = cat.get(DST, next(iter(files)))
     assert e is not None and e.mode == "data" and e.applied_time >= e.event_time
     applied = [a for r in read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.applied) for a in parse_applied(r.value)]
@@ -51,10 +53,10 @@ def test_data_mode_end_to_end_copies_bytes_and_publishes_applied(xcfg: XdcConfig
 
 def test_metadata_mode_records_metadata_only(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     files = _files(tmp_path, tag, 3)
-    ingest(xcfg, "A", tmp_path, SRC, "lidar/")
+    ingest(site(xcfg, "A"), tmp_path, SRC, "lidar/")
     assert _mirror(xcfg).applied == 3
-    dst = store_for(xcfg.with_local_dc("B"), "B")
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
+    dst = site(xcfg, "B", seen_from="B").store
+    cat = site(xcfg, "B").state.catalog
     for key in files:
         lkey = key.replace("camera/", "lidar/")
         e = cat.get(DST, lkey)
@@ -64,14 +66,14 @@ def test_metadata_mode_records_metadata_only(xcfg: XdcConfig, tmp_path: Path, ta
 
 def test_delete_leaves_tombstone_and_removes_object(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     files = _files(tmp_path, tag, 2)
-    ingest(xcfg, "A", tmp_path, SRC, "camera/")
+    ingest(site(xcfg, "A"), tmp_path, SRC, "camera/")
     assert _mirror(xcfg).applied == 2
     gone = next(iter(files))
-    publish_delete(xcfg, "A", SRC, gone)
+    publish_delete(site(xcfg, "A"), SRC, gone)
     assert _mirror(xcfg).applied == 1
-    dst = store_for(xcfg.with_local_dc("B"), "B")
+    dst = site(xcfg, "B", seen_from="B").store
     assert not dst.exists(DST, gone)
-    e = SqliteCatalog(xcfg.catalog_path("B")).get(DST, gone)
+    e = site(xcfg, "B").state.catalog.get(DST, gone)
     assert e is not None and e.deleted
 
 
@@ -82,7 +84,7 @@ def test_older_event_out_of_order_is_ignored(xcfg: XdcConfig, tag: str) -> None:
                                delete_event(SRC, key, seq="0000000100")])  # older delete arrives late
     stats = _mirror(xcfg)
     assert stats.applied == 1
-    e = SqliteCatalog(xcfg.catalog_path("B")).get(DST, key)
+    e = site(xcfg, "B").state.catalog.get(DST, key)
     assert e is not None and not e.deleted and e.size == 200
     # and across batches: a later run sees an older put
     produce(xcfg, "A", topic, [put_event(SRC, key, seq="0000000150", size=150)])
@@ -113,7 +115,7 @@ def test_restarted_mirror_resumes_from_committed_offset(xcfg: XdcConfig, tag: st
     produce(xcfg, "A", topic, second)
     stats = _mirror(xcfg)  # a new process, same group
     assert stats.records == 15 and stats.applied == 15
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
+    cat = site(xcfg, "B").state.catalog
     assert len([e for e in cat.live_objects(DST) if f"/{tag}/" in e.key]) == 35
     committed = cat.offsets(f"{xcfg.mirror.group_id}.B")
     assert sum(committed.values()) == 35  # the catalog's offsets agree with what was consumed
@@ -134,14 +136,14 @@ def test_malformed_message_goes_to_dead_letter_topic_and_rest_applies(xcfg: XdcC
 
 
 def test_scan_publishes_missed_changes(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
-    src = store_for(xcfg, "A")
+    src = site(xcfg, "A").store
     for i in range(4):  # objects that arrived with no notification
         src.put(SRC, f"lidar/{tag}/s{i}.bin", b"x" * (i + 1))
-    rep = scan(xcfg, "A", SRC, f"lidar/{tag}/")
+    rep = scan(site(xcfg, "A"), SRC, f"lidar/{tag}/")
     assert (rep.listed, rep.missing, rep.events) == (4, 4, 4)
     assert _mirror(xcfg).applied == 4
     src.delete(SRC, f"lidar/{tag}/s0.bin")
-    rep = scan(xcfg, "A", SRC, f"lidar/{tag}/")
+    rep = scan(site(xcfg, "A"), SRC, f"lidar/{tag}/")
     assert (rep.missing, rep.extra) == (0, 1)
     assert _mirror(xcfg).applied == 1
-    assert scan(xcfg, "A", SRC, f"lidar/{tag}/").events == 0
+    assert scan(site(xcfg, "A"), SRC, f"lidar/{tag}/").events == 0

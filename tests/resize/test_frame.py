@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, JpegImagePlugin
 
-from resize.frame import available_backends, derived_key, render_pixels, resize_file, resize_frame
+from devtools.samples import make_frame, render_frame
+from resize.frame import (
+    available_backends,
+    derived_key,
+    render_pixels,
+    resize_file,
+    resize_frame,
+)
 from resize.geometry import fit_box
 from xdc.config import ResizeSettings
 from xdc.errors import ResizeError, XdcError
-from devtools.samples import make_frame, render_frame
 
 BACKENDS = available_backends()
 SETTINGS = ResizeSettings(bucket="frames")

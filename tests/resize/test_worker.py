@@ -5,17 +5,18 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from mirror.catalog import SqliteCatalog
+from devtools.samples import make_frame
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from resize.worker import ResizeWorker
-from tests.support import read_topic
+from tests.support import read_topic, site, topo
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
-from devtools.samples import make_frame
-from xdc.io.store import store_for
+
+pytestmark = pytest.mark.both_backends
 
 SRC, DST = "idca-drive", "idcb-drive"
 
@@ -37,7 +38,7 @@ def _bomb() -> bytes:
 
 
 def _worker(cfg: XdcConfig) -> ResizeWorker:
-    return ResizeWorker(cfg, "A", metrics=Metrics(new_registry()))
+    return ResizeWorker(topo(cfg, "A"), metrics=Metrics(new_registry()))
 
 
 def test_frames_resized_mirrored_and_bad_files_quarantined(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
@@ -54,7 +55,7 @@ def test_frames_resized_mirrored_and_bad_files_quarantined(xcfg: XdcConfig, tmp_
         (frames / name).write_bytes(data)
     (frames / "small.jpg").write_bytes(make_frame(7, 640, 360))
     raw = f"camera/raw/{tag}/"
-    ingest(xcfg, "A", frames, SRC, raw)
+    ingest(site(xcfg, "A"), frames, SRC, raw)
 
     with _worker(xcfg) as w:
         stats = w.run(once=True)
@@ -62,7 +63,7 @@ def test_frames_resized_mirrored_and_bad_files_quarantined(xcfg: XdcConfig, tmp_
     assert stats.results.get("quarantined") == len(bad)
     assert stats.results.get("skipped") == 1
 
-    a = store_for(xcfg, "A")
+    a = site(xcfg, "A").store
     derived = f"camera/720p/{tag}/"
     sizes = {o.key.rsplit("/", 1)[1]: o.size for o in a.list(SRC, derived)}
     assert set(sizes) == set(good)
@@ -72,30 +73,30 @@ def test_frames_resized_mirrored_and_bad_files_quarantined(xcfg: XdcConfig, tmp_
         assert im.size == ((1280, 720) if name != "tall.jpg" else (405, 720))
         assert a.head(SRC, derived + name).metadata["xdc-source-etag"] == a.head(SRC, raw + name).etag
 
-    cat = SqliteCatalog(xcfg.catalog_path("A"))
-    quarantined = {r["key"].rsplit("/", 1)[1]: r["reason"] for r in cat.recent("quarantine", 100)}
+    incidents = site(xcfg, "A").state.incidents
+    quarantined = {r["key"].rsplit("/", 1)[1]: r["reason"] for r in incidents.recent("quarantine", 100)}
     assert quarantined == {"corrupt.jpg": "corrupt", "truncated.png": "truncated", "empty.jpg": "empty",
                            "bomb.png": "decompression_bomb", "notes.jpg": "not_an_image"}
     letters = read_topic(xcfg, "A", xcfg.dc("A").kafka.topics.dead_letter)
     assert len(letters) == len(bad)
 
     # the derivatives are put events like any object: the mirror carries them to IDC-B
-    with Mirror(xcfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(xcfg, "B"), metrics=Metrics(new_registry())) as m:
         m.run(once=True)
-    b = store_for(xcfg.with_local_dc("B"), "B")
+    b = site(xcfg, "B", seen_from="B").store
     for name in good:
         assert b.get(DST, derived + name) == a.get(SRC, derived + name)
 
 
 def test_replay_writes_nothing(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     (tmp_path / "f.jpg").write_bytes(make_frame(1, 1920, 1080))
-    ingest(xcfg, "A", tmp_path, SRC, f"camera/raw/{tag}/")
+    ingest(site(xcfg, "A"), tmp_path, SRC, f"camera/raw/{tag}/")
     with _worker(xcfg) as w:
         assert w.run(once=True).results == {"resized": 1}
-    a = store_for(xcfg, "A")
+    a = site(xcfg, "A").store
     first = a.head(SRC, f"camera/720p/{tag}/f.jpg")
     # replay the same events from the start with a new group: nothing is rewritten
-    with ResizeWorker(xcfg, "A", metrics=Metrics(new_registry()), group_id=f"{tag}-replay") as w:
+    with ResizeWorker(topo(xcfg, "A"), metrics=Metrics(new_registry()), group_id=f"{tag}-replay") as w:
         assert w.run(once=True).results == {"done_before": 1}
     again = a.head(SRC, f"camera/720p/{tag}/f.jpg")
     assert again.last_modified == first.last_modified and again.etag == first.etag

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from xdc.config import load_config, masked_view, parse_config
+from xdc.config import load_config, parse_config
 from xdc.errors import ConfigError
+from xdc.topology import Topology, masked_view
 
 SECRET_A, SECRET_B = "sEcReT-a-0123456789abcdef", "sEcReT-b-fedcba9876543210"
 ACCESS_A, ACCESS_B = "AKIATESTACCESSA", "AKIATESTACCESSB"
@@ -19,7 +20,7 @@ def _dc(port: int, name: str, buckets: list[str]) -> dict[str, Any]:
     return {"s3": {"internal_url": f"http://127.0.0.1:{port}", "external_url": f"http://10.0.0.1:{port}",
                    "credentials": {"access_key_env": f"T_{name}_AK", "secret_key_env": f"T_{name}_SK"}},
             "kafka": {"bootstrap_servers": [f"127.0.0.1:{port + 1}"]},
-            "catalog_url": f"sqlite:///{name}.db", "buckets": buckets}
+            "state_url": f"sqlite:///{name}.db", "buckets": buckets}
 
 
 BASE: dict[str, Any] = {
@@ -44,8 +45,10 @@ def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_valid_config_and_derived_views(secrets_env: None) -> None:
     cfg = parse_config(_cfg(), base_dir=Path("/etc/xdc"))
-    assert cfg.s3_url("A") == "http://127.0.0.1:9000" and cfg.s3_url("B") == "http://10.0.0.1:9100"
-    assert cfg.catalog_path("B") == Path("/etc/xdc/B.db")
+    topo = Topology(cfg)  # seen from local_dc A: A's internal URL, B's external one
+    assert topo.site("A").s3_url == "http://127.0.0.1:9000" and topo.site("B").s3_url == "http://10.0.0.1:9100"
+    assert Topology(cfg, "B").site("B").s3_url == "http://127.0.0.1:9100"
+    assert topo.site("B").state_location == "/etc/xdc/B.db"
     assert cfg.routes[0].target_key("camera/x/y.jpg") == "camera/x/y.jpg"
     assert cfg.dc("A").s3.credentials.resolve() == (ACCESS_A, SECRET_A)
 
@@ -58,7 +61,7 @@ def test_valid_config_and_derived_views(secrets_env: None) -> None:
     (lambda d: d["routes"][0]["source"].update(prefix="../etc/"), ["no '..'"]),
     (lambda d: d["routes"][0]["source"].update(prefix="/abs/"), ["relative"]),
     (lambda d: d["routes"][0]["source"].update(bucket="Bad_Bucket"), ["not a valid S3 bucket name"]),
-    (lambda d: d["datacenters"]["A"].update(catalog_url="postgres://x"), ["sqlite"]),
+    (lambda d: d["datacenters"]["A"].update(state_url="mysql://x"), ["sqlite", "postgresql"]),
     (lambda d: d["routes"].append(copy.deepcopy(d["routes"][0])), ["unique"]),
     (lambda d: d.update(local_dc="Z"), ["local_dc"]),
     (lambda d: d["datacenters"]["A"]["s3"].update(credentials={"access_key_env": "X"}), ["credentials"]),
@@ -97,7 +100,7 @@ def test_same_bucket_mirrored_with_the_same_prefix_is_accepted() -> None:
 
 
 def test_masked_view_never_shows_secret_values(secrets_env: None) -> None:
-    text = yaml.safe_dump(masked_view(parse_config(_cfg())))
+    text = yaml.safe_dump(masked_view(Topology(parse_config(_cfg()))))
     for v in (SECRET_A, SECRET_B, ACCESS_A, ACCESS_B):
         assert v not in text
     assert "T_A_SK" in text and "****" in text  # where it comes from, and that it resolves
@@ -105,7 +108,7 @@ def test_masked_view_never_shows_secret_values(secrets_env: None) -> None:
 
 def test_masked_view_reports_unresolved_credentials_without_failing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("T_A_SK", raising=False)
-    view = masked_view(parse_config(_cfg()))
+    view = masked_view(Topology(parse_config(_cfg())))
     assert "NOT RESOLVED" in view["datacenters"]["A"]["s3"]["credentials"]["resolved"]
     assert "T_A_SK" in view["datacenters"]["A"]["s3"]["credentials"]["resolved"]
 

@@ -75,22 +75,6 @@ def test_lag_buckets_span_10ms_to_1h_with_the_objective() -> None:
     assert finite == sorted(finite) and 60.0 in finite
 
 
-def test_observe_applied_records_lag_op_bytes_and_time(m: Metrics) -> None:
-    m.observe_applied("r1", "idc-a", "idc-b", "put", event_time=1000.0, applied_time=1002.0, nbytes=4096)
-    m.observe_applied("r1", "idc-a", "idc-b", "delete", event_time=1001.0, applied_time=1000.5)  # skewed clock
-    reg, lbl = m.registry, {"route": "r1", "source_dc": "idc-a", "target_dc": "idc-b"}
-    assert value(reg, "xdc_replication_lag_seconds_count", **lbl) == 2
-    assert value(reg, "xdc_replication_lag_seconds_sum", **lbl) == 2.0
-    assert value(reg, "xdc_replication_lag_seconds_bucket", le="0.01", **lbl) == 1  # the clamped one
-    assert value(reg, "xdc_replication_lag_seconds_bucket", le="2.5", **lbl) == 2
-    assert value(reg, "xdc_events_applied_total", route="r1", op="put") == 1
-    assert value(reg, "xdc_events_applied_total", route="r1", op="delete") == 1
-    assert value(reg, "xdc_bytes_copied_total", route="r1") == 4096
-    assert value(reg, "xdc_last_apply_timestamp_seconds", route="r1") == 1000.5
-    with pytest.raises(ValueError):
-        m.observe_applied("r1", "idc-a", "idc-b", "copy", 0, 1)
-
-
 def test_consumer_lag(m: Metrics) -> None:
     m.set_consumer_lag("g", "s3-events", 3, highwater=120, committed=100)
     m.set_consumer_lag("g", "s3-events", 4, highwater=50, committed=None)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devtools.stack import SECRETS_FILE
 from tests.mirror.chaos_support import child_env, write_config
 from xdc.config import XdcConfig
-from devtools.stack import SECRETS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,7 @@
 """What the DAGs share with Airflow: config lookup, the Kafka connection, and release events.
 
-Importable without Airflow: Airflow is imported inside the functions that need it.
+Importable without Airflow (and light enough for DAG parsing): Airflow is imported inside the
+functions that need it, only where Airflow runs.
 
 A dataset release reaches a DAG like this (read from the installed Airflow 3.3.2 and the Kafka
 provider 2.1.0, proven in tests/dags/test_harness.py):
@@ -27,31 +28,92 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from xdc.app.env import load_env_file
+from xdc.config import XdcConfig, load_config
 from xdc.errors import ConfigError, EventError
+from xdc.events import RELEASE_TYPE, parse_release
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_VARIABLE", "RELEASE_ASSET", "config_path", "kafka_connection_extra",
-           "kafka_connection_env", "release_asset", "is_release_message", "release_payload",
-           "release_payloads"]
+__all__ = ["CONFIG_VARIABLE", "ENV_FILE_VARIABLE", "RELEASE_ASSET", "config_path", "load_xdc_config",
+           "parse_time_config", "schedule_from_env", "mirror_targets", "dc_asset_name", "release_watch",
+           "kafka_connection_extra", "kafka_connection_env", "release_asset", "is_release_message",
+           "release_payload", "release_payloads"]
 
 CONFIG_VARIABLE = "xdc_config"  # Airflow Variable holding the config file path
+ENV_FILE_VARIABLE = "xdc_env_file"  # Airflow Variable naming an env file (credentials), optional
 RELEASE_ASSET = "xdc-release"  # name of the asset the release watcher feeds
+DEFAULT_KAFKA_CONN_ID = "xdc_kafka"
+DEFAULT_SCHEDULE = "* * * * *"  # every minute
+
+
+def _variable(name: str) -> str | None:
+    try:
+        from airflow.sdk import Variable  # only where Airflow runs; the CLI works without it
+    except ImportError:
+        return None
+    value = Variable.get(name, default=None)
+    return str(value) if value else None
 
 
 def config_path() -> str:
     """The xdc config file path: Airflow Variable ``xdc_config`` if set, else env ``XDC_CONFIG``."""
-    path: str | None = None
-    try:
-        from airflow.sdk import Variable
-    except ImportError:  # plain CLI use, no Airflow installed
-        Variable = None  # type: ignore[assignment,misc]
-    if Variable is not None:
-        path = Variable.get(CONFIG_VARIABLE, default=None)
-    path = path or os.environ.get("XDC_CONFIG")
+    path = _variable(CONFIG_VARIABLE) or os.environ.get("XDC_CONFIG")
     if not path:
         raise ConfigError(f"no config file: set the Airflow Variable {CONFIG_VARIABLE!r} or XDC_CONFIG")
-    return str(path)
+    return path
+
+
+def load_xdc_config(path: str | None = None) -> XdcConfig:
+    """The XdcConfig the DAGs run with: `path`, else config_path(). An env file named by the
+    Variable `xdc_env_file` or $XDC_ENV_FILE (credentials) is loaded first; nothing else is."""
+    env_file = _variable(ENV_FILE_VARIABLE) or os.environ.get("XDC_ENV_FILE")
+    if env_file:
+        load_env_file(env_file)
+    return load_config(path or config_path())
+
+
+def parse_time_config() -> XdcConfig | None:
+    """The config for building DAG structure at parse time, or None when it cannot be read.
+
+    A DAG file must import without a config (CI, a fresh Airflow): its tasks then fail at run time
+    with the ConfigError, which names what to set.
+    """
+    try:
+        return load_xdc_config()
+    except Exception as exc:  # noqa: BLE001 - any reason: fall back to the config-less DAG shape
+        log.info("xdc config not readable while parsing DAGs (%s); using the config-less shape", exc)
+        return None
+
+
+def schedule_from_env(name: str, default: str = DEFAULT_SCHEDULE) -> str | None:
+    """A DAG's cron schedule from env `name` ("none"/"manual" -> no schedule)."""
+    value = os.environ.get(name, default).strip()
+    return None if value.lower() in ("", "none", "manual") else value
+
+
+def mirror_targets(cfg: XdcConfig) -> list[str]:
+    """Datacenters some route mirrors into: one mirror task (and asset) each."""
+    return sorted({r.target.dc for r in cfg.routes})
+
+
+def dc_asset_name(dc: str) -> str:
+    """The asset a mirror task updates when it applied objects into `dc`."""
+    return f"xdc-dc-{dc}"
+
+
+def release_watch(cfg: XdcConfig) -> tuple[list[str], str]:
+    """(releases topics, kafka connection id) the release watcher listens to.
+
+    One connection = one broker: the local datacenter's (or the first one's); the releases topics
+    of every datacenter whose Kafka is that broker.
+    """
+    local = cfg.local_dc or next(iter(cfg.datacenters))
+    k = cfg.dc(local).kafka
+    conn_id = k.airflow_conn_id or DEFAULT_KAFKA_CONN_ID
+    same = [d.kafka.topics.releases for d in cfg.datacenters.values()
+            if sorted(d.kafka.bootstrap_servers) == sorted(k.bootstrap_servers)]
+    return sorted(set(same)), conn_id
 
 
 def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeout_ms: int = 6000,
@@ -130,9 +192,7 @@ def is_release_message(message: Any) -> dict[str, Any] | None:
 
 def release_payload(doc: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate a release document and return it as a JSON-able dict (plus where it came from)."""
-    from xdc.events import parse_release  # the one release schema
-
-    parse_release(dict(doc))  # raises EventError
+    parse_release(dict(doc))  # the one release schema; raises EventError
     payload = dict(doc)
     if source:
         payload["source"] = dict(source)
@@ -183,6 +243,4 @@ def _source(message: Any) -> dict[str, Any]:
 
 
 def _release_type() -> str:
-    from xdc.events import RELEASE_TYPE
-
     return RELEASE_TYPE

@@ -1,88 +1,37 @@
 """What the project's DAGs (dags/) call: each task is one of these functions.
 
 The DAG files only wire them into tasks; each takes and returns plain, JSON-able values (XCom), so
-a task's inputs and outputs are readable in the UI and the logic is tested without Airflow.
+a task's inputs and outputs are readable in the UI and the logic is tested without Airflow. The
+prewarm tasks are the phases of the one pipeline (cache_client.prewarm.pipeline): the file list is
+fetched and resolved once per (release, datacenter) by `unit_resolve`, kept in that datacenter's
+state, and the later tasks read it from there.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from xdc.app.airflow_support import config_path, release_payload
-
-if TYPE_CHECKING:
-    from xdc.config import XdcConfig
+from cache_client.base import NodeWarmResult
+from cache_client.prewarm import pipeline
+from cache_client.prewarm.release import request_of, wants
+from mirror.runner import Mirror
+from resize.worker import ResizeWorker
+from xdc.app.airflow_support import release_payload
+from xdc.config import XdcConfig
+from xdc.errors import CacheError, ConfigError, LagObjectiveError
+from xdc.events import RELEASE_TYPE, iso, parse_release
+from xdc.observe.lag import lag_over_objective, record_lag_snapshot
+from xdc.topology import Site, Topology
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KAFKA_CONN_ID = "xdc_kafka"
-DEFAULT_SCHEDULE = "* * * * *"  # every minute
 
-
-def load_xdc_config(path: str | None = None) -> XdcConfig:
-    """The XdcConfig the DAGs run with: `path`, else config_path(); the local stack's generated
-    credentials (a secrets file beside the config) are put into the environment first."""
-    from pathlib import Path
-
-    from xdc.config import load_config
-    from devtools.stack import load_secrets
-
-    path = path or config_path()
-    load_secrets(Path(path).resolve().parent)
-    return load_config(path)
-
-
-def parse_time_config() -> XdcConfig | None:
-    """The config for building DAG structure at parse time, or None when it cannot be read.
-
-    A DAG file must import without a config (CI, a fresh Airflow): its tasks then fail at run time
-    with the ConfigError, which names what to set.
-    """
-    try:
-        return load_xdc_config()
-    except Exception as exc:  # noqa: BLE001 - any reason: fall back to the config-less DAG shape
-        log.info("xdc config not readable while parsing DAGs (%s); using the config-less shape", exc)
-        return None
-
-
-def schedule_from_env(name: str, default: str = DEFAULT_SCHEDULE) -> str | None:
-    """A DAG's cron schedule from env `name` ("none"/"manual" -> no schedule)."""
-    value = os.environ.get(name, default).strip()
-    return None if value.lower() in ("", "none", "manual") else value
-
-
-def mirror_targets(cfg: XdcConfig) -> list[str]:
-    """Datacenters some route mirrors into: one mirror task (and asset) each."""
-    return sorted({r.target.dc for r in cfg.routes})
-
-
-def dc_asset_name(dc: str) -> str:
-    """The asset a mirror task updates when it applied objects into `dc`."""
-    return f"xdc-dc-{dc}"
-
-
-def release_watch(cfg: XdcConfig) -> tuple[list[str], str]:
-    """(releases topics, kafka connection id) the release watcher listens to.
-
-    One connection = one broker: the local datacenter's (or the first one's); the releases topics
-    of every datacenter whose Kafka is that broker.
-    """
-    local = cfg.local_dc or next(iter(cfg.datacenters))
-    k = cfg.dc(local).kafka
-    conn_id = k.airflow_conn_id or DEFAULT_KAFKA_CONN_ID
-    same = [d.kafka.topics.releases for d in cfg.datacenters.values()
-            if sorted(d.kafka.bootstrap_servers) == sorted(k.bootstrap_servers)]
-    return sorted(set(same)), conn_id
-
-
+# -- prewarm --------------------------------------------------------------------------------------
 def release_from_params(params: Mapping[str, Any], now: float | None = None) -> dict[str, Any] | None:
     """A release payload from a manual run's params (dataset, version, manifest, datacenters)."""
-    import time
-
-    from xdc.events import RELEASE_TYPE, iso
-
     if not params.get("manifest"):
         return None
     doc = {"type": RELEASE_TYPE, "dataset": params.get("dataset") or "", "version": str(params.get("version") or ""),
@@ -95,16 +44,14 @@ def release_from_params(params: Mapping[str, Any], now: float | None = None) -> 
 
 def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc"}."""
-    from cache_client.prewarm.release import wants
-    from xdc.events import parse_release
-
+    topo = Topology(cfg)
     units = []
     for payload in releases:
         ev = parse_release(payload)
-        for dc in cfg.prewarm_datacenters() if not ev.datacenters else list(ev.datacenters):
-            cfg.dc(dc)  # ConfigError for a datacenter the config does not know
-            if wants(cfg, dc, ev):
-                units.append({"release": dict(payload), "dc": dc})
+        names = list(ev.datacenters) or [s.name for s in topo.prewarm_sites()]
+        for name in names:
+            if wants(topo.site(name), ev):  # ConfigError for a datacenter the config does not know
+                units.append({"release": dict(payload), "dc": name})
     return units
 
 
@@ -113,55 +60,38 @@ def unit_label(unit: Mapping[str, Any]) -> str:
     return f"{r['dataset']}@{r['version']} in {unit['dc']}"
 
 
-class _Manifest:
-    """Context manager: the release's file list as a local path (fetched from S3 when s3://)."""
-
-    def __init__(self, cfg: XdcConfig, unit: Mapping[str, Any]) -> None:
-        self.cfg, self.unit = cfg, unit
-        self._tmp: Any = None
-
-    def __enter__(self) -> str:
-        import tempfile
-        from pathlib import Path
-
-        from cache_client.prewarm.release import fetch_manifest
-
-        self._tmp = tempfile.TemporaryDirectory(prefix="xdc-manifest-")
-        return str(fetch_manifest(self.cfg, self.unit["dc"], self.unit["release"]["manifest"], Path(self._tmp.name)))
-
-    def __exit__(self, *exc: object) -> None:
-        self._tmp.cleanup()
+def _unit(cfg: XdcConfig, unit: Mapping[str, Any]) -> tuple[Topology, Site, pipeline.Request]:
+    topo = Topology(cfg, unit["dc"])
+    return topo, topo.here, request_of(parse_release(unit["release"]))
 
 
-def manifest_of(cfg: XdcConfig, unit: Mapping[str, Any]) -> _Manifest:
-    return _Manifest(cfg, unit)
+def unit_resolve(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
+    """Fetch and resolve the unit's file list once, and keep it in the datacenter's state."""
+    topo, site, req = _unit(cfg, unit)
+    with topo:
+        res = pipeline.resolve(site, req)
+        pipeline.stage(site, req, res)
+    log.info("resolved %s: %d files, %d entries rejected", unit_label(unit), len(res.files), res.rejected_count)
+    return dict(unit) | {"files": len(res.files), "rejected": res.rejected_count}
 
 
 def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """The ready gate: wait until every file of the release exists in the unit's datacenter."""
-    from cache_client.prewarm.pipeline import cluster_for, resolve_list, wait_for_files
-
-    dc = unit["dc"]
-    cfg = cfg.with_local_dc(dc)
-    cluster = cluster_for(cfg, dc)
-    with manifest_of(cfg, unit) as path:
-        res = resolve_list(cfg, dc, path, prefix=unit["release"].get("prefix"), cluster=cluster)
-    wait_for_files(cluster, res.files, cfg.prewarm.ready_timeout_seconds if timeout is None else timeout,
-                   cfg.prewarm.ready_poll_seconds)
+    """The ready gate: wait until every file of the unit exists in its datacenter."""
+    topo, site, req = _unit(cfg, unit)
+    with topo:
+        res = pipeline.load_staged(site, req)
+        pipeline.wait_ready(site, res.files, timeout)
     log.info("ready: %d files of %s are in the datacenter", len(res.files), unit_label(unit))
-    return dict(unit)
+    return {"release": unit["release"], "dc": unit["dc"]}
 
 
 def unit_plan(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """The plan (files, bytes, per-node shares, ETA) of a unit: {"unit", "plan", "summary"}."""
-    from cache_client.prewarm.pipeline import plan_prewarm
-
-    dc = unit["dc"]
-    with manifest_of(cfg, unit) as path:
-        plan = plan_prewarm(cfg.with_local_dc(dc), dc, path, prefix=unit["release"].get("prefix"))
-    summary = plan.summary()
-    log.info("plan %s: %s", unit_label(unit), summary)
-    return {"unit": dict(unit), "plan": plan.to_dict(max_files=100), "summary": summary}
+    topo, site, req = _unit(cfg, unit)
+    with topo:
+        plan = pipeline.plan_files(site, pipeline.load_staged(site, req))
+    log.info("plan %s: %s", unit_label(unit), plan.summary())
+    return {"unit": dict(unit), "plan": plan.to_dict(max_files=100), "summary": plan.summary()}
 
 
 def warm_jobs(plans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -171,112 +101,116 @@ def warm_jobs(plans: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def warm_node_job(cfg: XdcConfig, job: Mapping[str, Any]) -> dict[str, Any]:
-    """Load one node's share of a unit into that node's cache: {"unit", "node", "files", "bytes",
-    "seconds", "error"}. Planned again here (cheap), so it loads only what is still missing."""
-    import time
-
-    from cache_client.prewarm.pipeline import cluster_for, resolve_list
-
+    """Load one node's share of a unit. Planned again here (cheap), so a retried task loads only
+    what is still missing. {"unit", "node", "files", "bytes", "seconds", "error"}."""
     unit, node = job["unit"], job["node"]
-    dc = unit["dc"]
-    cfg = cfg.with_local_dc(dc)
-    cluster = cluster_for(cfg, dc)
-    with manifest_of(cfg, unit) as path:
-        res = resolve_list(cfg, dc, path, prefix=unit["release"].get("prefix"), cluster=cluster)
-    share = cluster.plan(res.files).shares[node]
-    t0 = time.monotonic()
-    error = None
-    if share.files:
-        try:
-            cluster.warm_node(node, share.files, cluster.threads_per_node, lambda files, nbytes: None)
-        except Exception as exc:  # noqa: BLE001 - reported; the check step re-warms what is missing
-            error = str(exc)
-    out = {"unit": dict(unit), "node": node, "files": len(share.files), "bytes": share.bytes,
-           "seconds": round(time.monotonic() - t0, 3), "error": error}
-    log.info("warm %s on %s: %d files, %.1f MiB in %.1fs%s", unit_label(unit), node, out["files"],
-             share.bytes / 2**20, out["seconds"], f" (error: {error})" if error else "")
+    topo, site, req = _unit(cfg, unit)
+    with topo:
+        plan = pipeline.plan_files(site, pipeline.load_staged(site, req))
+        result = pipeline.warm_node(site, plan, node)
+    out = {"unit": dict(unit), **result.__dict__, "seconds": round(result.seconds, 3)}
+    log.info("warm %s on %s: %d files, %.1f MiB in %.1fs%s", unit_label(unit), node, result.files,
+             result.bytes / 2**20, result.seconds, f" (error: {result.error})" if result.error else "")
     return out
 
 
 def unit_check(cfg: XdcConfig, unit: Mapping[str, Any], warms: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """Verify a unit per file, re-warm what is missing (run_prewarm's rounds), register the dataset
-    version as active in the datacenter, and record the bandwidth the parallel warm achieved.
-
-    Returns the PrewarmReport as a dict (+ "summary" and "warm_nodes").
-    """
-    from cache_client.prewarm.pipeline import run_prewarm, state_for
-
-    dc = unit["dc"]
-    cfg = cfg.with_local_dc(dc)
-    mine = [w for w in warms if w["unit"] == unit]
-    nbytes, nfiles = sum(w["bytes"] for w in mine), sum(w["files"] for w in mine)
-    seconds = max((w["seconds"] for w in mine), default=0.0)  # the nodes warmed in parallel
-    if nbytes and seconds > 0 and not any(w["error"] for w in mine):
-        state_for(cfg, dc).record_run(dc, nbytes, nfiles, seconds, nodes=len(mine))
-    r = unit["release"]
-    with manifest_of(cfg, unit) as path:
-        report = run_prewarm(cfg, dc, path, r["dataset"], version=r["version"], prefix=r.get("prefix"),
-                             wait=False)
+    """Verify a unit per file, re-warm what is missing, register the dataset version as active in
+    the datacenter, and learn the bandwidth the parallel warm achieved. The PrewarmReport as a dict."""
+    t0 = time.monotonic()
+    topo, site, req = _unit(cfg, unit)
+    mine = [w for w in warms if w["unit"]["dc"] == unit["dc"] and w["unit"]["release"] == unit["release"]]
+    with topo:
+        pipeline.record_warm(site, [NodeWarmResult(w["node"], w["files"], w["bytes"], w["seconds"], w["error"])
+                                    for w in mine])
+        res = pipeline.load_staged(site, req)
+        plan = pipeline.plan_files(site, res)
+        rounds = [{"files": sum(w["files"] for w in mine), "bytes": sum(w["bytes"] for w in mine),
+                   "seconds": max((w["seconds"] for w in mine), default=0.0),
+                   "errors": {w["node"]: w["error"] for w in mine if w["error"]}}]
+        check = pipeline.check_and_rewarm(site, res, plan, rounds)
+        report = pipeline.finish(site, req, res, plan, rounds, check, time.monotonic() - t0)
     out = report.to_dict(max_files=100) | {"summary": report.summary(), "warm_nodes": mine}
-    out["manifest"] = r["manifest"]
-    log.info("%s", out["summary"])
+    out["manifest"] = req.manifest
     return out
 
 
+def prewarm_outcome(checks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The prewarm DAG's report: one line per (release, datacenter); CacheError when any is not
+    complete (the run fails, naming what is not cached and why)."""
+    checks = list(checks)
+    out = [{"dc": c["dc"], "dataset": c["dataset"], "version": c["version"], "complete": c["complete"],
+            "cached_ratio": c["check"]["cached_ratio"], "files": c["check"]["files"],
+            "not_cached_count": c["not_cached_count"], "seconds": c["seconds"], "summary": c["summary"]}
+           for c in checks]
+    for o in out:
+        log.info("%s", o["summary"])
+    bad = [c for c in checks if not c["complete"]]
+    if bad:
+        raise CacheError("prewarm incomplete: " + "; ".join(
+            f"{c['dataset']}@{c['version']} in {c['dc']}: {c['not_cached_count']} not cached, e.g. "
+            + ", ".join(f"{n.get('bucket_key') or n.get('entry')} ({n['reason']})" for n in c["not_cached"][:3])
+            for c in bad))
+    return out
+
+
+# -- free -----------------------------------------------------------------------------------------
 def free_units(cfg: XdcConfig, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Free requests per datacenter from a manual run's params {dataset, version, manifest,
     datacenters, force}. Without a manifest, each datacenter's registration of the dataset (its
     latest active version, or `version`) names the manifest it was warmed from."""
-    from cache_client.prewarm.pipeline import state_for
-    from xdc.errors import ConfigError
-
     dataset, version = params.get("dataset") or None, str(params.get("version") or "")
     if not dataset and not params.get("manifest"):
         raise ConfigError("free: give a dataset or a manifest")
-    dcs = list(params.get("datacenters") or cfg.prewarm_datacenters())
     units = []
-    for dc in dcs:
-        cfg.dc(dc)
-        manifest, ver = params.get("manifest"), version
-        if not manifest:
-            regs = [g for g in state_for(cfg, dc).registrations(dc)
-                    if g.dataset == dataset and (g.version == version or (not version and g.state == "active"))]
-            if not regs:
-                log.warning("free: %s has no registration in %s; nothing to free there", dataset, dc)
-                continue
-            manifest, ver = regs[-1].manifest_uri, regs[-1].version
+    with Topology(cfg) as topo:
+        sites = [topo.site(n) for n in params.get("datacenters") or []] or topo.prewarm_sites()
+        for site in sites:
+            manifest, ver = params.get("manifest"), version
             if not manifest:
-                raise ConfigError(f"free: {dataset}@{ver} in {dc} was registered without a manifest; pass one")
-        units.append({"dc": dc, "dataset": dataset, "version": ver, "manifest": manifest,
-                      "force": bool(params.get("force"))})
+                regs = [g for g in site.state.prewarm.registrations()
+                        if g.dataset == dataset and (g.version == version or (not version and g.state == "active"))]
+                if not regs:
+                    log.warning("free: %s has no registration in %s; nothing to free there", dataset, site.name)
+                    continue
+                manifest, ver = regs[-1].manifest_uri, regs[-1].version
+                if not manifest:
+                    raise ConfigError(f"free: {dataset}@{ver} in {site.name} was registered without a manifest; pass one")
+            units.append({"dc": site.name, "dataset": dataset, "version": ver, "manifest": manifest,
+                          "force": bool(params.get("force"))})
     return units
 
 
 def free_unit(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """Evict a unit's list from every node of its datacenter's cache (reference-counted)."""
-    from cache_client.prewarm.pipeline import free_list
-
-    dc = unit["dc"]
-    cfg = cfg.with_local_dc(dc)
-    release = {"manifest": unit["manifest"]}
-    with manifest_of(cfg, {"dc": dc, "release": release}) as path:
-        report = free_list(cfg, dc, path, unit["dataset"], version=unit["version"], force=unit["force"])
-    out = {"dc": dc, "dataset": unit["dataset"], "version": unit["version"], **report.to_dict(),
+    with Topology(cfg, unit["dc"]) as topo:
+        req = pipeline.Request(unit["manifest"], unit["dataset"], unit["version"])
+        report = pipeline.free_list(topo.here, req, force=unit["force"])
+    out = {"dc": unit["dc"], "dataset": unit["dataset"], "version": unit["version"], **report.to_dict(),
            "complete": report.complete, "summary": report.summary()}
-    log.info("free in %s: %s", dc, out["summary"])
+    log.info("free in %s: %s", unit["dc"], out["summary"])
     return out
 
 
+def free_outcome(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The free DAG's report; CacheError when bytes of the evicted files are still cached somewhere."""
+    out = [dict(r) for r in results]
+    left = {r["dc"]: r["left_bytes"] for r in out if not r["complete"]}
+    if left:
+        raise CacheError(f"free incomplete, bytes still cached per node: {left}")
+    return out
+
+
+# -- lag, mirror, resize ----------------------------------------------------------------------------
 def lag_targets(cfg: XdcConfig) -> list[str]:
     """Datacenters with routes into them: one lag snapshot each."""
-    return mirror_targets(cfg)
+    return [s.name for s in Topology(cfg).mirror_targets()]
 
 
 def lag_snapshot(cfg: XdcConfig, dc: str) -> dict[str, Any]:
     """Record one lag snapshot of every route into `dc` (the dashboard's rows): {"dc", "rows"}."""
-    from xdc.observe.lag import record_lag_snapshot
-
-    rows = record_lag_snapshot(cfg.with_local_dc(dc), dc)
+    with Topology(cfg, dc) as topo:
+        rows = record_lag_snapshot(topo.here)
     for row in rows:
         log.info("lag %s: p99 %s s over %s events, consumer lag %s, pending %s objects", row["route"], row["p99"],
                  row["events"], row["consumer_lag"], row["pending_objects"])
@@ -285,9 +219,6 @@ def lag_snapshot(cfg: XdcConfig, dc: str) -> dict[str, Any]:
 
 def enforce_lag_objective(cfg: XdcConfig, snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Raise LagObjectiveError naming each route whose p99 lag is over the objective."""
-    from xdc.errors import LagObjectiveError
-    from xdc.observe.lag import lag_over_objective
-
     objective = cfg.lag.objective_p99_seconds
     rows = [r for s in snapshots for r in s["rows"]]
     if lag_over_objective(rows, objective):
@@ -299,9 +230,7 @@ def enforce_lag_objective(cfg: XdcConfig, snapshots: Iterable[Mapping[str, Any]]
 
 def mirror_into(cfg: XdcConfig, dc: str, max_seconds: float) -> dict[str, Any]:
     """One bounded mirror pass into `dc` (until caught up or `max_seconds`): MirrorStats as a dict."""
-    from mirror.runner import Mirror
-
-    with Mirror(cfg, dc) as m:
+    with Topology(cfg, dc) as topo, Mirror(topo) as m:
         stats = m.run(once=True, max_seconds=max_seconds)
     out = {"dc": dc, **stats.to_dict()}
     log.info("mirror into %s: %d records, %d applied, %d dead letters, %.1f MiB in %.1fs", dc, stats.records,
@@ -312,12 +241,8 @@ def mirror_into(cfg: XdcConfig, dc: str, max_seconds: float) -> dict[str, Any]:
 def resize_shards(cfg: XdcConfig, wanted: int) -> list[int]:
     """Shard numbers for the resize workers: at most one per partition of the events topic
     (more consumers than partitions in one group would sit idle)."""
-    from xdc.errors import ConfigError
-
-    if cfg.resize is None:
-        raise ConfigError("no resize: section in the config")
-    dc = cfg.resize.dc or cfg.require_local_dc()
-    return list(range(max(1, min(int(wanted), cfg.dc(dc).kafka.partitions))))
+    site = Topology(cfg).resize_site()
+    return list(range(max(1, min(int(wanted), site.config.kafka.partitions))))
 
 
 def resize_shard(cfg: XdcConfig, shard: int, shards: int, max_seconds: float) -> dict[str, Any]:
@@ -325,13 +250,10 @@ def resize_shard(cfg: XdcConfig, shard: int, shards: int, max_seconds: float) ->
 
     The shards share the machine's cores: each gets cores/shards resize processes.
     """
-    from resize.worker import ResizeWorker
-
-    settings = cfg.resize
-    if settings is not None and settings.workers == 0:
-        per = max(1, (os.cpu_count() or 1) // max(1, shards))
-        cfg = cfg.model_copy(update={"resize": settings.model_copy(update={"workers": per})})
-    with ResizeWorker(cfg) as w:
+    workers = None
+    if cfg.resize is not None and cfg.resize.workers == 0:
+        workers = max(1, (os.cpu_count() or 1) // max(1, shards))
+    with Topology(cfg) as topo, ResizeWorker(topo, workers=workers) as w:
         stats = w.run(once=True, max_seconds=max_seconds)
     out = {"shard": shard, **stats.to_dict()}
     log.info("resize shard %d: %s", shard, out)
@@ -350,35 +272,4 @@ def sum_resize_stats(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             out["results"][k] = out["results"].get(k, 0) + v
     out["ratio"] = round(out["bytes_in"] / out["bytes_out"], 2) if out["bytes_out"] else None
     log.info("resize: %s", out)
-    return out
-
-
-def prewarm_outcome(checks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The prewarm DAG's report: one line per (release, datacenter); CacheError when any is not
-    complete (the run fails, naming what is not cached and why)."""
-    from xdc.errors import CacheError
-
-    out = [{"dc": c["dc"], "dataset": c["dataset"], "version": c["version"], "complete": c["complete"],
-            "cached_ratio": c["check"]["cached_ratio"], "files": c["check"]["files"],
-            "not_cached_count": c["not_cached_count"], "seconds": c["seconds"], "summary": c["summary"]}
-           for c in checks]
-    for o in out:
-        log.info("%s", o["summary"])
-    bad = [c for c in checks if not c["complete"]]
-    if bad:
-        raise CacheError("prewarm incomplete: " + "; ".join(
-            f"{c['dataset']}@{c['version']} in {c['dc']}: {c['not_cached_count']} not cached, e.g. "
-            + ", ".join(f"{n.get('bucket_key') or n.get('entry')} ({n['reason']})" for n in c["not_cached"][:3])
-            for c in bad))
-    return out
-
-
-def free_outcome(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The free DAG's report; CacheError when bytes of the evicted files are still cached somewhere."""
-    from xdc.errors import CacheError
-
-    out = [dict(r) for r in results]
-    left = {r["dc"]: r["left_bytes"] for r in out if not r["complete"]}
-    if left:
-        raise CacheError(f"free incomplete, bytes still cached per node: {left}")
     return out

@@ -1,4 +1,9 @@
-"""The `xdc` command: thin wiring from arguments to the library. No logic lives here."""
+"""The `xdc` command: thin wiring from arguments to the library. No logic lives here.
+
+Global options come before the subcommand: `xdc [--config FILE] [--dc DC] [--env-file FILE] CMD ...`.
+Commands of installed plug-ins (entry point group `xdc.commands`, e.g. the dev tools' `stack` and
+`demo`) are added to the parser; the runtime never imports them itself.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,27 +11,39 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from xdc.config import XdcConfig, config_path_from_env, load_config, masked_view
+from cache_client.prewarm import pipeline
+from cache_client.prewarm.release import follow_releases, publish_release
+from mirror import dlq
+from mirror.ingest import ingest, scan
+from mirror.runner import Mirror
+from resize.frame import resize_file
+from resize.worker import ResizeWorker
+from xdc.app.env import load_env_file
+from xdc.app.progress import counter
+from xdc.app.services import serving
+from xdc.config import ResizeSettings, config_path_from_env, load_config
 from xdc.errors import XdcError
+from xdc.events import ReleaseEvent
+from xdc.observe.dashboard import serve_dashboard, snapshot_html
+from xdc.observe.lag import record_lag_snapshot
+from xdc.topology import Topology, masked_view
 
-DEFAULT_RUN_DIR = ".xdc/stack"
 log = logging.getLogger("xdc")
+Command = Callable[[argparse.Namespace], int]
+COMMAND_PLUGINS = "xdc.commands"
 
 
-def _cfg(args: argparse.Namespace) -> XdcConfig:
-    path = args.config or os.environ.get("XDC_CONFIG")
-    if not path and Path(args.run_dir, "xdc.yaml").exists():
-        path = str(Path(args.run_dir, "xdc.yaml"))  # the local stack's config
-    path = config_path_from_env(path)
-    from devtools.stack import load_secrets
-    load_secrets(Path(path).parent)  # a stack's generated credentials, if this is one
-    return load_config(path, dc=args.dc)
+def topology(args: argparse.Namespace) -> Topology:
+    """The config of --config / $XDC_CONFIG seen from --dc / $XDC_DC / local_dc."""
+    return Topology(load_config(config_path_from_env(args.config), dc=args.dc))
 
 
 def _print(obj: Any) -> None:
@@ -35,185 +52,125 @@ def _print(obj: Any) -> None:
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from devtools.stack import load_secrets
-    load_secrets(Path(args.file).parent)
-    cfg = load_config(args.file, dc=args.dc)
-    print(yaml.safe_dump(masked_view(cfg), sort_keys=False), end="")
-    print(f"# ok: {len(cfg.datacenters)} datacenters, {len(cfg.routes)} routes", file=sys.stderr)
-    return 0
-
-
-def cmd_stack(args: argparse.Namespace) -> int:
-    from devtools import stack
-    if args.action == "up":
-        cfg = stack.up(args.run_dir, nodes=args.nodes, durable_kafka=args.durable_kafka)
-        print(f"stack up: config {Path(args.run_dir, 'xdc.yaml')} ({', '.join(cfg.datacenters)})")
-        return 0
-    if args.action == "status":
-        rows = stack.status(args.run_dir)
-        for r in rows:
-            print("  ".join(f"{k}={v}" for k, v in r.items()))
-        return 0 if rows and all(r["alive"] for r in rows) else 1
-    n = stack.down(args.run_dir)
-    print(f"stack down: stopped {n}")
+    topo = Topology(load_config(args.file, dc=args.dc))
+    print(yaml.safe_dump(masked_view(topo), sort_keys=False), end="")
+    print(f"# ok: {len(topo.config.datacenters)} datacenters, {len(topo.config.routes)} routes", file=sys.stderr)
     return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from mirror.ingest import ingest
-    from xdc.app.progress import counter
-    cfg = _cfg(args)
-    with counter("ingest", unit="file") as bar:
-        rep = ingest(cfg, args.dc or cfg.require_local_dc(), args.dir, args.bucket, args.prefix, progress=bar)
+    with topology(args) as topo, counter("ingest", unit="file") as bar:
+        rep = ingest(topo.here, args.dir, args.bucket, args.prefix, progress=bar)
     _print(rep.to_dict())
     return 0
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
-    from mirror.ingest import scan
-    cfg = _cfg(args)
-    _print(scan(cfg, args.dc or cfg.require_local_dc(), args.bucket, args.prefix, dry_run=args.dry_run).to_dict())
+    with topology(args) as topo:
+        _print(scan(topo.here, args.bucket, args.prefix, dry_run=args.dry_run).to_dict())
     return 0
 
 
-def _run_service(cfg: XdcConfig, service: Any, args: argparse.Namespace) -> int:
+def _run_service(topo: Topology, service: Any, args: argparse.Namespace) -> int:
     """A long-running loop (mirror, resize worker) with /metrics, /healthz, /readyz while it runs."""
-    from xdc.app.services import serving
-    with service as s, serving(cfg, live=lambda: s.alive, ready=lambda: s.caught_up):
+    with topo, service as s, serving(topo.config, live=lambda: s.alive, ready=lambda: s.caught_up):
         stats = s.run(once=not args.follow, max_seconds=args.max_seconds)
     _print(stats.to_dict())
     return 0
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
-    from mirror.runner import Mirror
-    cfg = _cfg(args)
-    return _run_service(cfg, Mirror(cfg, args.dc), args)
-
-
-def cmd_dlq(args: argparse.Namespace) -> int:
-    from mirror import dlq
-    from xdc.io.kafka import make_producer
-    cfg = _cfg(args)
-    dc = args.dc or cfg.require_local_dc()
-    k = cfg.dc(dc).kafka
-    letters = list(dlq.read_letters(cfg.kafka_bootstrap(dc), k.topics.dead_letter))
-    if args.reason:
-        letters = [d for d in letters if d.reason == args.reason]
-    if args.action == "list":
-        for d in letters:
-            print(json.dumps(d.to_dict()))
-        print(f"# {len(letters)} dead letters by reason: {dlq.summarize(letters)}", file=sys.stderr)
-        return 0
-    producers: dict[str, Any] = {}
-
-    def producer_for(origin: str) -> Any:
-        if origin not in producers:
-            producers[origin] = make_producer(cfg.kafka_bootstrap(origin))
-        return producers[origin]
-    try:
-        n = dlq.replay(letters, producer_for, default_dc=dc, topic=args.to_topic)
-    finally:
-        for p in producers.values():
-            p.close(timeout=5)
-    print(f"replayed {n} dead letters")
-    return 0
+    topo = topology(args)
+    return _run_service(topo, Mirror(topo), args)
 
 
 def cmd_resize_run(args: argparse.Namespace) -> int:
-    from resize.worker import ResizeWorker
-    cfg = _cfg(args)
-    return _run_service(cfg, ResizeWorker(cfg, args.dc), args)
+    topo = topology(args)
+    return _run_service(topo, ResizeWorker(topo), args)
 
 
 def cmd_resize_file(args: argparse.Namespace) -> int:
-    from resize.frame import resize_file
-    from xdc.config import ResizeSettings
-    settings = ResizeSettings(bucket="local", quality=args.quality)
-    out = resize_file(Path(args.input), Path(args.output), settings)
+    out = resize_file(Path(args.input), Path(args.output), ResizeSettings(bucket="local", quality=args.quality))
     print(f"{args.input}: {out.source_width}x{out.source_height} -> {out.width}x{out.height} ({out.action})")
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        letters = dlq.read_letters(topo.here, reason=args.reason)
+        if args.action == "list":
+            for d in letters:
+                print(json.dumps(d.to_dict()))
+            print(f"# {len(letters)} dead letters by reason: {dlq.summarize(letters)}", file=sys.stderr)
+            return 0
+        n = dlq.replay(topo, letters, topic=args.to_topic)
+    print(f"replayed {n} dead letters")
+    return 0
+
+
 def cmd_prewarm(args: argparse.Namespace) -> int:
-    from cache_client import prewarm
-    cfg = _cfg(args)
-    dc = args.dc or cfg.require_local_dc()
-    if args.action == "plan":
-        plan = prewarm.plan_prewarm(cfg, dc, args.list, args.dataset, prefix=args.prefix, trim=args.trim)
-        print(plan.summary(), file=sys.stderr)
-        _print(plan.to_dict(args.max_files))
-    elif args.action == "run":
-        rep = prewarm.run_prewarm(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
-                                  trim=args.trim, wait=not args.no_wait)
-        print(rep.summary(), file=sys.stderr)
-        _print(rep.to_dict(args.max_files))
-        return 0 if rep.complete else 1
-    elif args.action == "check":
-        chk = prewarm.check_list(cfg, dc, args.list, prefix=args.prefix)
-        print(chk.summary(), file=sys.stderr)
-        _print(chk.to_dict(args.max_files))
-    else:
-        fr = prewarm.free_list(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
-                               force=args.force)
-        print(fr.summary(), file=sys.stderr)
-        _print(fr.to_dict())
+    req = pipeline.Request(args.list, args.dataset, args.version, args.prefix)
+    with topology(args) as topo:
+        site = topo.here
+        if args.action == "plan":
+            plan = pipeline.plan_prewarm(site, req, trim=args.trim)
+            print(plan.summary(), file=sys.stderr)
+            _print(plan.to_dict(args.max_files))
+        elif args.action == "run":
+            rep = pipeline.run_prewarm(site, req, trim=args.trim, wait=not args.no_wait)
+            print(rep.summary(), file=sys.stderr)
+            _print(rep.to_dict(args.max_files))
+            return 0 if rep.complete else 1
+        elif args.action == "check":
+            chk = pipeline.check_list(site, req)
+            print(chk.summary(), file=sys.stderr)
+            _print(chk.to_dict(args.max_files))
+        else:
+            fr = pipeline.free_list(site, req, force=args.force)
+            print(fr.summary(), file=sys.stderr)
+            _print(fr.to_dict())
     return 0
 
 
 def cmd_prewarm_follow(args: argparse.Namespace) -> int:
-    from cache_client.prewarm.release import follow_releases
-    cfg = _cfg(args)
-    reports = follow_releases(cfg, args.dc or cfg.require_local_dc(), once=args.once, max_seconds=args.max_seconds)
+    with topology(args) as topo:
+        reports = follow_releases(topo, once=args.once, max_seconds=args.max_seconds)
     _print([r.to_dict(20) for r in reports])
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    import time as _time
-
-    from cache_client.prewarm.release import publish_release
-    from xdc.events import ReleaseEvent
-    cfg = _cfg(args)
-    ev = ReleaseEvent(args.dataset, args.version, args.manifest, _time.time(), tuple(args.datacenters or ()),
+    ev = ReleaseEvent(args.dataset, args.version, args.manifest, time.time(), tuple(args.datacenters or ()),
                       prefix=args.prefix)
-    publish_release(cfg, args.dc or cfg.require_local_dc(), ev)
+    with topology(args) as topo:
+        publish_release(topo.here, ev)
     print(ev.to_json().decode())
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    import time as _time
-
-    from xdc.observe.dashboard import serve_dashboard, snapshot_html
-    cfg = _cfg(args)
-    if args.snapshot:
-        Path(args.snapshot).write_text(snapshot_html(cfg))
-        print(f"wrote {args.snapshot}")
-        return 0
-    handle = serve_dashboard(cfg, args.host, args.port)
-    print(f"dashboard: {handle.url}", flush=True)
-    try:
-        while True:
-            _time.sleep(3600)
-    finally:
-        handle.stop()
+    with topology(args) as topo:
+        if args.snapshot:
+            Path(args.snapshot).write_text(snapshot_html(topo))
+            print(f"wrote {args.snapshot}")
+            return 0
+        handle = serve_dashboard(topo, args.host, args.port)
+        print(f"dashboard: {handle.url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            handle.stop()
 
 
 def cmd_lag_snapshot(args: argparse.Namespace) -> int:
-    from xdc.observe.lag import record_lag_snapshot
-    cfg = _cfg(args)
-    _print(record_lag_snapshot(cfg, args.dc or cfg.require_local_dc()))
+    with topology(args) as topo:
+        _print(record_lag_snapshot(topo.here))
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from devtools.demo import run_demo
-    return run_demo(Path(args.out), frames=args.frames, keep=args.keep)
-
-
 # -- parser ----------------------------------------------------------------------------------
-def _service_options(sp: argparse.ArgumentParser) -> None:
+def service_options(sp: argparse.ArgumentParser) -> None:
     """Options shared by the long-running loops (mirror, resize worker)."""
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="stop when caught up (default)")
@@ -223,41 +180,33 @@ def _service_options(sp: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xdc", description="Cross-datacenter mirror and cache prewarm")
-    p.add_argument("--config", help="config file (default: $XDC_CONFIG, else the local stack's)")
-    p.add_argument("--dc", help="datacenter this process runs in (default: config local_dc / $XDC_DC)")
-    p.add_argument("--run-dir", default=os.environ.get("XDC_RUN_DIR", DEFAULT_RUN_DIR),
-                   help="local stack run directory")
+    p.add_argument("--config", help="config file (default: $XDC_CONFIG)")
+    p.add_argument("--dc", help="datacenter this process runs in (default: $XDC_DC, else the config's local_dc)")
+    p.add_argument("--env-file", default=os.environ.get("XDC_ENV_FILE"),
+                   help="KEY=VALUE lines put into the environment first, e.g. credentials (default: $XDC_ENV_FILE)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
-            parent: Any = sub) -> argparse.ArgumentParser:
+    def add(name: str, fn: Command, help_: str, parent: Any = sub) -> argparse.ArgumentParser:
         sp = parent.add_parser(name, help=help_)
         sp.set_defaults(fn=fn)
         return sp
 
     c = sub.add_parser("config", help="config file tools").add_subparsers(dest="sub", required=True)
-    sp = add("check", cmd_config_check, "validate a config and print it resolved, secrets masked", c)
-    sp.add_argument("file")
-
-    sp = add("stack", cmd_stack, "start/inspect/stop the local two-datacenter stack")
-    sp.add_argument("action", choices=["up", "status", "down"])
-    sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter")
-    sp.add_argument("--durable-kafka", action="store_true", help="broker storage on the DC's S3 endpoint")
+    add("check", cmd_config_check, "validate a config and print it resolved, secrets masked", c).add_argument("file")
 
     sp = add("ingest", cmd_ingest, "upload a directory and publish its S3 events")
     sp.add_argument("dir")
     sp.add_argument("--bucket", required=True)
     sp.add_argument("--prefix", default="")
 
-    sp = add("scan", cmd_scan, "diff a bucket against the catalog and publish missed events")
+    sp = add("scan", cmd_scan, "diff a bucket against the target's state and publish missed events")
     sp.add_argument("--bucket", required=True)
     sp.add_argument("--prefix", default="")
     sp.add_argument("--dry-run", action="store_true")
 
     m = sub.add_parser("mirror", help="the mirror").add_subparsers(dest="sub", required=True)
-    sp = add("run", cmd_mirror, "apply change events into this datacenter", m)
-    _service_options(sp)
+    service_options(add("run", cmd_mirror, "apply change events into this datacenter", m))
 
     d = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="sub", required=True)
     for action in ("list", "replay"):
@@ -268,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--to-topic", help="default: each letter's origin topic")
 
     r = sub.add_parser("resize", help="4K -> 720p").add_subparsers(dest="sub", required=True)
-    sp = add("run", cmd_resize_run, "resize new frames of the landing datacenter", r)
-    _service_options(sp)
+    service_options(add("run", cmd_resize_run, "resize new frames of the landing datacenter", r))
     sp = add("file", cmd_resize_file, "resize one file", r)
     sp.add_argument("input")
     sp.add_argument("output")
@@ -283,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                           ("free", "evict from every node, keeping files of other active datasets")):
         sp = add(action, cmd_prewarm, help_, pw)
         sp.set_defaults(action=action)
-        sp.add_argument("--list", required=True, help="file list: txt, csv, parquet or pkl")
+        sp.add_argument("--list", required=True, help="file list (txt, csv, parquet, pkl): a path or s3://bucket/key")
         sp.add_argument("--dataset")
         sp.add_argument("--version", default="")
         sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
@@ -313,11 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("lag", help="sync lag").add_subparsers(dest="sub", required=True)
     add("snapshot", cmd_lag_snapshot, "record a lag snapshot per route into this datacenter", lg)
 
-    sp = add("demo", cmd_demo, "the whole flow on the local stack, with a report")
-    sp.add_argument("--frames", type=int, default=200)
-    sp.add_argument("--out", default=".xdc/demo", help="run directory: samples, stack, report")
-    sp.add_argument("--keep", action="store_true", help="leave the stack running")
-
+    for ep in entry_points(group=COMMAND_PLUGINS):
+        ep.load()(sub)  # a plug-in adds its subcommands (each sets `fn`)
     return p
 
 
@@ -328,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("kafka", "botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
     try:
+        if args.env_file:
+            load_env_file(args.env_file)
         return int(args.fn(args) or 0)
     except XdcError as exc:
         print(f"xdc: error: {exc}", file=sys.stderr)

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from tqdm import tqdm
+
 
 @contextmanager
 def counter(what: str, unit: str = "item", every_s: float = 5.0) -> Iterator[Callable[[int, int], None]]:
     """Yields update(done, total)."""
     if sys.stderr.isatty():
-        from tqdm import tqdm
         bar = tqdm(desc=what, unit=unit, file=sys.stderr)
 
         def update(done: int, total: int) -> None:

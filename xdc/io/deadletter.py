@@ -1,19 +1,19 @@
 """The dead-letter topic: the original bytes plus why they could not be applied.
 
 A dead letter keeps the message key and value as they were, and adds headers: reason, detail,
-origin topic/partition/offset, time. `replay` sends letters back to their origin topic.
+origin topic/datacenter/partition/offset, time. Listing and replay are in `mirror.dlq`.
 """
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaProducer
 
-from xdc.io.kafka import Record, kafka_errors, make_consumer, to_records
+from xdc.io.kafka import Record, kafka_errors
+from xdc.io.state import Incidents
 
 
 @dataclass(frozen=True)
@@ -36,33 +36,31 @@ class DeadLetter:
 
 
 class DeadLetterSink:
-    def __init__(self, producer: KafkaProducer, topic: str, catalog: Any | None = None,
-                 on_letter: Any | None = None) -> None:
+    """Sends letters to a datacenter's dead-letter topic and records a summary row in its state."""
+
+    def __init__(self, producer: KafkaProducer, topic: str, *, incidents: Incidents | None = None,
+                 on_letter: Callable[[str, str], None] | None = None) -> None:
         self.producer = producer
         self.topic = topic
-        self.catalog = catalog  # records a summary row for the dashboard
-        self.on_letter = on_letter
+        self.incidents = incidents  # the dashboard's summary of recent letters
+        self.on_letter = on_letter  # (topic, reason): metrics
         self.count = 0
 
-    def send(self, record: Record | None, reason: str, detail: str, *, origin_dc: str = "",
-             value: bytes | None = None, key: bytes | None = None, origin_topic: str = "") -> None:
-        value = record.value if record is not None else (value or b"")
-        key = record.key if record is not None else key
+    def send(self, record: Record, reason: str, detail: str, *, origin_dc: str = "") -> None:
         headers = [
             ("xdc-reason", reason.encode()), ("xdc-detail", detail[:1000].encode("utf-8", "replace")),
-            ("xdc-origin-topic", (record.topic if record else origin_topic).encode()),
+            ("xdc-origin-topic", record.topic.encode()),
             ("xdc-origin-dc", origin_dc.encode()),
-            ("xdc-origin-partition", str(record.partition if record else "").encode()),
-            ("xdc-origin-offset", str(record.offset if record else "").encode()),
+            ("xdc-origin-partition", str(record.partition).encode()),
+            ("xdc-origin-offset", str(record.offset).encode()),
             ("xdc-time", repr(time.time()).encode()),
         ]
         with kafka_errors(f"dead-letter to {self.topic}"):
-            self.producer.send(self.topic, key=key, value=value, headers=headers)
+            self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
         self.count += 1
-        if self.catalog is not None:
-            self.catalog.record_dead_letter(record.topic if record else origin_topic,
-                                            record.partition if record else None,
-                                            record.offset if record else None, reason, detail, len(value))
+        if self.incidents is not None:
+            self.incidents.record_dead_letter(record.topic, record.partition, record.offset, reason, detail,
+                                              len(record.value))
         if self.on_letter is not None:
             self.on_letter(self.topic, reason)
 
@@ -80,52 +78,3 @@ def parse_letter(r: Record) -> DeadLetter:
                       int(part) if part.lstrip("-").isdigit() else None,
                       int(off) if off.lstrip("-").isdigit() else None,
                       float(h.get("xdc-time", "0") or 0), r.key, r.value, r.offset)
-
-
-def read_letters(bootstrap: list[str], topic: str, *, timeout_s: float = 5.0) -> Iterator[DeadLetter]:
-    """Every letter in the topic, without a consumer group (nothing is committed)."""
-    consumer = make_consumer(bootstrap, None, consumer_timeout_ms=int(timeout_s * 1000))
-    try:
-        from kafka import TopicPartition
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        idle_deadline = time.monotonic() + timeout_s
-        while time.monotonic() < idle_deadline:
-            polled = consumer.poll(timeout_ms=300)
-            if polled:
-                idle_deadline = time.monotonic() + 1.0
-                for rec in to_records(polled):
-                    yield parse_letter(rec)
-            elif all(consumer.position(tp) >= (consumer.highwater(tp) or 0) for tp in tps
-                     if consumer.highwater(tp) is not None) and any(consumer.highwater(tp) is not None for tp in tps):
-                return
-    finally:
-        consumer.close()
-
-
-def replay(letters: list[DeadLetter], producer_for: Callable[[str], KafkaProducer], *,
-           default_dc: str, topic: str | None = None) -> int:
-    """Send letters back, unchanged, to their origin topic on their origin datacenter's broker
-    (or to `topic`). `producer_for(dc)` gives a producer for that datacenter's Kafka."""
-    by_dc: dict[str, list[DeadLetter]] = {}
-    for d in letters:
-        by_dc.setdefault(d.origin_dc or default_dc, []).append(d)
-    n = 0
-    with kafka_errors("replay dead letters"):
-        for dc, group in by_dc.items():
-            producer = producer_for(dc)
-            for d in group:
-                producer.send(topic or d.origin_topic, key=d.key, value=d.value,
-                              headers=[("xdc-replayed-from", str(d.offset).encode())])
-                n += 1
-            producer.flush(timeout=30)
-    return n
-
-
-def summarize(letters: list[DeadLetter]) -> str:
-    by: dict[str, int] = {}
-    for d in letters:
-        by[d.reason] = by.get(d.reason, 0) + 1
-    return json.dumps(by, sort_keys=True)

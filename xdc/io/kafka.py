@@ -14,16 +14,27 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
 from kafka.errors import KafkaError as _KafkaError
-from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from xdc.errors import KafkaError
+from xdc.errors import KafkaError, RebalancedError
+
+# No broker reachable is an outage, not a wrong request: worth waiting for.
+_TRANSPORT = (KafkaConnectionError, KafkaTimeoutError)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Record", "make_producer", "make_consumer", "ensure_topics", "commit", "consumer_lag",
-           "TopicPartition", "kafka_errors"]
+__all__ = ["Record", "make_producer", "make_consumer", "ensure_topics", "commit", "next_offsets", "rewind",
+           "consumer_lag", "caught_up", "TopicPartition", "kafka_errors"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +48,23 @@ class Record:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+# A commit refused because the group moved on: the partitions have a new owner, who will redo
+# the batch from the committed offset (idempotent), so this process just carries on.
+_REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError)
+
+
 @contextmanager
 def kafka_errors(what: str) -> Iterator[None]:
-    """Translate kafka-python errors into our KafkaError (retriable) at one place."""
+    """Translate kafka-python errors into our KafkaError at one place, keeping the client's own
+    `retriable` flag (a connection error is retriable; a failed SASL login is not)."""
     try:
         yield
+    except _REBALANCED as exc:
+        raise RebalancedError(f"{what}: {exc!r}") from exc
     except _KafkaError as exc:
-        raise KafkaError(f"{what}: {exc!r}") from exc
+        err = KafkaError(f"{what}: {exc!r}")
+        err.retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, _TRANSPORT)
+        raise err from exc
 
 
 def make_producer(bootstrap: list[str], **overrides: Any) -> KafkaProducer:
@@ -92,16 +113,33 @@ def to_records(polled: dict[TopicPartition, list[Any]]) -> list[Record]:
     return out
 
 
-def commit(consumer: KafkaConsumer, records: Iterable[Record]) -> dict[TopicPartition, int]:
-    """Commit last offset + 1 per partition of `records` (synchronous)."""
+def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """last offset + 1 per partition of `records`: what a commit after them records."""
     offsets: dict[TopicPartition, int] = {}
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
         offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+    return offsets
+
+
+def commit(consumer: KafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    """Commit these offsets (synchronous)."""
     if offsets:
         with kafka_errors("commit offsets"):
             consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-    return offsets
+
+
+def rewind(consumer: KafkaConsumer, records: Iterable[Record]) -> None:
+    """Seek each partition back to the first of `records`, so they are delivered again. A
+    partition no longer assigned is left alone: its new owner starts from the committed offset."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    assigned = consumer.assignment()
+    for tp, off in first.items():
+        if tp in assigned:
+            consumer.seek(tp, off)
 
 
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

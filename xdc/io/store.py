@@ -1,17 +1,16 @@
 """The object store interface and its S3 backend.
 
 `Store` has few primitives (list, head, open, put, delete); `copy_to` is derived in the base: it
-streams, verifies size and checksum, and returns what landed (rclone's copy-then-verify). Every S3
-call passes one retry wrapper that retries transient errors with capped backoff and jitter; errors
-are translated once, at `_translate`.
+streams, verifies size and checksum, and returns what landed (rclone's copy-then-verify). Errors are
+translated once, at `_translate`. Retries follow the one policy (`xdc.retry`) at one level: each
+single call is retried by the store; a copy is retried whole, and the calls inside it are not.
 """
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import logging
-import random
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,16 +20,24 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ResponseStreamingError
+from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ResponseStreamingError
 
-from xdc.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError, XdcError
+from xdc.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    StoreError,
+    SupersededError,
+    TransientStoreError,
+    UnavailableError,
+    XdcError,
+)
+from xdc.retry import NO_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 META_SOURCE_ETAG = "xdc-source-etag"
 META_SOURCE_SEQUENCER = "xdc-source-sequencer"
-META_MD5 = "xdc-md5"
 
 _RETRIABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"}
@@ -57,6 +64,13 @@ class Store(ABC):
 
     name: str = "store"
     single_put_max: int = 16 * 2**20  # larger objects stream as multipart uploads
+    retry: RetryPolicy = RetryPolicy()
+
+    def without_retry(self) -> Store:
+        """The same store whose calls are not retried (for the steps of a composite operation)."""
+        view = copy.copy(self)
+        view.retry = NO_RETRY
+        return view
 
     @abstractmethod
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -96,12 +110,19 @@ class Store(ABC):
 
     def copy_to(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str, *,
                 expect_etag: str | None = None, metadata: dict[str, str] | None = None) -> ObjectInfo:
-        """Stream bucket/key into dst, then verify size and checksum of what landed.
+        """Stream bucket/key into dst, then verify size and checksum of what landed; the whole copy
+        is retried by this store's policy (a torn read or a reset redoes it from the start).
 
         `expect_etag`: the ETag the caller expects at the source (the event's); a different one
         means the source changed since, and SupersededError is raised so that the newer event
         carries the newer bytes.
         """
+        src, tgt = self.without_retry(), dst.without_retry()
+        return self.retry.call(lambda: src._copy_once(tgt, bucket, key, dst_bucket, dst_key, expect_etag, metadata),
+                               what=f"copy {bucket}/{key}")
+
+    def _copy_once(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str,
+                   expect_etag: str | None, metadata: dict[str, str] | None) -> ObjectInfo:
         info, body = self.open(bucket, key)
         try:
             if expect_etag and info.etag != expect_etag.strip('"'):
@@ -136,10 +157,6 @@ def _check_read(bucket: str, key: str, info: ObjectInfo, size: int, md5: str) ->
         raise IntegrityError(f"{bucket}/{key}: MD5 {md5} of the bytes read != source ETag {info.etag}")
 
 
-class SupersededError(StoreError):
-    """The source object changed or vanished after the event: a newer event carries the truth."""
-
-
 class _HashingReader:
     """File-like wrapper that counts and hashes what passes through (for copy verification)."""
 
@@ -155,22 +172,6 @@ class _HashingReader:
         return chunk
 
 
-def retry(fn: Callable[[], T], *, what: str, attempts: int = 5, base: float = 0.1, cap: float = 5.0,
-          sleep: Callable[[float], None] = time.sleep) -> T:
-    """Call fn, retrying XdcErrors whose `retriable` is set, with capped exponential backoff and
-    full jitter. The last error is raised as it is."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except XdcError as exc:
-            if not exc.retriable or attempt == attempts:
-                raise
-            delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
-            log.warning("%s: %s; retry %d/%d in %.2fs", what, exc, attempt, attempts - 1, delay)
-            sleep(delay)
-    raise AssertionError("unreachable")
-
-
 def _translate(exc: Exception, what: str) -> XdcError:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -181,6 +182,8 @@ def _translate(exc: Exception, what: str) -> XdcError:
         if code in _RETRIABLE_CODES or status >= 500:
             return TransientStoreError(f"{what}: {code or status} {err.get('Message', '')}".strip())
         return StoreError(f"{what}: {code} {err.get('Message', '')}".strip())
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionRefusedError)):
+        return UnavailableError(f"{what}: {exc}")
     if isinstance(exc, (BotoConnectionError, ResponseStreamingError, ConnectionError, TimeoutError)):
         return TransientStoreError(f"{what}: {exc}")
     if isinstance(exc, BotoCoreError):
@@ -192,10 +195,10 @@ class S3Store(Store):
     name = "s3"
 
     def __init__(self, endpoint_url: str, access_key: str, secret_key: str, *, region: str = "us-east-1",
-                 attempts: int = 5, multipart_threshold: int = 16 * 2**20, multipart_chunk: int = 8 * 2**20,
-                 max_pool: int = 32) -> None:
+                 retry: RetryPolicy | None = None, multipart_threshold: int = 16 * 2**20,
+                 multipart_chunk: int = 8 * 2**20, max_pool: int = 32) -> None:
         self.endpoint_url = endpoint_url
-        self.attempts = attempts
+        self.retry = retry or RetryPolicy()
         self.single_put_max = multipart_threshold
         self._client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
@@ -232,7 +235,7 @@ class S3Store(Store):
                 raise
             except Exception as exc:  # noqa: BLE001 - translated at this one boundary
                 raise _translate(exc, what) from exc
-        return retry(once, what=what, attempts=self.attempts)
+        return self.retry.call(once, what=what)
 
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
         token: str | None = None
@@ -316,14 +319,3 @@ def _add_content_md5(request: Any, **_: Any) -> None:
     if isinstance(body, str):
         body = body.encode()
     request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
-
-
-def store_for(cfg: Any, dc: str) -> S3Store:
-    """The S3 store of datacenter `dc` as seen from this process (internal or external URL)."""
-    ep = cfg.dc(dc).s3
-    key, secret = ep.credentials.resolve()
-    m = cfg.mirror
-    return S3Store(cfg.s3_url(dc), key, secret, region=ep.region, attempts=m.max_attempts,
-                   multipart_threshold=m.multipart_threshold_mib * 2**20,
-                   multipart_chunk=m.multipart_chunk_mib * 2**20,
-                   max_pool=max(32, m.copy_concurrency * 4))

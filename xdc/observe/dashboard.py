@@ -5,23 +5,19 @@ it polls every few seconds, plus /metrics, /healthz, /readyz); ``snapshot_html``
 page with the state embedded, for a file left in a run directory. The page is plain HTML, CSS and
 JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from anywhere else.
 
-The state is read from the catalogs only (lag snapshots, objects, dead letters, quarantine,
-prewarm tables), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
+The state is read from each datacenter's state only (lag snapshots, objects, dead letters,
+quarantine, prewarm records), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
 the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snapshot``).
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from mirror.catalog import SqliteCatalog
-from xdc.config import XdcConfig
 from xdc.observe.http import ServerHandle, serve
-from xdc.observe.lag import prewarm_progress
+from xdc.topology import Site, Topology
 
 # A day of snapshots every 30 s is 2,880 points per route: draw at most this many.
 MAX_POINTS = 360
@@ -54,46 +50,29 @@ def _max(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def _prewarm_datasets(path: Path, dc: str) -> list[dict[str, Any]]:
-    """cache_client's registrations (prewarm_datasets) merged with the progress rows, per dataset."""
+def _prewarm_datasets(site: Site) -> list[dict[str, Any]]:
+    """The site's dataset registrations merged with their progress rows, per dataset."""
     out: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        db = sqlite3.connect(path, timeout=30)
-        db.row_factory = sqlite3.Row
-        try:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name='prewarm_datasets'").fetchone():
-                for r in db.execute("SELECT dataset, version, state, registered_at FROM prewarm_datasets "
-                                    "WHERE dc=? ORDER BY registered_at", (dc,)):
-                    out[r["dataset"]] = {"dataset": r["dataset"], "version": r["version"], "state": r["state"],
-                                         "registered_at": r["registered_at"]}
-        finally:
-            db.close()
-    for p in prewarm_progress(path):
-        if p["dc"] != dc:
-            continue
+    for g in site.state.prewarm.registrations():
+        out[g.dataset] = {"dataset": g.dataset, "version": g.version, "state": g.state}
+    for p in site.state.prewarm.progress():
         d = out.setdefault(p["dataset"], {"dataset": p["dataset"], "version": None, "state": None})
         d.update({k: p[k] for k in ("files_done", "files_total", "bytes_done", "bytes_total", "eta_s",
                                     "cached_ratio", "ready", "updated")})
     return sorted(out.values(), key=lambda d: d["dataset"])
 
 
-def dc_state(cfg: XdcConfig, dc: str, now: float) -> dict[str, Any]:
-    path = cfg.catalog_path(dc)
-    cat = SqliteCatalog(path)
-    try:
-        totals = cat.counts()
-        by_route = cat.route_totals()
-        latest = {r["route"]: r for r in cat.latest_lag_snapshot()}
-        since = now - cfg.lag.retention_hours * 3600
-        hist: dict[str, list[list[float | None]]] = {}
-        for r in cat.lag_history(since):
-            hist.setdefault(r["route"], []).append([r["time"], r["p50"], r["p99"]])
-        dead = cat.recent("dead_letters", RECENT)
-        quarantine = cat.recent("quarantine", RECENT)
-    finally:
-        cat.close()
+def dc_state(site: Site, now: float) -> dict[str, Any]:
+    cfg = site.topology.config
+    state = site.state
+    totals = state.catalog.counts()
+    by_route = state.catalog.route_totals()
+    latest = {r["route"]: r for r in state.lag.latest()}
+    hist: dict[str, list[list[float | None]]] = {}
+    for r in state.lag.history(now - cfg.lag.retention_hours * 3600):
+        hist.setdefault(r["route"], []).append([r["time"], r["p50"], r["p99"]])
     routes = []
-    names = [r.name for r in cfg.routes_into(dc)]
+    names = [r.name for r in site.routes_in]
     names += sorted((set(by_route) | set(latest)) - set(names))  # routes no longer configured
     conf = {r.name: r for r in cfg.routes}
     for name in names:
@@ -107,14 +86,16 @@ def dc_state(cfg: XdcConfig, dc: str, now: float) -> dict[str, Any]:
             "latest": latest.get(name),
             "history": downsample(hist.get(name, [])),
         })
-    return {"name": dc, "catalog": str(path), "totals": totals, "routes": routes,
-            "dead_letters": dead, "quarantine": quarantine, "datasets": _prewarm_datasets(path, dc)}
+    return {"name": site.name, "catalog": site.state.describe(), "totals": totals, "routes": routes,
+            "dead_letters": state.incidents.recent("dead_letters", RECENT),
+            "quarantine": state.incidents.recent("quarantine", RECENT), "datasets": _prewarm_datasets(site)}
 
 
-def dashboard_state(cfg: XdcConfig, *, now: float | None = None) -> dict[str, Any]:
+def dashboard_state(topology: Topology, *, now: float | None = None) -> dict[str, Any]:
     """Everything the page shows, for every datacenter of the config."""
+    cfg = topology.config
     now = time.time() if now is None else now
-    dcs = [dc_state(cfg, dc, now) for dc in cfg.datacenters]
+    dcs = [dc_state(site, now) for site in topology.sites]
     latest = [r["latest"] for d in dcs for r in d["routes"] if r["latest"]]
     p99s = [x["p99"] for x in latest if x["p99"] is not None]
     # Routes from one source datacenter share its events topic, hence its consumer lag: count once.
@@ -158,12 +139,12 @@ def _embed(state: dict[str, Any] | None) -> str:
     return page.replace(_STATE_MARK, data, 1)
 
 
-def snapshot_html(cfg: XdcConfig) -> str:
+def snapshot_html(topology: Topology) -> str:
     """The page with the current state embedded: a static file that needs no server."""
-    return _embed(dashboard_state(cfg))
+    return _embed(dashboard_state(topology))
 
 
-def serve_dashboard(cfg: XdcConfig, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
+def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
     """Serve the page on host:port (127.0.0.1 unless told otherwise; port 0 picks a free port)."""
     page = _embed(None).encode()
 
@@ -171,6 +152,6 @@ def serve_dashboard(cfg: XdcConfig, host: str = "127.0.0.1", port: int = 0) -> S
         return 200, "text/html; charset=utf-8", page
 
     def api_state() -> tuple[int, str, bytes]:
-        return 200, "application/json", json.dumps(dashboard_state(cfg), allow_nan=False).encode()
+        return 200, "application/json", json.dumps(dashboard_state(topology), allow_nan=False).encode()
 
     return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state})

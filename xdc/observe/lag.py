@@ -12,31 +12,27 @@ are counted from the events themselves (bytes = the ``size`` of put events; dele
 the backlog is larger than ``sample_limit`` messages only the first ``sample_limit`` are read and
 the per-route counts are scaled by ``consumer_lag / sampled`` (the row's ``pending_estimated``).
 
-Also here: the prewarm progress table the dashboard's prewarm panel reads (``prewarm_progress``,
-in the datacenter's catalog file beside cache_client's ``prewarm_`` tables).
 """
 from __future__ import annotations
 
 import logging
-import math
-import sqlite3
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, TopicPartition
 
-from mirror.apply import route_event
-from mirror.catalog import SqliteCatalog
+from xdc.config import Route
+from xdc.errors import EventError, KafkaError
 from xdc.events import ObjectEvent, parse_message
-from xdc.config import Route, XdcConfig
-from xdc.errors import EventError
-from xdc.io.kafka import kafka_errors, to_records
+from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
+from xdc.io.kafka import kafka_errors
 from xdc.metrics import METRICS, Metrics
-from xdc.sqlite import short_connection
+from xdc.routing import route_event
 from xdc.stats import percentile
+from xdc.topology import Site
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +97,12 @@ class Backlog:
 
 
 # -- Kafka -------------------------------------------------------------------------------------
-def mirror_group(cfg: XdcConfig, dc: str) -> str:
-    """The mirror's consumer group in dc (the same default as mirror.runner.Mirror)."""
-    return f"{cfg.mirror.group_id}.{dc}"
-
-
-def committed_offsets(bootstrap: list[str], group: str, topic: str) -> dict[int, int]:
-    """The group's committed offsets on topic, via the admin OffsetFetch API (works on the local
-    broker, where describe_groups does not)."""
+def committed_offsets(site: Site, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets on topic, via the admin OffsetFetch API."""
     admin = None
     with kafka_errors(f"list offsets of group {group}"):
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+            admin = KafkaAdminClient(bootstrap_servers=site.bootstrap, request_timeout_ms=10_000)
             got = admin.list_group_offsets({group: None}).get(group, {})
         finally:
             if admin is not None:
@@ -120,63 +110,69 @@ def committed_offsets(bootstrap: list[str], group: str, topic: str) -> dict[int,
     return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
 
 
-def read_backlog(bootstrap: list[str], group: str, topic: str, routes: Sequence[Route], *,
+class _BacklogCounter:
+    """Consume-loop handler of the lag reader: counts pending messages per route."""
+
+    def __init__(self, backlog: Backlog, routes: Sequence[Route], sample_limit: int, max_key_bytes: int) -> None:
+        self.backlog, self.routes = backlog, routes
+        self.sample_limit, self.max_key_bytes = sample_limit, max_key_bytes
+        self.enough = threading.Event()
+
+    def handle(self, batch: Batch) -> Sequence[Letter]:
+        for rec in batch.records:
+            if self.backlog.sampled >= self.sample_limit:
+                self.enough.set()
+                break
+            self.backlog.count(rec.value, self.routes, self.max_key_bytes)
+        return []
+
+
+def read_backlog(site: Site, group: str, topic: str, routes: Sequence[Route], *,
                  committed: dict[int, int] | None = None, sample_limit: int = SAMPLE_LIMIT,
                  timeout_s: float = 10.0, max_key_bytes: int = 1024) -> Backlog:
     """highwater per partition and the pending messages counted per route.
 
     A group-less consumer is assigned every partition at the committed offset (earliest when the
-    group never committed) and fetches: ``highwater()`` is known after a fetch (``end_offsets`` is
-    wrong on the local broker), and what it reads up to the highwater is the backlog.
+    group never committed) and reads on the consume loop up to the end of each partition, or until
+    `sample_limit` messages were counted.
     """
     if committed is None:
-        committed = committed_offsets(bootstrap, group, topic)
+        committed = committed_offsets(site, group, topic)
     bl = Backlog(topic)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                      auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
-                      request_timeout_ms=15_000)
-    try:
-        with kafka_errors(f"read backlog of {topic}"):
-            parts = sorted(c.partitions_for_topic(topic) or ())
-            tps = [TopicPartition(topic, p) for p in parts]
-            if not tps:
-                return bl
-            c.assign(tps)
-            for tp in tps:
-                off = committed.get(tp.partition)
-                if off is None:
-                    c.seek_to_beginning(tp)
-                else:
-                    c.seek(tp, off)
-                bl.committed[tp.partition] = off
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                polled = c.poll(timeout_ms=300, max_records=2000)
-                for tp in tps:
-                    hw = c.highwater(tp)
-                    if hw is not None:
-                        bl.highwater[tp.partition] = hw
-                for rec in to_records(polled):
-                    if bl.sampled >= sample_limit:
-                        break
-                    bl.count(rec.value, routes, max_key_bytes)
-                known = len(bl.highwater) == len(tps)
-                done = known and all(c.position(tp) >= bl.highwater[tp.partition] for tp in tps)
-                if done or (known and bl.sampled >= sample_limit):
-                    break
+    c = site.consumer(None, max_partition_fetch_bytes=4 * 1024 * 1024, request_timeout_ms=15_000)
+    with kafka_errors(f"assign {topic}"):
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        if not tps:
+            c.close()
+            return bl
+        c.assign(tps)
+        for tp in tps:
+            off = committed.get(tp.partition)
+            if off is None:
+                c.seek_to_beginning(tp)
             else:
-                log.warning("backlog of %s: highwater of %d/%d partitions after %.0fs", topic,
-                            len(bl.highwater), len(tps), timeout_s)
+                c.seek(tp, off)
+            bl.committed[tp.partition] = off
+    counter = _BacklogCounter(bl, routes, sample_limit, max_key_bytes)
+    loop = ConsumeLoop([Source(site.name, c, None)], counter, name="lag", max_records=2000, poll_timeout_s=0.3)
+    try:
+        loop.run(once=True, max_seconds=timeout_s, stop=counter.enough, join_timeout_s=timeout_s)
+        for tp in tps:
+            hw = c.highwater(tp)
+            if hw is not None:
+                bl.highwater[tp.partition] = hw
     finally:
-        c.close()
+        loop.close()
+    if len(bl.highwater) < len(tps):
+        log.warning("backlog of %s: highwater of %d/%d partitions after %.0fs", topic, len(bl.highwater),
+                    len(tps), timeout_s)
     return bl
 
 
 # -- the snapshot ------------------------------------------------------------------------------
-def record_lag_snapshot(cfg: XdcConfig, dc: str, *, metrics: Metrics | None = None,
-                        now: float | None = None, sample_limit: int = SAMPLE_LIMIT,
-                        group: str | None = None) -> list[dict[str, Any]]:
-    """Measure every route into dc, store the rows in dc's catalog, set the gauges, return the rows.
+def record_lag_snapshot(site: Site, *, metrics: Metrics | None = None, now: float | None = None,
+                        sample_limit: int = SAMPLE_LIMIT, group: str | None = None) -> list[dict[str, Any]]:
+    """Measure every route into the site, store the rows in its state, set the gauges, return the rows.
 
     Row keys: route, events, p50, p99, max (seconds, None with no events in the window),
     consumer_lag (messages on the route's source topic; routes sharing a topic share it),
@@ -184,33 +180,30 @@ def record_lag_snapshot(cfg: XdcConfig, dc: str, *, metrics: Metrics | None = No
     """
     m = metrics or METRICS
     now = time.time() if now is None else now
-    group = group or mirror_group(cfg, dc)
-    routes = cfg.routes_into(dc)
-    catalog = SqliteCatalog(cfg.catalog_path(dc))
-    try:
-        backlogs: dict[str, Backlog] = {}
-        for src in sorted({r.source.dc for r in routes}):
-            topic = cfg.dc(src).kafka.topics.events
-            boot = cfg.with_local_dc(dc).kafka_bootstrap(src)
-            try:
-                committed = committed_offsets(boot, group, topic)
-            except Exception as exc:  # noqa: BLE001 - the catalog's offsets are a fine fallback
-                log.warning("committed offsets of %s from the broker failed (%s); using the catalog's", group, exc)
-                committed = {p: o for (t, p), o in catalog.offsets(group).items() if t == topic}
-            backlogs[src] = read_backlog(boot, group, topic, [r for r in routes if r.source.dc == src],
-                                         committed=committed, sample_limit=sample_limit,
-                                         max_key_bytes=cfg.mirror.max_key_bytes)
-        rows: list[dict[str, Any]] = []
-        for r in routes:
-            bl = backlogs[r.source.dc]
-            objs, nbytes = bl.pending(r.name)
-            rows.append({"route": r.name, **lag_stats(catalog.lags(now - cfg.lag.window_seconds, r.name)),
-                         "consumer_lag": bl.lag, "pending_objects": objs, "pending_bytes": nbytes,
-                         "pending_estimated": bl.scale > 1.0})
-        catalog.record_lag_snapshot([{k: v for k, v in row.items() if k != "pending_estimated"} for row in rows],
-                                    cfg.lag.retention_hours * 3600)
-    finally:
-        catalog.close()
+    group = group or site.group("mirror")
+    routes = site.routes_in
+    cfg = site.topology.config
+    state = site.state
+    backlogs: dict[str, Backlog] = {}
+    for src_name in sorted({r.source.dc for r in routes}):
+        src = site.topology.site(src_name)
+        topic = src.topics.events
+        try:
+            committed = committed_offsets(src, group, topic)
+        except KafkaError as exc:  # the state's offsets are a fine fallback
+            log.warning("committed offsets of %s from the broker failed (%s); using the state's", group, exc)
+            committed = {p: o for (t, p), o in state.catalog.offsets(group).items() if t == topic}
+        backlogs[src_name] = read_backlog(src, group, topic, [r for r in routes if r.source.dc == src_name],
+                                          committed=committed, sample_limit=sample_limit,
+                                          max_key_bytes=cfg.mirror.max_key_bytes)
+    rows: list[dict[str, Any]] = []
+    for r in routes:
+        bl = backlogs[r.source.dc]
+        objs, nbytes = bl.pending(r.name)
+        rows.append({"route": r.name, **lag_stats(state.catalog.lags(now - cfg.lag.window_seconds, r.name)),
+                     "consumer_lag": bl.lag, "pending_objects": objs, "pending_bytes": nbytes,
+                     "pending_estimated": bl.scale > 1.0})
+    state.lag.record(rows, cfg.lag.retention_hours * 3600, now=now)
     for bl in backlogs.values():
         for p, hw in bl.highwater.items():
             m.set_consumer_lag(group, bl.topic, p, hw, bl.committed.get(p))
@@ -218,71 +211,3 @@ def record_lag_snapshot(cfg: XdcConfig, dc: str, *, metrics: Metrics | None = No
         m.objects_pending.labels(row["route"]).set(row["pending_objects"])
         m.bytes_pending.labels(row["route"]).set(row["pending_bytes"])
     return rows
-
-
-# -- prewarm progress (read by the dashboard) -------------------------------------------------
-_PREWARM_SCHEMA = """
-CREATE TABLE IF NOT EXISTS prewarm_progress (
-    dataset TEXT NOT NULL, dc TEXT NOT NULL,
-    files_done INTEGER NOT NULL, files_total INTEGER NOT NULL,
-    bytes_done INTEGER NOT NULL, bytes_total INTEGER NOT NULL,
-    eta_s REAL,                   -- NULL: not estimable yet
-    cached_ratio REAL,            -- NULL until a check ran
-    ready INTEGER,                -- 1 mirrored and warm, 0 not (yet), NULL unknown
-    updated REAL NOT NULL,
-    PRIMARY KEY (dataset, dc)
-);
-"""
-
-
-_db = short_connection  # the catalog file is shared with the mirror and prewarm processes
-
-
-def record_prewarm_progress(cfg: XdcConfig, dc: str, dataset: str, *, files_done: int, files_total: int,
-                            bytes_done: int, bytes_total: int, eta_s: float | None,
-                            cached_ratio: float | None = None, ready: bool | None = None,
-                            now: float | None = None) -> None:
-    """Upsert one dataset's prewarm progress in dc (what the dashboard's prewarm panel shows).
-
-    A later call without cached_ratio/ready keeps the values an earlier call stored.
-    """
-    eta = None if eta_s is None or math.isinf(eta_s) or math.isnan(eta_s) else max(0.0, eta_s)
-    with _db(cfg.catalog_path(dc)) as db:
-        db.executescript(_PREWARM_SCHEMA)
-        db.execute(
-            "INSERT INTO prewarm_progress VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(dataset, dc) DO UPDATE SET "
-            "files_done=excluded.files_done, files_total=excluded.files_total, bytes_done=excluded.bytes_done, "
-            "bytes_total=excluded.bytes_total, eta_s=excluded.eta_s, "
-            "cached_ratio=COALESCE(excluded.cached_ratio, cached_ratio), ready=COALESCE(excluded.ready, ready), "
-            "updated=excluded.updated",
-            (dataset, dc, files_done, files_total, bytes_done, bytes_total, eta, cached_ratio,
-             None if ready is None else int(ready), time.time() if now is None else now))
-
-
-def prewarm_progress_callback(cfg: XdcConfig, dc: str, dataset: str, *, every_s: float = 2.0
-                              ) -> Callable[[Any], None]:
-    """A cache_client.prewarm.progress.Progress callback that stores snapshots, at most one per every_s
-    (and always the last one, when files_done reaches files_total)."""
-    last = [0.0]
-
-    def cb(snap: Any) -> None:
-        t = time.monotonic()
-        final = snap.files_total and snap.files_done >= snap.files_total
-        if not final and t - last[0] < every_s:
-            return
-        last[0] = t
-        record_prewarm_progress(cfg, dc, dataset, files_done=snap.files_done, files_total=snap.files_total,
-                                bytes_done=snap.bytes_done, bytes_total=snap.bytes_total,
-                                eta_s=0.0 if final else snap.eta_seconds)
-    return cb
-
-
-def prewarm_progress(path: Path) -> list[dict[str, Any]]:
-    """Every prewarm_progress row of a catalog file ([] when none was ever recorded)."""
-    if not path.exists():
-        return []
-    with _db(path) as db:
-        db.row_factory = sqlite3.Row
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='prewarm_progress'").fetchone():
-            return []
-        return [dict(r) for r in db.execute("SELECT * FROM prewarm_progress ORDER BY dataset, dc")]

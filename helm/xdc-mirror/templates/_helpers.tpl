@@ -94,7 +94,7 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
 {{- end }}
 {{- end -}}
 
-{{/* Volumes shared by every xdc pod: the config, the catalog volume, a writable /tmp. */}}
+{{/* Volumes shared by every xdc pod: the config, the state volume, a writable /tmp. */}}
 {{- define "xdc.volumes" -}}
 - name: config
   configMap:

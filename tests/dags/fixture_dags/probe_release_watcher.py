@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import dag, task, get_current_context
+from airflow.sdk import dag, get_current_context, task
 
 from xdc.app.airflow_support import release_asset, release_payloads
 

@@ -11,10 +11,19 @@ from typing import BinaryIO
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from xdc.config import XdcConfig
-from xdc.errors import IntegrityError, ObjectNotFound, StoreError, TransientStoreError, XdcError
 from devtools.faultproxy import FaultPlan, FaultProxy, Rule
-from xdc.io.store import ObjectInfo, S3Store, Store, SupersededError, _translate, plain_md5_etag, retry
+from xdc.config import XdcConfig
+from xdc.errors import (
+    IntegrityError,
+    ObjectNotFound,
+    StoreError,
+    SupersededError,
+    TransientStoreError,
+    UnavailableError,
+    XdcError,
+)
+from xdc.io.store import ObjectInfo, S3Store, Store, _translate, plain_md5_etag
+from xdc.retry import RetryPolicy
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -27,7 +36,7 @@ def _client_error(code: str, status: int) -> ClientError:
     (_client_error("InternalError", 500), TransientStoreError, True),
     (_client_error("NoSuchKey", 404), ObjectNotFound, False),
     (_client_error("AccessDenied", 403), StoreError, False),
-    (EndpointConnectionError(endpoint_url="http://x"), TransientStoreError, True),
+    (EndpointConnectionError(endpoint_url="http://x"), UnavailableError, True),  # the endpoint is away: wait
     (ConnectionResetError(104, "reset"), TransientStoreError, True),
     (ValueError("?"), StoreError, False),
 ])
@@ -44,13 +53,13 @@ def test_retry_retries_only_retriable_and_gives_up_after_attempts() -> None:
         if len(calls) < 3:
             raise TransientStoreError("503")
         return "ok"
-    assert retry(flaky, what="x", attempts=3, sleep=sleeps.append) == "ok" and len(sleeps) == 2
+    assert RetryPolicy(3).call(flaky, what="x", sleep=sleeps.append) == "ok" and len(sleeps) == 2
     assert all(0 <= s <= 5.0 for s in sleeps)
 
     def always() -> None:
         raise TransientStoreError("503")
     with pytest.raises(TransientStoreError):
-        retry(always, what="x", attempts=4, sleep=sleeps.append)
+        RetryPolicy(4).call(always, what="x", sleep=sleeps.append)
 
     n = []
 
@@ -58,7 +67,7 @@ def test_retry_retries_only_retriable_and_gives_up_after_attempts() -> None:
         n.append(1)
         raise StoreError("403")
     with pytest.raises(StoreError):
-        retry(denied, what="x", attempts=5, sleep=sleeps.append)
+        RetryPolicy(5).call(denied, what="x", sleep=sleeps.append)
     assert len(n) == 1
 
 
@@ -125,7 +134,7 @@ def test_s3store_through_faults(stack_cfg: XdcConfig) -> None:
     plan = FaultPlan(rules=[Rule("access_denied", "/idcb-drive/denied/"), Rule("truncate", "/idcb-drive/torn/")],
                      slowdown=0.3, methods=("HEAD",), seed=3)
     with FaultProxy(up, plan) as p:
-        st = S3Store(p.url, ak, sk, attempts=8)
+        st = S3Store(p.url, ak, sk, retry=RetryPolicy(8))
         data = os.urandom(5000)
         st.put("idcb-drive", "ok/x.bin", data)
         for _ in range(10):  # HEADs hit SlowDown 30% of the time; retry hides it

@@ -12,16 +12,19 @@ from urllib.request import urlopen
 
 import pytest
 
-from cache_client.state import PrewarmState
-from mirror.catalog import SqliteCatalog
-from xdc.events import new_sequencer
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from tests.support import produce, put_event
+from tests.support import produce, put_event, site, topo
 from xdc.config import XdcConfig
-from xdc.observe.dashboard import dashboard_state, downsample, serve_dashboard, snapshot_html
-from xdc.observe.lag import record_lag_snapshot, record_prewarm_progress
+from xdc.events import new_sequencer
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.dashboard import (
+    dashboard_state,
+    downsample,
+    serve_dashboard,
+    snapshot_html,
+)
+from xdc.observe.lag import record_lag_snapshot
 
 SRC = "idca-drive"
 CHROMIUM = "/usr/bin/chromium"
@@ -30,7 +33,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 def _mirror(cfg: XdcConfig) -> None:
-    with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(cfg, "B"), metrics=Metrics(new_registry())) as m:
         m.run(once=True)
 
 
@@ -49,27 +52,26 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
         p = src / tag / f"f{i}.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(bytes([i]) * (30_000 + 1000 * i))
-    ingest(xcfg, "A", src, SRC, "camera/")  # data mode: real copies into B
+    ingest(site(xcfg, "A"), src, SRC, "camera/")  # data mode: real copies into B
     for rnd, age in enumerate((2.0, 8.0, 0.5)):
         _lidar(xcfg, tag, 20, f"r{rnd}-", age)
         if rnd == 1:
             produce(xcfg, "A", xcfg.dc("A").kafka.topics.events, [(b"bad", b"{not json")])
         _mirror(xcfg)
-        record_lag_snapshot(xcfg, "B", metrics=Metrics(new_registry()))
+        record_lag_snapshot(site(xcfg, "B"), metrics=Metrics(new_registry()))
     _lidar(xcfg, tag, 7, "backlog-", 1.0)  # produced, not mirrored: consumer lag 7
-    record_lag_snapshot(xcfg, "B", metrics=Metrics(new_registry()))
+    record_lag_snapshot(site(xcfg, "B"), metrics=Metrics(new_registry()))
 
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
-    cat.record_quarantine("idcb-drive", f"camera/raw/{tag}/broken.png", "decode_failed", "truncated PNG <script>x</script>")
-    cat.close()
-    state = PrewarmState(xcfg.catalog_path("B"))
-    state.register("drive-2026-11", "v3", "B", [f"idcb-drive/camera/{tag}/f{i}.jpg" for i in range(4)])
-    record_prewarm_progress(xcfg, "B", "drive-2026-11", files_done=4, files_total=4, bytes_done=126_000,
-                            bytes_total=126_000, eta_s=0, cached_ratio=1.0, ready=True)
-    record_prewarm_progress(xcfg, "B", "lidar-night", files_done=37, files_total=120, bytes_done=3_700_000_000,
-                            bytes_total=12_000_000_000, eta_s=412.0)
-    record_prewarm_progress(xcfg, "A", "lidar-night", files_done=120, files_total=120, bytes_done=12_000_000_000,
-                            bytes_total=12_000_000_000, eta_s=0, cached_ratio=0.97, ready=False)
+    b, a = site(xcfg, "B").state, site(xcfg, "A").state
+    b.incidents.record_quarantine("idcb-drive", f"camera/raw/{tag}/broken.png", "decode_failed",
+                                  "truncated PNG <script>x</script>")
+    b.prewarm.register("drive-2026-11", "v3", [f"idcb-drive/camera/{tag}/f{i}.jpg" for i in range(4)])
+    b.prewarm.record_progress("drive-2026-11", files_done=4, files_total=4, bytes_done=126_000,
+                              bytes_total=126_000, eta_s=0, cached_ratio=1.0, ready=True)
+    b.prewarm.record_progress("lidar-night", files_done=37, files_total=120, bytes_done=3_700_000_000,
+                              bytes_total=12_000_000_000, eta_s=412.0)
+    a.prewarm.record_progress("lidar-night", files_done=120, files_total=120, bytes_done=12_000_000_000,
+                              bytes_total=12_000_000_000, eta_s=0, cached_ratio=0.97, ready=False)
     return xcfg
 
 
@@ -89,13 +91,13 @@ def browser() -> Iterator[Any]:
 def _truth(cfg: XdcConfig) -> dict[str, Any]:
     objects = bytes_ = 0
     for dc in cfg.datacenters:
-        c = SqliteCatalog(cfg.catalog_path(dc)).counts()
+        c = site(cfg, dc).state.catalog.counts()
         objects += c["objects"]
         bytes_ += c["bytes"]
-    cat = SqliteCatalog(cfg.catalog_path("B"))
-    latest = {r["route"]: r for r in cat.latest_lag_snapshot()}
-    history = cat.lag_history(0)
-    return {"objects": objects, "bytes": bytes_, "routes": cat.route_totals(), "latest": latest,
+    state = site(cfg, "B").state
+    latest = {r["route"]: r for r in state.lag.latest()}
+    history = state.lag.history(0)
+    return {"objects": objects, "bytes": bytes_, "routes": state.catalog.route_totals(), "latest": latest,
             "p99_points": {r: sum(1 for h in history if h["route"] == r and h["p99"] is not None) for r in latest}}
 
 
@@ -139,7 +141,7 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
     cfg = populated
     truth = _truth(cfg)
     assert truth["routes"]["lidar"]["objects"] == 60 and truth["routes"]["camera"]["objects"] == 4
-    with serve_dashboard(cfg) as srv:
+    with serve_dashboard(topo(cfg, "B")) as srv:
         assert srv.host == "127.0.0.1"
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         hosts: set[str] = set()
@@ -153,7 +155,7 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
         assert [d["name"] for d in state["datacenters"]] == list(cfg.datacenters)
 
         # the static snapshot (what the demo leaves in its run directory) shows the same numbers
-        html = snapshot_html(cfg)
+        html = snapshot_html(topo(cfg, "B"))
         assert "</script><script" not in html.split('id="state"')[1].split("</script>")[0]
         path = test_output / "dashboard-snapshot.html"
         path.write_text(html)
@@ -182,7 +184,7 @@ def test_downsample_keeps_worst_lag_per_bucket() -> None:
 
 
 def test_state_of_an_empty_config_has_every_datacenter(xcfg: XdcConfig) -> None:
-    st = dashboard_state(xcfg)
+    st = dashboard_state(topo(xcfg, "B"))
     assert [d["name"] for d in st["datacenters"]] == ["A", "B"]
     assert st["totals"]["objects"] == 0 and st["totals"]["worst_p99"] is None
     (b,) = [d for d in st["datacenters"] if d["name"] == "B"]

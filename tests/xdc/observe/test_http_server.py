@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdc.errors import ConfigError
-from xdc.observe.http import ServerHandle, serve
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.http import ServerHandle, serve
 
 
 def get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -64,7 +64,9 @@ def test_binds_the_given_host_on_a_free_port(server: ServerHandle) -> None:
 
 
 def test_metrics_in_prometheus_text_format(server: ServerHandle, metrics: Metrics) -> None:
-    metrics.observe_applied("r1", "idc-a", "idc-b", "put", event_time=10.0, applied_time=13.0, nbytes=7)
+    metrics.replication_lag_seconds.labels("r1", "idc-a", "idc-b").observe(3.0)
+    metrics.events_applied_total.labels("r1", "put").inc()
+    metrics.bytes_copied_total.labels("r1").inc(7)
     metrics.set_consumer_lag("g", "s3-events", 0, highwater=5, committed=2)
     status, headers, body = get(server.url + "/metrics")
     assert status == 200

@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import time
 
-from mirror.catalog import SqliteCatalog
-from xdc.events import new_sequencer
 from mirror.runner import Mirror
-from tests.support import delete_event, produce, put_event
+from tests.support import delete_event, produce, put_event, site, topo
 from xdc.config import XdcConfig
-from xdc.observe.lag import Backlog, committed_offsets, lag_over_objective, lag_stats, prewarm_progress, record_lag_snapshot, \
-    record_prewarm_progress
+from xdc.events import new_sequencer
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.lag import (
+    Backlog,
+    committed_offsets,
+    lag_over_objective,
+    lag_stats,
+    record_lag_snapshot,
+)
 from xdc.stats import percentile
 
 SRC = "idca-drive"
 
 
 def _mirror(cfg: XdcConfig) -> None:
-    with Mirror(cfg, "B", metrics=Metrics(new_registry())) as m:
+    with Mirror(topo(cfg, "B"), metrics=Metrics(new_registry())) as m:
         m.run(once=True)
 
 
@@ -36,7 +40,7 @@ def test_lag_stats_and_objective() -> None:
 
 
 def test_backlog_counts_routes_and_scales_a_sample(xcfg: XdcConfig) -> None:
-    routes = xcfg.routes_into("B")
+    routes = topo(xcfg, "B").routes_into("B")
     bl = Backlog("t", highwater={0: 10}, committed={0: 6})
     bl.count(put_event(SRC, "camera/a.jpg", seq="01", size=100)[1], routes)
     bl.count(put_event(SRC, "lidar/b.bin", seq="02", size=7)[1], routes)
@@ -60,16 +64,17 @@ def test_snapshot_rows_match_catalog_after_mirror_run(xcfg: XdcConfig, tag: str)
     _mirror(xcfg)
     # the group's offsets as the broker reports them agree with what the mirror recorded
     group = f"{xcfg.mirror.group_id}.B"
-    cat = SqliteCatalog(xcfg.catalog_path("B"))
-    assert committed_offsets(xcfg.kafka_bootstrap("A"), group, topic) == \
+    state = site(xcfg, "B").state
+    cat = state.catalog
+    assert committed_offsets(site(xcfg, "A", seen_from="B"), group, topic) == \
         {p: o for (t, p), o in cat.offsets(group).items() if t == topic}
     # a backlog the mirror has not seen yet: 12 lidar puts (metadata mode, sizes known)
     later = [put_event(SRC, f"lidar/{tag}/late{i}.bin", seq=new_sequencer(), size=500) for i in range(12)]
     produce(xcfg, "A", topic, later)
 
     metrics = Metrics(new_registry())
-    rows = {r["route"]: r for r in record_lag_snapshot(xcfg, "B", metrics=metrics)}
-    assert set(rows) == {r.name for r in xcfg.routes_into("B")}
+    rows = {r["route"]: r for r in record_lag_snapshot(site(xcfg, "B"), metrics=metrics)}
+    assert set(rows) == {r.name for r in topo(xcfg, "B").routes_into("B")}
 
     truth = cat.lags(time.time() - xcfg.lag.window_seconds, "lidar")
     lid = rows["lidar"]
@@ -81,7 +86,7 @@ def test_snapshot_rows_match_catalog_after_mirror_run(xcfg: XdcConfig, tag: str)
     assert rows["camera"]["events"] == 0 and rows["camera"]["pending_objects"] == 0
     assert rows["camera"]["consumer_lag"] == 12  # same source topic as lidar
 
-    stored = cat.latest_lag_snapshot()
+    stored = state.lag.latest()
     assert {r["route"]: (r["events"], r["pending_objects"], r["consumer_lag"]) for r in stored} == \
         {n: (r["events"], r["pending_objects"], r["consumer_lag"]) for n, r in rows.items()}
     assert _gauge(metrics, "xdc_objects_pending", route="lidar") == 12
@@ -91,18 +96,7 @@ def test_snapshot_rows_match_catalog_after_mirror_run(xcfg: XdcConfig, tag: str)
     assert sum(v or 0 for v in per_part) == 12
 
     _mirror(xcfg)  # caught up: no backlog, 42 events in the window
-    rows = {r["route"]: r for r in record_lag_snapshot(xcfg, "B", metrics=metrics)}
+    rows = {r["route"]: r for r in record_lag_snapshot(site(xcfg, "B"), metrics=metrics)}
     assert rows["lidar"]["events"] == 42 and rows["lidar"]["consumer_lag"] == 0
     assert rows["lidar"]["pending_objects"] == 0 and rows["lidar"]["pending_bytes"] == 0
-    assert len(cat.lag_history(0)) == 2 * len(rows)
-
-
-def test_prewarm_progress_upsert_keeps_check_result(xcfg: XdcConfig) -> None:
-    record_prewarm_progress(xcfg, "B", "ds1", files_done=1, files_total=4, bytes_done=10, bytes_total=40,
-                            eta_s=float("inf"))
-    record_prewarm_progress(xcfg, "B", "ds1", files_done=4, files_total=4, bytes_done=40, bytes_total=40,
-                            eta_s=0, cached_ratio=1.0, ready=True)
-    record_prewarm_progress(xcfg, "B", "ds1", files_done=4, files_total=4, bytes_done=40, bytes_total=40, eta_s=0)
-    (row,) = prewarm_progress(xcfg.catalog_path("B"))
-    assert (row["files_done"], row["eta_s"], row["cached_ratio"], row["ready"]) == (4, 0, 1.0, 1)
-    assert prewarm_progress(xcfg.catalog_path("A")) == []
+    assert len(state.lag.history(0)) == 2 * len(rows)

@@ -1,0 +1,56 @@
+"""The dev tools' commands, plugged into `xdc` (entry point group `xdc.commands`): `stack`, `demo`.
+
+    xdc stack up [--nodes N] [--state sqlite|postgres] [--run-dir DIR]; xdc stack status|down
+    xdc demo [--frames N] [--out DIR] [--keep]
+
+`stack up` prints the two variables that point the other commands at the stack
+(XDC_CONFIG and XDC_ENV_FILE, the generated credentials).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from devtools import stack
+from devtools.demo import run_demo
+
+DEFAULT_RUN_DIR = ".xdc/stack"
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    if args.action == "up":
+        cfg = stack.up(args.run_dir, nodes=args.nodes, state=args.state)
+        run = Path(args.run_dir).resolve()
+        print(f"stack up: {', '.join(cfg.datacenters)} (state: {args.state})")
+        print(f"export XDC_CONFIG={run / stack.CONFIG_FILE} XDC_ENV_FILE={run / stack.SECRETS_FILE}")
+        return 0
+    if args.action == "status":
+        rows = stack.status(args.run_dir)
+        for r in rows:
+            print("  ".join(f"{k}={v}" for k, v in r.items()))
+        return 0 if rows and all(r["alive"] for r in rows) else 1
+    print(f"stack down: stopped {stack.down(args.run_dir)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.out), frames=args.frames, keep=args.keep, state=args.state)
+
+
+def register(sub: Any) -> None:
+    """Add `stack` and `demo` to the `xdc` parser's subcommands."""
+    sp = sub.add_parser("stack", help="start/inspect/stop the local two-datacenter stack (dev tools)")
+    sp.set_defaults(fn=cmd_stack)
+    sp.add_argument("action", choices=["up", "status", "down"])
+    sp.add_argument("--run-dir", default=os.environ.get("XDC_RUN_DIR", DEFAULT_RUN_DIR))
+    sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter")
+    sp.add_argument("--state", choices=["sqlite", "postgres"], default="sqlite", help="state backend")
+
+    sp = sub.add_parser("demo", help="the whole flow on the local stack, with a report (dev tools)")
+    sp.set_defaults(fn=cmd_demo)
+    sp.add_argument("--frames", type=int, default=200)
+    sp.add_argument("--out", default=".xdc/demo", help="run directory: samples, stack, report")
+    sp.add_argument("--keep", action="store_true", help="leave the stack running")
+    sp.add_argument("--state", choices=["sqlite", "postgres"], default="sqlite", help="state backend")

@@ -1,0 +1,40 @@
+"""A datacenter's state, on SQLite (embedded default) or PostgreSQL, chosen by URL.
+
+    sqlite:///relative/or/absolute/path.db     one file, one writer process at a time
+    postgresql://user@host:port/database        several writers (mirror and resize replicas)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from xdc.errors import ConfigError
+from xdc.io.state.base import (
+    CatalogEntry,
+    Incidents,
+    LagHistory,
+    ObjectCatalog,
+    Outgoing,
+    PrewarmRecords,
+    Registration,
+    State,
+)
+from xdc.io.state.postgres import PostgresState
+from xdc.io.state.sqlite import SqliteState
+
+__all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
+           "CatalogEntry", "Outgoing", "Registration"]
+
+
+def sqlite_path(url: str, base_dir: Path) -> Path:
+    """The file of a sqlite:/// URL; relative paths are relative to `base_dir` (the config's dir)."""
+    p = Path(url.removeprefix("sqlite:///"))
+    return p if p.is_absolute() else base_dir / p
+
+
+def open_state(url: str, *, base_dir: Path = Path("."), password: str | None = None) -> State:
+    """Open (and migrate) the state at `url`."""
+    if url.startswith("sqlite:///"):
+        return SqliteState(sqlite_path(url, base_dir))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresState(url, password=password)
+    raise ConfigError(f"state URL must be sqlite:///PATH or postgresql://...: {url!r}")

@@ -1,0 +1,109 @@
+"""SQLite state: the embedded default, one file per datacenter, one writer at a time.
+
+WAL so readers never block the writer; synchronous=FULL so a committed batch survives a power cut
+before its Kafka offsets are committed. Several processes may share the file (the mirror, prewarm,
+the dashboard), but only one mirror or resize replica: the file serialises writers.
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from xdc.errors import StateError, TransientStateError
+from xdc.io.state.base import State
+from xdc.io.state.sql import Db, SqlCatalog, SqlIncidents, SqlLagHistory, SqlPrewarmRecords, ThreadConnections, Tx
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StateError:
+    if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk I/O: worth another try
+        return TransientStateError(f"{what}: {exc}")
+    return StateError(f"{what}: {exc}")
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, params)]
+
+
+class SqliteDb(Db):
+    dialect = "sqlite"
+    greatest = "MAX"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conns = ThreadConnections(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # durable before offsets are committed
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"open {self.path}") from exc
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        try:
+            return [dict(r) for r in self._conns.get().execute(sql, params)]
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"read {self.path}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        conn = self._conns.get()
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"begin on {self.path}") from exc
+        try:
+            yield _SqliteTx(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise _translate(exc, f"write {self.path}") from exc
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def lock_schema(self, tx: Tx) -> None:
+        pass  # BEGIN IMMEDIATE already excludes every other writer
+
+    def close(self) -> None:
+        self._conns.close()
+
+
+class SqliteState(State):
+    backend = "sqlite"
+    supports_replicas = False
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.db = SqliteDb(self.path)
+        self._version = self.db.migrate()
+        self.catalog = SqlCatalog(self.db)
+        self.incidents = SqlIncidents(self.db)
+        self.lag = SqlLagHistory(self.db)
+        self.prewarm = SqlPrewarmRecords(self.db)
+
+    def schema_version(self) -> int:
+        return self._version
+
+    def describe(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def close(self) -> None:
+        self.db.close()
