@@ -30,7 +30,7 @@ from mirror.catalog import SqliteCatalog  # noqa: E402
 from mirror.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from xdc import stack  # noqa: E402
 from xdc.config import XdcConfig  # noqa: E402
-from xdc.kafka import ensure_topics, make_producer  # noqa: E402
+from xdc.kafka import client_kwargs, ensure_topics, make_producer  # noqa: E402
 from xdc.stats import percentile  # noqa: E402
 
 SRC = "idca-drive"
@@ -45,7 +45,7 @@ def produce_paced(cfg: XdcConfig, topic: str, rate: float, seconds: float, produ
     late_ticks = [0] * producers
 
     def run(i: int) -> None:
-        p = make_producer(cfg.kafka_bootstrap("A"), acks=1, linger_ms=2, batch_size=256 * 1024)
+        p = make_producer(cfg.brokers("A"), acks=1, linger_ms=2, batch_size=256 * 1024)
         try:
             t0 = time.monotonic()
             owed = 0.0
@@ -91,7 +91,7 @@ def _baseline_consumer(run_dir: str, topic: str, expect: int, ready: Any, out: A
 
     from mirror.events import parse_time
     cfg = stack.open_config(run_dir, dc="B")
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=None, enable_auto_commit=False,
+    c = KafkaConsumer(**client_kwargs(cfg.brokers("A")), group_id=None, enable_auto_commit=False,
                       fetch_max_wait_ms=50)
     tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
     c.assign(tps)
@@ -180,11 +180,11 @@ def main() -> int:
             "datacenters": {dc: {"kafka": {"partitions": args.partitions}} for dc in ("A", "B")}})
         print(f"stack up in {time.monotonic() - t:.1f}s ({run})", flush=True)
         topic = cfg.dc("A").kafka.topics.events
-        ensure_topics(cfg.kafka_bootstrap("A"), [topic], args.partitions)
+        ensure_topics(cfg.brokers("A"), [topic], args.partitions)
 
         # baseline: Kafka produce -> consume, nothing else (own topic: the mirror never sees it)
         btopic = "bench.baseline"
-        ensure_topics(cfg.kafka_bootstrap("A"), [btopic], args.partitions)
+        ensure_topics(cfg.brokers("A"), [btopic], args.partitions)
         q, ready = ctx.Queue(), ctx.Event()
         expect = int(args.rate * args.baseline_seconds)
         cons = ctx.Process(target=_baseline_consumer, args=(str(run), btopic, expect, ready, q))

@@ -25,7 +25,7 @@ from kafka import KafkaConsumer  # noqa: E402
 from mirror.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from mirror.runner import Mirror  # noqa: E402
 from xdc import stack  # noqa: E402
-from xdc.kafka import make_producer  # noqa: E402
+from xdc.kafka import client_kwargs, make_producer  # noqa: E402
 from xdc.metrics import Metrics, new_registry  # noqa: E402
 from xdc.store import store_for  # noqa: E402
 
@@ -54,7 +54,7 @@ def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-
 
 
 def raw_consume(cfg, topic: str, n: int) -> float:  # type: ignore[no-untyped-def]
-    c = KafkaConsumer(topic, bootstrap_servers=cfg.kafka_bootstrap("A"), group_id=f"raw-{time.time_ns()}",
+    c = KafkaConsumer(topic, **client_kwargs(cfg.brokers("A")), group_id=f"raw-{time.time_ns()}",
                       auto_offset_reset="earliest", enable_auto_commit=False, session_timeout_ms=6000,
                       heartbeat_interval_ms=1000, max_poll_records=500)
     got, t0 = 0, None
@@ -84,7 +84,7 @@ def main() -> None:
         dst_bucket = cfg.routes[0].target.bucket
 
         # 1. metadata apply vs raw consume
-        p = make_producer(cfg.kafka_bootstrap("A"))
+        p = make_producer(cfg.brokers("A"))
         for i in range(args.events):
             key = f"lidar/bench/{i:08d}.bin"
             p.send(topic, key=message_key(src_bucket, key),

@@ -36,7 +36,7 @@ def fetch_manifest(cfg: XdcConfig, dc: str, uri: str, dest: Path) -> Path:
 
 def publish_release(cfg: XdcConfig, dc: str, release: ReleaseEvent) -> None:
     """Publish a release on `dc`'s releases topic."""
-    p = make_producer(cfg.kafka_bootstrap(dc))
+    p = make_producer(cfg.brokers(dc))
     try:
         with kafka_errors("publish release"):
             p.send(cfg.dc(dc).kafka.topics.releases, key=release.dataset.encode(), value=release.to_json())
@@ -61,7 +61,7 @@ def follow_releases(cfg: XdcConfig, dc: str, *, once: bool = False, max_seconds:
     cfg = cfg.with_local_dc(dc)
     k = cfg.dc(dc).kafka
     reports: list[PrewarmReport] = []
-    consumers = [make_consumer(cfg.kafka_bootstrap(src), group_id or f"{cfg.prewarm.group_id}.{dc}",
+    consumers = [make_consumer(cfg.brokers(src), group_id or f"{cfg.prewarm.group_id}.{dc}",
                                [cfg.dc(src).kafka.topics.releases], session_timeout_ms=k.session_timeout_ms,
                                heartbeat_interval_ms=k.heartbeat_interval_ms)
                  for src in cfg.datacenters]

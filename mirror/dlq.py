@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaProducer
 
+from xdc.config import Brokers
 from xdc.kafka import Record, kafka_errors, make_consumer, to_records
 
 
@@ -82,25 +83,28 @@ def parse_letter(r: Record) -> DeadLetter:
                       float(h.get("xdc-time", "0") or 0), r.key, r.value, r.offset)
 
 
-def read_letters(bootstrap: list[str], topic: str, *, timeout_s: float = 5.0) -> Iterator[DeadLetter]:
-    """Every letter in the topic, without a consumer group (nothing is committed)."""
-    consumer = make_consumer(bootstrap, None, consumer_timeout_ms=int(timeout_s * 1000))
+def read_letters(brokers: Brokers | Sequence[str], topic: str, *, timeout_s: float = 5.0) -> Iterator[DeadLetter]:
+    """Every letter in the topic up to its end when reading starts, without a consumer group
+    (nothing is committed)."""
+    consumer = make_consumer(brokers, None, consumer_timeout_ms=int(timeout_s * 1000))
     try:
         from kafka import TopicPartition
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        with kafka_errors(f"end offsets of {topic}"):
+            ends = consumer.end_offsets(tps)
         idle_deadline = time.monotonic() + timeout_s
         while time.monotonic() < idle_deadline:
+            if all(consumer.position(tp) >= ends.get(tp, 0) for tp in tps):
+                return
             polled = consumer.poll(timeout_ms=300)
             if polled:
                 idle_deadline = time.monotonic() + 1.0
                 for rec in to_records(polled):
-                    yield parse_letter(rec)
-            elif all(consumer.position(tp) >= (consumer.highwater(tp) or 0) for tp in tps
-                     if consumer.highwater(tp) is not None) and any(consumer.highwater(tp) is not None for tp in tps):
-                return
+                    if rec.offset < ends.get(TopicPartition(rec.topic, rec.partition), 0):
+                        yield parse_letter(rec)
     finally:
         consumer.close()
 

@@ -50,7 +50,7 @@ def ingest(cfg: XdcConfig, dc: str, src_dir: str | Path, bucket: str, prefix: st
     store = store_for(cfg, dc)
     store.ensure_bucket(bucket)
     k = cfg.dc(dc).kafka
-    producer = make_producer(cfg.kafka_bootstrap(dc))
+    producer = make_producer(cfg.brokers(dc))
     rep = IngestReport()
     t0 = time.monotonic()
     paths = list(_files(root))
@@ -85,7 +85,7 @@ def publish_delete(cfg: XdcConfig, dc: str, bucket: str, key: str, *, delete_obj
     cfg = cfg.with_local_dc(dc)
     if delete_object:
         store_for(cfg, dc).delete(bucket, key)
-    producer = make_producer(cfg.kafka_bootstrap(dc))
+    producer = make_producer(cfg.brokers(dc))
     try:
         with kafka_errors("publish delete"):
             producer.send(cfg.dc(dc).kafka.topics.events, key=message_key(bucket, key),
@@ -119,7 +119,7 @@ def scan(cfg: XdcConfig, dc: str, bucket: str, prefix: str = "", *, dry_run: boo
     store: Store = store_for(cfg, dc)
     k = cfg.dc(dc).kafka
     rep = ScanReport()
-    producer = None if dry_run else make_producer(cfg.kafka_bootstrap(dc))
+    producer = None if dry_run else make_producer(cfg.brokers(dc))
     try:
         for r in routes:
             pfx = max(prefix, r.source.prefix, key=len)

@@ -89,7 +89,7 @@ class Mirror:
         self.catalog = SqliteCatalog(self.cfg.catalog_path(self.dc))
         self.target: Store = store_for(self.cfg, self.dc)
         self._sources: dict[str, Store] = {}
-        self.producer = make_producer(self.cfg.kafka_bootstrap(self.dc))
+        self.producer = make_producer(self.cfg.brokers(self.dc))
         self.applied_topic = self.cfg.dc(self.dc).kafka.topics.applied
         self.dlq = DeadLetterSink(self.producer, self.cfg.dc(self.dc).kafka.topics.dead_letter, self.catalog,
                                   on_letter=self._count_dead_letter)
@@ -112,7 +112,7 @@ class Mirror:
             for src in sorted({r.source.dc for r in self.routes}):
                 topic = self.cfg.dc(src).kafka.topics.events
                 self._consumers[src] = make_consumer(
-                    self.cfg.kafka_bootstrap(src), self.group_id, [topic],
+                    self.cfg.brokers(src), self.group_id, [topic],
                     session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
         return self._consumers
 

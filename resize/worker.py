@@ -144,10 +144,10 @@ class ResizeWorker:
         self.group_id = group_id or self.settings.group_id
         self.store = store_for(self.cfg, self.dc)
         self.catalog = SqliteCatalog(self.cfg.catalog_path(self.dc))
-        self.producer = make_producer(self.cfg.kafka_bootstrap(self.dc))
+        self.producer = make_producer(self.cfg.brokers(self.dc))
         self.dlq = DeadLetterSink(self.producer, k.topics.dead_letter, self.catalog,
                                   on_letter=lambda t, r: self.metrics.dead_letters_total.labels(t, r).inc())
-        self.consumer = make_consumer(self.cfg.kafka_bootstrap(self.dc), self.group_id, [self.topic],
+        self.consumer = make_consumer(self.cfg.brokers(self.dc), self.group_id, [self.topic],
                                       session_timeout_ms=k.session_timeout_ms,
                                       heartbeat_interval_ms=k.heartbeat_interval_ms)
         workers = self.settings.workers or os.cpu_count() or 1

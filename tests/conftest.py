@@ -56,7 +56,7 @@ def isolated(cfg: XdcConfig, tag: str) -> XdcConfig:
     new = parse_config(data, base_dir=cfg.base_dir)
     for dc in new.datacenters:
         k = new.dc(dc).kafka
-        ensure_topics(k.bootstrap_servers, list(k.topics.model_dump().values()), k.partitions)
+        ensure_topics(new.brokers(dc), list(k.topics.model_dump().values()), k.partitions)
     return new
 
 

@@ -7,11 +7,11 @@ from kafka import KafkaConsumer, TopicPartition
 
 from mirror.events import encode_notification, message_key, s3_record
 from xdc.config import XdcConfig
-from xdc.kafka import Record, make_producer, to_records
+from xdc.kafka import Record, client_kwargs, make_producer, to_records
 
 
 def produce(cfg: XdcConfig, dc: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    p = make_producer(cfg.kafka_bootstrap(dc))
+    p = make_producer(cfg.brokers(dc))
     try:
         for key, value in messages:
             p.send(topic, key=key, value=value)
@@ -31,20 +31,20 @@ def delete_event(bucket: str, key: str, *, seq: str) -> tuple[bytes, bytes]:
 
 
 def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> list[Record]:
-    """Everything in a topic, read without a group."""
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap(dc), group_id=None, enable_auto_commit=False)
+    """Everything in a topic (up to its end when reading starts), read without a group."""
+    c = KafkaConsumer(**client_kwargs(cfg.brokers(dc)), group_id=None, enable_auto_commit=False)
     try:
         parts = c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         c.assign(tps)
         c.seek_to_beginning(*tps)
+        ends = c.end_offsets(tps)
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            out.extend(to_records(c.poll(timeout_ms=300)))
-            # done when every partition's position reached its highwater (known after a fetch)
-            if all((hw := c.highwater(tp)) is not None and c.position(tp) >= hw for tp in tps):
+            if all(c.position(tp) >= ends[tp] for tp in tps):
                 break
+            out.extend(to_records(c.poll(timeout_ms=300)))
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
         c.close()

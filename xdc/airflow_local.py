@@ -4,7 +4,7 @@ Never `airflow standalone`: it binds serve-logs on 0.0.0.0:8793/8794. Here each 
 in its own process group (api-server, scheduler, dag-processor, triggerer) with AIRFLOW_HOME in a
 directory of the caller, SQLite, and every process group is killed on exit, even on error.
 
-Also a one-broker context manager (xdc.stack's Tansu) for tests that need only Kafka.
+Also a one-broker context manager (xdc.stack's Apache Kafka) for tests that need only Kafka.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any
 from xdc.errors import AirflowError
 from xdc.stack import free_port
 
-__all__ = ["AirflowError", "AirflowProcesses", "airflow_env", "running_airflow", "running_tansu",
+__all__ = ["AirflowError", "AirflowProcesses", "airflow_env", "running_airflow", "running_kafka",
            "process_tree_pss_mb"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,10 +284,11 @@ def running_airflow(home: Path, dags_folder: Path, *, extra_env: Mapping[str, st
 
 # -- Kafka ----------------------------------------------------------------------------------------
 @contextmanager
-def running_tansu(run_dir: Path, name: str = "airflow") -> Iterator[str]:
-    """One Tansu broker in memory (xdc.stack's), stopped on exit; yields "127.0.0.1:port".
+def running_kafka(run_dir: Path, name: str = "airflow") -> Iterator[str]:
+    """One Apache Kafka broker (xdc.stack's), stopped on exit; yields "127.0.0.1:port".
 
-    For tests that need Kafka without the whole two-datacenter stack. Log: run_dir/logs/.
+    For tests that need Kafka without the whole two-datacenter stack. Data: run_dir/<name>/kafka,
+    log: run_dir/logs/.
     """
     from xdc.stack import start_broker, stop_proc
 

@@ -46,8 +46,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from xdc import stack
     if args.action == "up":
-        cfg = stack.up(args.run_dir, nodes=args.nodes, durable_kafka=args.durable_kafka)
+        cfg = stack.up(args.run_dir, nodes=args.nodes)
         print(f"stack up: config {Path(args.run_dir, 'xdc.yaml')} ({', '.join(cfg.datacenters)})")
+        for r in stack.status(args.run_dir):
+            if r.get("ready_s") is not None:
+                print(f"  {r['name']}: ready in {r['ready_s']:.1f}s, RSS {r.get('rss_mib', 0):.0f} MiB")
         return 0
     if args.action == "status":
         rows = stack.status(args.run_dir)
@@ -97,7 +100,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     cfg = _cfg(args)
     dc = args.dc or cfg.require_local_dc()
     k = cfg.dc(dc).kafka
-    letters = list(dlq.read_letters(cfg.kafka_bootstrap(dc), k.topics.dead_letter))
+    letters = list(dlq.read_letters(cfg.brokers(dc), k.topics.dead_letter))
     if args.reason:
         letters = [d for d in letters if d.reason == args.reason]
     if args.action == "list":
@@ -109,7 +112,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
     def producer_for(origin: str) -> Any:
         if origin not in producers:
-            producers[origin] = make_producer(cfg.kafka_bootstrap(origin))
+            producers[origin] = make_producer(cfg.brokers(origin))
         return producers[origin]
     try:
         n = dlq.replay(letters, producer_for, default_dc=dc, topic=args.to_topic)
@@ -243,7 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("stack", cmd_stack, "start/inspect/stop the local two-datacenter stack")
     sp.add_argument("action", choices=["up", "status", "down"])
     sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter")
-    sp.add_argument("--durable-kafka", action="store_true", help="broker storage on the DC's S3 endpoint")
 
     sp = add("ingest", cmd_ingest, "upload a directory and publish its S3 events")
     sp.add_argument("dir")

@@ -8,6 +8,7 @@
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
      |    +-- SupersededError       (xdc.store) the source changed after the event
      +-- KafkaError             broker I/O (retriable)
+     |    +-- KafkaAuthError        the broker refused our credentials or we do not trust it (not retriable)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout
      |    +-- CapacityError         plan larger than the cluster's free cache
@@ -65,6 +66,15 @@ class EventError(ReasonedError):
 
 class KafkaError(XdcError):
     retriable = True
+
+
+class KafkaAuthError(KafkaError):
+    """SASL credentials refused, or a TLS handshake failed (untrusted or wrong certificate).
+
+    Retrying does not help: the message names the broker and what to fix.
+    """
+
+    retriable = False
 
 
 class CacheError(XdcError):

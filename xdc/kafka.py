@@ -1,13 +1,16 @@
 """kafka-python at one boundary: producers, consumers, topics, lag. Errors become KafkaError.
 
-Settings carry the local broker's pitfalls (facts/components.md): a group join takes about half of
-session_timeout_ms, so it is short; `end_offsets` is wrong on Tansu, so lag uses `highwater()`.
+Every client is made from a `Brokers` (addresses + security, `XdcConfig.brokers(dc)`) through
+`client_kwargs`, so TLS and SASL apply to all of them; a plain address list means PLAINTEXT.
+A secured broker is checked once before a client is built, so a wrong password or an untrusted
+certificate fails at once with a KafkaAuthError instead of a 30 s bootstrap timeout.
+A group join takes about half of session_timeout_ms, so it is short.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +21,22 @@ from kafka.errors import KafkaError as _KafkaError
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
+from xdc.config import Brokers
 from xdc.errors import KafkaError
+from xdc.kafka_security import as_brokers, check_brokers, kafka_python_kwargs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Record", "make_producer", "make_consumer", "ensure_topics", "commit", "consumer_lag",
-           "TopicPartition", "kafka_errors"]
+__all__ = ["Record", "make_producer", "make_consumer", "make_admin", "group_offsets", "ensure_topics", "commit", "consumer_lag",
+           "TopicPartition", "kafka_errors", "client_kwargs", "Brokers"]
+
+
+def client_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
+    """bootstrap_servers and the security keyword arguments for any kafka-python client.
+
+    Checks a secured broker first (KafkaAuthError when it refuses us), so use it for every client."""
+    check_brokers(brokers)
+    return kafka_python_kwargs(brokers)
 
 
 @dataclass(frozen=True)
@@ -46,9 +59,9 @@ def kafka_errors(what: str) -> Iterator[None]:
         raise KafkaError(f"{what}: {exc!r}") from exc
 
 
-def make_producer(bootstrap: list[str], **overrides: Any) -> KafkaProducer:
+def make_producer(brokers: Brokers | Sequence[str], **overrides: Any) -> KafkaProducer:
     conf: dict[str, Any] = dict(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(brokers),
         acks="all",
         linger_ms=5,
         retries=5,
@@ -60,11 +73,11 @@ def make_producer(bootstrap: list[str], **overrides: Any) -> KafkaProducer:
         return KafkaProducer(**conf)
 
 
-def make_consumer(bootstrap: list[str], group_id: str | None, topics: Iterable[str] = (), *,
+def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics: Iterable[str] = (), *,
                   session_timeout_ms: int = 6000, heartbeat_interval_ms: int = 1000,
                   **overrides: Any) -> KafkaConsumer:
     conf: dict[str, Any] = dict(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(brokers),
         group_id=group_id,
         enable_auto_commit=False,  # offsets are committed only after the apply is durable
         auto_offset_reset="earliest",
@@ -105,10 +118,15 @@ def commit(consumer: KafkaConsumer, records: Iterable[Record]) -> dict[TopicPart
 
 
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """highwater - committed (or position) per assigned partition; valid after a fetch."""
+    """log end - committed (or position) per assigned partition."""
     lag: dict[TopicPartition, int] = {}
-    for tp in consumer.assignment():
-        hw = consumer.highwater(tp)
+    parts = list(consumer.assignment())
+    if not parts:
+        return lag
+    with kafka_errors("end offsets"):
+        ends = consumer.end_offsets(parts)
+    for tp in parts:
+        hw = ends.get(tp)
         if hw is None:
             continue
         try:
@@ -122,29 +140,51 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
 
 
 def caught_up(consumer: KafkaConsumer) -> bool:
-    """Joined, and every assigned partition's position is at its highwater. A partition whose
-    highwater is not known yet (no fetch answered) is not caught up."""
-    parts = consumer.assignment()
+    """Joined, and every assigned partition's position is at the log end (one ListOffsets call)."""
+    parts = list(consumer.assignment())
     if not parts:
         return False
-    for tp in parts:
-        hw = consumer.highwater(tp)
-        if hw is None or consumer.position(tp) < hw:
-            return False
-    return True
+    with kafka_errors("end offsets"):
+        ends = consumer.end_offsets(parts)
+        return all(consumer.position(tp) >= ends.get(tp, 0) for tp in parts)
 
 
-def ensure_topics(bootstrap: list[str], topics: Iterable[str], partitions: int, *,
+def group_offsets(brokers: Brokers | Sequence[str], group: str, *, timeout_s: float = 15.0) -> dict[TopicPartition, int]:
+    """A group's committed offsets (OffsetFetch). Retries what the broker calls retriable: right after
+    a broker start its group coordinator may still be loading (NOT_COORDINATOR, LOAD_IN_PROGRESS)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = make_admin(brokers)
+        try:
+            got = admin.list_group_offsets(group).get(group, {})
+            return {tp: om.offset for tp, om in got.items() if om.offset >= 0}
+        except _KafkaError as exc:
+            if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                raise KafkaError(f"committed offsets of group {group} on {as_brokers(brokers)}: {exc!r}") from exc
+            time.sleep(0.3)
+        finally:
+            admin.close()
+
+
+def make_admin(brokers: Brokers | Sequence[str], **overrides: Any) -> KafkaAdminClient:
+    with kafka_errors(f"connect admin to {as_brokers(brokers)}"):
+        return KafkaAdminClient(**{**client_kwargs(brokers), "request_timeout_ms": 10_000, **overrides})
+
+
+def ensure_topics(brokers: Brokers | Sequence[str], topics: Iterable[str], partitions: int, *,
                   timeout_s: float = 20.0) -> None:
     """Create topics that do not exist yet (idempotent)."""
     deadline = time.monotonic() + timeout_s
+    where = as_brokers(brokers)
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            admin = make_admin(brokers, request_timeout_ms=5000)
             break
-        except _KafkaError as exc:
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
             if time.monotonic() > deadline:
-                raise KafkaError(f"broker {bootstrap} not reachable: {exc!r}") from exc
+                raise KafkaError(f"broker {where} not reachable: {exc}") from exc
             time.sleep(0.2)
     try:
         existing = set(admin.list_topics())
@@ -155,7 +195,7 @@ def ensure_topics(bootstrap: list[str], topics: Iterable[str], partitions: int, 
             except TopicAlreadyExistsError:
                 pass
     except _KafkaError as exc:
-        raise KafkaError(f"create topics on {bootstrap}: {exc!r}") from exc
+        raise KafkaError(f"create topics on {where}: {exc!r}") from exc
     finally:
         admin.close()
 

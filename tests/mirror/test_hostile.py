@@ -92,7 +92,7 @@ def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig,
     assert stats.dead_letters == len(hostile)
     assert stats.applied == len(good) - 2 and stats.ignored["unrouted"] == 2
 
-    letters = list(read_letters(xcfg.kafka_bootstrap("B"), xcfg.dc("B").kafka.topics.dead_letter))
+    letters = list(read_letters(xcfg.brokers("B"), xcfg.dc("B").kafka.topics.dead_letter))
     by_value = {d.value: d for d in letters}
     for name, (value, reason) in hostile.items():
         assert value in by_value, f"{name}: no dead letter"

@@ -1,4 +1,4 @@
-"""The mirror end to end on the real local stack: Tansu brokers, JuiceFS S3 gateways, SQLite."""
+"""The mirror end to end on the real local stack: Apache Kafka brokers, JuiceFS S3 gateways, SQLite."""
 from __future__ import annotations
 
 from pathlib import Path

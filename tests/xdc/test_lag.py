@@ -61,7 +61,7 @@ def test_snapshot_rows_match_catalog_after_mirror_run(xcfg: XdcConfig, tag: str)
     # the group's offsets as the broker reports them agree with what the mirror recorded
     group = f"{xcfg.mirror.group_id}.B"
     cat = SqliteCatalog(xcfg.catalog_path("B"))
-    assert committed_offsets(xcfg.kafka_bootstrap("A"), group, topic) == \
+    assert committed_offsets(xcfg.brokers("A"), group, topic) == \
         {p: o for (t, p), o in cat.offsets(group).items() if t == topic}
     # a backlog the mirror has not seen yet: 12 lidar puts (metadata mode, sizes known)
     later = [put_event(SRC, f"lidar/{tag}/late{i}.bin", seq=new_sequencer(), size=500) for i in range(12)]
