@@ -123,7 +123,7 @@ def prepare(broker_dir: Path, port: int, controller_port: int, *, secure: Secure
     (broker_dir / "log4j2.properties").write_text(LOG4J2)
     if secure is not None:
         _write_keystore(secure, broker_dir / "keystore.pem")
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")  # 22 chars
+    cluster_id = _cluster_id()
     cmd = [_java(), "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
            f"-Dlog4j2.configurationFile={broker_dir / 'log4j2.properties'}", "-cp", _classpath(),
            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)]
@@ -165,6 +165,15 @@ def started_since(log_path: Path, offset: int) -> bool:
             return STARTED_LINE.encode() in f.read()
     except OSError:
         return False
+
+
+def _cluster_id() -> str:
+    """22 characters of URL-safe base64 (a UUID), never starting with '-': the tool would take it for
+    an option (Kafka's own Uuid.randomUuid avoids that too)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _java() -> str:

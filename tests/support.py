@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -48,3 +49,21 @@ def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> l
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
         c.close()
+
+
+def make_tls(d: Path) -> dict[str, Path]:
+    """A test CA (trustme) and PEM files: the CA, a broker certificate for 127.0.0.1/localhost with
+    its key, a client certificate with its key (mTLS), and the CA file of an unrelated CA."""
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    broker, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("xdc-client")
+    files = {name: d / name for name in ("ca.pem", "broker.crt", "broker.key", "client.crt", "client.key",
+                                         "other-ca.pem")}
+    ca.cert_pem.write_to_path(str(files["ca.pem"]))
+    for leaf, name in ((broker, "broker"), (client, "client")):
+        leaf.private_key_pem.write_to_path(str(files[f"{name}.key"]))
+        files[f"{name}.crt"].write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    trustme.CA().cert_pem.write_to_path(str(files["other-ca.pem"]))
+    return files

@@ -284,15 +284,17 @@ def running_airflow(home: Path, dags_folder: Path, *, extra_env: Mapping[str, st
 
 # -- Kafka ----------------------------------------------------------------------------------------
 @contextmanager
-def running_kafka(run_dir: Path, name: str = "airflow") -> Iterator[str]:
+def running_kafka(run_dir: Path, name: str = "airflow", *, secure: Any = None,
+                  users: dict[str, str] | None = None) -> Iterator[str]:
     """One Apache Kafka broker (xdc.stack's), stopped on exit; yields "127.0.0.1:port".
 
     For tests that need Kafka without the whole two-datacenter stack. Data: run_dir/<name>/kafka,
-    log: run_dir/logs/.
+    log: run_dir/logs/. `secure` (devtools.kafka_broker.SecureListener) and `users` (SASL user ->
+    password): a TLS (+ SASL) listener instead of PLAINTEXT.
     """
     from xdc.stack import start_broker, stop_proc
 
-    proc = start_broker(run_dir, name)
+    proc = start_broker(run_dir, name, secure=secure, users=users)
     try:
         yield f"127.0.0.1:{proc.port}"
     finally:

@@ -24,15 +24,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from xdc.config import Brokers
 from xdc.errors import ConfigError, EventError
+from xdc.kafka_security import as_brokers, check_confluent, confluent_settings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_VARIABLE", "RELEASE_ASSET", "config_path", "kafka_connection_extra",
-           "kafka_connection_env", "release_asset", "is_release_message", "release_payload",
+           "kafka_connection_env", "check_kafka_connection", "release_asset", "is_release_message", "release_payload",
            "release_payloads"]
 
 CONFIG_VARIABLE = "xdc_config"  # Airflow Variable holding the config file path
@@ -54,20 +56,23 @@ def config_path() -> str:
     return str(path)
 
 
-def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeout_ms: int = 6000,
+def kafka_connection_extra(brokers: Brokers | Sequence[str], group_id: str, *, session_timeout_ms: int = 6000,
                            heartbeat_interval_ms: int = 1000) -> dict[str, Any]:
-    """confluent-kafka settings for the provider's ``kafka`` connection (its ``extra`` field).
+    """confluent-kafka settings for the provider's ``kafka`` connection (its ``extra`` field),
+    with the datacenter's security settings (``XdcConfig.brokers(dc)``: TLS, SASL user and
+    password resolved now; the extra is where an Airflow connection keeps its secrets).
 
     Short session timeout: a group join takes about half of it (45 s default -> ~23 s stall on
     every trigger restart). ``earliest`` so a release published before the watcher's group
     existed is still seen.
     """
-    if not bootstrap:
+    b = as_brokers(brokers)
+    if not b.servers:
         raise ConfigError("kafka connection: empty bootstrap list")
     if not group_id:
         raise ConfigError("kafka connection: empty group id")
     return {
-        "bootstrap.servers": ",".join(bootstrap),
+        **confluent_settings(b),
         "group.id": group_id,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": session_timeout_ms,
@@ -75,14 +80,29 @@ def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeo
     }
 
 
-def kafka_connection_env(conn_id: str, bootstrap: list[str], group_id: str, **settings: int) -> tuple[str, str]:
+def kafka_connection_env(conn_id: str, brokers: Brokers | Sequence[str], group_id: str,
+                         **settings: int) -> tuple[str, str]:
     """(``AIRFLOW_CONN_<ID>``, JSON value) defining a ``kafka`` connection through the environment.
 
-    `settings`: session_timeout_ms / heartbeat_interval_ms, as in kafka_connection_extra.
+    `settings`: session_timeout_ms / heartbeat_interval_ms, as in kafka_connection_extra. The value
+    holds the SASL password of a secured broker: hand it to Airflow, never to a log.
     """
     name = "AIRFLOW_CONN_" + conn_id.upper()
-    value = json.dumps({"conn_type": "kafka", "extra": kafka_connection_extra(bootstrap, group_id, **settings)})
+    value = json.dumps({"conn_type": "kafka", "extra": kafka_connection_extra(brokers, group_id, **settings)})
     return name, value
+
+
+def check_kafka_connection(conn_id: str | None = None, *, extra: Mapping[str, Any] | None = None,
+                           timeout_s: float = 10.0) -> None:
+    """Connect once with a ``kafka`` connection's settings (by id, or the `extra` itself): a wrong
+    password or an untrusted certificate raises KafkaAuthError naming the broker, within seconds."""
+    if extra is None:
+        if not conn_id:
+            raise ConfigError("check_kafka_connection: give a connection id or its extra")
+        from airflow.sdk import BaseHook
+
+        extra = BaseHook.get_connection(conn_id).extra_dejson
+    check_confluent(extra, timeout_s=timeout_s)
 
 
 def release_asset(topics: list[str], kafka_config_id: str, *, poll_interval: float = 1.0) -> Any:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from xdc.config import Brokers, KafkaSecurity
-from xdc.errors import ConfigError, KafkaAuthError
+from xdc.config import Brokers, KafkaSecurity, SaslCredentials
+from xdc.errors import ConfigError, KafkaAuthError, KafkaError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["as_brokers", "kafka_python_kwargs", "confluent_settings", "check_brokers"]
+__all__ = ["as_brokers", "kafka_python_kwargs", "confluent_settings", "check_brokers", "check_confluent"]
 
 
 def as_brokers(brokers: Brokers | Sequence[str]) -> Brokers:
@@ -73,50 +74,119 @@ def confluent_settings(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def check_brokers(brokers: Brokers | Sequence[str], *, timeout_s: float = 10.0) -> None:
+def check_brokers(brokers: Brokers | Sequence[str], *, timeout_s: float = 10.0, tries: int = 3) -> None:
     """Raise KafkaAuthError at once if a secured broker refuses our credentials or its certificate
     is not trusted. Unreachable brokers are left to the client's own retries (not an auth matter).
     PLAINTEXT has nothing to check."""
     b = as_brokers(brokers)
     if b.security.protocol == "PLAINTEXT":
         return
+    closed_in_sasl = 0
+    for server in b.servers:
+        for _ in range(tries):
+            exc = _probe(b, server, timeout_s)
+            if exc is None:
+                return  # one broker accepted us: the settings are right
+            _raise_if_auth(server, b.security, exc)
+            # kafka-python 3.0.12 drops the bytes that arrive with the connection's close: the
+            # broker's SASL error reply then shows up as a bare "socket disconnected". Try again.
+            if not (b.security.protocol.startswith("SASL_") and "socket disconnected" in str(exc)):
+                break
+            closed_in_sasl += 1
+        else:
+            cred = b.security.sasl_credentials
+            raise KafkaAuthError(f"Kafka broker {server} closed the connection during SASL "
+                                 f"{b.security.sasl_mechanism} authentication {tries} times: wrong user or "
+                                 f"password? (credentials from {_where(cred)})")
+
+
+def _probe(b: Brokers, server: str, timeout_s: float) -> BaseException | None:
+    """One connection to `server` with the full client set-up (TLS, ApiVersions, SASL): the
+    exception it failed with, or None. Uses kafka-python's own connection manager, whose init
+    future fails with the TLS or SASL error itself (the public clients only log it)."""
     from kafka.consumer.group import KafkaConsumer
     from kafka.net.compat import KafkaNetClient
 
     conf = dict(KafkaConsumer.DEFAULT_CONFIG)
-    conf.update(kafka_python_kwargs(b), request_timeout_ms=int(timeout_s * 1000))
-    # kafka-python 3.0's own connection manager: one connection per bootstrap address, whose
-    # init future fails with the TLS or SASL error itself (the public clients only log it).
+    conf.update(kafka_python_kwargs(Brokers((server,), b.security)), request_timeout_ms=int(timeout_s * 1000))
     client = KafkaNetClient(**conf)
     try:
-        for server, node in zip(b.servers, client.cluster.bootstrap_brokers(), strict=False):
-            conn = client._manager.get_connection(node.node_id, timeout_ms=int(timeout_s * 1000))
-            client._net.poll(timeout_ms=int(timeout_s * 1000), future=conn.init_future)
-            fut = conn.init_future
-            if fut.is_done and fut.succeeded():
-                return  # one broker accepted us: the settings are right
-            if fut.is_done:
-                _raise_if_auth(server, b.security, fut.exception)
+        node = client.cluster.bootstrap_brokers()[0]
+        conn = client._manager.get_connection(node.node_id, timeout_ms=int(timeout_s * 1000))
+        client._net.poll(timeout_ms=int(timeout_s * 1000), future=conn.init_future)
+        fut = conn.init_future
+        if not fut.is_done:
+            return TimeoutError(f"no answer within {timeout_s:.0f}s")
+        return None if fut.succeeded() else fut.exception
     finally:
         client.close()
+
+
+def check_confluent(settings: Mapping[str, Any], *, timeout_s: float = 10.0) -> None:
+    """The same check for confluent-kafka settings (an Airflow `kafka` connection's extra): raise
+    KafkaAuthError when librdkafka reports an authentication or TLS failure, KafkaError when no
+    broker answers within `timeout_s`."""
+    from confluent_kafka.admin import AdminClient
+
+    conf = {k: v for k, v in settings.items() if "." in k and not k.startswith(("group.", "auto.", "session.",
+                                                                                 "heartbeat.", "enable.auto"))}
+    errors: list[Any] = []
+    admin = AdminClient({**conf, "error_cb": errors.append, "log_level": 0})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=0.5)
+            return
+        except Exception:  # noqa: BLE001 - the cause arrives through error_cb
+            admin.poll(0.1)
+        for e in errors:
+            name, text = e.name(), e.str()
+            server, _, detail = text.partition("/bootstrap: ") if "/bootstrap: " in text else ("", "", text)
+            server = server.split("://", 1)[-1] or str(conf.get("bootstrap.servers"))
+            if name == "_AUTHENTICATION":
+                raise KafkaAuthError(f"Kafka broker {server} refused SASL {conf.get('sasl.mechanism')} "
+                                     f"authentication: {detail}")
+            if name == "_SSL" or (name == "_TRANSPORT" and "SSL" in detail):
+                raise KafkaAuthError(f"Kafka broker {server}: TLS failed: {detail} ({_tls_hint(detail)})")
+    raise KafkaError(f"Kafka brokers {conf.get('bootstrap.servers')} did not answer within {timeout_s:.0f}s")
 
 
 def _raise_if_auth(server: str, sec: KafkaSecurity, exc: BaseException | None) -> None:
     import kafka.errors as errors
 
     detail = str(exc)
-    if isinstance(exc, (errors.SaslAuthenticationFailedError, errors.AuthorizationError)):
-        cred = sec.sasl_credentials
-        where = (f"Airflow connection {cred.airflow_conn_id!r}" if cred and cred.airflow_conn_id
-                 else f"env {cred.username_env} / {cred.password_env}" if cred else "?")
+    if isinstance(exc, (errors.SaslAuthenticationFailedError, errors.AuthorizationError,
+                        errors.UnsupportedSaslMechanismError)):
         raise KafkaAuthError(f"Kafka broker {server} refused SASL {sec.sasl_mechanism} authentication: "
-                             f"{detail.split(': ', 1)[-1]} (credentials from {where})") from None
+                             f"{detail.split(': ', 1)[-1]} (credentials from {_where(sec.sasl_credentials)})") from None
     if "Handshake failed" in detail or "SSL" in detail:
-        hint = ("is kafka.security.ca_file the CA that signed the broker's certificate?"
-                if "CERTIFICATE_VERIFY_FAILED" in detail else "check the TLS settings of kafka.security")
-        raise KafkaAuthError(f"Kafka broker {server}: TLS handshake failed: "
-                             f"{detail.removeprefix('Handshake failed: ')} ({hint})") from None
+        raise KafkaAuthError(f"Kafka broker {server}: TLS handshake failed: {_tls_detail(detail)} "
+                             f"({_tls_hint(detail)})") from None
     log.debug("kafka check of %s: %s (left to the client's retries)", server, type(exc).__name__)
+
+
+def _tls_detail(detail: str) -> str:
+    return detail.replace("KafkaConnectionError: ", "").replace("Handshake failed: ", "")
+
+
+def _tls_hint(detail: str) -> str:
+    d = detail.upper().replace(" ", "_")  # OpenSSL (kafka-python) and librdkafka spell it differently
+    if "CERTIFICATE_VERIFY_FAILED" in d and "MISMATCH" in d:
+        return "the broker's certificate does not name this host: check bootstrap_servers or check_hostname"
+    if "CERTIFICATE_VERIFY_FAILED" in d:
+        return "is kafka.security.ca_file the CA that signed the broker's certificate?"
+    if "BAD_CERTIFICATE" in d or "CERTIFICATE_REQUIRED" in d or "UNKNOWN_CA" in d:
+        return "the broker wants a client certificate it trusts: check kafka.security.cert_file / key_file"
+    return "check the TLS settings of kafka.security"
+
+
+def _where(cred: SaslCredentials | None) -> str:
+    """Where the credentials come from (names only, never values)."""
+    if cred is None:
+        return "nowhere: no sasl_credentials"
+    if cred.airflow_conn_id:
+        return f"Airflow connection {cred.airflow_conn_id!r}"
+    return f"env {cred.username_env} / {cred.password_env}"
 
 
 def _env(name: str | None) -> str | None:

@@ -45,7 +45,7 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     config = config_writer(xcfg, tmp_path / "xdc.yaml", tag)
     cfg = load_config(config)
 
-    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, cfg.kafka_bootstrap("A"), f"{tag}-airflow")
+    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, cfg.brokers("A"), f"{tag}-airflow")
     env = {conn_name: conn_value, "XDC_CONFIG": str(config),
            # Only the release path runs here: the minute-scheduled DAGs stay manual.
            "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none"}
