@@ -26,7 +26,13 @@ from xdc.errors import XdcError
 
 ROOT = Path(__file__).resolve().parents[1]
 POM = ROOT / "devtools" / "maven" / "kafka" / "pom.xml"
-KAFKA_VERSION = "4.4.0"
+
+def _pom_version() -> str:
+    m = re.search(r"<artifactId>kafka_2\.13</artifactId>\s*<version>([^<]+)</version>", POM.read_text())
+    return m.group(1) if m else "unknown"
+
+
+KAFKA_VERSION = _pom_version()  # the pom is the one place it is written
 STARTED_LINE = "Kafka Server started"  # KafkaRaftServer logs it once the broker serves clients
 CLIENT_LISTENER = "CLIENT"  # the one listener clients use (and the broker itself, inter-broker)
 BROKER_USER = "xdc-broker"  # the broker's own SASL identity on its listener
@@ -73,8 +79,8 @@ def jars_dir() -> Path:
 def ensure_jars() -> Path:
     """The jars directory, fetched with Maven once if it is not complete yet."""
     d = jars_dir()
-    done = d / ".complete"
-    if done.exists():
+    done = d / ".complete"  # holds the version fetched: a new pom version fetches again
+    if _fetched(done):
         return d
     if not shutil.which("java"):
         raise KafkaBrokerError("no `java` on PATH: Apache Kafka 4 needs Java 17+ "
@@ -86,7 +92,7 @@ def ensure_jars() -> Path:
     d.parent.mkdir(parents=True, exist_ok=True)
     with open(d.parent / ".kafka-fetch.lock", "w") as lock:  # tests in parallel fetch once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
+        if _fetched(done):
             return d
         tmp = d.parent / (d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +105,13 @@ def ensure_jars() -> Path:
         tmp.rename(d)
         done.write_text(KAFKA_VERSION + "\n")
     return d
+
+
+def _fetched(done: Path) -> bool:
+    try:
+        return done.read_text().strip() == KAFKA_VERSION
+    except OSError:
+        return False
 
 
 def _classpath() -> str:

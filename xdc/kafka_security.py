@@ -31,6 +31,39 @@ def as_brokers(brokers: Brokers | Sequence[str]) -> Brokers:
     return Brokers(tuple(brokers))
 
 
+class _RedactSecrets(logging.Filter):
+    """Replace the passwords this process resolved with *** in kafka-python's log records: at DEBUG
+    it logs every request and the bytes it sends, and SASL PLAIN sends the password in clear."""
+
+    secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            if any(s in msg for s in self.secrets):
+                for s in sorted(self.secrets, key=len, reverse=True):
+                    msg = msg.replace(s, "***")
+                record.msg, record.args = msg, None
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def _keep_out_of_logs(secret: str) -> None:
+    """Register a secret with the filter on every kafka-python logger (a logger's filter sees only
+    its own records, not its children's, so each one gets it)."""
+    if not secret or secret in _REDACT.secrets:
+        return
+    _REDACT.secrets.update({secret, repr(secret.encode())[2:-1]})  # also as it shows in a bytes repr
+    import kafka  # noqa: F401 - its modules create their loggers on import
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "kafka" or n.startswith("kafka.")]:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 def kafka_python_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
     """bootstrap_servers plus the security keyword arguments of kafka-python's clients
     (KafkaProducer, KafkaConsumer, KafkaAdminClient take the same names)."""
@@ -40,6 +73,7 @@ def kafka_python_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
     if sec.protocol.startswith("SASL_"):
         assert sec.sasl_credentials is not None  # the model guarantees it
         user, password = sec.sasl_credentials.resolve()
+        _keep_out_of_logs(password)
         kw.update(sasl_mechanism=sec.sasl_mechanism, sasl_plain_username=user, sasl_plain_password=password)
     if sec.protocol.endswith("SSL"):
         kw.update(ssl_check_hostname=sec.check_hostname,
