@@ -231,6 +231,10 @@ def _properties(broker_dir: Path, port: int, controller_port: int, secure: Secur
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1",
         "group.initial.rebalance.delay.ms=0",
+        # as large as xdc.kafka.make_producer's requests (16 MiB; Kafka's default is 1 MiB): an
+        # oversized event then reaches the mirror's own guard (mirror.max_message_bytes) and the
+        # dead-letter topic, as on a cluster configured for big messages
+        "message.max.bytes=16777216",
         # after a kill -9 the restarted node waits for its old registration's session to expire
         # (9 s by default) before it serves again: keep that short, with frequent heartbeats
         "broker.session.timeout.ms=4000",
