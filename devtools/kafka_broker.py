@@ -231,6 +231,9 @@ def _properties(broker_dir: Path, port: int, controller_port: int, secure: Secur
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1",
         "group.initial.rebalance.delay.ms=0",
+        # the crash tests give their consumers a 2 s session so a killed member is replaced fast;
+        # Kafka refuses sessions under 6 s by default (INVALID_SESSION_TIMEOUT)
+        "group.min.session.timeout.ms=1000",
         # as large as xdc.kafka.make_producer's requests (16 MiB; Kafka's default is 1 MiB): an
         # oversized event then reaches the mirror's own guard (mirror.max_message_bytes) and the
         # dead-letter topic, as on a cluster configured for big messages

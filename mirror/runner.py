@@ -219,7 +219,7 @@ class Mirror:
 
     def _kafka_trouble(self, failures: int, what: str, exc: KafkaError) -> int:
         failures += 1
-        if failures > MAX_KAFKA_FAILURES:
+        if failures > MAX_KAFKA_FAILURES or not exc.retriable:  # settings or rights: no retry helps
             raise exc
         delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
         log.warning("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures, MAX_KAFKA_FAILURES, delay)

@@ -17,12 +17,13 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+import kafka.errors as kerrors
 from kafka.errors import KafkaError as _KafkaError
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from xdc.config import Brokers
-from xdc.errors import KafkaError
+from xdc.errors import KafkaAuthError, KafkaError
 from xdc.kafka_security import as_brokers, check_brokers, kafka_python_kwargs
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,27 @@ class Record:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+# Errors no retry can fix: the settings or the rights are wrong (a group join refused for its
+# session timeout, an ACL, credentials). They end a consume loop at once instead of after its retries.
+_FATAL = (kerrors.InvalidSessionTimeoutError, kerrors.InvalidGroupIdError, kerrors.AuthorizationError,
+          kerrors.TopicAuthorizationFailedError, kerrors.GroupAuthorizationFailedError,
+          kerrors.ClusterAuthorizationFailedError, kerrors.SaslAuthenticationFailedError,
+          kerrors.UnsupportedSaslMechanismError, kerrors.InvalidConfigurationError)
+
+
 @contextmanager
 def kafka_errors(what: str) -> Iterator[None]:
-    """Translate kafka-python errors into our KafkaError (retriable) at one place."""
+    """Translate kafka-python errors into our KafkaError at one place: retriable, except _FATAL ones
+    (KafkaAuthError for credentials and rights)."""
     try:
         yield
+    except _FATAL as exc:
+        auth = isinstance(exc, (kerrors.SaslAuthenticationFailedError, kerrors.AuthorizationError,
+                                kerrors.TopicAuthorizationFailedError, kerrors.GroupAuthorizationFailedError,
+                                kerrors.ClusterAuthorizationFailedError))
+        err = (KafkaAuthError if auth else KafkaError)(f"{what}: {exc!r}")
+        err.retriable = False
+        raise err from exc
     except _KafkaError as exc:
         raise KafkaError(f"{what}: {exc!r}") from exc
 
@@ -117,14 +134,18 @@ def commit(consumer: KafkaConsumer, records: Iterable[Record]) -> dict[TopicPart
     return offsets
 
 
-def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """log end - committed (or position) per assigned partition."""
+def consumer_lag(consumer: KafkaConsumer, timeout_ms: int = 5000) -> dict[TopicPartition, int]:
+    """log end - committed (or position) per assigned partition; empty when the broker does not
+    answer (a gauge must not stop a consume loop)."""
     lag: dict[TopicPartition, int] = {}
     parts = list(consumer.assignment())
     if not parts:
         return lag
-    with kafka_errors("end offsets"):
-        ends = consumer.end_offsets(parts)
+    try:
+        ends = consumer.end_offsets(parts, timeout_ms=timeout_ms)
+    except _KafkaError as exc:
+        log.debug("end offsets for the lag gauge: %r", exc)
+        return lag
     for tp in parts:
         hw = ends.get(tp)
         if hw is None:
@@ -139,14 +160,22 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return lag
 
 
-def caught_up(consumer: KafkaConsumer) -> bool:
-    """Joined, and every assigned partition's position is at the log end (one ListOffsets call)."""
+def caught_up(consumer: KafkaConsumer, timeout_ms: int = 5000) -> bool:
+    """Joined, and every assigned partition's position is at the log end (one ListOffsets call).
+    Not caught up when the broker does not answer within `timeout_ms` (the loop polls again)."""
     parts = list(consumer.assignment())
     if not parts:
         return False
-    with kafka_errors("end offsets"):
-        ends = consumer.end_offsets(parts)
-        return all(consumer.position(tp) >= ends.get(tp, 0) for tp in parts)
+    try:
+        ends = consumer.end_offsets(parts, timeout_ms=timeout_ms)
+        for tp in parts:
+            pos = consumer.position(tp, timeout_ms=timeout_ms)  # None when not known in time
+            if pos is None or pos < ends.get(tp, 0):
+                return False
+        return True
+    except _KafkaError as exc:
+        log.debug("end offsets for caught_up: %r", exc)
+        return False
 
 
 def group_offsets(brokers: Brokers | Sequence[str], group: str, *, timeout_s: float = 15.0) -> dict[TopicPartition, int]:
