@@ -120,8 +120,8 @@ def _baseline_consumer(boot: list[str], topic: str, expect: int, ready: Any, out
 # -- the mirror, in its own process ---------------------------------------------------------------
 def _mirror_proc(cfg_data: dict[str, Any], base_dir: str, env: dict[str, str], stop: Any, ready: Any,
                  profile: str | None) -> None:
-    import xdc.io.consume as consume_mod
     import mirror.runner as runner_mod
+    import xdc.io.consume as consume_mod
     from mirror.runner import Mirror
     from xdc.metrics import Metrics, new_registry
     os.environ.update(env)

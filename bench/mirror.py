@@ -24,10 +24,10 @@ from kafka import KafkaConsumer  # noqa: E402
 
 from devtools import stack  # noqa: E402
 from mirror.runner import Mirror  # noqa: E402
-from xdc.topology import Topology  # noqa: E402
 from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from xdc.io.kafka import make_producer  # noqa: E402
 from xdc.metrics import Metrics, new_registry  # noqa: E402
+from xdc.topology import Topology  # noqa: E402
 
 MIB = 2**20
 

@@ -33,9 +33,9 @@ from cache_client.juicefs import (  # noqa: E402
     umount_node,
 )
 from cache_client.prewarm.pipeline import Request, bandwidth, run_prewarm  # noqa: E402
-from xdc.topology import Topology  # noqa: E402
 from cache_client.prewarm.progress import Progress  # noqa: E402
 from xdc.config import CacheConfig, CacheNode, XdcConfig, parse_config  # noqa: E402
+from xdc.topology import Topology  # noqa: E402
 
 MIB = 1 << 20
 BUCKET = "bench"

@@ -4,7 +4,7 @@ Never `airflow standalone`: it binds serve-logs on 0.0.0.0:8793/8794. Here each 
 in its own process group (api-server, scheduler, dag-processor, triggerer) with AIRFLOW_HOME in a
 directory of the caller, SQLite, and every process group is killed on exit, even on error.
 
-Also a one-broker context manager (devtools.stack's Tansu) for tests that need only Kafka.
+Also a one-broker context manager (devtools.stack's Apache Kafka) for tests that need only Kafka.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.procs import free_port, stop_proc
+from devtools.stack import start_broker
 from xdc.errors import AirflowError
-from devtools.stack import free_port
 
-__all__ = ["AirflowError", "AirflowProcesses", "airflow_env", "running_airflow", "running_tansu",
+__all__ = ["AirflowError", "AirflowProcesses", "airflow_env", "running_airflow", "running_kafka",
            "process_tree_pss_mb"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,14 +285,15 @@ def running_airflow(home: Path, dags_folder: Path, *, extra_env: Mapping[str, st
 
 # -- Kafka ----------------------------------------------------------------------------------------
 @contextmanager
-def running_tansu(run_dir: Path, name: str = "airflow") -> Iterator[str]:
-    """One Tansu broker in memory (devtools.stack's), stopped on exit; yields "127.0.0.1:port".
+def running_kafka(run_dir: Path, name: str = "airflow", *, secure: Any = None,
+                  users: dict[str, str] | None = None) -> Iterator[str]:
+    """One Apache Kafka broker (devtools.stack's), stopped on exit; yields "127.0.0.1:port".
 
-    For tests that need Kafka without the whole two-datacenter stack. Log: run_dir/logs/.
+    For tests that need Kafka without the whole two-datacenter stack. Data: run_dir/<name>/kafka,
+    log: run_dir/logs/. `secure` (devtools.kafka_broker.SecureListener) and `users` (SASL user ->
+    password): a TLS (+ SASL) listener instead of PLAINTEXT.
     """
-    from devtools.stack import start_broker, stop_proc
-
-    proc = start_broker(run_dir, name)
+    proc = start_broker(run_dir, name, secure=secure, users=users)
     try:
         yield f"127.0.0.1:{proc.port}"
     finally:

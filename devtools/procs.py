@@ -31,6 +31,7 @@ class Proc:
     cmd: list[str]
     log: str
     port: int | None = None
+    ready_s: float | None = None  # start to ready, for the start-up report
     stop_cmd: list[str] | None = None  # how to stop it cleanly (else SIGTERM to its process group)
     owned_dir: str | None = None  # a directory outside the run dir that it owns: removed once stopped
 
@@ -124,6 +125,34 @@ def _stop(p: Proc, timeout: float) -> None:
     if alive(p):
         os.killpg(p.pid, signal.SIGKILL)
     try:  # reap it if it is our child
+        os.waitpid(p.pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (its /proc status), for the start-up report."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def kill_proc(p: Proc) -> None:
+    """SIGKILL a process this stack started (its whole group) and wait until it is gone."""
+    if not alive(p):
+        return
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(p):
+        time.sleep(0.02)
+    try:
         os.waitpid(p.pid, os.WNOHANG)
     except ChildProcessError:
         pass

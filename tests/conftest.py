@@ -7,17 +7,21 @@ the servers are started once.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from devtools import postgres, stack
+from devtools.kafka_broker import SecureListener
 from devtools.procs import stop_proc
-from tests.support import close_open_topologies
+from tests.support import close_open_topologies, make_tls
 from xdc.config import XdcConfig, parse_config
 from xdc.io.kafka import ensure_topics
+from xdc.topology import Topology
 
 PG_DATABASE = "xdc_tests"
 
@@ -111,7 +115,7 @@ def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConf
     new = parse_config(data, base_dir=cfg.base_dir)
     for dc in new.datacenters:
         k = new.dc(dc).kafka
-        ensure_topics(k.bootstrap_servers, list(k.topics.model_dump().values()), k.partitions)
+        ensure_topics(Topology(new, dc).here.brokers, list(k.topics.model_dump().values()), k.partitions)
     return new
 
 
@@ -119,3 +123,51 @@ def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConf
 def xcfg(stack_cfg: XdcConfig, tag: str, state_backend: str, request: pytest.FixtureRequest) -> XdcConfig:
     pg = request.getfixturevalue("pg_port") if state_backend == "postgres" else None
     return isolated(stack_cfg, tag, pg_port=pg)
+
+
+# -- a stack whose brokers require TLS + SASL --------------------------------------------------------
+@dataclass
+class SecureStack:
+    run: Path
+    cfg: XdcConfig
+    creds: dict[str, str]  # the generated secrets (env var name -> value): set them only while a test runs
+    tls: dict[str, Path]  # make_tls files
+
+
+@pytest.fixture(scope="session")
+def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureStack]:
+    """Two datacenters whose brokers listen with SASL_SSL only: A with SCRAM-SHA-512, B with PLAIN and
+    client certificates (mTLS). Certificates from a test CA (trustme). stack.up puts the stack's
+    secrets into os.environ: those of the session stack are put back at once."""
+    run = tmp_path_factory.mktemp("secure")
+    tls = make_tls(run.parent / (run.name + "-tls"))
+    sec = {"A": SecureListener(tls["ca.pem"], tls["broker.crt"], tls["broker.key"], "SCRAM-SHA-512"),
+           "B": SecureListener(tls["ca.pem"], tls["broker.crt"], tls["broker.key"], "PLAIN",
+                               client_cert_file=tls["client.crt"], client_key_file=tls["client.key"])}
+    names = [f"XDC_{dc}_{k}" for dc in ("A", "B") for k in ("ACCESS_KEY", "SECRET_KEY", "KAFKA_USER", "KAFKA_PASSWORD")]
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        cfg = stack.up(run, nodes=0, kafka_security=sec)
+        creds = {k: os.environ[k] for k in names}
+        _put_back(saved)
+        yield SecureStack(run, cfg, creds, tls)
+    finally:
+        _put_back(saved)
+        stack.down(run)
+
+
+def _put_back(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def secure_cfg(secure_stack: SecureStack, tag: str, monkeypatch: pytest.MonkeyPatch) -> XdcConfig:
+    """The secured stack's config with this test's own topics, groups and catalogs; its secrets are in
+    the environment for the duration of the test."""
+    for k, v in secure_stack.creds.items():
+        monkeypatch.setenv(k, v)
+    return isolated(secure_stack.cfg, tag)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from xdc.config import XdcConfig
+from xdc.config import Brokers, XdcConfig
 from xdc.events import encode_notification, message_key, s3_record
-from xdc.io.kafka import Record, make_producer, to_records
+from xdc.io.kafka import Record, client_kwargs, make_producer, to_records
 from xdc.topology import Site, Topology
 
 _OPEN: dict[tuple[int, str], Topology] = {}  # closed after each test by the autouse fixture in conftest
@@ -31,12 +32,13 @@ def close_open_topologies() -> None:
         _OPEN.popitem()[1].close()
 
 
-def bootstrap(cfg: XdcConfig, dc: str) -> list[str]:
-    return list(cfg.dc(dc).kafka.bootstrap_servers)
+def brokers(cfg: XdcConfig, dc: str) -> Brokers:
+    """Datacenter `dc`'s Kafka as seen from itself: addresses and security."""
+    return Topology(cfg, dc).here.brokers
 
 
 def produce(cfg: XdcConfig, dc: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-    p = make_producer(bootstrap(cfg, dc))
+    p = make_producer(brokers(cfg, dc))
     try:
         for key, value in messages:
             p.send(topic, key=key, value=value)
@@ -56,20 +58,38 @@ def delete_event(bucket: str, key: str, *, seq: str) -> tuple[bytes, bytes]:
 
 
 def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> list[Record]:
-    """Everything in a topic, read without a group."""
-    c = KafkaConsumer(bootstrap_servers=bootstrap(cfg, dc), group_id=None, enable_auto_commit=False)
+    """Everything in a topic (up to its end when reading starts), read without a group."""
+    c = KafkaConsumer(**client_kwargs(brokers(cfg, dc)), group_id=None, enable_auto_commit=False)
     try:
         parts = c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
         c.assign(tps)
         c.seek_to_beginning(*tps)
+        ends = c.end_offsets(tps)
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            out.extend(to_records(c.poll(timeout_ms=300)))
-            # done when every partition's position reached its highwater (known after a fetch)
-            if all((hw := c.highwater(tp)) is not None and c.position(tp) >= hw for tp in tps):
+            if all(c.position(tp) >= ends[tp] for tp in tps):
                 break
+            out.extend(to_records(c.poll(timeout_ms=300)))
         return sorted(out, key=lambda r: (r.partition, r.offset))
     finally:
         c.close()
+
+
+def make_tls(d: Path) -> dict[str, Path]:
+    """A test CA (trustme) and PEM files: the CA, a broker certificate for 127.0.0.1/localhost with
+    its key, a client certificate with its key (mTLS), and the CA file of an unrelated CA."""
+    import trustme
+
+    d.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    broker, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("xdc-client")
+    files = {name: d / name for name in ("ca.pem", "broker.crt", "broker.key", "client.crt", "client.key",
+                                         "other-ca.pem")}
+    ca.cert_pem.write_to_path(str(files["ca.pem"]))
+    for leaf, name in ((broker, "broker"), (client, "client")):
+        leaf.private_key_pem.write_to_path(str(files[f"{name}.key"]))
+        files[f"{name}.crt"].write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    trustme.CA().cert_pem.write_to_path(str(files["other-ca.pem"]))
+    return files

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xdc.errors import ConfigError
 from xdc.keys import is_bucket_name
@@ -42,17 +51,21 @@ class Credentials(_Model):
     def resolve(self) -> tuple[str, str]:
         """Return (access key, secret key), read from the environment or the Airflow connection."""
         if self.airflow_conn_id:
-            try:
-                from airflow.sdk import BaseHook  # only where Airflow runs
-            except ImportError as exc:  # pragma: no cover - depends on install
-                raise ConfigError(f"airflow_conn_id {self.airflow_conn_id!r} needs Airflow installed") from exc
-            conn = BaseHook.get_connection(self.airflow_conn_id)
-            return conn.login or "", conn.password or ""
+            return _airflow_login(self.airflow_conn_id)
         assert self.access_key_env and self.secret_key_env
         missing = [n for n in (self.access_key_env, self.secret_key_env) if n not in os.environ]
         if missing:
             raise ConfigError(f"credentials: environment variable(s) not set: {', '.join(missing)}")
         return os.environ[self.access_key_env], os.environ[self.secret_key_env]
+
+
+def _airflow_login(conn_id: str) -> tuple[str, str]:
+    try:
+        from airflow.sdk import BaseHook  # only where Airflow runs
+    except ImportError as exc:  # pragma: no cover - depends on install
+        raise ConfigError(f"airflow_conn_id {conn_id!r} needs Airflow installed") from exc
+    conn = BaseHook.get_connection(conn_id)
+    return conn.login or "", conn.password or ""
 
 
 class S3Endpoint(_Model):
@@ -76,9 +89,74 @@ class KafkaTopics(_Model):
     dead_letter: str = "xdc.dlq"
 
 
+class SaslCredentials(_Model):
+    """A reference to a SASL user and password: env var names or an Airflow connection id."""
+
+    username_env: str | None = None
+    password_env: str | None = None
+    airflow_conn_id: str | None = None  # its login / password
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SaslCredentials:
+        envs = (self.username_env, self.password_env)
+        if self.airflow_conn_id is None and None in envs:
+            raise ValueError("sasl credentials need username_env and password_env, or airflow_conn_id")
+        if self.airflow_conn_id is not None and any(envs):
+            raise ValueError("sasl credentials: give env var names or airflow_conn_id, not both")
+        return self
+
+    def resolve(self) -> tuple[str, str]:
+        """Return (username, password), read from the environment or the Airflow connection."""
+        if self.airflow_conn_id:
+            return _airflow_login(self.airflow_conn_id)
+        assert self.username_env and self.password_env
+        missing = [n for n in (self.username_env, self.password_env) if n not in os.environ]
+        if missing:
+            raise ConfigError(f"kafka sasl credentials: environment variable(s) not set: {', '.join(missing)}")
+        return os.environ[self.username_env], os.environ[self.password_env]
+
+
+class KafkaSecurity(_Model):
+    """How clients authenticate to a broker and trust it (applied to every Kafka client).
+
+    Files are PEM; relative paths are relative to the config file. Secrets are references.
+    """
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_credentials: SaslCredentials | None = None
+    ca_file: Path | None = None  # CA bundle that signed the brokers' certificates (default: system's)
+    cert_file: Path | None = None  # client certificate chain, for brokers that require mTLS
+    key_file: Path | None = None  # its private key
+    key_password_env: str | None = None  # env var holding the key's password, if it is encrypted
+    check_hostname: bool = True  # the broker certificate must name the host we connect to
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        sasl = self.protocol.startswith("SASL_")
+        tls = self.protocol.endswith("SSL")
+        if sasl and (self.sasl_mechanism is None or self.sasl_credentials is None):
+            raise ValueError(f"security.protocol {self.protocol} needs sasl_mechanism and sasl_credentials")
+        if not sasl and (self.sasl_mechanism or self.sasl_credentials):
+            raise ValueError(f"security.protocol {self.protocol} has no SASL: drop sasl_mechanism/sasl_credentials")
+        if not tls and (self.ca_file or self.cert_file or self.key_file):
+            raise ValueError(f"security.protocol {self.protocol} has no TLS: drop ca_file/cert_file/key_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("security: cert_file and key_file go together (mTLS)")
+        return self
+
+    def absolute(self, base_dir: Path) -> KafkaSecurity:
+        """The same settings with file paths made absolute against the config file's directory."""
+        files = {k: (v if v.is_absolute() else base_dir / v) for k in ("ca_file", "cert_file", "key_file")
+                 if (v := getattr(self, k)) is not None}
+        return self.model_copy(update=files) if files else self
+
+
 class KafkaConfig(_Model):
     bootstrap_servers: list[str] = Field(min_length=1)  # internal listeners
     external_bootstrap_servers: list[str] | None = None  # from the other DC; default: internal
+    security: KafkaSecurity = KafkaSecurity()
+    external_security: KafkaSecurity | None = None  # of the external listeners; default: security
     topics: KafkaTopics = KafkaTopics()
     partitions: int = Field(4, ge=1)
     # Airflow `kafka` connection used by the DAGs' message-queue trigger.
@@ -86,6 +164,17 @@ class KafkaConfig(_Model):
     # A group join takes about half the session timeout on the local broker: keep it short.
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
+
+
+@dataclass(frozen=True)
+class Brokers:
+    """One Kafka cluster as a client sees it: bootstrap addresses and how to connect securely."""
+
+    servers: tuple[str, ...]
+    security: KafkaSecurity = KafkaSecurity()
+
+    def __str__(self) -> str:
+        return ",".join(self.servers)
 
 
 class CacheNode(_Model):

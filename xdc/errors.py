@@ -7,9 +7,10 @@
      |    +-- TransientStoreError   (retriable: 5xx, SlowDown, resets, timeouts)
      |    |    +-- UnavailableError      the endpoint cannot be reached at all
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
-     |    +-- SupersededError       (xdc.io.store) the source changed after the event
+     |    +-- SupersededError       the source changed after the event
      +-- KafkaError             broker I/O (retriable as the client says)
      |    +-- RebalancedError       a commit refused after the group moved the partitions
+     |    +-- KafkaAuthError        credentials refused or broker not trusted (never retriable)
      +-- StateError             state database I/O
      |    +-- TransientStateError   (retriable: lost connection, lock timeout, serialization)
      +-- CacheError             cache cluster operations
@@ -91,6 +92,15 @@ class StateError(XdcError):
 
 class TransientStateError(StateError):
     retriable = True
+
+
+class KafkaAuthError(KafkaError):
+    """SASL credentials refused, or a TLS handshake failed (untrusted or wrong certificate).
+
+    Retrying does not help: the message names the broker and what to fix.
+    """
+
+    retriable = False
 
 
 class CacheError(XdcError):

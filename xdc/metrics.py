@@ -10,6 +10,7 @@ build a fresh ``Metrics(new_registry())`` and read exact values. Production code
 from __future__ import annotations
 
 import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 

@@ -19,7 +19,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from cache_client.base import CacheCluster, cluster_from_config
 from cache_client.keys import KeyMapper
-from xdc.config import Datacenter, KafkaTopics, Route, XdcConfig
+from xdc.config import Brokers, Datacenter, KafkaTopics, Route, XdcConfig
 from xdc.errors import CacheError, ConfigError
 from xdc.io.kafka import make_consumer, make_producer
 from xdc.io.state import State, open_state, sqlite_path
@@ -70,6 +70,14 @@ class Site:
         return list(k.external_bootstrap_servers)
 
     @property
+    def brokers(self) -> Brokers:
+        """This site's Kafka as a client here reaches it: addresses and that listener's security."""
+        k = self.config.kafka
+        external = not self.local and bool(k.external_bootstrap_servers)
+        sec = (k.external_security or k.security) if external else k.security
+        return Brokers(tuple(self.bootstrap), sec.absolute(self.topology.config.base_dir))
+
+    @property
     def topics(self) -> KafkaTopics:
         return self.config.kafka.topics
 
@@ -87,12 +95,12 @@ class Site:
     @cached_property
     def producer(self) -> KafkaProducer:
         """One producer per site and topology, shared by the flows (thread-safe)."""
-        return make_producer(self.bootstrap)
+        return make_producer(self.brokers)
 
     def consumer(self, group: str | None, topics: list[str] | tuple[str, ...] = (), **overrides: Any) -> KafkaConsumer:
         """A new consumer of this site's broker (the caller closes it)."""
         home = self.topology.here.config.kafka if self.topology.here_name else self.config.kafka
-        return make_consumer(self.bootstrap, group, list(topics), session_timeout_ms=home.session_timeout_ms,
+        return make_consumer(self.brokers, group, list(topics), session_timeout_ms=home.session_timeout_ms,
                              heartbeat_interval_ms=home.heartbeat_interval_ms, **overrides)
 
     # -- state, cache, keys ------------------------------------------------------------------
@@ -234,6 +242,15 @@ def masked_view(topology: Topology) -> dict[str, Any]:
             view["resolved"] = {"access_key": _mask(key), "secret_key": _mask(secret)}
         except Exception as exc:  # noqa: BLE001 - report, do not fail the check
             view["resolved"] = f"NOT RESOLVED: {exc}"
+        for which in ("security", "external_security"):
+            sec = getattr(site.config.kafka, which)
+            if sec is not None and sec.sasl_credentials is not None:
+                kview: dict[str, Any] = data["datacenters"][site.name]["kafka"][which]["sasl_credentials"]
+                try:
+                    user, password = sec.sasl_credentials.resolve()
+                    kview["resolved"] = {"username": _mask(user), "password": _mask(password)}
+                except Exception as exc:  # noqa: BLE001 - report, do not fail the check
+                    kview["resolved"] = f"NOT RESOLVED: {exc}"
         data["datacenters"][site.name]["state_location"] = site.state_location
         data["datacenters"][site.name]["s3"]["url_used_here"] = site.s3_url if topology.here_name else None
     return data

@@ -1,4 +1,4 @@
-"""Fixtures for DAG tests: an in-process Airflow on SQLite, dag.test(), and a Tansu broker.
+"""Fixtures for DAG tests: an in-process Airflow on SQLite, dag.test(), and a Kafka broker.
 
 Airflow reads AIRFLOW_HOME and its config once, at first import, so the environment is set when
 this conftest is imported (collection time), before any test module imports airflow. A DAG test
@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,10 @@ from typing import Any
 
 import pytest
 
-from devtools.airflow_local import airflow_env, running_tansu
+from devtools.airflow_local import airflow_env, running_kafka
+from devtools.kafka_broker import SecureListener
+from tests.support import make_tls
+from xdc.config import Brokers, KafkaSecurity, SaslCredentials
 from xdc.io.state import sqlite_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,13 +99,22 @@ def run_dag(airflow_home: Path) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def tansu_broker(tmp_path: Path) -> Iterator[str]:
-    """A Tansu Kafka broker in memory on a free port; yields its bootstrap address.
+def secure_kafka(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Brokers]:
+    """An Apache Kafka broker of its own that takes only SASL_SSL (SCRAM-SHA-256, a test CA), on free
+    ports; yields the client's view of it (addresses + security, the password in the environment).
 
-    Swap for the session stack of tests/conftest.py (stack_cfg / xcfg) when a test needs more.
+    Swap for the session stacks of tests/conftest.py (xcfg, secure_cfg) when a test needs more.
     """
-    with running_tansu(tmp_path) as bootstrap:
-        yield bootstrap
+    tls = make_tls(tmp_path / "tls")
+    user, password = "harness", secrets.token_urlsafe(18)
+    monkeypatch.setenv("XDC_HARNESS_KAFKA_USER", user)
+    monkeypatch.setenv("XDC_HARNESS_KAFKA_PASSWORD", password)
+    listener = SecureListener(tls["ca.pem"], tls["broker.crt"], tls["broker.key"], "SCRAM-SHA-256")
+    with running_kafka(tmp_path, secure=listener, users={user: password}) as bootstrap:
+        yield Brokers((bootstrap,), KafkaSecurity(
+            protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-256", ca_file=tls["ca.pem"],
+            sasl_credentials=SaslCredentials(username_env="XDC_HARNESS_KAFKA_USER",
+                                             password_env="XDC_HARNESS_KAFKA_PASSWORD")))
 
 
 # -- the project's DAGs against the real stack (tests/conftest.py's xcfg) ---------------------------

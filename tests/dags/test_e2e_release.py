@@ -15,7 +15,7 @@ from cache_client.prewarm.release import publish_release
 from devtools.airflow_local import running_airflow, task_instances
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from tests.support import bootstrap, site, topo
+from tests.support import brokers, site, topo
 from xdc.app.airflow_support import DEFAULT_KAFKA_CONN_ID, kafka_connection_env
 from xdc.config import XdcConfig, load_config
 from xdc.events import ReleaseEvent
@@ -45,7 +45,7 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     config = config_writer(xcfg, tmp_path / "xdc.yaml", tag)
     cfg = load_config(config)
 
-    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, bootstrap(cfg, "A"), f"{tag}-airflow")
+    conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, brokers(cfg, "A"), f"{tag}-airflow")
     env = {conn_name: conn_value, "XDC_CONFIG": str(config),
            # Only the release path runs here: the minute-scheduled DAGs stay manual.
            "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none"}

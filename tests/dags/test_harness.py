@@ -1,8 +1,10 @@
 """The Airflow harness itself: dag.test() in process, and real Airflow processes with a Kafka
-AssetWatcher fed by a real Tansu broker (the release-event path of the prewarm DAG)."""
+AssetWatcher fed by a real Apache Kafka broker that takes only SASL_SSL (the release-event path
+of the prewarm DAG, with the connection settings the project builds)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 
 from devtools.airflow_local import running_airflow
 from xdc.app.airflow_support import kafka_connection_env
+from xdc.config import Brokers
 from xdc.io.kafka import ensure_topics, make_producer
 
 RELEASE = {"type": "dataset.released", "dataset": "cams-2026", "version": "v3",
@@ -49,8 +52,8 @@ def test_project_dags_import_cleanly(airflow_home: Path) -> None:
     assert not bag.import_errors, bag.import_errors
 
 
-def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    producer = make_producer([bootstrap])
+def _produce(brokers: Brokers, topic: str, values: list[bytes]) -> None:
+    producer = make_producer(brokers)
     try:
         for v in values:
             producer.send(topic, v)
@@ -60,18 +63,19 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, tansu_broker: str) -> None:
+def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, secure_kafka: Brokers) -> None:
     """Release on Kafka -> AssetWatcher (triggerer) -> asset event -> scheduler runs the DAG -> the
     task gets the payload. Then a burst of two releases: the watcher restarts and resumes after
     each event, and every release reaches exactly one run (one run may carry several)."""
     topic, dag_id = "xdc.releases.probe", "xdc_probe_release"
     burst = [RELEASE | {"version": "v4"}, RELEASE | {"version": "v5"}]
     t0 = time.monotonic()
-    bootstrap = tansu_broker
+    brokers = secure_kafka
     # The topic must exist before the watcher subscribes: on an unknown topic the trigger
     # fails and the triggerer restarts it in a loop. One partition keeps noise before release.
-    ensure_topics([bootstrap], [topic], partitions=1)
-    conn_name, conn_value = kafka_connection_env("xdc_kafka", [bootstrap], f"airflow-{tmp_path.name}")
+    ensure_topics(brokers, [topic], partitions=1)
+    conn_name, conn_value = kafka_connection_env("xdc_kafka", brokers, f"airflow-{tmp_path.name}")
+    assert json.loads(conn_value)["extra"]["security.protocol"] == "SASL_SSL"
     env = {conn_name: conn_value, "XDC_PROBE_RELEASE_TOPIC": topic, "XDC_CONFIG": "/etc/xdc-probe.yaml"}
     with running_airflow(tmp_path / "airflow", fixture_dags, extra_env=env) as af:
         started_s, pss = af.started_s, af.pss_mb()
@@ -79,13 +83,13 @@ def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Pat
         af.wait_dag("xdc_probe_config")
         manual = af.trigger_dag("xdc_probe_config", conf={"release": RELEASE})  # over REST
         # Noise first: the watcher must skip it and still fire on the release behind it.
-        _produce(bootstrap, topic, [b"not json", json.dumps({"type": "other"}).encode(),
+        _produce(brokers, topic, [b"not json", json.dumps({"type": "other"}).encode(),
                                     json.dumps(RELEASE | {"version": ""}).encode(),  # invalid release
                                     json.dumps(RELEASE).encode()])
         t_sent = time.monotonic()
         first = af.wait_run(dag_id, af.wait_new_run(dag_id)["dag_run_id"])
         first_s = time.monotonic() - t_sent
-        _produce(bootstrap, topic, [json.dumps(r).encode() for r in burst])
+        _produce(brokers, topic, [json.dumps(r).encode() for r in burst])
         t_sent = time.monotonic()
         burst_got: dict[str, list[dict[str, Any]]] = {}  # run id -> releases its task saw
 
@@ -112,6 +116,12 @@ def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Pat
     seen = sorted((g for gs in burst_got.values() for g in gs), key=lambda g: g["source"]["offset"])
     assert [{k: g[k] for k in RELEASE} for g in seen] == burst
     assert [g["source"]["offset"] for g in seen] == [4, 5]
+    # the connection carries the SASL password: no Airflow log (components, tasks, triggerer) may
+    password = os.environ["XDC_HARNESS_KAFKA_PASSWORD"]
+    logs = [p for p in (tmp_path / "airflow").rglob("*") if p.is_file() and p.suffix in (".log", ".json", "")]
+    assert any(p.name == "triggerer.log" for p in logs)
+    for p in logs:
+        assert password not in p.read_text(errors="replace"), f"the Kafka password leaked into {p}"
     print(f"\nairflow healthy after {started_s:.1f}s; PSS {pss:.0f} MiB at start, {pss_end:.0f} MiB at end; "
           f"release -> run done {first_s:.1f}s; burst of 2 -> {len(burst_got)} run(s) done {burst_s:.1f}s; "
           f"test wall {time.monotonic() - t0:.1f}s")

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka import KafkaAdminClient
 
 from mirror.march import march
-from tests.support import bootstrap, site
+from tests.support import brokers, site
 from xdc.config import XdcConfig, parse_config
 from xdc.events import (
     AppliedEvent,
@@ -24,7 +23,7 @@ from xdc.events import (
     new_sequencer,
     s3_record,
 )
-from xdc.io.kafka import Record, make_producer
+from xdc.io.kafka import Record, group_offsets, make_producer
 from xdc.io.state import sqlite_path
 from xdc.io.store import ObjectInfo, Store
 
@@ -81,7 +80,7 @@ class Workload:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.store: Store = site(self.cfg, "A").store
-        self.producer = make_producer(bootstrap(self.cfg, "A"))
+        self.producer = make_producer(brokers(self.cfg, "A"))
         self.topic = self.cfg.dc("A").kafka.topics.events
 
     def close(self) -> None:
@@ -174,12 +173,7 @@ def applied_events(records: Iterable[Record]) -> list[AppliedEvent]:
 
 
 def committed_offsets(cfg: XdcConfig, dc: str, group: str) -> dict[tuple[str, int], int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap(cfg, dc), request_timeout_ms=10_000)
-    try:
-        got = admin.list_group_offsets(group).get(group, {})
-        return {(tp.topic, tp.partition): om.offset for tp, om in got.items() if om.offset >= 0}
-    finally:
-        admin.close()
+    return {(tp.topic, tp.partition): off for tp, off in group_offsets(brokers(cfg, dc), group).items()}
 
 
 def md5(data: bytes) -> str:

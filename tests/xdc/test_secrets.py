@@ -3,13 +3,18 @@ credentials, then every log the run produced is searched for the secret values. 
 one place they may live."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from devtools.stack import SECRETS_FILE
+from tests.conftest import SecureStack
 from tests.mirror.chaos_support import child_env, write_config
+from tests.support import produce, read_topic
 from xdc.config import XdcConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,3 +61,59 @@ def test_no_secret_value_in_any_output_or_log(xcfg: XdcConfig, stack_cfg: XdcCon
         for name, value in values.items():
             assert value not in text, f"{name} leaked into {where}"
     assert values[names[0]] in (run_dir / SECRETS_FILE).read_text()  # the one place they live
+
+
+def test_no_kafka_password_in_any_output_or_log(secure_cfg: XdcConfig, secure_stack: SecureStack, tag: str,
+                                                tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The same on the stack whose brokers take only SASL_SSL, with the Kafka clients' own logs at
+    DEBUG in this process, and a run with a wrong password (its error must name neither)."""
+    names = [f"XDC_{dc}_{kind}" for dc in secure_cfg.datacenters for kind in ("KAFKA_PASSWORD", "SECRET_KEY")]
+    values = {n: os.environ[n] for n in names}
+    assert all(len(v) >= 8 for v in values.values())
+    cfg_file = write_config(secure_cfg, tmp_path / "xdc.yaml")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"f{i}.bin").write_bytes(os.urandom(1000))
+    runs = [
+        _xdc("config", "check", str(cfg_file)),
+        _xdc("--config", str(cfg_file), "--dc", "A", "ingest", str(data), "--bucket", "idca-drive",
+             "--prefix", f"camera/{tag}/"),
+        _xdc("--config", str(cfg_file), "--dc", "B", "-v", "mirror", "run", "--once"),
+        _xdc("--config", str(cfg_file), "--dc", "B", "-v", "dlq", "list"),
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert '"applied": 3' in runs[2].stdout
+    wrong = dict(os.environ, XDC_B_KAFKA_PASSWORD="wrong-" + values["XDC_B_KAFKA_PASSWORD"][::-1])
+    bad = subprocess.run([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B", "-v",
+                          "mirror", "run", "--once"], cwd=ROOT, env=wrong, capture_output=True, text=True, timeout=60)
+    err_line = bad.stderr.strip().splitlines()[-1]
+    assert bad.returncode == 2 and err_line.startswith("xdc: error: Kafka broker 127.0.0.1:"), bad.stderr[-2000:]
+    assert "SASL PLAIN authentication" in err_line and "XDC_B_KAFKA_PASSWORD" in err_line, err_line
+    assert wrong["XDC_B_KAFKA_PASSWORD"] not in bad.stdout + bad.stderr
+    runs.append(bad)
+    # in process, kafka-python at DEBUG: producer, consumer group, admin over SASL_SSL
+    with caplog.at_level(logging.DEBUG):
+        for dc in ("A", "B"):
+            produce(secure_cfg, dc, secure_cfg.dc(dc).kafka.topics.events, [(b"k", b"v")])
+            assert len(read_topic(secure_cfg, dc, secure_cfg.dc(dc).kafka.topics.events)) >= 1
+    assert any("SASL" in r.getMessage() for r in caplog.records)
+    texts = {"caplog": "\n".join(r.getMessage() for r in caplog.records)}
+    for i, r in enumerate(runs):
+        texts[f"run{i}.stdout"], texts[f"run{i}.stderr"] = r.stdout, r.stderr
+    texts[str(cfg_file)] = cfg_file.read_text()
+    run_dir = secure_stack.run
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.name not in (SECRETS_FILE, "server.properties")
+             and p.suffix in (".log", ".yaml", ".json", ".env", ".txt", ".properties", ".pem")]
+    assert any(p.name.startswith("broker-") and p.suffix == ".log" for p in files)
+    for p in files:
+        texts[str(p)] = p.read_text(errors="replace")
+    for where, text in texts.items():
+        for name, value in values.items():
+            assert value not in text, f"{name} leaked into {where}"
+    # where they do live: secrets.env, and a PLAIN broker's own user list (JAAS), readable by its owner only
+    assert values["XDC_B_KAFKA_PASSWORD"] in (run_dir / SECRETS_FILE).read_text()
+    props = run_dir / "B" / "kafka" / "server.properties"
+    assert props.stat().st_mode & 0o077 == 0
+    assert values["XDC_A_KAFKA_PASSWORD"] not in (run_dir / "A" / "kafka" / "server.properties").read_text()  # SCRAM

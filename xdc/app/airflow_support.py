@@ -25,20 +25,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from xdc.app.env import load_env_file
-from xdc.config import XdcConfig, load_config
+from xdc.config import Brokers, XdcConfig, load_config
 from xdc.errors import ConfigError, EventError
 from xdc.events import RELEASE_TYPE, parse_release
+from xdc.io.kafka_security import as_brokers, check_confluent, confluent_settings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_VARIABLE", "ENV_FILE_VARIABLE", "RELEASE_ASSET", "config_path", "load_xdc_config",
            "parse_time_config", "schedule_from_env", "mirror_targets", "dc_asset_name", "release_watch",
-           "kafka_connection_extra", "kafka_connection_env", "release_asset", "is_release_message",
-           "release_payload", "release_payloads"]
+           "kafka_connection_extra", "kafka_connection_env", "check_kafka_connection", "release_asset",
+           "is_release_message", "release_payload", "release_payloads"]
 
 CONFIG_VARIABLE = "xdc_config"  # Airflow Variable holding the config file path
 ENV_FILE_VARIABLE = "xdc_env_file"  # Airflow Variable naming an env file (credentials), optional
@@ -49,7 +50,9 @@ DEFAULT_SCHEDULE = "* * * * *"  # every minute
 
 def _variable(name: str) -> str | None:
     try:
-        from airflow.sdk import Variable  # only where Airflow runs; the CLI works without it
+        from airflow.sdk import (
+            Variable,  # only where Airflow runs; the CLI works without it
+        )
     except ImportError:
         return None
     value = Variable.get(name, default=None)
@@ -116,20 +119,23 @@ def release_watch(cfg: XdcConfig) -> tuple[list[str], str]:
     return sorted(set(same)), conn_id
 
 
-def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeout_ms: int = 6000,
+def kafka_connection_extra(brokers: Brokers | Sequence[str], group_id: str, *, session_timeout_ms: int = 6000,
                            heartbeat_interval_ms: int = 1000) -> dict[str, Any]:
-    """confluent-kafka settings for the provider's ``kafka`` connection (its ``extra`` field).
+    """confluent-kafka settings for the provider's ``kafka`` connection (its ``extra`` field),
+    with the datacenter's security settings (``Site.brokers`` of the topology: TLS, SASL user and
+    password resolved now; the extra is where an Airflow connection keeps its secrets).
 
     Short session timeout: a group join takes about half of it (45 s default -> ~23 s stall on
     every trigger restart). ``earliest`` so a release published before the watcher's group
     existed is still seen.
     """
-    if not bootstrap:
+    b = as_brokers(brokers)
+    if not b.servers:
         raise ConfigError("kafka connection: empty bootstrap list")
     if not group_id:
         raise ConfigError("kafka connection: empty group id")
     return {
-        "bootstrap.servers": ",".join(bootstrap),
+        **confluent_settings(b),
         "group.id": group_id,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": session_timeout_ms,
@@ -137,14 +143,29 @@ def kafka_connection_extra(bootstrap: list[str], group_id: str, *, session_timeo
     }
 
 
-def kafka_connection_env(conn_id: str, bootstrap: list[str], group_id: str, **settings: int) -> tuple[str, str]:
+def kafka_connection_env(conn_id: str, brokers: Brokers | Sequence[str], group_id: str,
+                         **settings: int) -> tuple[str, str]:
     """(``AIRFLOW_CONN_<ID>``, JSON value) defining a ``kafka`` connection through the environment.
 
-    `settings`: session_timeout_ms / heartbeat_interval_ms, as in kafka_connection_extra.
+    `settings`: session_timeout_ms / heartbeat_interval_ms, as in kafka_connection_extra. The value
+    holds the SASL password of a secured broker: hand it to Airflow, never to a log.
     """
     name = "AIRFLOW_CONN_" + conn_id.upper()
-    value = json.dumps({"conn_type": "kafka", "extra": kafka_connection_extra(bootstrap, group_id, **settings)})
+    value = json.dumps({"conn_type": "kafka", "extra": kafka_connection_extra(brokers, group_id, **settings)})
     return name, value
+
+
+def check_kafka_connection(conn_id: str | None = None, *, extra: Mapping[str, Any] | None = None,
+                           timeout_s: float = 10.0) -> None:
+    """Connect once with a ``kafka`` connection's settings (by id, or the `extra` itself): a wrong
+    password or an untrusted certificate raises KafkaAuthError naming the broker, within seconds."""
+    if extra is None:
+        if not conn_id:
+            raise ConfigError("check_kafka_connection: give a connection id or its extra")
+        from airflow.sdk import BaseHook
+
+        extra = BaseHook.get_connection(conn_id).extra_dejson
+    check_confluent(extra, timeout_s=timeout_s)
 
 
 def release_asset(topics: list[str], kafka_config_id: str, *, poll_interval: float = 1.0) -> Any:
@@ -155,7 +176,9 @@ def release_asset(topics: list[str], kafka_config_id: str, *, poll_interval: flo
     fails and is restarted in a loop). `poll_interval` is also the pause after each message that
     is not a release.
     """
-    from airflow.providers.apache.kafka.triggers.msg_queue import KafkaMessageQueueTrigger
+    from airflow.providers.apache.kafka.triggers.msg_queue import (
+        KafkaMessageQueueTrigger,
+    )
     from airflow.sdk import Asset, AssetWatcher
 
     trigger = KafkaMessageQueueTrigger(topics=list(topics), kafka_config_id=kafka_config_id,

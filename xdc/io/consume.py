@@ -36,7 +36,15 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from xdc.errors import KafkaError, ReasonedError, RebalancedError, XdcError
 from xdc.faults import crash_point
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, caught_up, commit, kafka_errors, next_offsets, rewind, to_records
+from xdc.io.kafka import (
+    Record,
+    caught_up,
+    commit,
+    kafka_errors,
+    next_offsets,
+    rewind,
+    to_records,
+)
 from xdc.retry import RetryPolicy
 
 log = logging.getLogger(__name__)

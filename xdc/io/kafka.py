@@ -1,40 +1,44 @@
-"""kafka-python at one boundary: producers, consumers, topics, lag. Errors become KafkaError.
+"""kafka-python at one boundary: producers, consumers, admin, offsets, lag. Errors become KafkaError.
 
-Settings carry the local broker's pitfalls (facts/components.md): a group join takes about half of
-session_timeout_ms, so it is short; `end_offsets` is wrong on Tansu, so lag uses `highwater()`.
+Every client is made from a `Brokers` (addresses + security: the topology's `Site.brokers`) through
+`client_kwargs`, so TLS and SASL apply to all of them; a plain address list means PLAINTEXT.
+A secured broker is checked once before a client is built, so a wrong password or an untrusted
+certificate fails at once with a KafkaAuthError instead of a 30 s bootstrap timeout.
+A group join takes about half of session_timeout_ms, so it is short.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import kafka.errors as kerrors
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import (
-    CommitFailedError,
-    IllegalGenerationError,
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    RebalanceInProgressError,
-    TopicAlreadyExistsError,
-    UnknownMemberIdError,
-)
 from kafka.errors import KafkaError as _KafkaError
+from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from xdc.errors import KafkaError, RebalancedError
-
-# No broker reachable is an outage, not a wrong request: worth waiting for.
-_TRANSPORT = (KafkaConnectionError, KafkaTimeoutError)
+from xdc.config import Brokers
+from xdc.errors import KafkaAuthError, KafkaError, RebalancedError
+from xdc.io.kafka_security import as_brokers, check_brokers, kafka_python_kwargs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Record", "make_producer", "make_consumer", "ensure_topics", "commit", "next_offsets", "rewind",
-           "consumer_lag", "caught_up", "TopicPartition", "kafka_errors"]
+__all__ = ["Record", "make_producer", "make_consumer", "make_admin", "group_offsets", "ensure_topics", "commit",
+           "next_offsets", "rewind", "consumer_lag", "caught_up", "TopicPartition", "kafka_errors", "client_kwargs",
+           "Brokers"]
+
+
+def client_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
+    """bootstrap_servers and the security keyword arguments for any kafka-python client.
+
+    Checks a secured broker first (KafkaAuthError when it refuses us), so use it for every client."""
+    check_brokers(brokers)
+    return kafka_python_kwargs(brokers)
 
 
 @dataclass(frozen=True)
@@ -50,26 +54,35 @@ class Record:
 
 # A commit refused because the group moved on: the partitions have a new owner, who will redo
 # the batch from the committed offset (idempotent), so this process just carries on.
-_REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError)
+_REBALANCED = (kerrors.CommitFailedError, kerrors.IllegalGenerationError, kerrors.UnknownMemberIdError,
+               kerrors.RebalanceInProgressError)
+# The broker refused our credentials or rights: KafkaAuthError, which names what to fix.
+_AUTH = (kerrors.SaslAuthenticationFailedError, kerrors.UnsupportedSaslMechanismError, kerrors.AuthorizationError,
+         kerrors.TopicAuthorizationFailedError, kerrors.GroupAuthorizationFailedError,
+         kerrors.ClusterAuthorizationFailedError)
 
 
 @contextmanager
 def kafka_errors(what: str) -> Iterator[None]:
     """Translate kafka-python errors into our KafkaError at one place, keeping the client's own
-    `retriable` flag (a connection error is retriable; a failed SASL login is not)."""
+    `retriable` flag for what the broker answered (a refused session timeout, an ACL, a message too
+    large: not retriable), while trouble on the client's side of the wire (connections, timeouts,
+    a broker away) is worth waiting for."""
     try:
         yield
     except _REBALANCED as exc:
         raise RebalancedError(f"{what}: {exc!r}") from exc
+    except _AUTH as exc:
+        raise KafkaAuthError(f"{what}: {exc!r}") from exc
     except _KafkaError as exc:
         err = KafkaError(f"{what}: {exc!r}")
-        err.retriable = bool(getattr(exc, "retriable", False)) or isinstance(exc, _TRANSPORT)
+        err.retriable = bool(getattr(exc, "retriable", False)) or not isinstance(exc, kerrors.BrokerResponseError)
         raise err from exc
 
 
-def make_producer(bootstrap: list[str], **overrides: Any) -> KafkaProducer:
+def make_producer(brokers: Brokers | Sequence[str], **overrides: Any) -> KafkaProducer:
     conf: dict[str, Any] = dict(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(brokers),
         acks="all",
         linger_ms=5,
         retries=5,
@@ -81,11 +94,11 @@ def make_producer(bootstrap: list[str], **overrides: Any) -> KafkaProducer:
         return KafkaProducer(**conf)
 
 
-def make_consumer(bootstrap: list[str], group_id: str | None, topics: Iterable[str] = (), *,
+def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics: Iterable[str] = (), *,
                   session_timeout_ms: int = 6000, heartbeat_interval_ms: int = 1000,
                   **overrides: Any) -> KafkaConsumer:
     conf: dict[str, Any] = dict(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(brokers),
         group_id=group_id,
         enable_auto_commit=False,  # offsets are committed only after the apply is durable
         auto_offset_reset="earliest",
@@ -142,11 +155,20 @@ def rewind(consumer: KafkaConsumer, records: Iterable[Record]) -> None:
             consumer.seek(tp, off)
 
 
-def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """highwater - committed (or position) per assigned partition; valid after a fetch."""
+def consumer_lag(consumer: KafkaConsumer, timeout_ms: int = 5000) -> dict[TopicPartition, int]:
+    """log end - committed (or position) per assigned partition; empty when the broker does not
+    answer (a gauge must not stop a consume loop)."""
     lag: dict[TopicPartition, int] = {}
-    for tp in consumer.assignment():
-        hw = consumer.highwater(tp)
+    parts = list(consumer.assignment())
+    if not parts:
+        return lag
+    try:
+        ends = consumer.end_offsets(parts, timeout_ms=timeout_ms)
+    except _KafkaError as exc:
+        log.debug("end offsets for the lag gauge: %r", exc)
+        return lag
+    for tp in parts:
+        hw = ends.get(tp)
         if hw is None:
             continue
         try:
@@ -159,30 +181,60 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     return lag
 
 
-def caught_up(consumer: KafkaConsumer) -> bool:
-    """Joined, and every assigned partition's position is at its highwater. A partition whose
-    highwater is not known yet (no fetch answered) is not caught up."""
-    parts = consumer.assignment()
+def caught_up(consumer: KafkaConsumer, timeout_ms: int = 5000) -> bool:
+    """Joined, and every assigned partition's position is at the log end (one ListOffsets call).
+    Not caught up when the broker does not answer within `timeout_ms` (the loop polls again)."""
+    parts = list(consumer.assignment())
     if not parts:
         return False
-    for tp in parts:
-        hw = consumer.highwater(tp)
-        if hw is None or consumer.position(tp) < hw:
-            return False
-    return True
+    try:
+        ends = consumer.end_offsets(parts, timeout_ms=timeout_ms)
+        for tp in parts:
+            pos = consumer.position(tp, timeout_ms=timeout_ms)  # None when not known in time
+            if pos is None or pos < ends.get(tp, 0):
+                return False
+        return True
+    except _KafkaError as exc:
+        log.debug("end offsets for caught_up: %r", exc)
+        return False
 
 
-def ensure_topics(bootstrap: list[str], topics: Iterable[str], partitions: int, *,
+def group_offsets(brokers: Brokers | Sequence[str], group: str, *, timeout_s: float = 15.0) -> dict[TopicPartition, int]:
+    """A group's committed offsets (OffsetFetch). Retries what the broker calls retriable: right after
+    a broker start its group coordinator may still be loading (NOT_COORDINATOR, LOAD_IN_PROGRESS)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = make_admin(brokers)
+        try:
+            got = admin.list_group_offsets(group).get(group, {})
+            return {tp: om.offset for tp, om in got.items() if om.offset >= 0}
+        except _KafkaError as exc:
+            if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
+                raise KafkaError(f"committed offsets of group {group} on {as_brokers(brokers)}: {exc!r}") from exc
+            time.sleep(0.3)
+        finally:
+            admin.close()
+
+
+def make_admin(brokers: Brokers | Sequence[str], **overrides: Any) -> KafkaAdminClient:
+    with kafka_errors(f"connect admin to {as_brokers(brokers)}"):
+        return KafkaAdminClient(**{**client_kwargs(brokers), "request_timeout_ms": 10_000, **overrides})
+
+
+def ensure_topics(brokers: Brokers | Sequence[str], topics: Iterable[str], partitions: int, *,
                   timeout_s: float = 20.0) -> None:
     """Create topics that do not exist yet (idempotent)."""
     deadline = time.monotonic() + timeout_s
+    where = as_brokers(brokers)
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            admin = make_admin(brokers, request_timeout_ms=5000)
             break
-        except _KafkaError as exc:
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
             if time.monotonic() > deadline:
-                raise KafkaError(f"broker {bootstrap} not reachable: {exc!r}") from exc
+                raise KafkaError(f"broker {where} not reachable: {exc}") from exc
             time.sleep(0.2)
     try:
         existing = set(admin.list_topics())
@@ -193,7 +245,7 @@ def ensure_topics(bootstrap: list[str], topics: Iterable[str], partitions: int, 
             except TopicAlreadyExistsError:
                 pass
     except _KafkaError as exc:
-        raise KafkaError(f"create topics on {bootstrap}: {exc!r}") from exc
+        raise KafkaError(f"create topics on {where}: {exc!r}") from exc
     finally:
         admin.close()
 

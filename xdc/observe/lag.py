@@ -6,7 +6,7 @@ on the route's source topic, and the backlog (objects and bytes changed in the s
 applied). Rows go to the catalog's ``lag_snapshots`` table (kept ``lag.retention_hours``), which
 the dashboard draws, and to the Prometheus gauges.
 
-The backlog is read, not guessed: the pending messages (committed offset -> highwater) are fetched
+The backlog is read, not guessed: the pending messages (committed offset -> log end) are fetched
 with a group-less consumer and routed like the mirror routes them, so objects and bytes per route
 are counted from the events themselves (bytes = the ``size`` of put events; deletes count 0). When
 the backlog is larger than ``sample_limit`` messages only the first ``sample_limit`` are read and
@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaAdminClient, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from xdc.config import Route
 from xdc.errors import EventError, KafkaError
 from xdc.events import ObjectEvent, parse_message
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
-from xdc.io.kafka import kafka_errors
+from xdc.io.kafka import group_offsets, kafka_errors
 from xdc.metrics import METRICS, Metrics
 from xdc.routing import route_event
 from xdc.stats import percentile
@@ -99,42 +99,41 @@ class Backlog:
 # -- Kafka -------------------------------------------------------------------------------------
 def committed_offsets(site: Site, group: str, topic: str) -> dict[int, int]:
     """The group's committed offsets on topic, via the admin OffsetFetch API."""
-    admin = None
-    with kafka_errors(f"list offsets of group {group}"):
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=site.bootstrap, request_timeout_ms=10_000)
-            got = admin.list_group_offsets({group: None}).get(group, {})
-        finally:
-            if admin is not None:
-                admin.close()
-    return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
+    return {tp.partition: off for tp, off in group_offsets(site.brokers, group).items() if tp.topic == topic}
 
 
 class _BacklogCounter:
-    """Consume-loop handler of the lag reader: counts pending messages per route."""
+    """Consume-loop handler of the lag reader: counts pending messages per route, up to the log
+    end seen when it started (later messages are not this backlog) or `sample_limit` messages."""
 
-    def __init__(self, backlog: Backlog, routes: Sequence[Route], sample_limit: int, max_key_bytes: int) -> None:
+    def __init__(self, backlog: Backlog, routes: Sequence[Route], sample_limit: int, max_key_bytes: int,
+                 consumer: KafkaConsumer, tps: list[TopicPartition]) -> None:
         self.backlog, self.routes = backlog, routes
         self.sample_limit, self.max_key_bytes = sample_limit, max_key_bytes
-        self.enough = threading.Event()
+        self.consumer, self.tps = consumer, tps
+        self.done = threading.Event()
 
     def handle(self, batch: Batch) -> Sequence[Letter]:
+        bl = self.backlog
         for rec in batch.records:
-            if self.backlog.sampled >= self.sample_limit:
-                self.enough.set()
-                break
-            self.backlog.count(rec.value, self.routes, self.max_key_bytes)
+            if bl.sampled < self.sample_limit and rec.offset < bl.highwater.get(rec.partition, 0):
+                bl.count(rec.value, self.routes, self.max_key_bytes)
+        if bl.sampled >= self.sample_limit or self.at_end():
+            self.done.set()
         return []
+
+    def at_end(self) -> bool:
+        return all(self.consumer.position(tp) >= self.backlog.highwater.get(tp.partition, 0) for tp in self.tps)
 
 
 def read_backlog(site: Site, group: str, topic: str, routes: Sequence[Route], *,
                  committed: dict[int, int] | None = None, sample_limit: int = SAMPLE_LIMIT,
                  timeout_s: float = 10.0, max_key_bytes: int = 1024) -> Backlog:
-    """highwater per partition and the pending messages counted per route.
+    """Log end per partition and the pending messages counted per route.
 
     A group-less consumer is assigned every partition at the committed offset (earliest when the
-    group never committed) and reads on the consume loop up to the end of each partition, or until
-    `sample_limit` messages were counted.
+    group never committed) and reads on the consume loop up to the log end seen when it starts
+    (`end_offsets`), or until `sample_limit` messages were counted.
     """
     if committed is None:
         committed = committed_offsets(site, group, topic)
@@ -146,6 +145,7 @@ def read_backlog(site: Site, group: str, topic: str, routes: Sequence[Route], *,
             c.close()
             return bl
         c.assign(tps)
+        bl.highwater = {tp.partition: off for tp, off in c.end_offsets(tps).items()}
         for tp in tps:
             off = committed.get(tp.partition)
             if off is None:
@@ -153,19 +153,16 @@ def read_backlog(site: Site, group: str, topic: str, routes: Sequence[Route], *,
             else:
                 c.seek(tp, off)
             bl.committed[tp.partition] = off
-    counter = _BacklogCounter(bl, routes, sample_limit, max_key_bytes)
+    counter = _BacklogCounter(bl, routes, sample_limit, max_key_bytes, c, tps)
     loop = ConsumeLoop([Source(site.name, c, None)], counter, name="lag", max_records=2000, poll_timeout_s=0.3)
     try:
-        loop.run(once=True, max_seconds=timeout_s, stop=counter.enough, join_timeout_s=timeout_s)
-        for tp in tps:
-            hw = c.highwater(tp)
-            if hw is not None:
-                bl.highwater[tp.partition] = hw
+        if not counter.at_end():
+            loop.run(max_seconds=timeout_s, stop=counter.done)
     finally:
         loop.close()
-    if len(bl.highwater) < len(tps):
-        log.warning("backlog of %s: highwater of %d/%d partitions after %.0fs", topic, len(bl.highwater),
-                    len(tps), timeout_s)
+    if not counter.done.is_set() and not counter.at_end():
+        log.warning("backlog of %s: not read to the end after %.0fs (%d messages sampled)", topic, timeout_s,
+                    bl.sampled)
     return bl
 
 

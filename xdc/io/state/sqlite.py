@@ -14,7 +14,15 @@ from typing import Any
 
 from xdc.errors import StateError, TransientStateError
 from xdc.io.state.base import State
-from xdc.io.state.sql import Db, SqlCatalog, SqlIncidents, SqlLagHistory, SqlPrewarmRecords, ThreadConnections, Tx
+from xdc.io.state.sql import (
+    Db,
+    SqlCatalog,
+    SqlIncidents,
+    SqlLagHistory,
+    SqlPrewarmRecords,
+    ThreadConnections,
+    Tx,
+)
 
 
 def _translate(exc: sqlite3.Error, what: str) -> StateError:
