@@ -1,5 +1,8 @@
-"""Sources of events: `ingest` uploads files and publishes what a bucket notification would;
+"""Sources of events the project makes itself: `ingest` uploads files and announces them;
 `scan` diffs a bucket against the catalog and publishes events for changes that were missed.
+
+Both publish reconciliations, not S3 events: no sequencer of ours competes with the store's; the
+mirror reads the source's current state of each key and makes the target match it.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 
 from mirror.march import march
 from xdc.errors import ConfigError
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
+from xdc.events import encode_notification, message_key, reconcile_record, validate_key
 from xdc.io.kafka import kafka_errors
 from xdc.io.state import CatalogEntry
 from xdc.io.store import ObjectInfo
@@ -60,7 +63,7 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
 
     with ThreadPoolExecutor(concurrency) as pool:
         for info in pool.map(upload, paths):
-            rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
+            rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
             with kafka_errors("publish event"):
                 producer.send(site.topics.events, key=message_key(bucket, info.key), value=encode_notification([rec]))
             rep.files += 1
@@ -75,12 +78,13 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
 
 
 def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
-    """Delete an object in the site and publish the ObjectRemoved event a notification would."""
+    """Delete an object in the site and announce it (a reconciliation: the mirror looks at the source)."""
     if delete_object:
         site.store.delete(bucket, key)
     with kafka_errors("publish delete"):
         site.producer.send(site.topics.events, key=message_key(bucket, key),
-                           value=encode_notification([s3_record("delete", bucket, key)]))
+                           value=encode_notification([reconcile_record("delete", bucket, key,
+                                                                       region=site.config.s3.region)]))
         site.producer.flush(timeout=30)
 
 
@@ -135,9 +139,8 @@ def _scan_record(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None, rep: Scan
         rep.differ += 1
     elif s_obj is None and c_obj is not None:
         rep.extra += 1
-        return s3_record("delete", bucket, c_obj.source_key, sequencer=new_sequencer(), region=region)
+        return reconcile_record("delete", bucket, c_obj.source_key, region=region)
     else:
         return None
     assert s_obj is not None
-    return s3_record("put", bucket, s_obj.key, size=s_obj.size, etag=s_obj.etag, sequencer=new_sequencer(),
-                     event_time=s_obj.last_modified or time.time(), region=region)
+    return reconcile_record("put", bucket, s_obj.key, size=s_obj.size, etag=s_obj.etag, region=region)

@@ -60,7 +60,7 @@ class Metrics:
             ["route"], registry=r)
         self.events_applied_total = Counter(
             "xdc_events_applied_total",
-            "Change events applied to the target datacenter, by operation (put or delete).",
+            "Change events applied to the target datacenter, by operation (put, delete, tags, acl).",
             ["route", "op"], registry=r)
         self.events_failed_total = Counter(
             "xdc_events_failed_total",
@@ -68,7 +68,8 @@ class Metrics:
             ["route", "reason"], registry=r)
         self.events_ignored_total = Counter(
             "xdc_events_ignored_total",
-            "Change events consumed but deliberately not applied, by reason (stale, duplicate, unrouted).",
+            "Change events consumed but deliberately not applied, by reason: stale, duplicate, superseded, "
+            "echo, families ignored by design (restore, replication, transition, tiering, accessed).",
             ["route", "reason"], registry=r)
         self.bytes_copied_total = Counter(
             "xdc_bytes_copied_total",
@@ -179,7 +180,7 @@ class Metrics:
 
     def init_route(self, route: str) -> None:
         """Create a route's counters at 0 so dashboards show it and increase() sees the first event."""
-        for op in ("put", "delete"):
+        for op in ("put", "delete", "tags", "acl"):
             self.events_applied_total.labels(route, op)
         self.bytes_copied_total.labels(route)
 

@@ -14,7 +14,7 @@ import pytest
 from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
-from xdc.io.state import CatalogEntry, Outgoing, State, open_state
+from xdc.io.state import CatalogEntry, MetaChange, Outgoing, State, open_state
 from xdc.io.state.schema import LATEST
 
 
@@ -36,8 +36,10 @@ def state(url: str) -> Iterator[State]:
         st.close()
 
 
-def _e(key: str, seq: str, *, deleted: bool = False, route: str = "r", size: int = 1) -> CatalogEntry:
-    return CatalogEntry("b", key, size, "e", seq, deleted, 1.0, 2.0, route, "metadata", "A", "s", key, "e")
+def _e(key: str, seq: str, *, deleted: bool = False, route: str = "r", size: int = 1, origin: str = "s3",
+       etag: str = "e") -> CatalogEntry:
+    return CatalogEntry("b", key, size, etag, seq, deleted, 1.0, 2.0, route, "metadata", "A", "s", key, etag,
+                        origin=origin)
 
 
 def _outbox(applied: list[CatalogEntry]) -> list[Outgoing]:
@@ -97,6 +99,45 @@ def test_iter_route_streams_in_utf8_byte_order_under_a_prefix(state: State, monk
     want = sorted((k for k in keys if k.startswith("p/")), key=lambda k: k.encode())
     assert got == want  # S3 lists in UTF-8 byte order: the march relies on the same order
     assert [e.source_key for e in state.catalog.iter_route("r")] == sorted(keys, key=lambda k: k.encode())
+
+
+def test_a_reconciliation_always_applies_and_keeps_the_s3_sequencer(state: State) -> None:
+    """S3-shaped sequencers (0055AED6DCD90281E5) and repairs, which carry none (README: Guarantees)."""
+    cat = state.catalog
+    s3_seq = "0055AED6DCD90281E5".ljust(40, "0")
+    cat.commit_batch([_e("k", s3_seq, etag="v1")], _outbox, {})
+    # a repair read v2 at the source: it applies although its own sequencer ("") is older ...
+    assert cat.commit_batch([_e("k", "", etag="v2", origin="reconcile")], _outbox, {}) != []
+    got = cat.get("b", "k")
+    assert got is not None and (got.etag, got.origin) == ("v2", "reconcile")
+    assert got.sequencer == s3_seq  # ... and the S3 order stays: the greater sequencer is kept
+    # a repeated or older S3 event is still stale; a newer one applies
+    cat.commit_batch([_e("k", s3_seq, etag="v1")], _outbox, {})  # (the mirror drops it as a duplicate first)
+    assert cat.commit_batch([_e("k", "0055AED6DCD90281E0".ljust(40, "0"), etag="v0")], _outbox, {}) == []
+    assert cat.get("b", "k").etag == "v2"  # type: ignore[union-attr]
+    newer = "0055AED6DCD90281F0".ljust(40, "0")
+    assert cat.commit_batch([_e("k", newer, etag="v3")], _outbox, {}) == [_e("k", newer, etag="v3")]
+    # a repair of a deleted object turns it into a tombstone without losing the order either
+    cat.commit_batch([_e("k", "", deleted=True, etag="", origin="reconcile")], _outbox, {})
+    got = cat.get("b", "k")
+    assert got is not None and got.deleted and got.sequencer == newer
+    assert _drain(state).count(b"k") >= 4  # put, repair, newer put, repaired delete
+
+
+def test_tag_and_acl_changes_update_live_rows_only(state: State) -> None:
+    cat = state.catalog
+    cat.commit_batch([_e("live", "1"), _e("gone", "1", deleted=True)], _outbox, {})
+    cat.commit_batch([], _outbox, {}, meta=[MetaChange("b", "live", "tags", '{"a":"1"}'),
+                                             MetaChange("b", "gone", "tags", '{"a":"1"}'),
+                                             MetaChange("b", "nowhere", "acl", "public-read"),
+                                             MetaChange("b", "live", "acl", "public-read")])
+    live, gone = cat.get("b", "live"), cat.get("b", "gone")
+    assert live is not None and (live.tags, live.acl) == ('{"a":"1"}', "public-read")
+    assert gone is not None and gone.tags is None
+    assert cat.get("b", "nowhere") is None
+    cat.commit_batch([_e("live", "2")], _outbox, {})  # a new version replaces the object, tags too
+    live = cat.get("b", "live")
+    assert live is not None and (live.tags, live.acl) == (None, None)
 
 
 def test_offsets_are_per_partition_and_never_move_back(state: State) -> None:

@@ -38,6 +38,22 @@ class CatalogEntry:
     source_bucket: str
     source_key: str
     source_etag: str
+    # "s3": applied from an S3 event (sequencer is the store's); "reconcile": from a repair, which
+    # read the source and kept the newest S3 sequencer seen; "echo": the source datacenter's copy
+    # of this datacenter's own version was announced back (two-way routes, sequencer is the source's)
+    origin: str = "s3"
+    tags: str | None = None  # JSON object of the object's tags as last mirrored (None: none / unknown)
+    acl: str | None = None  # canned ACL as last mirrored ("custom:<json>" when it is not a canned one)
+
+
+@dataclass(frozen=True)
+class MetaChange:
+    """A tag or ACL change of an object the catalog holds (the content is unchanged)."""
+
+    bucket: str
+    key: str
+    kind: Literal["tags", "acl"]
+    value: str | None  # tags as a JSON object, the canned ACL; None: removed
 
 
 @dataclass(frozen=True)
@@ -70,10 +86,12 @@ class ObjectCatalog(ABC):
     @abstractmethod
     def commit_batch(self, entries: Sequence[CatalogEntry],
                      outbox: Callable[[list[CatalogEntry]], Sequence[Outgoing]],
-                     offsets: Offsets) -> list[CatalogEntry]:
-        """Atomically: upsert the entries whose sequencer is newer than the stored one, queue the
-        outbox rows of the entries that were applied, record the offsets (never moving back).
-        Returns the entries applied (another writer may have stored a newer one meanwhile)."""
+                     offsets: Offsets, meta: Sequence[MetaChange] = ()) -> list[CatalogEntry]:
+        """Atomically: upsert the entries whose sequencer is newer than the stored one (entries of
+        origin "reconcile" always, keeping the greater sequencer), apply the tag / ACL changes to
+        the live rows they name, queue the outbox rows of the entries that were applied, record
+        the offsets (never moving back). Returns the entries applied (another writer may have
+        stored a newer one meanwhile)."""
 
     @abstractmethod
     def claim_outbox(self, limit: int = 10_000) -> AbstractContextManager[list[tuple[int, Outgoing]]]:

@@ -35,6 +35,7 @@ from xdc.io.state.sql import (
     ThreadConnections,
     Tx,
     entry_of,
+    if_reconciled,
     row_of,
 )
 
@@ -42,7 +43,7 @@ _SCHEMA_LOCK = 0x78646373  # "xdcs": pg_advisory_xact_lock key for migrations
 _TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
               pg_errors.QueryCanceled, pg_errors.AdminShutdown)
 _OBJECT_TYPES = ("text", "text", "bigint", "text", "text", "int", "float8", "float8",
-                 "text", "text", "text", "text", "text", "text")
+                 "text", "text", "text", "text", "text", "text", "text", "text", "text")
 
 
 @functools.lru_cache(maxsize=512)
@@ -152,12 +153,13 @@ class PostgresCatalog(SqlCatalog):
             out[(e.bucket, e.key)] = e
         return out
 
-    def _upsert(self, tx: Tx, entries: list[CatalogEntry]) -> list[CatalogEntry]:
+    def _upsert(self, tx: Tx, entries: list[CatalogEntry], always: bool = False) -> list[CatalogEntry]:
         if not entries:
             return []
         columns = [list(c) for c in zip(*(row_of(e) for e in entries))]
         arrays = ", ".join(f"?::{t}[]" for t in _OBJECT_TYPES)
-        sql = f"{INSERT_OBJECTS} SELECT * FROM unnest({arrays}) {IF_NEWER} RETURNING bucket, key"
+        clause = if_reconciled(self.db.greatest) if always else IF_NEWER
+        sql = f"{INSERT_OBJECTS} SELECT * FROM unnest({arrays}) {clause} RETURNING bucket, key"
         got = {(r["bucket"], r["key"]) for r in tx.rows(sql, columns)}
         return [e for e in entries if (e.bucket, e.key) in got]
 

@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
+    Migration(2, "object origin, tags and ACL", """
+ALTER TABLE objects ADD COLUMN origin {text} NOT NULL DEFAULT 's3';
+ALTER TABLE objects ADD COLUMN tags {text};
+ALTER TABLE objects ADD COLUMN acl {text}
+"""),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -20,6 +20,7 @@ from xdc.io.state.base import (
     IncidentKind,
     Incidents,
     LagHistory,
+    MetaChange,
     ObjectCatalog,
     Offsets,
     Outgoing,
@@ -33,7 +34,7 @@ PAGE = 5000  # rows per page when streaming a route
 DETAIL_MAX = 2000
 
 OBJECT_COLUMNS = ("bucket", "key", "size", "etag", "sequencer", "deleted", "event_time", "applied_time",
-                  "route", "mode", "source_dc", "source_bucket", "source_key", "source_etag")
+                  "route", "mode", "source_dc", "source_bucket", "source_key", "source_etag", "origin", "tags", "acl")
 
 
 class Tx(Protocol):
@@ -146,12 +147,12 @@ def _close_quietly(conn: Any) -> None:
 def entry_of(r: Mapping[str, Any]) -> CatalogEntry:
     return CatalogEntry(r["bucket"], r["key"], int(r["size"]), r["etag"], r["sequencer"], bool(r["deleted"]),
                         float(r["event_time"]), float(r["applied_time"]), r["route"], r["mode"], r["source_dc"],
-                        r["source_bucket"], r["source_key"], r["source_etag"])
+                        r["source_bucket"], r["source_key"], r["source_etag"], r["origin"], r["tags"], r["acl"])
 
 
 def row_of(e: CatalogEntry) -> tuple[Any, ...]:
     return (e.bucket, e.key, e.size, e.etag, e.sequencer, int(e.deleted), e.event_time, e.applied_time,
-            e.route, e.mode, e.source_dc, e.source_bucket, e.source_key, e.source_etag)
+            e.route, e.mode, e.source_dc, e.source_bucket, e.source_key, e.source_etag, e.origin, e.tags, e.acl)
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -175,6 +176,14 @@ IF_NEWER = ("ON CONFLICT (bucket, key) DO UPDATE SET "
             + " WHERE excluded.sequencer > objects.sequencer")
 
 
+def if_reconciled(greatest: str) -> str:
+    """The upsert of a reconciliation: always applied (it read the source's current state), keeping
+    the greater sequencer so that later S3 events of the key are still ordered against S3's own."""
+    return ("ON CONFLICT (bucket, key) DO UPDATE SET "
+            + ", ".join(f"{c}=excluded.{c}" for c in OBJECT_COLUMNS[2:] if c != "sequencer")
+            + f", sequencer={greatest}(objects.sequencer, excluded.sequencer)")
+
+
 class SqlCatalog(ObjectCatalog):
     claim_suffix = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
 
@@ -194,10 +203,15 @@ class SqlCatalog(ObjectCatalog):
 
     def commit_batch(self, entries: Sequence[CatalogEntry],
                      outbox: Callable[[list[CatalogEntry]], Sequence[Outgoing]],
-                     offsets: Offsets) -> list[CatalogEntry]:
+                     offsets: Offsets, meta: Sequence[MetaChange] = ()) -> list[CatalogEntry]:
         entries = _newest_per_key(entries)
+        ordered = [e for e in entries if e.origin != "reconcile"]
+        reconciled = [e for e in entries if e.origin == "reconcile"]
         with self.db.transaction() as tx:
-            applied = self._upsert(tx, entries)
+            applied = self._upsert(tx, ordered) + self._upsert(tx, reconciled, always=True)
+            for m in meta:  # after the content: a put of this batch resets the tags it replaces
+                tx.execute(f"UPDATE objects SET {m.kind}=? WHERE bucket=? AND key=? AND deleted=0",
+                           (m.value, m.bucket, m.key))
             tx.executemany("INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)",
                            [(o.topic, o.key, o.value) for o in outbox(applied)])
             tx.executemany(
@@ -207,14 +221,16 @@ class SqlCatalog(ObjectCatalog):
                 [(g, t, p, o) for (g, t, p), o in offsets.items()])
         return applied
 
-    def _upsert(self, tx: Tx, entries: list[CatalogEntry]) -> list[CatalogEntry]:
-        """Upsert where newer; returns the entries that now hold their sequencer."""
+    def _upsert(self, tx: Tx, entries: list[CatalogEntry], always: bool = False) -> list[CatalogEntry]:
+        """Upsert where newer (`always`: a reconciliation); returns the entries that now hold
+        their sequencer (all of them when `always`)."""
         if not entries:
             return []
         before = tx.rows("SELECT total_changes() AS n")[0]["n"]
-        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {IF_NEWER}",
+        clause = if_reconciled(self.db.greatest) if always else IF_NEWER
+        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {clause}",
                        [row_of(e) for e in entries])
-        if tx.rows("SELECT total_changes() AS n")[0]["n"] - before == len(entries):
+        if always or tx.rows("SELECT total_changes() AS n")[0]["n"] - before == len(entries):
             return list(entries)
         # The guard kept some newer rows (another writer got there first): only the rows that now
         # hold our sequencer were applied by us.
