@@ -1,7 +1,9 @@
 """The local stack: two datacenters of real servers on 127.0.0.1, for the demo and the tests.
 
 Per datacenter: an Apache Kafka broker (KRaft, one node, log on disk: devtools/kafka_broker.py),
-an S3 endpoint (a JuiceFS gateway over a JuiceFS volume: file storage + SQLite metadata), its state
+an S3 endpoint (a JuiceFS gateway over a JuiceFS volume: file storage + SQLite metadata) behind a
+notifying proxy that announces every write on the datacenter's events topic, as AWS, MinIO and Ceph
+do (devtools/notifying_proxy.py; the config says `s3.notifications: true`), its state
 (a SQLite file, or with `state="postgres"` a database on one PostgreSQL server for the stack), and
 N cache nodes (FUSE mounts of the same volume, each with its own cache dir). `up`
 writes `xdc.yaml` and `secrets.env` into the run directory and records every process it started in
@@ -15,6 +17,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -43,6 +46,7 @@ from devtools.procs import (
 from xdc.app.env import load_env_file
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.io.kafka import ensure_topics
+from xdc.io.store import S3Store
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,27 @@ def start_gateway(run_dir: Path, dc: str, meta: str, access_key: str, secret_key
 
 
 # -- the stack --------------------------------------------------------------------------------
+def start_notifying_proxy(run_dir: Path, dc: str, gateway_port: int, port: int) -> Proc:
+    """The datacenter's S3 endpoint as clients see it: the proxy that announces each write (its
+    config, brokers and credentials from the run directory's xdc.yaml and secrets.env)."""
+    p = spawn(f"notify-{dc}", [sys.executable, "-m", "devtools.notifying_proxy", "--config", str(run_dir / CONFIG_FILE),
+                               "--dc", dc, "--upstream", f"http://127.0.0.1:{gateway_port}", "--port", str(port),
+                               "--meta", str(run_dir / dc / "notify-meta.db"), "--env-file", str(run_dir / SECRETS_FILE)],
+              run_dir / "logs" / f"notify-{dc}.log", port=port)
+    wait_ready(lambda: tcp_ready(port), f"notifying proxy {dc}", p)
+    return p
+
+
+def gateway_url(run_dir: str | Path, dc: str) -> str:
+    """The JuiceFS gateway of `dc` itself, behind its notifying proxy: writes through it announce
+    nothing (tests use it for a lost notification, or an out-of-band change)."""
+    state = StackState.load(Path(run_dir))
+    gw = next((p for p in state.procs if p.name == f"s3-{dc}"), None) if state else None
+    if gw is None or not gw.port:
+        raise StackError(f"no S3 gateway of {dc} in {run_dir}")
+    return f"http://127.0.0.1:{gw.port}"
+
+
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
                  nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
                  kafka_security: dict[str, SecureListener] | None = None,
@@ -132,10 +157,10 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
     datacenters: dict[str, Any] = {}
     for dc in dcs:
         d = dc.lower()
-        url = f"http://127.0.0.1:{ports[dc]['s3']}"
+        url = f"http://127.0.0.1:{ports[dc]['notify']}"
         dc_dir = run_dir / dc
         datacenters[dc] = {
-            "s3": {"internal_url": url, "external_url": url,
+            "s3": {"internal_url": url, "external_url": url, "notifications": True,
                    "credentials": {"access_key_env": f"XDC_{dc}_ACCESS_KEY", "secret_key_env": f"XDC_{dc}_SECRET_KEY"}},
             "kafka": {"bootstrap_servers": [f"127.0.0.1:{ports[dc]['kafka']}"], "partitions": 4},
             "state_url": (state_urls or {}).get(dc, f"sqlite:///{dc}/state.db"),
@@ -223,6 +248,7 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
                 users[dc] = {user: password}
         for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users).items():
             ports[dc]["kafka"] = br.port or 0
+            ports[dc]["notify"] = free_port()
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
@@ -233,7 +259,10 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
         cfg = parse_config(data, base_dir=run)
         (run / CONFIG_FILE).write_text("# written by `xdc stack up`; secrets are in secrets.env\n"
                                        + yaml.safe_dump(data, sort_keys=False))
-        _provision(cfg)
+        _provision(cfg, {dc: f"http://127.0.0.1:{ports[dc]['s3']}" for dc in dcs})  # the proxies publish on its topics
+        for dc in dcs:
+            stk.procs.append(start_notifying_proxy(run, dc, ports[dc]["s3"], ports[dc]["notify"]))
+            stk.save()
         for dc in dcs:
             cache = cfg.dc(dc).cache
             if cache is None:
@@ -272,8 +301,9 @@ def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security:
     return started
 
 
-def _provision(cfg: XdcConfig) -> None:
-    """Buckets and topics the config names, in each datacenter."""
+def _provision(cfg: XdcConfig, gateways: dict[str, str] | None = None) -> None:
+    """Buckets and topics the config names, in each datacenter (buckets through the gateways
+    themselves when given: the proxies in front of them are not up yet)."""
     buckets: dict[str, set[str]] = {dc: set(d.buckets) for dc, d in cfg.datacenters.items()}
     for r in cfg.routes:
         buckets[r.source.dc].add(r.source.bucket)
@@ -281,8 +311,9 @@ def _provision(cfg: XdcConfig) -> None:
     for dc, names in buckets.items():
         with Topology(cfg, dc) as topo:
             site = topo.here
+            store = S3Store(gateways[dc], *site.config.s3.credentials.resolve()) if gateways else site.store
             for b in sorted(names):
-                site.store.ensure_bucket(b)
+                store.ensure_bucket(b)
             k = site.config.kafka
             ensure_topics(site.brokers, list(k.topics.model_dump().values()), k.partitions)
 

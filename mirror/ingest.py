@@ -1,8 +1,11 @@
-"""Sources of events the project makes itself: `ingest` uploads files and announces them;
-`scan` diffs a bucket against the catalog and publishes events for changes that were missed.
+"""Sources of events the project makes itself: `ingest` uploads files (and announces them when the
+store does not); `scan` diffs a bucket against the catalog and publishes events for changes that
+were missed.
 
-Both publish reconciliations, not S3 events: no sequencer of ours competes with the store's; the
-mirror reads the source's current state of each key and makes the target match it.
+What they publish are reconciliations, not S3 events: no sequencer of ours competes with the
+store's; the mirror reads the source's current state of each key and makes the target match it.
+A store with notifications (`s3.notifications: true`) announces its writes itself, so ingest then
+publishes nothing (otherwise every object would be announced twice).
 """
 from __future__ import annotations
 
@@ -43,15 +46,18 @@ def _files(root: Path) -> Iterator[Path]:
 
 
 def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
-           concurrency: int = 8, progress: Callable[[int, int], None] | None = None) -> IngestReport:
-    """Upload every file under src_dir to the site's bucket/prefix, then publish one S3 event per
-    object on the site's events topic (keyed by bucket/key, so one object's events stay in order)."""
+           concurrency: int = 8, progress: Callable[[int, int], None] | None = None,
+           announce: bool | None = None) -> IngestReport:
+    """Upload every file under src_dir to the site's bucket/prefix. `announce` (default: when the
+    store has no notifications): publish one event per object on the site's events topic (keyed by
+    bucket/key, so one object's events stay in order)."""
     root = Path(src_dir)
     if not root.is_dir():
         raise ConfigError(f"ingest: not a directory: {root}")
     store = site.store
     store.ensure_bucket(bucket)
-    producer = site.producer
+    announce = not site.config.s3.notifications if announce is None else announce
+    producer = site.producer if announce else None
     region = site.config.s3.region
     rep = IngestReport()
     t0 = time.monotonic()
@@ -63,24 +69,30 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
 
     with ThreadPoolExecutor(concurrency) as pool:
         for info in pool.map(upload, paths):
-            rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
-            with kafka_errors("publish event"):
-                producer.send(site.topics.events, key=message_key(bucket, info.key), value=encode_notification([rec]))
+            if producer is not None:
+                rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
+                with kafka_errors("publish event"):
+                    producer.send(site.topics.events, key=message_key(bucket, info.key),
+                                  value=encode_notification([rec]))
+                rep.events += 1
             rep.files += 1
             rep.bytes += info.size
-            rep.events += 1
             if progress:
                 progress(rep.files, len(paths))
-    with kafka_errors("flush events"):
-        producer.flush(timeout=60)
+    if producer is not None:
+        with kafka_errors("flush events"):
+            producer.flush(timeout=60)
     rep.seconds = time.monotonic() - t0
     return rep
 
 
 def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
-    """Delete an object in the site and announce it (a reconciliation: the mirror looks at the source)."""
+    """Delete an object in the site; announce it (a reconciliation: the mirror looks at the source)
+    unless the store announces its deletes itself."""
     if delete_object:
         site.store.delete(bucket, key)
+        if site.config.s3.notifications:
+            return
     with kafka_errors("publish delete"):
         site.producer.send(site.topics.events, key=message_key(bucket, key),
                            value=encode_notification([reconcile_record("delete", bucket, key,

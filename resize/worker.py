@@ -3,10 +3,11 @@
 Its own consumer group on the landing DC's events topic. Per batch: pick put events of frames under
 the configured prefixes -> skip those whose derivative already matches the source ETag -> resize in
 a process pool (each task downloads, resizes and uploads, so frame bytes never cross processes) ->
-publish a put event per derivative -> quarantine what cannot be resized -> commit offsets.
+announce each derivative (a reconciliation; nothing when the store announces its writes itself) ->
+quarantine what cannot be resized -> commit offsets.
 
-The derivative event reuses the source event's sequencer: replaying a batch re-publishes the same
-event, which the mirror then ignores as a duplicate.
+A replayed batch finds its derivatives done (their xdc-source-etag is the frame's ETag) and writes
+nothing again.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 from resize.frame import derived_key, resize_frame
 from xdc.config import ResizeSettings, parse_config
 from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
-from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
+from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, reconcile_record
 from xdc.io.consume import Batch, ConsumeLoop, Letter, LoopStats, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, kafka_errors
@@ -144,6 +145,7 @@ class ResizeWorker:
         self.store = site.store
         self.incidents = site.state.incidents
         self.producer = site.producer
+        self.announce = not site.config.s3.notifications
         self.stats = ResizeStats()
         n = workers or self.settings.workers or os.cpu_count() or 1
         cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
@@ -258,12 +260,16 @@ class ResizeWorker:
         return o, rec
 
     def _publish(self, t: Task, o: Outcome | None) -> None:
+        """Announce a derivative, unless the store announces its writes itself (then it did already;
+        a second event would copy the derivative twice)."""
+        if self.announce is False:
+            return
         if o is None:
             info = self.store.head(t.bucket, t.dst_key)
             size, etag = info.size, info.etag
         else:
             size, etag = o.bytes_out, o.etag
-        rec = s3_record("put", t.bucket, t.dst_key, size=size, etag=etag, sequencer=t.sequencer,
-                        event_time=time.time())
+        rec = reconcile_record("put", t.bucket, t.dst_key, size=size, etag=etag, event_time=time.time(),
+                               region=self.site.config.s3.region)
         with kafka_errors("publish derivative event"):
             self.producer.send(self.topic, key=message_key(t.bucket, t.dst_key), value=encode_notification([rec]))

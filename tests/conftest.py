@@ -17,6 +17,7 @@ import pytest
 
 from devtools import postgres, stack
 from devtools.kafka_broker import SecureListener
+from devtools.notifying_proxy import NotifyingProxy
 from devtools.procs import stop_proc
 from tests.support import close_open_topologies, make_tls
 from xdc.config import XdcConfig, parse_config
@@ -73,6 +74,8 @@ def pg_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def _close_topologies() -> Iterator[None]:
     yield
     close_open_topologies()
+    while _PROXIES:
+        _PROXIES.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -95,9 +98,14 @@ def tag() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+_PROXIES: list[NotifyingProxy] = []  # stopped after each test by _close_topologies
+
+
 def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConfig:
     """The stack's config with topics, consumer groups and state of this test's own (SQLite files,
-    or with `pg_port` a PostgreSQL schema per datacenter)."""
+    or with `pg_port` a PostgreSQL schema per datacenter), and S3 endpoints that announce every
+    write on this test's events topics: a notifying proxy per datacenter in front of the stack's
+    gateway (as the stack's own proxies do for its topics)."""
     data = cfg.model_dump(mode="json", exclude={"base_dir"})
     data["mirror"]["group_id"] = f"{tag}-mirror"
     data["prewarm"]["group_id"] = f"{tag}-prewarm"
@@ -116,7 +124,14 @@ def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConf
     for dc in new.datacenters:
         k = new.dc(dc).kafka
         ensure_topics(Topology(new, dc).here.brokers, list(k.topics.model_dump().values()), k.partitions)
-    return new
+    for dc, d in data["datacenters"].items():
+        s3 = new.dc(dc).s3
+        proxy = NotifyingProxy(stack.gateway_url(cfg.base_dir, dc), Topology(new, dc).here.brokers,
+                               new.dc(dc).kafka.topics.events, credentials=s3.credentials.resolve(),
+                               region=s3.region).start()
+        _PROXIES.append(proxy)
+        d["s3"].update(internal_url=proxy.url, external_url=proxy.url, notifications=True)
+    return parse_config(data, base_dir=cfg.base_dir)
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ from urllib.parse import quote_plus
 
 from kafka import KafkaConsumer, TopicPartition
 
+from devtools import stack
 from xdc.config import Brokers, XdcConfig
 from xdc.events import encode_notification, iso, message_key, s3_record
 from xdc.io.kafka import Record, client_kwargs, make_producer, to_records
+from xdc.io.store import S3Store
 from xdc.topology import Site, Topology
 
 _OPEN: dict[tuple[int, str], Topology] = {}  # closed after each test by the autouse fixture in conftest
@@ -33,6 +35,13 @@ def site(cfg: XdcConfig, dc: str, *, seen_from: str | None = None) -> Site:
 def close_open_topologies() -> None:
     while _OPEN:
         _OPEN.popitem()[1].close()
+
+
+def silent_store(cfg: XdcConfig, dc: str) -> S3Store:
+    """Datacenter `dc`'s S3 gateway itself, behind the proxy that announces writes: a write here
+    makes no event (a lost notification, or an out-of-band change)."""
+    s3 = cfg.dc(dc).s3
+    return S3Store(stack.gateway_url(cfg.base_dir, dc), *s3.credentials.resolve(), region=s3.region)
 
 
 def brokers(cfg: XdcConfig, dc: str) -> Brokers:

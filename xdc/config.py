@@ -73,6 +73,10 @@ class S3Endpoint(_Model):
     external_url: str  # used from the other datacenter
     region: str = "us-east-1"
     credentials: Credentials
+    # The store publishes an S3 event notification for every write on this datacenter's events
+    # topic (AWS, MinIO, Ceph with notifications configured): the project's writers then announce
+    # nothing themselves. False: ingest and the resize worker announce their writes.
+    notifications: bool = False
 
     @field_validator("internal_url", "external_url")
     @classmethod
