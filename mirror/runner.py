@@ -35,7 +35,15 @@ from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag, kafka_errors
 from xdc.io.state import CatalogEntry, MetaChange, Outgoing
-from xdc.io.store import CANNED_ACLS, META_SOURCE_DC, META_SOURCE_SEQUENCER, ObjectInfo, S3Store, tags_json
+from xdc.io.store import (
+    CANNED_ACLS,
+    META_SOURCE_DC,
+    META_SOURCE_ETAG,
+    META_SOURCE_SEQUENCER,
+    ObjectInfo,
+    S3Store,
+    tags_json,
+)
 from xdc.metrics import METRICS, Metrics
 from xdc.routing import Routed, route_event
 from xdc.stats import percentile

@@ -60,7 +60,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     with topology(args) as topo, counter("ingest", unit="file") as bar:
-        rep = ingest(topo.here, args.dir, args.bucket, args.prefix, progress=bar)
+        rep = ingest(topo.here, args.dir, args.bucket, args.prefix, progress=bar,
+                     announce=True if args.announce else None)
     _print(rep.to_dict())
     return 0
 
@@ -195,10 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="config file tools").add_subparsers(dest="sub", required=True)
     add("check", cmd_config_check, "validate a config and print it resolved, secrets masked", c).add_argument("file")
 
-    sp = add("ingest", cmd_ingest, "upload a directory and publish its S3 events")
+    sp = add("ingest", cmd_ingest, "upload a directory (announced by the store, or by ingest itself)")
     sp.add_argument("dir")
     sp.add_argument("--bucket", required=True)
     sp.add_argument("--prefix", default="")
+    sp.add_argument("--announce", action="store_true",
+                    help="publish an event per object even if the config says the store notifies")
 
     sp = add("scan", cmd_scan, "diff a bucket against the target's state and publish missed events")
     sp.add_argument("--bucket", required=True)
