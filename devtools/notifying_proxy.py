@@ -23,6 +23,7 @@ Run by the local stack as a process (`python -m devtools.notifying_proxy ...`), 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
 import re
@@ -114,8 +115,7 @@ class NotifyingProxy:
         self._last_seq = 0
         self._parts: dict[str, dict[int, int]] = {}  # uploadId -> part number -> size
         self._upload_tags: dict[str, dict[str, str]] = {}
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
+        self._server = _QuietServer((host, port), _handler_for(self))
         self._thread: threading.Thread | None = None
 
     @property
@@ -173,6 +173,20 @@ class NotifyingProxy:
             return self._client.head_object(Bucket=bucket, Key=key)  # type: ignore[no-any-return]
         except self._client.exceptions.ClientError:
             return None
+
+
+def _xml_etag(body: bytes) -> str:
+    """The ETag of a CopyObjectResult / CompleteMultipartUploadResult (quotes escaped as &quot; or &#34;)."""
+    m = _ETAG.search(body.decode("utf-8", "replace"))
+    return html.unescape(m.group(1)).strip().strip('"') if m else ""
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that closes early (a copy called off after the GET's headers) is not an error
+        log.debug("notifying proxy: client %s went away", client_address, exc_info=True)
 
 
 def _tag_xml(tags: dict[str, str]) -> bytes:
@@ -256,9 +270,8 @@ def _handler_for(proxy: NotifyingProxy) -> type[BaseHTTPRequestHandler]:
                 proxy.meta.drop(bucket, key)
                 if upload in proxy._upload_tags:
                     proxy.meta.set_tags(bucket, key, proxy._upload_tags.pop(upload))
-                etag = _ETAG.search(ans.body.decode("utf-8", "replace"))
                 proxy.announce("put", "ObjectCreated:CompleteMultipartUpload", bucket, key, size=size,
-                               etag=(etag.group(1) if etag else "").replace("&quot;", "").strip('"'), **who)
+                               etag=_xml_etag(ans.body), **who)
             elif ok and key and method == "DELETE" and "uploadId" in query:
                 proxy._parts.pop(query["uploadId"][0], None)
             elif ok and key and method == "DELETE":
@@ -276,8 +289,7 @@ def _handler_for(proxy: NotifyingProxy) -> type[BaseHTTPRequestHandler]:
             tagging = self.headers.get("x-amz-tagging")
             if src:
                 sb, _, sk = unquote(src.split("?")[0]).lstrip("/").partition("/")
-                m = _ETAG.search(ans.body.decode("utf-8", "replace"))
-                etag = (m.group(1) if m else "").replace("&quot;", "").strip('"')
+                etag = _xml_etag(ans.body)
                 head = proxy.head(bucket, key)
                 size = int(head["ContentLength"]) if head else 0
                 if self.headers.get("x-amz-tagging-directive", "COPY").upper() == "REPLACE":

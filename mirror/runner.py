@@ -102,6 +102,7 @@ class Mirror:
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
+        self._verify_observed_at = -1e9
         sources = []
         for src in sorted({r.source.dc for r in self.routes}):
             site = topology.site(src)
@@ -184,6 +185,7 @@ class Mirror:
         self.stats.applied += len(applied)
         self.stats.meta_applied += len(meta)
         self._observe_consumer_lag(batch.source)
+        self._observe_verify()
         if unavailable:
             it, exc = unavailable[0]
             raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
@@ -407,6 +409,23 @@ class Mirror:
             if len(es) - deletes:
                 m.events_applied_total.labels(route, "put").inc(len(es) - deletes)
             m.last_apply_timestamp_seconds.labels(route).set(max(e.applied_time for e in es))
+
+    def on_idle(self) -> None:
+        self._observe_verify()
+
+    def _observe_verify(self) -> None:
+        """Each route's last verify (recorded in this datacenter's state by whoever ran it: the CLI,
+        the DAG) as the drift gauge of this long-running, scraped process, once a minute."""
+        now = time.monotonic()
+        if now - self._verify_observed_at < 60.0:
+            return
+        self._verify_observed_at = now
+        latest = self.site.state.verify.latest()
+        for r in self.routes:
+            run = latest.get(r.name)
+            if run is not None:
+                self.metrics.verify_drift_objects.labels(r.name).set(run["missing"] + run["extra"] + run["differ"])
+                self.metrics.verify_last_run_timestamp_seconds.labels(r.name).set(run["finished"])
 
     def _observe_consumer_lag(self, source: str) -> None:
         # committed() is a broker round trip per partition: once every few seconds is plenty

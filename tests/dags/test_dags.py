@@ -14,13 +14,13 @@ import pytest
 from cache_client.prewarm.pipeline import Request, check_list
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from tests.support import site, topo
+from tests.support import silent_store, site, topo
 from xdc.config import XdcConfig, load_config
 
 pytestmark = pytest.mark.both_backends
 
 SRC, DST = "idca-drive", "idcb-drive"
-DAG_IDS = {"xdc_mirror", "xdc_resize", "xdc_prewarm", "xdc_free", "xdc_lag_monitor"}
+DAG_IDS = {"xdc_mirror", "xdc_resize", "xdc_prewarm", "xdc_free", "xdc_lag_monitor", "xdc_verify"}
 
 
 @pytest.fixture
@@ -92,6 +92,38 @@ def test_mirror_dag_then_lag_monitor(run_dag: Callable[..., Any], dag_xcom: Call
     run = run_dag("xdc_lag_monitor")
     assert run.state == "failed"
     assert len(site(xcfg, "B").state.lag.history(0)) > before
+
+
+def test_verify_dag_finds_and_repairs_drift(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any],
+                                           config_writer: Callable[..., Path], file_maker: Callable[..., dict[str, bytes]],
+                                           xcfg: XdcConfig, tmp_path: Path, tag: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.mirror.chaos_support import variant
+
+    routes = [r.model_dump() for r in xcfg.routes]
+    for r in routes:  # this test's keys only: the buckets are shared with the other tests
+        r["source"]["prefix"] += f"{tag}/"
+        r["target"]["prefix"] += f"{tag}/"
+    cfg = variant(xcfg, {"routes": routes})
+    monkeypatch.setenv("XDC_CONFIG", str(config_writer(cfg, tmp_path / "xdc.yaml", tag)))
+    files = file_maker(tmp_path / "src", tag, 3)
+    ingest(site(cfg, "A"), tmp_path / "src", SRC, "camera/")
+    with Mirror(topo(cfg, "B"), group_id=f"{tag}-mirror.B") as m:
+        assert m.run(once=True).applied == 3
+    gone = sorted(files)[1]
+    silent_store(cfg, "B").delete(DST, gone)  # out of band: no event
+
+    run = run_dag("xdc_verify")
+    assert run.state == "success"
+    assert dag_xcom(run, "report") == {
+        "camera": {"drift": 1, "missing": 1, "extra": 0, "differ": 0, "matched": 2, "repaired": 1},
+        "lidar": {"drift": 0, "missing": 0, "extra": 0, "differ": 0, "matched": 0, "repaired": 0}}
+    with Mirror(topo(cfg, "B"), group_id=f"{tag}-mirror.B") as m:
+        assert m.run(once=True).applied == 1  # the repair, through the normal path
+    assert site(cfg, "B").store.get(DST, gone) == files[gone]
+    run = run_dag("xdc_verify", conf={"repair": False})
+    assert dag_xcom(run, "report")["camera"]["drift"] == 0
+    assert site(cfg, "B").state.verify.latest()["camera"]["trigger"] == "schedule"
 
 
 def test_resize_dag_writes_derivatives(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any], config_file: Path,

@@ -18,6 +18,7 @@ from cache_client.base import NodeWarmResult
 from cache_client.prewarm import pipeline
 from cache_client.prewarm.release import request_of, wants
 from mirror.runner import Mirror
+from mirror.verify import verify_route
 from resize.worker import ResizeWorker
 from xdc.app.airflow_support import release_payload
 from xdc.config import XdcConfig
@@ -198,6 +199,31 @@ def free_outcome(results: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     left = {r["dc"]: r["left_bytes"] for r in out if not r["complete"]}
     if left:
         raise CacheError(f"free incomplete, bytes still cached per node: {left}")
+    return out
+
+
+# -- verify ---------------------------------------------------------------------------------------
+def verify_routes(cfg: XdcConfig) -> list[str]:
+    """Every route: one verify task each."""
+    return [r.name for r in cfg.routes]
+
+
+def verify_one(cfg: XdcConfig, route: str, repair: bool) -> dict[str, Any]:
+    """Verify one route (source listing vs target listing), repairing what differs if asked:
+    the VerifyReport as a dict (also recorded in the target's state for the dashboard)."""
+    with Topology(cfg) as topo:
+        rep = verify_route(topo, route, repair=repair, trigger="schedule")
+    log.info("%s", rep.summary())
+    for d in rep.sample:
+        log.info("  %s %s source=%s target=%s", d["kind"], d["key"], d["source"], d["target"])
+    return rep.to_dict()
+
+
+def verify_outcome(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The verify DAG's summary: drift per route."""
+    out = {r["route"]: {"drift": r["drift"], "missing": r["missing"], "extra": r["extra"], "differ": r["differ"],
+                        "matched": r["matched"], "repaired": r["repaired"]} for r in reports}
+    log.info("verify: %s", out)
     return out
 
 

@@ -24,6 +24,7 @@ from cache_client.prewarm.release import follow_releases, publish_release
 from mirror import dlq
 from mirror.ingest import ingest, scan
 from mirror.runner import Mirror
+from mirror.verify import verify_route
 from resize.frame import resize_file
 from resize.worker import ResizeWorker
 from xdc.app.env import load_env_file
@@ -70,6 +71,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
     with topology(args) as topo:
         _print(scan(topo.here, args.bucket, args.prefix, dry_run=args.dry_run).to_dict())
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        names = [args.route] if args.route else [r.name for r in topo.config.routes]
+        reports = [verify_route(topo, n, repair=args.repair, max_sample=args.max_differences) for n in names]
+    for rep in reports:
+        print(rep.summary(), file=sys.stderr)
+    _print([rep.to_dict() for rep in reports])
+    return 1 if any(rep.drift for rep in reports) and not args.repair else 0
 
 
 def _run_service(topo: Topology, service: Any, args: argparse.Namespace) -> int:
@@ -207,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bucket", required=True)
     sp.add_argument("--prefix", default="")
     sp.add_argument("--dry-run", action="store_true")
+
+    sp = add("verify", cmd_verify, "list source and target of a route and compare them (exit 1 on drift)")
+    sp.add_argument("--route", help="a route name (default: every route)")
+    sp.add_argument("--repair", action="store_true", help="publish the events that fix each difference")
+    sp.add_argument("--max-differences", type=int, default=20, help="differences listed in the output")
 
     m = sub.add_parser("mirror", help="the mirror").add_subparsers(dest="sub", required=True)
     service_options(add("run", cmd_mirror, "apply change events into this datacenter", m))

@@ -5,8 +5,8 @@ it polls every few seconds, plus /metrics, /healthz, /readyz); ``snapshot_html``
 page with the state embedded, for a file left in a run directory. The page is plain HTML, CSS and
 JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from anywhere else.
 
-The state is read from each datacenter's state only (lag snapshots, objects, dead letters,
-quarantine, prewarm records), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
+The state is read from each datacenter's state only (lag snapshots, objects, each route's last
+verify, dead letters, quarantine, offset gaps, two-way conflicts, prewarm records), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
 the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snapshot``).
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ def dc_state(site: Site, now: float) -> dict[str, Any]:
     totals = state.catalog.counts()
     by_route = state.catalog.route_totals()
     latest = {r["route"]: r for r in state.lag.latest()}
+    verified = state.verify.latest()
     hist: dict[str, list[list[float | None]]] = {}
     for r in state.lag.history(now - cfg.lag.retention_hours * 3600):
         hist.setdefault(r["route"], []).append([r["time"], r["p50"], r["p99"]])
@@ -84,11 +85,23 @@ def dc_state(site: Site, now: float) -> dict[str, Any]:
             "mode": r.mode if r else None,
             **by_route.get(name, {"objects": 0, "bytes": 0, "tombstones": 0}),
             "latest": latest.get(name),
+            "verify": _verify_summary(verified.get(name)),
             "history": downsample(hist.get(name, [])),
         })
     return {"name": site.name, "catalog": site.state.describe(), "totals": totals, "routes": routes,
             "dead_letters": state.incidents.recent("dead_letters", RECENT),
-            "quarantine": state.incidents.recent("quarantine", RECENT), "datasets": _prewarm_datasets(site)}
+            "quarantine": state.incidents.recent("quarantine", RECENT),
+            "gaps": state.incidents.recent("gaps", RECENT), "conflicts": state.incidents.recent("conflicts", RECENT),
+            "datasets": _prewarm_datasets(site)}
+
+
+def _verify_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A route's last verify as the page shows it (the run's first differences stay in the state)."""
+    if run is None:
+        return None
+    keys = ("finished", "trigger", "source_listed", "target_listed", "missing", "extra", "differ", "matched",
+            "errors", "repaired")
+    return {k: run[k] for k in keys} | {"drift": run["missing"] + run["extra"] + run["differ"]}
 
 
 def dashboard_state(topology: Topology, *, now: float | None = None) -> dict[str, Any]:

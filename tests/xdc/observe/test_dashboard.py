@@ -17,6 +17,7 @@ from mirror.runner import Mirror
 from tests.support import produce, put_event, site, topo
 from xdc.config import XdcConfig
 from xdc.events import new_sequencer
+from xdc.io.state import Conflict, Gap
 from xdc.metrics import Metrics, new_registry
 from xdc.observe.dashboard import (
     dashboard_state,
@@ -63,6 +64,16 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
     record_lag_snapshot(site(xcfg, "B"), metrics=Metrics(new_registry()))
 
     b, a = site(xcfg, "B").state, site(xcfg, "A").state
+    now = time.time()
+    for route, missing, differ in (("camera", 1, 1), ("lidar", 0, 0)):
+        b.verify.record({"route": route, "started": now - 5, "finished": now - 4, "trigger": "schedule",
+                         "source_listed": 60, "target_listed": 59, "missing": missing, "extra": 0, "differ": differ,
+                         "matched": 60 - missing - differ, "errors": 0, "repaired": 0, "sample": []})
+    b.incidents.record_gap(Gap(f"{tag}-mirror.B", f"{tag}.events", 2, 10, 40, 30, ("camera", "lidar"),
+                               "verify --repair started"))
+    b.incidents.record_conflict(Conflict("camera", "idcb-drive", f"camera/{tag}/both.jpg", "A", "a" * 32, "B",
+                                         "b" * 32, f"camera/{tag}/both.jpg.xdc-conflict-B-bbbbbbbbbbbb",
+                                         "last_writer_wins"))
     b.incidents.record_quarantine("idcb-drive", f"camera/raw/{tag}/broken.png", "decode_failed",
                                   "truncated PNG <script>x</script>")
     b.prewarm.register("drive-2026-11", "v3", [f"idcb-drive/camera/{tag}/f{i}.jpg" for i in range(4)])
@@ -133,6 +144,12 @@ def _check_page(page: Any, truth: dict[str, Any]) -> None:
     night = b.locator("tr[data-dataset='lidar-night']").inner_text()
     assert "warming" in night and "6 m 52 s" in night and "37 / 120" in night
     assert "not ready" in page.locator("section.dc[data-dc='A'] tr[data-dataset='lidar-night']").inner_text()
+    # each route's last verify, the gaps and the conflicts
+    assert int(_shown(page, "route-verify-drift.B.camera")) == 2 and int(_shown(page, "route-verify-drift.B.lidar")) == 0
+    assert "2 differ (1 missing, 0 extra, 1 changed)" in b.locator("tr[data-route='camera'] td.verify").inner_text()
+    assert "in sync" in b.locator("tr[data-route='lidar'] td.verify").inner_text()
+    assert "40" in b.locator("table.gaps").inner_text() and "verify --repair started" in b.locator("table.gaps").inner_text()
+    assert "xdc-conflict-B" in b.locator("table.conflicts").inner_text()
 
 
 @pytest.mark.slow
@@ -189,4 +206,5 @@ def test_state_of_an_empty_config_has_every_datacenter(xcfg: XdcConfig) -> None:
     assert st["totals"]["objects"] == 0 and st["totals"]["worst_p99"] is None
     (b,) = [d for d in st["datacenters"] if d["name"] == "B"]
     assert {r["name"] for r in b["routes"]} == {"camera", "lidar"}
-    assert all(r["latest"] is None and r["history"] == [] for r in b["routes"])
+    assert all(r["latest"] is None and r["history"] == [] and r["verify"] is None for r in b["routes"])
+    assert b["gaps"] == [] and b["conflicts"] == []

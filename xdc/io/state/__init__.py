@@ -10,6 +10,8 @@ from pathlib import Path
 from xdc.errors import ConfigError
 from xdc.io.state.base import (
     CatalogEntry,
+    Conflict,
+    Gap,
     Incidents,
     LagHistory,
     MetaChange,
@@ -18,12 +20,13 @@ from xdc.io.state.base import (
     PrewarmRecords,
     Registration,
     State,
+    VerifyHistory,
 )
 from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "MetaChange", "Outgoing", "Registration"]
+           "CatalogEntry", "MetaChange", "Outgoing", "Gap", "Conflict", "VerifyHistory", "Registration"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:

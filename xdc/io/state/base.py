@@ -2,8 +2,9 @@
 
     State (one per datacenter)
      +-- catalog    ObjectCatalog   objects, consumed offsets, the outbox of applied events
-     +-- incidents  Incidents       dead letters and quarantined objects, for the dashboard
+     +-- incidents  Incidents       dead letters, quarantined objects, offset gaps, two-way conflicts
      +-- lag        LagHistory      lag snapshots per route
+     +-- verify     VerifyHistory   verify runs per route (source vs target listings)
      +-- prewarm    PrewarmRecords  warm bandwidth, dataset registrations, staged lists, progress
 
 Every write that must be durable before a Kafka commit goes through one transaction
@@ -125,11 +126,41 @@ class ObjectCatalog(ABC):
         """applied_time - event_time of the entries applied since `since`."""
 
 
-IncidentKind = Literal["dead_letters", "quarantine"]
+IncidentKind = Literal["dead_letters", "quarantine", "gaps", "conflicts"]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events that expired from a partition before the group read them (or could have: no offset)."""
+
+    group: str
+    topic: str
+    partition: int
+    committed: int | None  # None: the group has no committed offset on a partition that holds data
+    log_start: int
+    lost: int | None  # messages between the committed offset and the log start (None: unknown)
+    routes: tuple[str, ...]  # the routes the partition feeds
+    repair: str  # what was done about it ("verify --repair started", ...)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Concurrent writes of one key in both datacenters (two-way routes), and how they were settled."""
+
+    route: str
+    bucket: str
+    key: str
+    winner_dc: str
+    winner_etag: str
+    loser_dc: str
+    loser_etag: str
+    kept_key: str | None  # where the losing version is kept (None: it stays where it is)
+    resolution: str  # "last_writer_wins", "write_beats_delete"
+    detail: str = ""
 
 
 class Incidents(ABC):
-    """Summaries of what could not be applied, for the dashboard (the letters are in Kafka)."""
+    """Summaries of what could not be applied as it came, for the dashboard (the letters are in Kafka)."""
 
     @abstractmethod
     def record_dead_letter(self, topic: str, partition: int | None, offset: int | None, reason: str,
@@ -137,6 +168,12 @@ class Incidents(ABC):
 
     @abstractmethod
     def record_quarantine(self, bucket: str, key: str, reason: str, detail: str) -> None: ...
+
+    @abstractmethod
+    def record_gap(self, gap: Gap) -> None: ...
+
+    @abstractmethod
+    def record_conflict(self, conflict: Conflict) -> None: ...
 
     @abstractmethod
     def recent(self, kind: IncidentKind, limit: int = 50) -> list[dict[str, Any]]: ...
@@ -154,6 +191,22 @@ class LagHistory(ABC):
     @abstractmethod
     def latest(self) -> list[dict[str, Any]]:
         """The rows of the most recent snapshot, one per route."""
+
+
+class VerifyHistory(ABC):
+    """Each verify run of a route: counts of source vs target and the first differences."""
+
+    @abstractmethod
+    def record(self, run: Mapping[str, Any]) -> None:
+        """route, started, finished, trigger, source_listed, target_listed, missing, extra, differ,
+        matched, errors, repaired, sample (a list of the first differences, JSON-able)."""
+
+    @abstractmethod
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """route -> its most recent run."""
+
+    @abstractmethod
+    def history(self, route: str, limit: int = 20) -> list[dict[str, Any]]: ...
 
 
 class PrewarmRecords(ABC):
@@ -207,6 +260,7 @@ class State(ABC):
     catalog: ObjectCatalog
     incidents: Incidents
     lag: LagHistory
+    verify: VerifyHistory
     prewarm: PrewarmRecords
     backend: str = ""
     #: several processes may write (mirror replicas): only on a server database

@@ -32,6 +32,7 @@ from xdc.io.state.sql import (
     SqlIncidents,
     SqlLagHistory,
     SqlPrewarmRecords,
+    SqlVerifyHistory,
     ThreadConnections,
     Tx,
     entry_of,
@@ -175,6 +176,7 @@ class PostgresState(State):
         self.catalog = PostgresCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
+        self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
 
     def schema_version(self) -> int:

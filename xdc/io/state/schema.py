@@ -89,6 +89,24 @@ ALTER TABLE objects ADD COLUMN origin {text} NOT NULL DEFAULT 's3';
 ALTER TABLE objects ADD COLUMN tags {text};
 ALTER TABLE objects ADD COLUMN acl {text}
 """),
+    Migration(3, "verify runs, gaps, conflicts", """
+CREATE TABLE IF NOT EXISTS verify_runs (
+    id {serial}, route {text} NOT NULL, started {float} NOT NULL, finished {float} NOT NULL,
+    trigger {text} NOT NULL, source_listed BIGINT NOT NULL, target_listed BIGINT NOT NULL,
+    missing BIGINT NOT NULL, extra BIGINT NOT NULL, differ BIGINT NOT NULL, matched BIGINT NOT NULL,
+    errors BIGINT NOT NULL, repaired BIGINT NOT NULL, sample {text} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verify_runs_route ON verify_runs (route, finished);
+CREATE TABLE IF NOT EXISTS gaps (
+    id {serial}, time {float} NOT NULL, grp {text} NOT NULL, topic {text} NOT NULL, part INTEGER NOT NULL,
+    committed BIGINT, log_start BIGINT NOT NULL, lost BIGINT, routes {text} NOT NULL, repair {text} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id {serial}, time {float} NOT NULL, route {text} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    winner_dc {text} NOT NULL, winner_etag {text} NOT NULL, loser_dc {text} NOT NULL, loser_etag {text} NOT NULL,
+    kept_key {text}, resolution {text} NOT NULL, detail {text} NOT NULL
+)
+"""),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 from xdc.io.state.base import (
     CatalogEntry,
+    Conflict,
+    Gap,
     IncidentKind,
     Incidents,
     LagHistory,
@@ -26,6 +28,7 @@ from xdc.io.state.base import (
     Outgoing,
     PrewarmRecords,
     Registration,
+    VerifyHistory,
 )
 from xdc.io.state.schema import MIGRATIONS
 
@@ -349,8 +352,22 @@ class SqlIncidents(Incidents):
             tx.execute("INSERT INTO quarantine (time, bucket, key, reason, detail) VALUES (?, ?, ?, ?, ?)",
                        (time.time(), bucket, key, reason, detail[:DETAIL_MAX]))
 
+    def record_gap(self, gap: Gap) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO gaps (time, grp, topic, part, committed, log_start, lost, routes, repair) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (time.time(), gap.group, gap.topic, gap.partition, gap.committed, gap.log_start, gap.lost,
+                        ",".join(gap.routes), gap.repair[:DETAIL_MAX]))
+
+    def record_conflict(self, c: Conflict) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO conflicts (time, route, bucket, key, winner_dc, winner_etag, loser_dc, loser_etag, "
+                       "kept_key, resolution, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (time.time(), c.route, c.bucket, c.key, c.winner_dc, c.winner_etag, c.loser_dc, c.loser_etag,
+                        c.kept_key, c.resolution, c.detail[:DETAIL_MAX]))
+
     def recent(self, kind: IncidentKind, limit: int = 50) -> list[dict[str, Any]]:
-        if kind not in ("dead_letters", "quarantine"):
+        if kind not in ("dead_letters", "quarantine", "gaps", "conflicts"):
             raise ValueError(kind)
         return self.db.rows(f"SELECT * FROM {kind} ORDER BY id DESC LIMIT ?", (limit,))
 
@@ -375,6 +392,37 @@ class SqlLagHistory(LagHistory):
     def latest(self) -> list[dict[str, Any]]:
         return self.db.rows("SELECT * FROM lag_snapshots WHERE time = (SELECT MAX(time) FROM lag_snapshots) "
                             "ORDER BY route")
+
+
+# -- verify -------------------------------------------------------------------------------------
+_VERIFY_COLUMNS = ("route", "started", "finished", "trigger", "source_listed", "target_listed", "missing", "extra",
+                   "differ", "matched", "errors", "repaired", "sample")
+
+
+class SqlVerifyHistory(VerifyHistory):
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def record(self, run: Mapping[str, Any]) -> None:
+        row = [run[c] for c in _VERIFY_COLUMNS[:-1]] + [json.dumps(list(run.get("sample") or []))]
+        with self.db.transaction() as tx:
+            tx.execute(f"INSERT INTO verify_runs ({', '.join(_VERIFY_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(_VERIFY_COLUMNS))})", row)
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        rows = self.db.rows("SELECT v.* FROM verify_runs v WHERE v.id = "
+                            "(SELECT MAX(w.id) FROM verify_runs w WHERE w.route = v.route) ORDER BY v.route")
+        return {r["route"]: _verify_row(r) for r in rows}
+
+    def history(self, route: str, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.db.rows("SELECT * FROM verify_runs WHERE route=? ORDER BY id DESC LIMIT ?", (route, limit))
+        return [_verify_row(r) for r in rows]
+
+
+def _verify_row(r: dict[str, Any]) -> dict[str, Any]:
+    out = dict(r)
+    out["sample"] = json.loads(r["sample"] or "[]")
+    return out
 
 
 # -- prewarm ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from xdc.io.state.sql import (
     SqlIncidents,
     SqlLagHistory,
     SqlPrewarmRecords,
+    SqlVerifyHistory,
     ThreadConnections,
     Tx,
 )
@@ -105,6 +106,7 @@ class SqliteState(State):
         self.catalog = SqlCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
+        self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
 
     def schema_version(self) -> int:
