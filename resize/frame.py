@@ -115,9 +115,19 @@ def render_pixels(data: bytes, settings: ResizeSettings, *, backend: Backend | N
     return mod.pixels(im)
 
 
-def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Backend | None = None) -> ResizedFrame:
-    """Resize the file ``src`` into ``dst`` (nothing is written when the frame is skipped)."""
-    out = resize_frame(Path(src).read_bytes(), settings, backend=backend)
+def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Backend | None = None,
+                contained: bool = True) -> ResizedFrame:
+    """Resize the file ``src`` into ``dst`` (nothing is written when the frame is skipped).
+
+    ``contained`` (the default) decodes and encodes in a resident child process (resize/sandbox.py),
+    so a native crash on this file raises ResizeError("worker_crashed", "SIGSEGV while resizing
+    <src>") here instead of killing the caller.
+    """
+    if contained:
+        from resize.sandbox import shared_sandbox
+        out: ResizedFrame = shared_sandbox().call((str(src), settings, backend), label=str(src))
+    else:
+        out = resize_path((str(src), settings, backend))
     if out.data is not None:
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +135,18 @@ def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Back
         tmp.write_bytes(out.data)
         tmp.replace(dst)  # readers never see half a frame
     return out
+
+
+def resize_bytes(job: tuple[bytes, ResizeSettings, Backend | None]) -> ResizedFrame:
+    """resize_frame on one (data, settings, backend): for a Sandbox, where one argument is passed."""
+    data, settings, backend = job
+    return resize_frame(data, settings, backend=backend)
+
+
+def resize_path(job: tuple[str, ResizeSettings, Backend | None]) -> ResizedFrame:
+    """resize_file's work on one (path, settings, backend): what its sandboxed child runs."""
+    path, settings, backend = job
+    return resize_frame(Path(path).read_bytes(), settings, backend=backend)
 
 
 def derived_key(key: str, settings: ResizeSettings) -> str | None:
