@@ -13,6 +13,12 @@ with ratios vs the baseline and vs the floor; frames/s of resize_frame on 1 and 
 the scaling; PSNR of the pipeline's pixels before encoding (and of its final JPEG) vs the baseline's
 full-decode LANCZOS pixels; one line for a 4K PNG. Goals: JPEG <= 1.1x the floor, >= 1.8x on 2
 processes, PSNR >= 40 dB.
+
+Containment (resize/sandbox.py: native work in a resident child, so a crash costs the child only),
+wall ms per frame against the same work in-process, measured in the same run: resize_frame vs a
+Sandbox call (frame bytes over a pipe), resize_file in-process vs contained (the CLI's path: only
+the file name goes over), the cost of starting one child (what a process per frame would pay), and
+frames/s of the worker's SandboxPool on 2 children vs the plain 2-process pool above.
 """
 from __future__ import annotations
 
@@ -127,6 +133,66 @@ def frames_per_second(frames: list[bytes], procs: int, total: int) -> float:
         return total / (time.perf_counter() - t)
 
 
+def wall_ms(fn: Callable[[Any], Any], items: list[Any], rounds: int) -> float:
+    """Median over rounds of the mean wall ms per item (a child's CPU is not the caller's)."""
+    fn(items[0])
+    per_round = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for it in items:
+            fn(it)
+        per_round.append((time.perf_counter() - t) * 1000 / len(items))
+    return float(np.median(per_round))
+
+
+def containment(frames: list[bytes], rounds: int, two_proc_fps: float) -> None:
+    import tempfile
+
+    from resize.frame import resize_file
+    from resize.sandbox import Sandbox, SandboxPool
+
+    print("\ncontainment (wall ms/frame, 1 frame at a time; ratios against in-process in this run)")
+    t = time.perf_counter()
+    with Sandbox("resize.frame:resize_bytes") as box:
+        box.start()
+        start_ms = (time.perf_counter() - t) * 1000
+        inproc = wall_ms(lambda d: resize_frame(d, SETTINGS), frames, rounds)
+        boxed = wall_ms(lambda d: box.call((d, SETTINGS, None), label="bench"), frames, rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, f in enumerate(frames):
+            paths.append(Path(tmp, f"{i}.jpg"))
+            paths[-1].write_bytes(f)
+        out = Path(tmp, "out.jpg")
+        file_in = wall_ms(lambda p: resize_file(p, out, SETTINGS, contained=False), paths, rounds)
+        file_box = wall_ms(lambda p: resize_file(p, out, SETTINGS), paths, rounds)
+    print(f"  resize_frame in-process {inproc:6.1f} ms   in a resident child (bytes piped) {boxed:6.1f} ms"
+          f"   {boxed / inproc:.3f}x ({boxed - inproc:+.1f} ms)")
+    print(f"  resize_file  in-process {file_in:6.1f} ms   contained (CLI path)               {file_box:6.1f} ms"
+          f"   {file_box / file_in:.3f}x ({file_box - file_in:+.1f} ms)")
+    print(f"  starting one child (spawn + imports) {start_ms:.0f} ms = {start_ms / inproc:.1f} frames' work:"
+          " why the child is resident, not one per frame")
+    # The worker's pool against the plain one, same work (frames preloaded, an index goes over),
+    # alternated so a change in the machine's load hits both
+    total = max(40, 4 * len(frames))
+    runs: dict[str, list[float]] = {"plain": [two_proc_fps], "sandbox": []}
+    with SandboxPool(2, "bench.resize:_work", initializer="bench.resize:_init", initargs=(frames,)) as pool:
+        pool.start()
+        for f in [pool.submit(i, label="warm") for i in range(4)]:
+            f.result()
+        for rep in range(3):
+            t = time.perf_counter()
+            for f in [pool.submit(i, label="bench") for i in range(total)]:
+                f.result()
+            runs["sandbox"].append(total / (time.perf_counter() - t))
+            if rep < 2:
+                runs["plain"].append(frames_per_second(frames, 2, total))
+    plain, boxed_fps = (float(np.median(v)) for v in (runs["plain"], runs["sandbox"]))
+    print(f"  2 processes, {total} frames x3, median: SandboxPool (the worker's) {boxed_fps:.1f} f/s,"
+          f" plain process pool {plain:.1f} f/s: {boxed_fps / plain:.2f}x"
+          f"  (runs {[round(x, 1) for x in runs['sandbox']]} vs {[round(x, 1) for x in runs['plain']]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=20, help="distinct 4K frames (default 20)")
@@ -175,6 +241,8 @@ def main() -> None:
     two = frames_per_second(frames, 2, total)
     print(f"\nthroughput resize_frame ({total} frames, wall clock): 1 process {one:.1f} f/s, 2 processes {two:.1f} f/s,"
           f" scaling {two / one:.2f}x (goal >= 1.8)")
+
+    containment(frames, args.rounds, two)
 
     png = make_frame(0, fmt="png")
     png_base = cpu_ms(baseline, [png], args.rounds)
