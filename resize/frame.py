@@ -9,6 +9,9 @@ unsupported_format, decompression_bomb, truncated, corrupt.
 
 Two backends give the same geometry and behaviour: "vips" (libvips, JPEG shrink-on-load; the fast
 one) and "pillow" (draft + LANCZOS; used when pyvips cannot be imported).
+
+resize_frame runs the decoders in the calling process; callers that must survive a native crash
+run it in a child (resize/sandbox.py): resize_file does by default, the worker always does.
 """
 from __future__ import annotations
 

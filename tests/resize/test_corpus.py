@@ -180,3 +180,21 @@ def test_the_cmyk_jpeg_that_crashed_libvips(tmp_path: Path) -> None:
     exp = reference(src.read_bytes(), cmyk_fallback=cmyk_profile())
     mad, psnr, cast = diff(as_hwc(im), exp)
     assert mad <= 7 and psnr >= 29 and cast <= 2, (mad, psnr, cast)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "header_only", "srgb_on_cmyk"])
+def test_a_broken_profile_on_a_cmyk_frame_is_ignored(backend: str, box: Sandbox, damage: str) -> None:
+    # Hostile or damaged ICC data: the frame still resizes, as if it had no profile (libvips: its
+    # own CMYK profile; Pillow's backend: the naive formula), never inverted, nothing kept.
+    from PIL import ImageCms
+    p = cmyk_profile()
+    profile = {"garbage": b"not a profile" * 40, "truncated": p[:2000], "header_only": p[:128] + bytes(1000),
+               "srgb_on_cmyk": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()}[damage]
+    cmyk = render_frame(6, 1920, 1080).convert("CMYK")
+    plain = jpeg(cmyk)
+    out: ResizedFrame = box.call((with_icc(plain, profile), SETTINGS, backend), label=damage)
+    im = Image.open(io.BytesIO(out.data or b""))
+    assert (im.mode, im.size, "icc_profile" in im.info) == ("RGB", (1280, 720), False)
+    exp = reference(plain) if backend == "pillow" else reference(plain, cmyk_fallback=p)
+    mad, psnr, cast = diff(as_hwc(im), exp)
+    assert mad <= 7 and psnr >= 29 and cast <= 2, (mad, psnr, cast)

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from resize.sandbox import CRASH_ENV
+from tests.resize.corpus import jpeg, with_icc
 from xdc.samples import make_frame, render_frame
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,14 +45,17 @@ def test_a_native_crash_is_a_clear_error_not_a_dead_cli(tmp_path: Path) -> None:
 
 
 def test_libvips_log_lines_only_with_verbose(tmp_path: Path) -> None:
+    # A CMYK frame with a corrupt embedded profile: libvips warns ("corrupt profile") and falls
+    # back to its own CMYK profile. Before: that warning and a dozen INFO lines on every run.
     src = tmp_path / "f.jpg"
-    src.write_bytes(make_frame(2, 1920, 1080))
+    src.write_bytes(with_icc(jpeg(render_frame(2, 1920, 1080).convert("CMYK")), b"not a profile" * 40))
     quiet = xdc("resize", "file", str(src), str(tmp_path / "a.jpg"))
     assert quiet.returncode == 0, quiet.stderr
-    assert quiet.stderr == ""  # before: a dozen "INFO pyvips: VIPS: reducev ..." lines
+    assert quiet.stderr == ""
     loud = xdc("-v", "resize", "file", str(src), str(tmp_path / "b.jpg"))
     assert loud.returncode == 0, loud.stderr
-    assert "pyvips (resize child): VIPS:" in loud.stderr
+    assert "WARNING pyvips (resize child): VIPS: corrupt profile" in loud.stderr
+    assert "pyvips (resize child): VIPS: reducev" in loud.stderr
     assert (tmp_path / "a.jpg").read_bytes() == (tmp_path / "b.jpg").read_bytes()
 
 
