@@ -70,7 +70,7 @@ class Sandbox:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the child now (calls start one lazily); raises what the initializer raised."""
+        """Start the child now (a call starts it lazily otherwise); raises what the initializer raised."""
         with self._lock:
             self._ensure_started()
 
