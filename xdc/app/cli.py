@@ -272,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    # libvips' own log lines (also in resize children, which follow this level) only with -v
+    logging.getLogger("pyvips").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         if args.env_file:
             load_env_file(args.env_file)
