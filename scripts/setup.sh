@@ -8,6 +8,9 @@ VENV=${VENV:-.venv}
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v chromium >/dev/null || need_apt+=(chromium)
+# Alluxio (a cache backend of the local stack) runs on Java 17 from jars Maven fetches.
+command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"
@@ -25,5 +28,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[all]'
+# The Alluxio servers' jars (devtools/maven/alluxio/pom.xml -> .xdc/maven/alluxio/lib, ~210 MB).
+"$VENV/bin/python" -m devtools.alluxio fetch >/dev/null
 touch "$VENV/.stamp"
 echo "setup: done ($VENV)"
