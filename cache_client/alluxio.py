@@ -22,7 +22,10 @@ How each operation is done, and why (measured on 2.9.6):
       of workers take one round per count.
   Progress is counted when a job completes (jobs are kept small for that), bytes as planned.
 - free: the proxy's `free` per file (Alluxio frees a file from every worker at once), then poll
-  until no node holds a block of it: workers drop freed blocks on their next heartbeat (~1 s).
+  until no node holds a block of it: workers drop freed blocks on their next heartbeat. Then the
+  freed files' metadata is dropped from Alluxio only (S3 untouched), so their blocks get new ids
+  when loaded again: works around a race in 2.9.6's worker that can pin a block id as "being
+  removed" forever, after which frees of that block are ignored (see `_forget_file`).
   `free` is therefore done for the whole cluster here (exact before/after per node), and
   `evict_node` frees the files that node holds.
 - usage: the master's `/api/v1/master/info` (each worker's used and capacity bytes).
@@ -36,8 +39,21 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from cache_client.alluxio_rest import AlluxioNotFound, AlluxioRest, FileView, WorkerAddress
-from cache_client.base import CacheCluster, CacheFile, FreeReport, NodeWarmResult, ProgressFn, ProgressSink, WarmReport
+from cache_client.alluxio_rest import (
+    AlluxioNotFound,
+    AlluxioRest,
+    FileView,
+    WorkerAddress,
+)
+from cache_client.base import (
+    CacheCluster,
+    CacheFile,
+    FreeReport,
+    NodeWarmResult,
+    ProgressFn,
+    ProgressSink,
+    WarmReport,
+)
 from cache_client.plan import Plan
 from xdc.config import CacheConfig
 from xdc.errors import CacheError
@@ -46,6 +62,7 @@ LIST_MIN_FILES_PER_DIR = 8  # below this, get-status per file is cheaper than li
 STATUS_THREADS = 8
 SURVEY_MEMO_SECONDS = 1.0  # stat + per-node cached bytes of one check share one survey
 FREE_POLL_SECONDS = 0.2
+FREE_AGAIN_SECONDS = 3.0  # still held this long after a free: free it again
 
 
 @dataclass(frozen=True)
@@ -334,15 +351,36 @@ class AlluxioCluster(CacheCluster):
         if errors:
             raise CacheError(f"free: {len(errors)} files failed: " + "; ".join(errors[:5]))
         deadline = time.monotonic() + self.settings.free_timeout_seconds
+        again = time.monotonic() + FREE_AGAIN_SECONDS
+        by_path = {f.path: f for f in files}
         while True:
             views = self.views(files, fresh=True)
-            if not any(v is not None and v.bytes_on(w) for v in views.values() for w in watch):
+            left = [p for p, v in views.items() if v is not None and any(v.bytes_on(w) for w in watch)]
+            if not left:
+                # Reload the freed files' metadata on next use: new block ids (see _forget_file).
+                self._run_pool(STATUS_THREADS, [lambda f=f: self._forget_file(f) for f in held])
                 self._forget()
                 return views
             if time.monotonic() > deadline:
-                left = [p for p, v in views.items() if v is not None and any(v.bytes_on(w) for w in watch)]
                 raise CacheError(f"free: {len(left)} files still cached after {self.settings.free_timeout_seconds:.0f}s: {left[:5]}")
+            if time.monotonic() > again:
+                # A block cached after our free (a reader's or a load's late cache request) stays:
+                # free what is still there again.
+                self._run_pool(STATUS_THREADS, [lambda f=by_path[p]: self._free_one(f) for p in left])
+                again = time.monotonic() + FREE_AGAIN_SECONDS
             time.sleep(FREE_POLL_SECONDS)
+
+    def _forget_file(self, f: CacheFile) -> None:
+        # Alluxio 2.9.6's worker (AsyncBlockRemover.addBlocksToDelete) queues a block id before
+        # marking it "being removed"; a remover thread that finishes first leaves the id marked
+        # for good, and every later free of that block id is skipped ("is being removed"). Block
+        # ids derive from the file's id: dropping the metadata (alluxioOnly, S3 untouched) gives
+        # the file new ids when it is next loaded, so a stuck id never names a cached block.
+        # Seen here: a file warmed again after a free stayed cached through every later free.
+        try:
+            self.rest.forget(self.alluxio_path(f))
+        except AlluxioNotFound:
+            pass
 
     def _free_one(self, f: CacheFile) -> None:
         try:

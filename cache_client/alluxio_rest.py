@@ -1,6 +1,6 @@
 """Alluxio 2.9's own HTTP interfaces, as a small client: the proxy, the master and the job master.
 
-    proxy       POST /api/v1/paths/{path}/get-status | list-status | free | mount | exists
+    proxy       POST /api/v1/paths/{path}/get-status | list-status | free | delete | mount
     master      GET  /api/v1/master/info                 (workers: capacity, used bytes, state)
     job master  POST /api/v1/master/job/run              (a JobConfig as JSON, "@type" = Java class)
                 GET  /api/v1/master/job/get_status?jobId=N
@@ -125,7 +125,7 @@ class _Http:
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
                 return resp.status, resp.read()
-            except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            except (TimeoutError, http.client.HTTPException, ConnectionError, OSError) as exc:
                 self._drop()
                 # A kept-alive connection the server closed in between: one fresh retry.
                 if attempt == 2 or isinstance(exc, socket.timeout):
@@ -194,6 +194,10 @@ class AlluxioRest:
         """Ask the master to drop the file's blocks from every worker (applied on the next heartbeats)."""
         self.proxy.json("POST", f"/api/v1/paths/{_quote(path)}/free", {"recursive": False, "forced": False})
 
+    def forget(self, path: str) -> None:
+        """Drop the file's metadata from Alluxio only (the S3 object stays; the next status reloads it)."""
+        self.proxy.json("POST", f"/api/v1/paths/{_quote(path)}/delete", {"recursive": False, "alluxioOnly": True})
+
     def mount(self, path: str, ufs: str, properties: Mapping[str, str]) -> None:
         q = urllib.parse.urlencode({"src": ufs})
         self.proxy.json("POST", f"/api/v1/paths/{_quote(path)}/mount?{q}", {"properties": dict(properties)})
@@ -255,4 +259,4 @@ class AlluxioRest:
             time.sleep(poll)
 
 
-__all__ = ["AlluxioRest", "AlluxioNotFound", "WorkerAddress", "FileView", "BlockView", "WorkerView", "JobView"]
+__all__ = ["AlluxioNotFound", "AlluxioRest", "BlockView", "FileView", "JobView", "WorkerAddress", "WorkerView"]

@@ -119,7 +119,7 @@ def fetch_jars(lib: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         cp = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
                              "-DexcludeScope=provided", f"-DoutputDirectory={tmp}"],
-                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
+                            check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
         if cp.returncode != 0:
             raise AlluxioStartError(f"mvn copy-dependencies failed ({cp.returncode}): {(cp.stdout + cp.stderr)[-2000:]}")
         shutil.rmtree(lib, ignore_errors=True)
@@ -231,7 +231,7 @@ def site_properties(c: LocalAlluxio, *, quota_mib: int, block_size_mib: int) -> 
         "alluxio.user.hostname": h,
         # Job tasks are handed out and reported on job worker heartbeats, freed blocks leave on
         # block heartbeats: 1 s by default, the bulk of a small load's or free's latency.
-        "alluxio.job.master.worker.heartbeat.interval": "200ms",
+        "alluxio.job.master.worker.heartbeat.interval": "100ms",
         "alluxio.worker.block.heartbeat.interval": "200ms",
     }
     return props
@@ -440,7 +440,7 @@ def shell(c: LocalAlluxio, *args: str, timeout: float = 600.0, lib: Path | None 
     """Run `alluxio fs ARGS` (the FileSystemShell from the same jars) against this cluster."""
     home = Path(c.home)
     cmd = [*java_cmd(home, MAIN["shell"], 128, None, lib, "log4j-shell.properties"), *args]
-    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    cp = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
                         env={**os.environ, **(env or {})})
     if cp.returncode != 0:
         raise XdcError(f"alluxio fs {' '.join(args)}: exit {cp.returncode}: {(cp.stdout + cp.stderr)[-1500:]}")
