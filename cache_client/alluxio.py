@@ -20,7 +20,8 @@ How each operation is done, and why (measured on 2.9.6):
       carry a worker set: its configs are string maps). Loads of one file are serialised here so
       that count cannot go stale under our own feet; blocks of a file held by different numbers
       of workers take one round per count.
-  Progress is counted when a job completes (jobs are kept small for that), bytes as planned.
+  Progress: files when their job completes (jobs are kept small), bytes from the workers' used
+  bytes on the master (polled) when they are ahead of the completed jobs.
 - free: the proxy's `free` per file (Alluxio frees a file from every worker at once), then poll
   until no node holds a block of it: workers drop freed blocks on their next heartbeat. Then the
   freed files' metadata is dropped from Alluxio only (S3 untouched), so their blocks get new ids
@@ -62,7 +63,8 @@ LIST_MIN_FILES_PER_DIR = 8  # below this, get-status per file is cheaper than li
 STATUS_THREADS = 8
 SURVEY_MEMO_SECONDS = 1.0  # stat + per-node cached bytes of one check share one survey
 FREE_POLL_SECONDS = 0.2
-FREE_AGAIN_SECONDS = 3.0  # still held this long after a free: free it again
+FREE_AGAIN_SECONDS = 3.0
+PROGRESS_POLL_SECONDS = 0.1  # still held this long after a free: free it again
 
 
 @dataclass(frozen=True)
@@ -203,15 +205,14 @@ class AlluxioCluster(CacheCluster):
     # -- derived, done cluster-wide for Alluxio --------------------------------------------------
     def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
         """Warm the plan: files every node should hold in batched loads, the rest per file and node."""
-        lock = threading.Lock()
-
-        def on_progress(files: int, nbytes: int) -> None:
-            if progress is not None:
-                with lock:
-                    progress.add(files, nbytes)
-
         if progress is not None:
             progress.start(plan.warm_files, plan.warm_bytes)
+        meter = _Meter(progress, plan.warm_bytes)
+        on_progress = meter.job_done
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll_used, args=(meter, stop), name="alluxio-progress", daemon=True)
+        if progress is not None:
+            poller.start()
         t0 = time.monotonic()
         targets: dict[str, list[str]] = {}
         by_path: dict[str, CacheFile] = {}
@@ -236,6 +237,9 @@ class AlluxioCluster(CacheCluster):
                 for n in ([node] if node in errors else list(errors)):
                     errors[n].append(err)
         finally:
+            stop.set()
+            if poller.is_alive():
+                poller.join()
             self._forget()
             if progress is not None:
                 progress.finish()
@@ -263,6 +267,21 @@ class AlluxioCluster(CacheCluster):
             left_bytes=after,
             missing=len(files) - len(present),
         )
+
+    def _poll_used(self, meter: _Meter, stop: threading.Event) -> None:
+        """Feed the meter the workers' used bytes (master's view) while a warm runs."""
+        def used() -> int:
+            return sum(w.used for w in self.rest.workers() if w.address in self.node_of)
+
+        try:
+            base = used()
+        except CacheError:
+            return
+        while not stop.wait(PROGRESS_POLL_SECONDS):
+            try:
+                meter.used(used() - base)
+            except CacheError:
+                pass  # the jobs' completions still count
 
     # -- loads -----------------------------------------------------------------------------------
     def _batches(self, files: Sequence[CacheFile]) -> Iterable[list[CacheFile]]:
@@ -387,6 +406,38 @@ class AlluxioCluster(CacheCluster):
             self.rest.free(self.alluxio_path(f))
         except AlluxioNotFound:
             pass  # gone from S3 meanwhile: Alluxio dropped it (and its blocks) on the sync
+
+
+class _Meter:
+    """Warm progress: files when their load job completes; bytes from the jobs or, ahead of them,
+    the growth of the workers' used bytes (blocks are committed as each finishes loading; other
+    readers count too, so it is an estimate, capped at the plan, like JuiceFS's block counter)."""
+
+    def __init__(self, sink: ProgressSink | None, total_bytes: int) -> None:
+        self.sink = sink
+        self.total = total_bytes
+        self.lock = threading.Lock()
+        self.files = self.job_bytes = self.used_bytes = 0
+        self.sent_files = self.sent_bytes = 0
+
+    def job_done(self, files: int, nbytes: int) -> None:
+        with self.lock:
+            self.files += files
+            self.job_bytes += nbytes
+            self._push()
+
+    def used(self, delta: int) -> None:
+        with self.lock:
+            self.used_bytes = max(self.used_bytes, delta)
+            self._push()
+
+    def _push(self) -> None:
+        b = min(self.total, max(self.job_bytes, self.used_bytes))
+        df, db = self.files - self.sent_files, max(0, b - self.sent_bytes)
+        if (df or db) and self.sink is not None:
+            self.sink.add(df, db)
+        self.sent_files += df
+        self.sent_bytes += db
 
 
 def _file_or_none(v: FileView | None) -> FileView | None:
