@@ -5,7 +5,7 @@
 Starts a JuiceFS S3 gateway and an Alluxio 2.9.6 cluster (devtools/alluxio.py), puts the files
 through S3, then per rep, with every file freed from Alluxio before each run:
   baseline: Alluxio's own distributed load run directly on the same list:
-            `alluxio fs distributedLoad --index LIST --replication W` (the job service's list load;
+            `alluxio fs distributedLoad --index LIST --replication W --direct-cache` (the job service's list load;
             2.9.6 ships DistributedLoadUtils but dropped the command class from its shell jar, so
             the class is taken from alluxio-shell 2.9.3 on Maven Central and put after the 2.9.6
             jars), and `alluxio fs load DIR --submit` (2.9.6's master-side load; the list is a
@@ -73,17 +73,6 @@ def distload_classes(base: Path) -> Path:
     with zipfile.ZipFile(jar) as z:
         z.extract(DISTLOAD_CLASS, out)
     return out
-
-
-def shell(c: ax.LocalAlluxio, extra_cp: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = ax.java_cmd(Path(c.home), ax.MAIN["shell"], 256, None, None, "log4j-shell.properties")
-    if extra_cp is not None:  # after the 2.9.6 jars: only the missing command class comes from it
-        i = cmd.index("-cp") + 1
-        cmd[i] = f"{cmd[i]}:{extra_cp}"
-    cp = subprocess.run([*cmd, *args], check=False, capture_output=True, text=True, timeout=1800, cwd=c.home)
-    if cp.returncode != 0:
-        raise RuntimeError(f"alluxio fs {' '.join(args)}: exit {cp.returncode}: {(cp.stdout + cp.stderr)[-2000:]}")
-    return cp
 
 
 def wait_all_cached(cl: AlluxioCluster, files: list[CacheFile], replicas: int, timeout: float = 600) -> None:
@@ -157,14 +146,17 @@ def main() -> None:
         def distload() -> float:
             free()
             t = time.monotonic()
-            shell(cluster, extra, "distributedLoad", "--replication", str(a.workers), "--index", str(index))
+            # --direct-cache, as ours: without it a second replica is only a read that may be served
+            # by the worker already holding the block (2 workers: replicas never completed in 600 s)
+            ax.shell(cluster, "distributedLoad", "--replication", str(a.workers), "--direct-cache",
+                     "--index", str(index), timeout=1800, extra_cp=extra)
             wait_all_cached(cl, files, a.workers)
             return time.monotonic() - t
 
         def master_load() -> float:
             free()
             t = time.monotonic()
-            shell(cluster, None, "load", f"/{BUCKET}/ds", "--submit")
+            ax.shell(cluster, "load", f"/{BUCKET}/ds", "--submit")
             wait_all_cached(cl, files, 1)  # the master's load job fills one replica
             return time.monotonic() - t
 
