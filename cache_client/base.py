@@ -375,6 +375,7 @@ def status_of(size: int, cached: Iterable[int]) -> FileStatus:
 # -- backend registry (by name, lazily imported, like fsspec's) ---------------------------------
 _REGISTRY: dict[str, str] = {
     "juicefs": "cache_client.juicefs:JuiceFSCluster",
+    "alluxio": "cache_client.alluxio:AlluxioCluster",
     "fake": "cache_client.fake:FakeCluster",
 }
 

@@ -80,7 +80,7 @@ def test_warm_check_free_on_fake() -> None:
 def test_registry() -> None:
     assert get_backend("fake") is FakeCluster
     with pytest.raises(CacheError, match="unknown cache backend"):
-        get_backend("alluxio")
+        get_backend("jindo")
 
 
 class Clock:
