@@ -1,10 +1,23 @@
-"""Streaming file-list readers: txt, csv, parquet, pkl (fixtures written in tmp_path)."""
+"""Streaming file-list readers and dataset indexes (fixtures generated in tmp_path).
+
+Plain lists (txt, csv, parquet, pkl) first, then the indexes driving teams keep: mmdetection3d
+info pkls v1/v2 with numpy arrays, COCO, nuScenes sample_data.json, JSON Lines, Parquet/CSV
+columns incl. list columns; then hostile and broken inputs.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
+import random
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -192,10 +205,14 @@ def test_pkl_with_forbidden_global_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("obj", [{"bkt/a": 1}, ("bkt/a",), "bkt/a", {"bkt/a"}])
-def test_pkl_not_a_list_is_refused(tmp_path: Path, obj: object) -> None:
-    with pytest.raises(FileListError, match="expected a list"):
-        list(read_file_list(_write(tmp_path / "l.pkl", pickle.dumps(obj))))
+@pytest.mark.parametrize("obj", [{"bkt/a": 1}, "bkt/a", {"bkt/a"}, 7, {"infos": 3}])
+def test_pkl_of_unknown_shape_is_refused(tmp_path: Path, obj: object) -> None:
+    with pytest.raises(FileListError, match="cannot tell which strings are file paths.*pass select="):
+        read_file_list(_write(tmp_path / "l.pkl", pickle.dumps(obj)))
+
+
+def test_pkl_tuple_is_a_list(tmp_path: Path) -> None:
+    assert _keys(_write(tmp_path / "l.pkl", pickle.dumps(("bkt/a", "bkt/b")))) == ["bkt/a", "bkt/b"]
 
 
 def test_pkl_truncated(tmp_path: Path) -> None:
@@ -212,6 +229,8 @@ def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(FileListError, match="directory"):
         read_file_list(tmp_path / "d.txt")
     with pytest.raises(FileListError, match="format"):
+        read_file_list(_write(tmp_path / "l.xlsx", "[]"))
+    with pytest.raises(FileListError, match="the list is empty"):
         read_file_list(_write(tmp_path / "l.json", "[]"))
     with pytest.raises(FileListError, match="format"):
         read_file_list(tmp_path / "l.txt", fmt="xlsx")
@@ -287,3 +306,389 @@ def test_csv_never_raises_on_garbage_rows(tmp_path: Path, lines: list[str], tail
     for e in fl:
         assert e.size is None or e.size >= 0
     assert fl.complete
+
+
+# == dataset indexes ===============================================================================
+# Generated with the nesting the real tools write (mmdet3d create_data / update_infos_to_v2, COCO,
+# nuScenes-devkit). Each generator also returns the file names it placed, from which the tests
+# build the expected keys on their own.
+
+CAMS = ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
+LOG = "n015-2018-07-24-11-22-45+0800"
+
+
+def _tok(rng: random.Random) -> str:
+    return "%032x" % rng.getrandbits(128)
+
+
+def _lidar_name(ts: int) -> str:
+    return f"{LOG}__LIDAR_TOP__{ts}.pcd.bin"
+
+
+def _cam_name(cam: str, ts: int) -> str:
+    return f"{LOG}__{cam}__{ts}.jpg"
+
+
+def nuscenes_v1_infos(n: int, sweeps: int = 3, seed: int = 1) -> tuple[dict, dict[str, list[str]]]:
+    """mmdet3d v1 nuScenes infos: {infos: [...], metadata}; numpy arrays as create_data writes them.
+    Returns (document, {"samples/LIDAR_TOP": [names], "samples/CAM_x": [...], "sweeps/LIDAR_TOP": [...]})."""
+    rng = random.Random(seed)
+    placed: dict[str, list[str]] = {}
+    infos = []
+    for i in range(n):
+        ts = 1532402927647951 + i * 500_000
+        sw = []
+        for j in range(sweeps):
+            name = _lidar_name(ts - (j + 1) * 50_000)
+            placed.setdefault("sweeps/LIDAR_TOP", []).append(name)
+            sw.append({
+                "data_path": f"./data/nuscenes/sweeps/LIDAR_TOP/{name}", "type": "lidar",
+                "sample_data_token": _tok(rng), "sensor2ego_translation": [0.985, 0.0, 1.84],
+                "sensor2ego_rotation": [0.706, -0.015, 0.017, -0.707], "ego2global_translation": [600.1, 1647.5, 0.0],
+                "ego2global_rotation": [0.57, -0.002, 0.011, -0.82], "timestamp": ts - (j + 1) * 50_000,
+                "sensor2lidar_rotation": np.eye(3), "sensor2lidar_translation": np.zeros(3),
+            })
+        cams = {}
+        for cam in CAMS:
+            name = _cam_name(cam, ts + 12_000)
+            placed.setdefault(f"samples/{cam}", []).append(name)
+            cams[cam] = {
+                "data_path": f"./data/nuscenes/samples/{cam}/{name}", "type": cam, "sample_data_token": _tok(rng),
+                "sensor2ego_translation": [1.7, 0.01, 1.51], "sensor2ego_rotation": [0.5, -0.5, 0.5, -0.5],
+                "ego2global_translation": [600.1, 1647.5, 0.0], "ego2global_rotation": [0.57, -0.002, 0.011, -0.82],
+                "timestamp": ts + 12_000, "sensor2lidar_rotation": np.eye(3, dtype=np.float64),
+                "sensor2lidar_translation": np.array([0.0, 0.1, -0.3]),
+                "cam_intrinsic": np.array([[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]]),
+            }
+        lidar = _lidar_name(ts)
+        placed.setdefault("samples/LIDAR_TOP", []).append(lidar)
+        k = rng.randint(0, 20)
+        infos.append({
+            "lidar_path": f"./data/nuscenes/samples/LIDAR_TOP/{lidar}", "token": _tok(rng), "sweeps": sw, "cams": cams,
+            "lidar2ego_translation": [0.985, 0.0, 1.84], "lidar2ego_rotation": [0.706, -0.015, 0.017, -0.707],
+            "ego2global_translation": [600.1, 1647.5, 0.0], "ego2global_rotation": [0.57, -0.002, 0.011, -0.82],
+            "timestamp": ts,
+            "gt_boxes": np.array([[rng.uniform(-50, 50) for _ in range(7)] for _ in range(k)], dtype=np.float64).reshape(k, 7),
+            "gt_names": np.array([rng.choice(["car", "pedestrian", "barrier", "traffic_cone"]) for _ in range(k)]),
+            "gt_velocity": np.zeros((k, 2)), "num_lidar_pts": np.array([rng.randint(0, 900) for _ in range(k)]),
+            "num_radar_pts": np.zeros(k, dtype=np.int64), "valid_flag": np.ones(k, dtype=bool),
+        })
+    return {"infos": infos, "metadata": {"version": "v1.0-trainval"}}, placed
+
+
+def nuscenes_v2_infos(n: int, sweeps: int = 3, seed: int = 2) -> tuple[dict, dict[str, list[str]]]:
+    """mmdet3d v2 (update_infos_to_v2): data_list with file NAMES relative to data_prefix."""
+    rng = random.Random(seed)
+    placed: dict[str, list[str]] = {}
+    data_list = []
+    for i in range(n):
+        ts = 1533151603547590 + i * 500_000
+        images = {}
+        for cam in CAMS:
+            name = _cam_name(cam, ts + 7_000)
+            placed.setdefault(f"samples/{cam}", []).append(name)
+            images[cam] = {"img_path": name, "cam2img": [[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]],
+                           "sample_data_token": _tok(rng), "timestamp": (ts + 7_000) / 1e6,
+                           "cam2ego": [[0.0] * 4] * 4, "lidar2cam": [[1.0] * 4] * 4}
+        lidar = _lidar_name(ts)
+        placed.setdefault("samples/LIDAR_TOP", []).append(lidar)
+        lsw = []
+        for j in range(sweeps):
+            name = _lidar_name(ts - (j + 1) * 50_000)
+            placed.setdefault("sweeps/LIDAR_TOP", []).append(name)
+            lsw.append({"lidar_points": {"lidar_path": f"./data/nuscenes/sweeps/LIDAR_TOP/{name}", "lidar2ego": [[1.0] * 4] * 4,
+                                         "lidar2sensor": [[0.0] * 4] * 4},
+                        "ego2global": [[0.0] * 4] * 4, "timestamp": (ts - (j + 1) * 50_000) / 1e6, "sample_data_token": _tok(rng)})
+        data_list.append({
+            "sample_idx": i, "token": _tok(rng), "timestamp": ts / 1e6, "ego2global": [[0.0] * 4] * 4,
+            "images": images, "lidar_points": {"num_pts_feats": 5, "lidar_path": lidar, "lidar2ego": [[1.0] * 4] * 4},
+            "lidar_sweeps": lsw,
+            "instances": [{"bbox_3d": [rng.uniform(-50, 50) for _ in range(7)], "bbox_label": 0, "bbox_label_3d": 0,
+                           "velocity": [0.0, 0.0], "num_lidar_pts": np.int64(rng.randint(1, 500)), "bbox_3d_isvalid": np.bool_(True)}
+                          for _ in range(rng.randint(0, 5))],
+            "cam_instances": {cam: [] for cam in CAMS},
+        })
+    meta = {"categories": {"car": 0, "pedestrian": 7}, "dataset": "nuscenes", "version": "v1.0-trainval", "info_version": "1.1"}
+    return {"metainfo": meta, "data_list": data_list}, placed
+
+
+def _plain(o: object) -> object:
+    """numpy -> JSON values (how teams export infos to JSON)."""
+    return o.tolist() if isinstance(o, (np.ndarray, np.generic)) else o
+
+
+def _under(prefix: str, placed: dict[str, list[str]], dirs: list[str] | None = None) -> list[str]:
+    return [f"{prefix}/{d}/{name}" for d in (dirs or list(placed)) for name in placed[d]]
+
+
+def test_mmdet3d_v1_pkl_with_numpy_arrays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    doc, placed = nuscenes_v1_infos(40)
+    p = _write(tmp_path / "nuscenes_infos_train.pkl", pickle.dumps(doc, protocol=4))
+    with caplog.at_level(logging.INFO, logger="xdc.filelist"):
+        fl = read_file_list(p, root="s3://drive/nuscenes")
+    assert fl.shape == "mmdet3d-v1"
+    assert fl.selector == "infos[].[lidar_path, cams.*.data_path, sweeps[].data_path]"
+    assert "mmdet3d-v1" in caplog.text and fl.selector in caplog.text  # the user sees what was used
+    keys = set(_keys_of(fl))
+    # "./data/nuscenes/samples/..." joined under the root, "./" dropped
+    assert keys == set(_under("drive/nuscenes/data/nuscenes", placed))
+    assert fl.stats.records == 40 and fl.stats.unreadable_count == 0
+    assert len(keys) == 40 * (1 + 6 + 3)
+
+
+def test_mmdet3d_v1_without_root_reads_paths_as_keys(tmp_path: Path) -> None:
+    doc, placed = nuscenes_v1_infos(3, sweeps=0)
+    for info in doc["infos"]:  # some teams write the bucket into the paths
+        info["lidar_path"] = "s3://drive/" + info["lidar_path"][2:]
+        for cam in info["cams"].values():
+            cam["data_path"] = "drive/" + cam["data_path"][2:]
+    fl = read_file_list(_write(tmp_path / "infos.pkl", pickle.dumps(doc, protocol=2)))
+    assert set(_keys_of(fl)) == set(_under("drive/data/nuscenes", placed))
+
+
+def test_mmdet3d_v2_pkl_needs_and_uses_per_modality_roots(tmp_path: Path) -> None:
+    doc, placed = nuscenes_v2_infos(25)
+    p = _write(tmp_path / "nuscenes_infos_train.pkl", pickle.dumps(doc, protocol=5))
+    with pytest.raises(FileListError, match="relative to a data root.*root="):
+        read_file_list(p)
+    # the data_prefix of mmdet3d's nuScenes config, under the dataset's root
+    root = {"": "s3://drive/nuscenes", "pts": "samples/LIDAR_TOP", "sweeps": "sweeps/LIDAR_TOP",
+            **{cam: f"samples/{cam}" for cam in CAMS}}
+    fl = read_file_list(p, root=root)
+    assert fl.shape == "mmdet3d-v2"
+    assert fl.selector.startswith("data_list[].[{pts: lidar_points.lidar_path}, {\"img:CAM_FRONT\": images.CAM_FRONT.img_path")
+    assert set(_keys_of(fl)) == set(_under("drive/nuscenes", placed))
+    # cameras without their own prefix fall back to `img`, as in mmdet3d
+    root2 = {"": "s3://drive/nuscenes", "pts": "samples/LIDAR_TOP", "sweeps": "sweeps/LIDAR_TOP", "img": "all_cams"}
+    keys2 = set(_keys_of(read_file_list(p, root=root2)))
+    assert {k for k in keys2 if "/all_cams/" in k} == {f"drive/nuscenes/all_cams/{n}" for c in CAMS for n in placed[f"samples/{c}"]}
+
+
+def test_mmdet3d_v2_as_json_is_streamed(tmp_path: Path) -> None:
+    doc, placed = nuscenes_v2_infos(30, sweeps=2)
+    p = _write(tmp_path / "infos.json", json.dumps(doc, default=_plain))
+    root = {"": "drive/nuscenes", "pts": "samples/LIDAR_TOP", "sweeps": "sweeps/LIDAR_TOP", **{c: f"samples/{c}" for c in CAMS}}
+    fl = read_file_list(p, root=root)
+    assert fl.shape == "mmdet3d-v2"
+    assert set(_keys_of(fl)) == set(_under("drive/nuscenes", placed))
+    assert fl.stats.records == 30
+
+
+def _keys_of(fl: filelist.FileList) -> list[str]:
+    return [e.key for e in fl]
+
+
+def coco(n_images: int, annotations_first: bool = False, seed: int = 3) -> tuple[str, list[str]]:
+    rng = random.Random(seed)
+    names = [f"{rng.randrange(10**12):012d}.jpg" for _ in range(n_images)]
+    images = [{"license": 3, "file_name": nm, "coco_url": f"http://images.cocodataset.org/train2017/{nm}", "height": 427,
+               "width": 640, "date_captured": "2013-11-14 11:18:45", "id": i} for i, nm in enumerate(names)]
+    anns = [{"segmentation": [[rng.uniform(0, 600) for _ in range(16)]], "area": 702.1, "iscrowd": 0, "image_id": i % n_images,
+             "bbox": [473.07, 395.93, 38.65, 28.67], "category_id": 18, "id": 1000 + i} for i in range(3 * n_images)]
+    parts: list[tuple[str, object]] = [("info", {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017}),
+                                       ("licenses", [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1}])]
+    body = [("annotations", anns), ("images", images)] if annotations_first else [("images", images), ("annotations", anns)]
+    parts += body + [("categories", [{"supercategory": "animal", "id": 18, "name": "dog"}])]
+    return json.dumps(dict(parts), indent=1), names
+
+
+@pytest.mark.parametrize("annotations_first", [False, True])
+def test_coco_json(tmp_path: Path, annotations_first: bool) -> None:
+    text, names = coco(200, annotations_first)
+    fl = read_file_list(_write(tmp_path / "instances_train2017.json", text), root="s3://drive/coco/train2017/")
+    assert (fl.shape, fl.selector) == ("coco", "images[].file_name")
+    assert _keys_of(fl) == [f"drive/coco/train2017/{nm}" for nm in dict.fromkeys(names)]
+
+
+def test_nuscenes_sample_data_json(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    rows, expect = [], []
+    for i in range(300):
+        ch = ["CAM_FRONT", "LIDAR_TOP", "RADAR_FRONT"][i % 3]
+        key_frame = i % 2 == 0
+        name = f"{'samples' if key_frame else 'sweeps'}/{ch}/{LOG}__{ch}__{1532402927600000 + i}.{'jpg' if ch.startswith('CAM') else 'pcd'}"
+        rows.append({"token": _tok(rng), "sample_token": _tok(rng), "ego_pose_token": _tok(rng),
+                     "calibrated_sensor_token": _tok(rng), "timestamp": 1532402927600000 + i, "fileformat": name[-3:],
+                     "is_key_frame": key_frame, "height": 900 if ch.startswith("CAM") else 0, "width": 1600,
+                     "filename": name, "prev": "", "next": ""})
+        expect.append(f"drive/nuscenes/{name}")
+    fl = read_file_list(_write(tmp_path / "sample_data.json", json.dumps(rows, indent=0)), root="s3://drive/nuscenes")
+    assert (fl.shape, fl.selector) == ("nuscenes", "[].filename")
+    assert _keys_of(fl) == expect
+    # a user narrows it to key frames with their own selector
+    only = read_file_list(tmp_path / "sample_data.json", root="s3://drive/nuscenes", select="[?is_key_frame].filename")
+    assert _keys_of(only) == expect[::2] and only.shape == "custom"
+
+
+def test_json_lines(tmp_path: Path) -> None:
+    lines = [json.dumps({"path": f"s3://drive/lidar/{i:05d}.bin", "size": 1000 + i}) for i in range(50)]
+    lines[7] = "{not json"
+    lines[9] = ""
+    lines[11] = json.dumps({"path": 5})
+    p = _write(tmp_path / "manifest.jsonl", "\n".join(lines) + "\n")
+    fl = read_file_list(p)
+    entries = list(fl)
+    assert fl.shape == "paths"
+    expect = [(f"drive/lidar/{i:05d}.bin", 1000 + i, i + 1) for i in range(50) if i not in (7, 9, 11)]
+    assert [(e.key, e.size, e.line) for e in entries] == expect
+    assert [line for line, _ in fl.stats.unreadable] == [8, 12] and fl.stats.blank == 1
+
+
+def test_json_lines_of_v1_records_and_a_custom_selector(tmp_path: Path) -> None:
+    doc, placed = nuscenes_v1_infos(10, sweeps=1)
+
+    p = _write(tmp_path / "infos.jsonl", "".join(json.dumps(info, default=_plain) + "\n" for info in doc["infos"]))
+    fl = read_file_list(p, root="drive/nuscenes")
+    assert fl.shape == "mmdet3d-v1" and fl.selector == "[lidar_path, cams.*.data_path, sweeps[].data_path]"
+    assert set(_keys_of(fl)) == set(_under("drive/nuscenes/data/nuscenes", placed))
+    front = read_file_list(p, root="drive/nuscenes", select="cams.CAM_FRONT.data_path")
+    assert _keys_of(front) == [f"drive/nuscenes/data/nuscenes/samples/CAM_FRONT/{n}" for n in placed["samples/CAM_FRONT"]]
+
+
+def test_parquet_sensor_columns_incl_list_columns(tmp_path: Path) -> None:
+    n = 120
+    table = pa.table({
+        "frame": list(range(n)),
+        "cam_front": [f"drive/cams/front/{i:06d}.jpg" for i in range(n)],
+        "lidar": [f"s3://drive/lidar/{i:06d}.bin" if i % 10 else None for i in range(n)],
+        "radars": pa.array([[f"drive/radar/{r}/{i:06d}.pcd" for r in ("fl", "fr")] for i in range(n)], pa.list_(pa.string())),
+    })
+    p = tmp_path / "frames.parquet"
+    pq.write_table(table, p, row_group_size=50)
+    fl = read_file_list(p, select="cam_front,lidar,radars")
+    assert fl.selector == "cam_front,lidar,radars"
+    expect = []
+    for i in range(n):
+        expect.append((f"drive/cams/front/{i:06d}.jpg", i + 1))
+        if i % 10:
+            expect.append((f"drive/lidar/{i:06d}.bin", i + 1))
+        expect += [(f"drive/radar/{r}/{i:06d}.pcd", i + 1) for r in ("fl", "fr")]
+    assert [(e.key, e.line) for e in fl] == expect
+    with pytest.raises(FileListError, match="no column 'rear'"):
+        read_file_list(p, select="cam_front,rear")
+    with pytest.raises(FileListError, match="column 'frame' is int64"):
+        read_file_list(p, select="frame")
+
+
+def test_csv_named_and_list_columns_with_root(tmp_path: Path) -> None:
+    p = _write(tmp_path / "frames.csv",
+               'frame,front,cams,size\n1,a/1.jpg,"[""b/1.jpg"", ""c/1.jpg""]",10\n2,a/2.jpg,[],\n3,,"[""b/3.jpg""]",7\n4,a/4.jpg,"[1]",\n')
+    fl = read_file_list(p, select="front,cams", root="s3://drive/ds")
+    got = [(e.key, e.size, e.line) for e in fl]
+    assert got == [("drive/ds/a/1.jpg", None, 2), ("drive/ds/b/1.jpg", None, 2), ("drive/ds/c/1.jpg", None, 2),
+                   ("drive/ds/a/2.jpg", None, 3), ("drive/ds/b/3.jpg", 7, 4), ("drive/ds/a/4.jpg", None, 5)]
+    assert fl.stats.unreadable == [(5, "list cell is not a list of strings: '[1]'")]
+    single = read_file_list(p, select="front", root="drive/ds")
+    assert [(e.key, e.size) for e in single] == [("drive/ds/a/1.jpg", 10), ("drive/ds/a/2.jpg", None), ("drive/ds/a/4.jpg", None)]
+
+
+def test_root_refuses_paths_it_cannot_join(tmp_path: Path) -> None:
+    p = _write(tmp_path / "l.jsonl", '"a/ok.jpg"\n"/abs/x.jpg"\n"../up.jpg"\n"s3://other/y.jpg"\n')
+    fl = read_file_list(p, root="s3://drive/ds")
+    assert _keys_of(fl) == ["drive/ds/a/ok.jpg", "other/y.jpg"]
+    reasons = dict(fl.stats.unreadable)
+    assert "absolute path '/abs/x.jpg' cannot be joined" in reasons[2] and "dot_segment" in reasons[3]
+    for bad in ("s3://", "/abs", "b/../x", "b//x"):
+        with pytest.raises(FileListError, match="bad root"):
+            read_file_list(p, root=bad)
+
+
+# -- selectors that find nothing, and hostile or broken indexes ------------------------------------
+
+def test_selector_that_matches_nothing_says_so(tmp_path: Path) -> None:
+    doc, _ = nuscenes_v1_infos(5)
+    p = _write(tmp_path / "infos.pkl", pickle.dumps(doc))
+    fl = read_file_list(p, select="infos[].lidar_pth", root="drive/x")
+    with pytest.raises(FileListError, match=r"selector 'infos\[\].lidar_pth' matched nothing \(5 records read\).*"
+                                            r"top-level keys \['infos', 'metadata'\]; infos\[0\] has keys \[.*'lidar_path'"):
+        list(fl)
+    pj = _write(tmp_path / "coco.json", coco(5)[0])
+    with pytest.raises(FileListError, match=r"matched nothing.*images\[0\] has keys \[.*'file_name'"):
+        list(read_file_list(pj, select="images[].filename"))
+    with pytest.raises(FileListError, match="bad selector"):
+        read_file_list(pj, select="images[.file_name")
+    with pytest.raises(FileListError, match=r"cannot tell which strings are file paths in top-level keys \['a'\]"):
+        read_file_list(_write(tmp_path / "other.json", '{"a": [{"b": 1}]}'))
+
+
+def test_truncated_pkl(tmp_path: Path) -> None:
+    doc, _ = nuscenes_v1_infos(20)
+    data = pickle.dumps(doc, protocol=4)
+    for cut in (len(data) - 1, len(data) // 2, 11):
+        with pytest.raises(FileListError, match="truncated|cannot be read"):
+            read_file_list(_write(tmp_path / "infos.pkl", data[:cut]))
+
+
+def test_pkl_above_the_document_limit(tmp_path: Path) -> None:
+    p = _write(tmp_path / "infos.pkl", pickle.dumps({"infos": [{"lidar_path": "drive/a/b"}] * 1000}))
+    with pytest.raises(FileListError, match="above the 0 MiB limit"):
+        read_file_list(p, max_document_bytes=1000)
+
+
+def test_pkl_array_claiming_more_than_it_carries(tmp_path: Path) -> None:
+    data = pickle.dumps({"infos": [{"lidar_path": "drive/a/b", "gt_boxes": np.zeros((2, 7))}]}, protocol=2)
+    # rewrite the shape tuple (2, 7) as (2000000000, 7): the bytes stay 112
+    forged = data.replace(b"K\x02K\x07\x86", b"J\x00\x94\x35\x77K\x07\x86", 1)
+    assert forged != data
+    with pytest.raises(FileListError, match=r"claims shape \(2000000000, 7\) of f8 .* but carries 112 bytes"):
+        read_file_list(_write(tmp_path / "infos.pkl", forged))
+
+
+def test_pkl_bomb_of_shared_references(tmp_path: Path) -> None:
+    level: list[object] = ["drive/a/b"]
+    for _ in range(40):  # 2**40 paths through 40 small lists
+        level = [level, level]
+    p = _write(tmp_path / "bomb.pkl", pickle.dumps({"infos": [{"lidar_path": "drive/x/y", "sweeps": level}]}))
+    t0 = time.monotonic()
+    with pytest.raises(FileListError, match="larger than the document itself"):
+        list(read_file_list(p, select="infos[].sweeps"))
+    assert time.monotonic() - t0 < 10
+
+
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(("doc", "select"), [(_DEEP, "[].filename"), ('{"images": ' + _DEEP + "}", "images[].file_name"),
+                                             ('[{"filename": "a", "token": "t"}, ' + _DEEP + "]", "[].filename")])
+def test_json_nesting_bomb(tmp_path: Path, doc: str, select: str) -> None:
+    p = _write(tmp_path / "bomb.json", doc)
+    with pytest.raises(FileListError, match="nested too deeply|cannot tell"):
+        list(read_file_list(p, root="drive/x"))
+    with pytest.raises(FileListError, match="nested too deeply"):
+        list(read_file_list(p, select=select, root="drive/x"))
+
+
+def test_json_with_a_huge_array_in_one_record_is_refused(tmp_path: Path) -> None:
+    big = ",".join(["0"] * (9 << 20))  # 18 Mi characters in one image record
+    p = _write(tmp_path / "coco.json", '{"images": [{"file_name": "a.jpg", "x": [' + big + ']}]}')
+    with pytest.raises(FileListError, match="larger than 16,777,216 characters: refused"):
+        list(read_file_list(p, root="drive/coco"))
+
+
+def test_invalid_json_says_where(tmp_path: Path) -> None:
+    p = _write(tmp_path / "coco.json", '{"images": [{"file_name": "a.jpg"}, {"file_name": "b.jpg"} {"file_name": "c"}]}')
+    fl = read_file_list(p, root="drive/coco")
+    with pytest.raises(FileListError, match=r"invalid JSON at character 59: expected ',' or '\]'"):
+        list(fl)
+
+
+def test_streamed_json_memory_stays_bounded(tmp_path: Path) -> None:
+    """A 60 MB COCO file (annotations first) read in a child process: peak RSS grows by far less
+    than the file (the records are streamed, only the keys' dedupe table stays)."""
+    text, names = coco(40_000, annotations_first=True)
+    text = text.replace('"segmentation": [[', '"segmentation": [[' + "1.5," * 300)  # fatter annotations
+    p = _write(tmp_path / "big.json", text)
+    size_mib = p.stat().st_size / 2**20
+    assert size_mib > 50
+    code = (
+        "import resource, sys; from cache_client.filelist import read_file_list\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "n = sum(1 for _ in read_file_list(sys.argv[1], root='drive/coco'))\n"
+        "print(n, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    n, grew = out.stdout.split()
+    assert int(n) == len(set(names))
+    assert float(grew) < 40, f"peak RSS grew {grew} MiB reading a {size_mib:.0f} MiB file"
