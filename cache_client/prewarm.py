@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,17 @@ class ResolvedList:
     stats: ListStats
     rejected: list[tuple[str, str]]  # (entry, reason): unreadable lines and keys with no place here
     derived: int = 0  # frames replaced by their 720p derivative
+    source: dict[str, Any] = field(default_factory=dict)  # format, shape, selector, root (FileList.describe)
+
+
+Root = str | Mapping[str, str] | None
 
 
 def resolve_list(cfg: XdcConfig, dc: str, list_path: str | Path, *, prefix: str | None = None,
-                 cluster: CacheCluster | None = None) -> ResolvedList:
-    """Read a file list and map each key into `dc` ("bucket/key" there + path in the mount)."""
-    fl = read_file_list(list_path)
+                 select: str | None = None, root: Root = None, cluster: CacheCluster | None = None) -> ResolvedList:
+    """Read a file list or dataset index and map each key into `dc` ("bucket/key" there + path in
+    the mount). `select`/`root`: see cache_client.filelist.read_file_list."""
+    fl = read_file_list(list_path, select=select, root=root)
     mapper = KeyMapper(cfg, dc)
     root = _bucket_root(cfg, dc)
     files: list[CacheFile] = []
@@ -76,7 +82,7 @@ def resolve_list(cfg: XdcConfig, dc: str, list_path: str | Path, *, prefix: str 
         except BadKey as exc:
             rejected.append((e.key, f"line {e.line}: {exc}"))
     rejected = [(f"line {ln}", reason) for ln, reason in fl.stats.unreadable] + rejected
-    res = ResolvedList(files, fl.stats, rejected)
+    res = ResolvedList(files, fl.stats, rejected, source=fl.describe())
     if cfg.prewarm.prefer_derived and cfg.resize is not None:
         _prefer_derived(cfg, dc, res, cluster or cluster_for(cfg, dc))
     return res
@@ -129,14 +135,15 @@ def wait_ready(cfg: XdcConfig, dc: str, bucket_keys: Sequence[str], timeout: flo
 
 # -- the four commands -----------------------------------------------------------------------------
 def plan_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | None = None, *,
-                 prefix: str | None = None, trim: bool = False, cluster: CacheCluster | None = None,
-                 state: PrewarmState | None = None) -> Plan:
+                 prefix: str | None = None, select: str | None = None, root: Root = None, trim: bool = False,
+                 cluster: CacheCluster | None = None, state: PrewarmState | None = None) -> Plan:
     """What a prewarm of this list would do in `dc` (nothing is loaded). `dataset` is only a label."""
     cluster = cluster or cluster_for(cfg, dc)
     state = state or state_for(cfg, dc)
-    res = resolve_list(cfg, dc, list_path, prefix=prefix, cluster=cluster)
+    res = resolve_list(cfg, dc, list_path, prefix=prefix, select=select, root=root, cluster=cluster)
     plan = cluster.plan(res.files, bandwidth=state.bandwidth(dc, cfg.prewarm.default_bandwidth_mib_s), trim=trim)
     plan.rejected = res.rejected
+    plan.source = res.source
     if dataset:
         log.info("plan %s in %s: %s", dataset, dc, plan.summary())
     return plan
@@ -201,7 +208,8 @@ class PrewarmReport:
 
 
 def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | None = None, *,
-                version: str = "", prefix: str | None = None, wait: bool = True, trim: bool = False,
+                version: str = "", prefix: str | None = None, select: str | None = None, root: Root = None,
+                wait: bool = True, trim: bool = False,
                 progress: ProgressSink | None = None, cluster: CacheCluster | None = None,
                 state: PrewarmState | None = None, ready_timeout: float | None = None) -> PrewarmReport:
     """Prewarm a list into `dc`'s cache until every file is verified cached (or rounds run out).
@@ -220,7 +228,7 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
 
     cluster = cluster or cluster_for(cfg, dc)
     state = state or state_for(cfg, dc)
-    res = resolve_list(cfg, dc, list_path, prefix=prefix, cluster=cluster)
+    res = resolve_list(cfg, dc, list_path, prefix=prefix, select=select, root=root, cluster=cluster)
     lap("resolve")
 
     if wait:  # the ready gate: mirrored into this DC, or NotReadyError naming what is not
@@ -232,6 +240,7 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
     bandwidth = state.bandwidth(dc, cfg.prewarm.default_bandwidth_mib_s)
     plan = cluster.plan(res.files, bandwidth=bandwidth, trim=trim)
     plan.rejected = res.rejected
+    plan.source = res.source
     log.info("prewarm %s in %s: %s", dataset or list_path, dc, plan.summary())
     lap("plan")
 
@@ -312,17 +321,18 @@ def _why_not_cached(check: CheckReport, plan: Plan, rounds: list[dict[str, Any]]
 
 
 def check_list(cfg: XdcConfig, dc: str, list_path: str | Path, *, prefix: str | None = None,
-               cluster: CacheCluster | None = None) -> CheckReport:
+               select: str | None = None, root: Root = None, cluster: CacheCluster | None = None) -> CheckReport:
     """Per-file cache status of a list in `dc` (cached / partly / not / missing from the volume)."""
     cluster = cluster or cluster_for(cfg, dc)
-    res = resolve_list(cfg, dc, list_path, prefix=prefix, cluster=cluster)
+    res = resolve_list(cfg, dc, list_path, prefix=prefix, select=select, root=root, cluster=cluster)
     report = cluster.check(res.files)
     report.rejected = res.rejected
     return report
 
 
 def free_list(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | None = None, *,
-              version: str = "", prefix: str | None = None, force: bool = False,
+              version: str = "", prefix: str | None = None, select: str | None = None, root: Root = None,
+              force: bool = False,
               cluster: CacheCluster | None = None, state: PrewarmState | None = None) -> FreeReport:
     """Evict a list from every node of `dc`'s cache, keeping files another active dataset uses.
 
@@ -331,7 +341,7 @@ def free_list(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | Non
     """
     cluster = cluster or cluster_for(cfg, dc)
     state = state or state_for(cfg, dc)
-    res = resolve_list(cfg, dc, list_path, prefix=prefix, cluster=cluster)
+    res = resolve_list(cfg, dc, list_path, prefix=prefix, select=select, root=root, cluster=cluster)
     users = state.users(dc, [f.bucket_key for f in res.files], exclude=(dataset, version) if dataset else None)
     if force:
         evict = res.files

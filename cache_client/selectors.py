@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +185,23 @@ class Roots:
         return self.base + "/" + _relative(path, "path")
 
 
+_TAG_ARG = re.compile(r"^([A-Za-z_][A-Za-z0-9_:.-]*)=(.*)$")
+
+
+def roots_from_args(values: Sequence[str] | None) -> str | dict[str, str] | None:
+    """CLI `--root` values: "PREFIX" (the base) and "TAG=PREFIX" (per-tag, relative to the base)."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for v in values:
+        m = _TAG_ARG.match(v)
+        tag, prefix = (m.group(1), m.group(2)) if m else ("", v)
+        if tag in out:
+            raise FileListError(f"--root given twice for {tag or 'the base'}: {out[tag]!r} and {prefix!r}")
+        out[tag] = prefix
+    return out[""] if list(out) == [""] else out
+
+
 def _relative(path: str, what: str) -> str:
     p = path
     while p.startswith("./"):
@@ -313,4 +331,4 @@ def describe_top(keys: list[str], first: Mapping[str, Any]) -> str:
 
 
 __all__ = ["PATH_FIELDS", "Roots", "Selector", "Shape", "compile_selector", "describe_top", "detect_document",
-           "detect_record", "flatten"]
+           "detect_record", "flatten", "roots_from_args"]

@@ -137,25 +137,27 @@ def cmd_resize_file(args: argparse.Namespace) -> int:
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
     from cache_client import prewarm
+    from cache_client.selectors import roots_from_args
     cfg = _cfg(args)
     dc = args.dc or cfg.require_local_dc()
+    sel = {"select": args.select, "root": roots_from_args(args.root)}
     if args.action == "plan":
-        plan = prewarm.plan_prewarm(cfg, dc, args.list, args.dataset, prefix=args.prefix, trim=args.trim)
+        plan = prewarm.plan_prewarm(cfg, dc, args.list, args.dataset, prefix=args.prefix, trim=args.trim, **sel)
         print(plan.summary(), file=sys.stderr)
         _print(plan.to_dict(args.max_files))
     elif args.action == "run":
         rep = prewarm.run_prewarm(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
-                                  trim=args.trim, wait=not args.no_wait)
+                                  trim=args.trim, wait=not args.no_wait, **sel)
         print(rep.summary(), file=sys.stderr)
         _print(rep.to_dict(args.max_files))
         return 0 if rep.complete else 1
     elif args.action == "check":
-        chk = prewarm.check_list(cfg, dc, args.list, prefix=args.prefix)
+        chk = prewarm.check_list(cfg, dc, args.list, prefix=args.prefix, **sel)
         print(chk.summary(), file=sys.stderr)
         _print(chk.to_dict(args.max_files))
     else:
         fr = prewarm.free_list(cfg, dc, args.list, args.dataset, version=args.version, prefix=args.prefix,
-                               force=args.force)
+                               force=args.force, **sel)
         print(fr.summary(), file=sys.stderr)
         _print(fr.to_dict())
     return 0
@@ -283,7 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                           ("free", "evict from every node, keeping files of other active datasets")):
         sp = add(action, cmd_prewarm, help_, pw)
         sp.set_defaults(action=action)
-        sp.add_argument("--list", required=True, help="file list: txt, csv, parquet or pkl")
+        sp.add_argument("--list", required=True,
+                        help="file list or dataset index: txt, csv, parquet, pkl (mmdet3d infos), json (COCO, "
+                             "nuScenes sample_data), jsonl")
+        sp.add_argument("--select", metavar="EXPR",
+                        help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
+                             "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
+        sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
+                        help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
+                             "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
         sp.add_argument("--dataset")
         sp.add_argument("--version", default="")
         sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from cache_client import filelist
 from cache_client.filelist import MAX_REASONS, ListEntry, read_file_list
+from tests.cache_client.indexes import CAMS, LOG, coco, nuscenes_v1_infos, nuscenes_v2_infos, plain, tok, under
 from xdc.errors import FileListError
 
 
@@ -309,117 +310,8 @@ def test_csv_never_raises_on_garbage_rows(tmp_path: Path, lines: list[str], tail
 
 
 # == dataset indexes ===============================================================================
-# Generated with the nesting the real tools write (mmdet3d create_data / update_infos_to_v2, COCO,
-# nuScenes-devkit). Each generator also returns the file names it placed, from which the tests
-# build the expected keys on their own.
-
-CAMS = ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT"]
-LOG = "n015-2018-07-24-11-22-45+0800"
-
-
-def _tok(rng: random.Random) -> str:
-    return "%032x" % rng.getrandbits(128)
-
-
-def _lidar_name(ts: int) -> str:
-    return f"{LOG}__LIDAR_TOP__{ts}.pcd.bin"
-
-
-def _cam_name(cam: str, ts: int) -> str:
-    return f"{LOG}__{cam}__{ts}.jpg"
-
-
-def nuscenes_v1_infos(n: int, sweeps: int = 3, seed: int = 1) -> tuple[dict, dict[str, list[str]]]:
-    """mmdet3d v1 nuScenes infos: {infos: [...], metadata}; numpy arrays as create_data writes them.
-    Returns (document, {"samples/LIDAR_TOP": [names], "samples/CAM_x": [...], "sweeps/LIDAR_TOP": [...]})."""
-    rng = random.Random(seed)
-    placed: dict[str, list[str]] = {}
-    infos = []
-    for i in range(n):
-        ts = 1532402927647951 + i * 500_000
-        sw = []
-        for j in range(sweeps):
-            name = _lidar_name(ts - (j + 1) * 50_000)
-            placed.setdefault("sweeps/LIDAR_TOP", []).append(name)
-            sw.append({
-                "data_path": f"./data/nuscenes/sweeps/LIDAR_TOP/{name}", "type": "lidar",
-                "sample_data_token": _tok(rng), "sensor2ego_translation": [0.985, 0.0, 1.84],
-                "sensor2ego_rotation": [0.706, -0.015, 0.017, -0.707], "ego2global_translation": [600.1, 1647.5, 0.0],
-                "ego2global_rotation": [0.57, -0.002, 0.011, -0.82], "timestamp": ts - (j + 1) * 50_000,
-                "sensor2lidar_rotation": np.eye(3), "sensor2lidar_translation": np.zeros(3),
-            })
-        cams = {}
-        for cam in CAMS:
-            name = _cam_name(cam, ts + 12_000)
-            placed.setdefault(f"samples/{cam}", []).append(name)
-            cams[cam] = {
-                "data_path": f"./data/nuscenes/samples/{cam}/{name}", "type": cam, "sample_data_token": _tok(rng),
-                "sensor2ego_translation": [1.7, 0.01, 1.51], "sensor2ego_rotation": [0.5, -0.5, 0.5, -0.5],
-                "ego2global_translation": [600.1, 1647.5, 0.0], "ego2global_rotation": [0.57, -0.002, 0.011, -0.82],
-                "timestamp": ts + 12_000, "sensor2lidar_rotation": np.eye(3, dtype=np.float64),
-                "sensor2lidar_translation": np.array([0.0, 0.1, -0.3]),
-                "cam_intrinsic": np.array([[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]]),
-            }
-        lidar = _lidar_name(ts)
-        placed.setdefault("samples/LIDAR_TOP", []).append(lidar)
-        k = rng.randint(0, 20)
-        infos.append({
-            "lidar_path": f"./data/nuscenes/samples/LIDAR_TOP/{lidar}", "token": _tok(rng), "sweeps": sw, "cams": cams,
-            "lidar2ego_translation": [0.985, 0.0, 1.84], "lidar2ego_rotation": [0.706, -0.015, 0.017, -0.707],
-            "ego2global_translation": [600.1, 1647.5, 0.0], "ego2global_rotation": [0.57, -0.002, 0.011, -0.82],
-            "timestamp": ts,
-            "gt_boxes": np.array([[rng.uniform(-50, 50) for _ in range(7)] for _ in range(k)], dtype=np.float64).reshape(k, 7),
-            "gt_names": np.array([rng.choice(["car", "pedestrian", "barrier", "traffic_cone"]) for _ in range(k)]),
-            "gt_velocity": np.zeros((k, 2)), "num_lidar_pts": np.array([rng.randint(0, 900) for _ in range(k)]),
-            "num_radar_pts": np.zeros(k, dtype=np.int64), "valid_flag": np.ones(k, dtype=bool),
-        })
-    return {"infos": infos, "metadata": {"version": "v1.0-trainval"}}, placed
-
-
-def nuscenes_v2_infos(n: int, sweeps: int = 3, seed: int = 2) -> tuple[dict, dict[str, list[str]]]:
-    """mmdet3d v2 (update_infos_to_v2): data_list with file NAMES relative to data_prefix."""
-    rng = random.Random(seed)
-    placed: dict[str, list[str]] = {}
-    data_list = []
-    for i in range(n):
-        ts = 1533151603547590 + i * 500_000
-        images = {}
-        for cam in CAMS:
-            name = _cam_name(cam, ts + 7_000)
-            placed.setdefault(f"samples/{cam}", []).append(name)
-            images[cam] = {"img_path": name, "cam2img": [[1266.4, 0.0, 816.3], [0.0, 1266.4, 491.5], [0.0, 0.0, 1.0]],
-                           "sample_data_token": _tok(rng), "timestamp": (ts + 7_000) / 1e6,
-                           "cam2ego": [[0.0] * 4] * 4, "lidar2cam": [[1.0] * 4] * 4}
-        lidar = _lidar_name(ts)
-        placed.setdefault("samples/LIDAR_TOP", []).append(lidar)
-        lsw = []
-        for j in range(sweeps):
-            name = _lidar_name(ts - (j + 1) * 50_000)
-            placed.setdefault("sweeps/LIDAR_TOP", []).append(name)
-            lsw.append({"lidar_points": {"lidar_path": f"./data/nuscenes/sweeps/LIDAR_TOP/{name}", "lidar2ego": [[1.0] * 4] * 4,
-                                         "lidar2sensor": [[0.0] * 4] * 4},
-                        "ego2global": [[0.0] * 4] * 4, "timestamp": (ts - (j + 1) * 50_000) / 1e6, "sample_data_token": _tok(rng)})
-        data_list.append({
-            "sample_idx": i, "token": _tok(rng), "timestamp": ts / 1e6, "ego2global": [[0.0] * 4] * 4,
-            "images": images, "lidar_points": {"num_pts_feats": 5, "lidar_path": lidar, "lidar2ego": [[1.0] * 4] * 4},
-            "lidar_sweeps": lsw,
-            "instances": [{"bbox_3d": [rng.uniform(-50, 50) for _ in range(7)], "bbox_label": 0, "bbox_label_3d": 0,
-                           "velocity": [0.0, 0.0], "num_lidar_pts": np.int64(rng.randint(1, 500)), "bbox_3d_isvalid": np.bool_(True)}
-                          for _ in range(rng.randint(0, 5))],
-            "cam_instances": {cam: [] for cam in CAMS},
-        })
-    meta = {"categories": {"car": 0, "pedestrian": 7}, "dataset": "nuscenes", "version": "v1.0-trainval", "info_version": "1.1"}
-    return {"metainfo": meta, "data_list": data_list}, placed
-
-
-def _plain(o: object) -> object:
-    """numpy -> JSON values (how teams export infos to JSON)."""
-    return o.tolist() if isinstance(o, (np.ndarray, np.generic)) else o
-
-
-def _under(prefix: str, placed: dict[str, list[str]], dirs: list[str] | None = None) -> list[str]:
-    return [f"{prefix}/{d}/{name}" for d in (dirs or list(placed)) for name in placed[d]]
-
+# Generated by tests/cache_client/indexes.py with the nesting the real tools write; each generator
+# also returns the file names it placed, from which the tests build the expected keys on their own.
 
 def test_mmdet3d_v1_pkl_with_numpy_arrays(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     doc, placed = nuscenes_v1_infos(40)
@@ -431,7 +323,7 @@ def test_mmdet3d_v1_pkl_with_numpy_arrays(tmp_path: Path, caplog: pytest.LogCapt
     assert "mmdet3d-v1" in caplog.text and fl.selector in caplog.text  # the user sees what was used
     keys = set(_keys_of(fl))
     # "./data/nuscenes/samples/..." joined under the root, "./" dropped
-    assert keys == set(_under("drive/nuscenes/data/nuscenes", placed))
+    assert keys == set(under("drive/nuscenes/data/nuscenes", placed))
     assert fl.stats.records == 40 and fl.stats.unreadable_count == 0
     assert len(keys) == 40 * (1 + 6 + 3)
 
@@ -443,7 +335,7 @@ def test_mmdet3d_v1_without_root_reads_paths_as_keys(tmp_path: Path) -> None:
         for cam in info["cams"].values():
             cam["data_path"] = "drive/" + cam["data_path"][2:]
     fl = read_file_list(_write(tmp_path / "infos.pkl", pickle.dumps(doc, protocol=2)))
-    assert set(_keys_of(fl)) == set(_under("drive/data/nuscenes", placed))
+    assert set(_keys_of(fl)) == set(under("drive/data/nuscenes", placed))
 
 
 def test_mmdet3d_v2_pkl_needs_and_uses_per_modality_roots(tmp_path: Path) -> None:
@@ -457,7 +349,7 @@ def test_mmdet3d_v2_pkl_needs_and_uses_per_modality_roots(tmp_path: Path) -> Non
     fl = read_file_list(p, root=root)
     assert fl.shape == "mmdet3d-v2"
     assert fl.selector.startswith("data_list[].[{pts: lidar_points.lidar_path}, {\"img:CAM_FRONT\": images.CAM_FRONT.img_path")
-    assert set(_keys_of(fl)) == set(_under("drive/nuscenes", placed))
+    assert set(_keys_of(fl)) == set(under("drive/nuscenes", placed))
     # cameras without their own prefix fall back to `img`, as in mmdet3d
     root2 = {"": "s3://drive/nuscenes", "pts": "samples/LIDAR_TOP", "sweeps": "sweeps/LIDAR_TOP", "img": "all_cams"}
     keys2 = set(_keys_of(read_file_list(p, root=root2)))
@@ -466,30 +358,16 @@ def test_mmdet3d_v2_pkl_needs_and_uses_per_modality_roots(tmp_path: Path) -> Non
 
 def test_mmdet3d_v2_as_json_is_streamed(tmp_path: Path) -> None:
     doc, placed = nuscenes_v2_infos(30, sweeps=2)
-    p = _write(tmp_path / "infos.json", json.dumps(doc, default=_plain))
+    p = _write(tmp_path / "infos.json", json.dumps(doc, default=plain))
     root = {"": "drive/nuscenes", "pts": "samples/LIDAR_TOP", "sweeps": "sweeps/LIDAR_TOP", **{c: f"samples/{c}" for c in CAMS}}
     fl = read_file_list(p, root=root)
     assert fl.shape == "mmdet3d-v2"
-    assert set(_keys_of(fl)) == set(_under("drive/nuscenes", placed))
+    assert set(_keys_of(fl)) == set(under("drive/nuscenes", placed))
     assert fl.stats.records == 30
 
 
 def _keys_of(fl: filelist.FileList) -> list[str]:
     return [e.key for e in fl]
-
-
-def coco(n_images: int, annotations_first: bool = False, seed: int = 3) -> tuple[str, list[str]]:
-    rng = random.Random(seed)
-    names = [f"{rng.randrange(10**12):012d}.jpg" for _ in range(n_images)]
-    images = [{"license": 3, "file_name": nm, "coco_url": f"http://images.cocodataset.org/train2017/{nm}", "height": 427,
-               "width": 640, "date_captured": "2013-11-14 11:18:45", "id": i} for i, nm in enumerate(names)]
-    anns = [{"segmentation": [[rng.uniform(0, 600) for _ in range(16)]], "area": 702.1, "iscrowd": 0, "image_id": i % n_images,
-             "bbox": [473.07, 395.93, 38.65, 28.67], "category_id": 18, "id": 1000 + i} for i in range(3 * n_images)]
-    parts: list[tuple[str, object]] = [("info", {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017}),
-                                       ("licenses", [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1}])]
-    body = [("annotations", anns), ("images", images)] if annotations_first else [("images", images), ("annotations", anns)]
-    parts += body + [("categories", [{"supercategory": "animal", "id": 18, "name": "dog"}])]
-    return json.dumps(dict(parts), indent=1), names
 
 
 @pytest.mark.parametrize("annotations_first", [False, True])
@@ -507,8 +385,8 @@ def test_nuscenes_sample_data_json(tmp_path: Path) -> None:
         ch = ["CAM_FRONT", "LIDAR_TOP", "RADAR_FRONT"][i % 3]
         key_frame = i % 2 == 0
         name = f"{'samples' if key_frame else 'sweeps'}/{ch}/{LOG}__{ch}__{1532402927600000 + i}.{'jpg' if ch.startswith('CAM') else 'pcd'}"
-        rows.append({"token": _tok(rng), "sample_token": _tok(rng), "ego_pose_token": _tok(rng),
-                     "calibrated_sensor_token": _tok(rng), "timestamp": 1532402927600000 + i, "fileformat": name[-3:],
+        rows.append({"token": tok(rng), "sample_token": tok(rng), "ego_pose_token": tok(rng),
+                     "calibrated_sensor_token": tok(rng), "timestamp": 1532402927600000 + i, "fileformat": name[-3:],
                      "is_key_frame": key_frame, "height": 900 if ch.startswith("CAM") else 0, "width": 1600,
                      "filename": name, "prev": "", "next": ""})
         expect.append(f"drive/nuscenes/{name}")
@@ -537,10 +415,10 @@ def test_json_lines(tmp_path: Path) -> None:
 def test_json_lines_of_v1_records_and_a_custom_selector(tmp_path: Path) -> None:
     doc, placed = nuscenes_v1_infos(10, sweeps=1)
 
-    p = _write(tmp_path / "infos.jsonl", "".join(json.dumps(info, default=_plain) + "\n" for info in doc["infos"]))
+    p = _write(tmp_path / "infos.jsonl", "".join(json.dumps(info, default=plain) + "\n" for info in doc["infos"]))
     fl = read_file_list(p, root="drive/nuscenes")
     assert fl.shape == "mmdet3d-v1" and fl.selector == "[lidar_path, cams.*.data_path, sweeps[].data_path]"
-    assert set(_keys_of(fl)) == set(_under("drive/nuscenes/data/nuscenes", placed))
+    assert set(_keys_of(fl)) == set(under("drive/nuscenes/data/nuscenes", placed))
     front = read_file_list(p, root="drive/nuscenes", select="cams.CAM_FRONT.data_path")
     assert _keys_of(front) == [f"drive/nuscenes/data/nuscenes/samples/CAM_FRONT/{n}" for n in placed["samples/CAM_FRONT"]]
 
@@ -692,3 +570,14 @@ def test_streamed_json_memory_stays_bounded(tmp_path: Path) -> None:
     n, grew = out.stdout.split()
     assert int(n) == len(set(names))
     assert float(grew) < 40, f"peak RSS grew {grew} MiB reading a {size_mib:.0f} MiB file"
+
+
+def test_root_arguments_of_the_cli() -> None:
+    from cache_client.selectors import roots_from_args
+
+    assert roots_from_args(None) is None
+    assert roots_from_args(["s3://drive/nuscenes"]) == "s3://drive/nuscenes"
+    assert roots_from_args(["s3://drive/a=b", "pts=samples/LIDAR_TOP", "img:CAM_FRONT=x"]) == {
+        "": "s3://drive/a=b", "pts": "samples/LIDAR_TOP", "img:CAM_FRONT": "x"}
+    with pytest.raises(FileListError, match="twice"):
+        roots_from_args(["a/b", "c/d"])

@@ -1,6 +1,8 @@
 """The JuiceFS backend and the prewarm flow on real mounts (two nodes of one volume)."""
 from __future__ import annotations
 
+import json
+import pickle
 import posixpath
 import re
 import sqlite3
@@ -17,6 +19,9 @@ from cache_client.progress import Progress
 from xdc.config import CacheConfig
 from xdc.errors import CapacityError, NotReadyError
 
+from tests.cache_client.indexes import CAMS, nuscenes_v2_infos, under
+from tests.mirror.chaos_support import write_config
+from xdc.cli import main as cli_main
 from xdc.config import XdcConfig
 
 MakeFiles = Callable[[str, dict[str, int]], list[str]]
@@ -228,3 +233,35 @@ def test_slice_blocks_and_info_parsing_pure() -> None:
   inode: 5
 """
     assert parse_info_objects(text) == {"/m/b/x": [("vol/chunks/0/0/1_0_1048576", 1048576)], "/m/b/empty": []}
+
+
+def test_cli_prewarm_of_an_mmdet3d_v2_index_with_roots(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`xdc prewarm plan|run --list infos.pkl --root ...` on the real mounts: the v2 index's
+    relative file names are joined to the per-modality roots, found in the volume, warmed and
+    checked; an entry outside every route is reported, not dropped silently."""
+    doc, placed = nuscenes_v2_infos(2, sweeps=1)
+    doc["data_list"][1]["lidar_sweeps"][0]["lidar_points"]["lidar_path"] = "s3://elsewhere-bkt/sweeps/x.bin"
+    placed["sweeps/LIDAR_TOP"].pop()  # that sweep is not ours
+    keys = make_files(bucket, {k: 20 * KIB for k in under("nuscenes", placed)})
+    infos = tmp_path / "nuscenes_infos_train.pkl"
+    infos.write_bytes(pickle.dumps(doc, protocol=4))
+    cfg_file = write_config(make_config(jfs_cache, tmp_path, [bucket]), tmp_path / "xdc.yaml")
+    roots = ["--root", f"s3://{bucket}/nuscenes", "--root", "pts=samples/LIDAR_TOP", "--root", "sweeps=sweeps/LIDAR_TOP",
+             *[a for c in CAMS for a in ("--root", f"{c}=samples/{c}")]]
+
+    assert cli_main(["--config", str(cfg_file), "prewarm", "plan", "--list", str(infos), *roots]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["list"]["shape"] == "mmdet3d-v2" and plan["list"]["selector"].startswith("data_list[].[{pts:")
+    assert (plan["files"], plan["missing_files"], plan["rejected_count"]) == (len(keys), 0, 1)
+    assert "elsewhere-bkt/sweeps/x.bin" in plan["rejected"][0]["reason"] and "no route" in plan["rejected"][0]["reason"]
+
+    assert cli_main(["--config", str(cfg_file), "prewarm", "run", "--no-wait", "--list", str(infos), *roots]) == 1
+    report = json.loads(capsys.readouterr().out)  # exit 1: the rejected entry is not cached
+    assert report["check"]["counts"] == {"cached": len(keys), "partial": 0, "not_cached": 0, "missing": 0}
+    assert [(d["entry"], d["reason"][:7]) for d in report["not_cached"]] == [("elsewhere-bkt/sweeps/x.bin", "line 2:")]
+    check = JuiceFSCluster(jfs_cache).check(files_of(keys))
+    assert check.complete
+    JuiceFSCluster(jfs_cache).free(files_of(keys))
