@@ -261,7 +261,9 @@ def run_prewarm(cfg: XdcConfig, dc: str, list_path: str | Path, dataset: str | N
                  if c.size is not None and c.path not in dropped]
         if not again:
             break
-        replan = cluster.plan(again, bandwidth=bandwidth, trim=trim)
+        # placed within the whole list: `shard` balances over all of it
+        scope = [CacheFile(c.bucket_key, c.path, c.size) for c in check.files if c.size is not None]
+        replan = cluster.plan(again, bandwidth=bandwidth, trim=trim, scope=scope)
         if replan.noop:
             break
         log.info("re-warm %d file loads still not cached", replan.warm_files)

@@ -13,7 +13,7 @@ import pytest
 
 from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
-from cache_client.placement import HashRing
+from cache_client.placement import BalancedPlacement
 from cache_client.prewarm import check_list, free_list, plan_prewarm, run_prewarm, to_cache_file, wait_ready
 from cache_client.progress import Progress
 from xdc.config import CacheConfig
@@ -153,17 +153,19 @@ def test_shard_placement_warms_each_file_on_its_owner_only(
     cluster = JuiceFSCluster(cache)
     files = files_of(keys)
     plan = cluster.plan(files)
-    owner = HashRing(cluster.nodes, cache.virtual_nodes)
+    placed = BalancedPlacement(cluster.nodes).assign(keys, [64 * KIB] * len(keys))
+    owner = {k: n for n, ks in placed.items() for k in ks}
     assert {n: sorted(f.bucket_key for f in s.files) for n, s in plan.shares.items()} == {
-        n: sorted(k for k in keys if owner.node_for(k) == n) for n in cluster.nodes
+        n: sorted(ks) for n, ks in placed.items()
     }
+    assert {n: len(ks) for n, ks in placed.items()} == {"node1": 6, "node2": 6}  # balanced
     cluster.warm(plan)
     check = cluster.check(files)
     assert check.complete
     for f in check.files:
-        assert list(f.cached) == [owner.node_for(f.bucket_key)]
+        assert list(f.cached) == [owner[f.bucket_key]]
     for node in cluster.nodes:  # and nothing on the other node
-        theirs = [f for f in files if owner.node_for(f.bucket_key) != node]
+        theirs = [f for f in files if owner[f.bucket_key] != node]
         assert sum(cluster.cached_bytes(node, theirs).values()) == 0
     cluster.free(files)
 
