@@ -39,14 +39,14 @@ import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, repeat
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
 
 from cache_client import jsonstream, safe_pickle
-from cache_client.keys import validate_key
+from cache_client.keys import all_valid, validate_key
 from cache_client.selectors import (
     PATH_FIELDS, Roots, Selector, Shape, compile_selector, describe_top, detect_document, detect_record, flatten,
 )
@@ -115,6 +115,15 @@ class _HashSet:
         self._table = np.zeros(capacity, dtype=np.uint64)
         self._n = 0
 
+    @classmethod
+    def for_about(cls, entries: int) -> _HashSet:
+        """Sized for about `entries` (growing re-inserts everything: a good guess saves that);
+        from 65,536 to 16 Mi slots (128 MiB)."""
+        slots = 1 << 16
+        while slots * 7 < entries * 10 and slots < 1 << 24:
+            slots *= 2
+        return cls(slots)
+
     def __len__(self) -> int:
         return self._n
 
@@ -143,16 +152,14 @@ class _HashSet:
         while len(todo):
             cur = table[slots]
             vals = values[todo]
-            empty = cur == 0
-            # Several values may want the same empty slot: the first of each wins this round.
-            e_slots = slots[empty]
-            _, win = np.unique(e_slots, return_index=True)
-            winners = np.flatnonzero(empty)[win]
-            table[slots[winners]] = vals[winners]
-            fresh[todo[winners]] = True
-            self._n += len(winners)
+            empty = np.flatnonzero(cur == 0)
+            # Distinct values racing for one empty slot: one write lands, read back to see which.
+            table[slots[empty]] = vals[empty]
+            won = empty[table[slots[empty]] == vals[empty]]
+            fresh[todo[won]] = True
+            self._n += len(won)
             done = cur == vals
-            done[winners] = True
+            done[won] = True
             keep = ~done
             todo = todo[keep]
             slots = (slots[keep] + np.uint64(1)) & mask
@@ -236,7 +243,7 @@ class FileList:
         """The entries in batches (a chunk of the file each): the fast path for large lists."""
         self.stats = stats = ListStats()
         self.complete = False
-        seen = _HashSet() if self.dedupe else None
+        seen = _HashSet.for_about(self.estimate_entries()) if self.dedupe else None
         raw = {"txt": self._raw_txt, "csv": self._raw_csv, "parquet": self._raw_parquet, "pkl": self._raw_pkl,
                "json": self._raw_json, "jsonl": self._raw_jsonl}[self.fmt]
         mark = 0
@@ -255,10 +262,50 @@ class FileList:
     def _finish(self, lines: list[int], paths: list[Any], tags: list[str | None] | None,
                 sizes: list[int | None] | None, stats: ListStats, seen: _HashSet | None) -> EntryBatch:
         """Root join, validation and dedupe of one raw batch."""
+        roots = self.roots if self.roots else None
+        if roots is None and all_valid(paths):  # the common case: no call a key
+            keys, out_lines = paths, lines
+            out_sizes = sizes if sizes is not None else [None] * len(paths)
+        else:
+            keys, out_lines, out_sizes = self._validate(lines, paths, tags, sizes, stats, roots)
+        if seen is not None and keys:
+            fresh = seen.add_batch(_key_hashes(keys))
+            dup = len(keys) - int(fresh.sum())
+            if dup:
+                stats.duplicates += dup
+                sel = fresh.tolist()
+                keys = list(compress(keys, sel))
+                out_lines = list(compress(out_lines, sel))
+                out_sizes = list(compress(out_sizes, sel))
+        stats.entries += len(keys)
+        return EntryBatch(keys, out_sizes, out_lines)
+
+    def estimate_entries(self) -> int:
+        """A guess at the number of entries, to size the dedupe table."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return 0
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        if self.fmt == "parquet":
+            try:
+                pf = _open_parquet(self.path)
+                try:
+                    return int(pf.metadata.num_rows) * max(1, len((self.select or "k").split(",")))
+                finally:
+                    pf.close()
+            except FileListError:
+                return 0
+        per_entry = {"txt": 48, "csv": 64, "jsonl": 96}.get(self.fmt, 256)  # bytes an entry, roughly
+        return st.st_size // per_entry
+
+    @staticmethod
+    def _validate(lines: list[int], paths: list[Any], tags: list[str | None] | None, sizes: list[int | None] | None,
+                  stats: ListStats, roots: Roots | None) -> tuple[list[str], list[int], list[int | None]]:
         keys: list[str] = []
         out_lines: list[int] = []
         out_sizes: list[int | None] = []
-        roots = self.roots if self.roots else None
         for i, (n, p) in enumerate(zip(lines, paths)):
             try:
                 if roots is not None:
@@ -273,17 +320,7 @@ class FileList:
             keys.append(k)
             out_lines.append(n)
             out_sizes.append(sizes[i] if sizes is not None else None)
-        if seen is not None and keys:
-            fresh = seen.add_batch(_key_hashes(keys))
-            dup = len(keys) - int(fresh.sum())
-            if dup:
-                stats.duplicates += dup
-                sel = fresh.tolist()
-                keys = list(compress(keys, sel))
-                out_lines = list(compress(out_lines, sel))
-                out_sizes = list(compress(out_sizes, sel))
-        stats.entries += len(keys)
-        return EntryBatch(keys, out_sizes, out_lines)
+        return keys, out_lines, out_sizes
 
     def _matched_nothing(self, stats: ListStats) -> None:
         what = f"selector {self.selector!r}" if self.selector else "the list"
@@ -333,20 +370,31 @@ class FileList:
     def _raw_txt(self, stats: ListStats) -> Iterator[tuple[list[int], list[Any], None, None]]:
         n = 0
         for chunk_lines in _line_chunks(self.path, stats):
+            if n == 0 and isinstance(chunk_lines[0], str):
+                chunk_lines[0] = chunk_lines[0].removeprefix("\ufeff")
+            if chunk_lines and isinstance(chunk_lines[0], str) and isinstance(chunk_lines[-1], str):
+                # Surrounding whitespace is formatting, not part of the key.
+                stripped = list(map(str.strip, chunk_lines))
+                if all(stripped) and not any(map(str.startswith, stripped, repeat("#"))):  # no blank or comment line
+                    yield list(range(n + 1, n + 1 + len(stripped))), stripped, None, None
+                    n += len(stripped)
+                    continue
             lines: list[int] = []
             paths: list[Any] = []
             for raw in chunk_lines:
                 n += 1
                 if raw is None:
                     continue  # too long: counted by _line_chunks
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    stats.add_unreadable(n, "not utf-8")
-                    continue
+                if isinstance(raw, str):
+                    text = raw
+                else:
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        stats.add_unreadable(n, "not utf-8")
+                        continue
                 if n == 1:
                     text = text.removeprefix("\ufeff")
-                # Surrounding whitespace is taken as formatting, not part of the key.
                 text = text.strip()
                 if not text or text[0] == "#":
                     stats.blank += 1
@@ -416,6 +464,9 @@ class FileList:
                 yield lines, paths, tags if multi else None, sizes
 
     def _raw_parquet(self, stats: ListStats) -> Iterator[tuple[list[int], list[Any], list[str | None] | None, list[int | None] | None]]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         pf = _open_parquet(self.path)
         try:
             cols, size_col = _parquet_columns(self.path, pf, self.select)
@@ -423,6 +474,14 @@ class FileList:
             multi = len(cols) > 1
             n = 0
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=cols + ([size_col] if size_col else [])):
+                if not multi and batch.column(0).null_count == 0 and pa.types.is_string(batch.column(0).type) and (
+                        size_col is None or int(pc.min(batch.column(1)).as_py() or 0) >= 0):
+                    # one string column, no nulls, no negative size: whole columns at once
+                    paths = batch.column(0).to_pylist()
+                    sizes_col = batch.column(1).to_pylist() if size_col else None
+                    yield list(range(n + 1, n + 1 + len(paths))), paths, None, sizes_col
+                    n += batch.num_rows
+                    continue
                 columns = [batch.column(i).to_pylist() for i in range(len(cols))]
                 row_sizes = batch.column(len(cols)).to_pylist() if size_col else None
                 lines: list[int] = []
@@ -752,9 +811,10 @@ def _open_text(path: Path) -> io.TextIOWrapper:
     return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _line_chunks(path: Path, stats: ListStats) -> Iterator[list[bytes | None]]:
-    """The file's lines (split on b"\\n") a read at a time; a line longer than MAX_LINE_BYTES
-    is None (and counted unreadable). A read returns what is there (a FIFO's writer is not
+def _line_chunks(path: Path, stats: ListStats) -> Iterator[list[Any]]:
+    """The file's lines (split on b"\\n") a read at a time: a list of str when the whole read
+    decodes as UTF-8 (the fast, common case), else of bytes, with None for a line longer than
+    MAX_LINE_BYTES (counted unreadable). A read returns what is there (a FIFO's writer is not
     waited for), so the first lines arrive before the file ends."""
     with _open_binary(path) as fh:
         tail = b""
@@ -765,16 +825,25 @@ def _line_chunks(path: Path, stats: ListStats) -> Iterator[list[bytes | None]]:
             if not chunk:
                 break
             data = tail + chunk if tail else chunk
-            parts = data.split(b"\n")
+            parts: list[Any] = data.split(b"\n")
             tail = parts.pop()
             if skipping and parts:
-                parts[0] = None  # type: ignore[call-overload]  # the end of the long line
+                parts[0] = None  # the end of the long line
                 skipping = False
             if len(tail) > MAX_LINE_BYTES:
                 skipping = True
                 tail = b""
-            if skipping and not parts:
+            if not parts:
                 continue
+            if parts[0] is not None and max(map(len, parts)) <= MAX_LINE_BYTES:
+                try:
+                    text = data[:len(data) - len(tail) - 1].decode("utf-8") if not skipping else None
+                except UnicodeDecodeError:
+                    text = None
+                if text is not None:
+                    n += len(parts)
+                    yield text.split("\n")
+                    continue
             out: list[bytes | None] = []
             for raw in parts:
                 n += 1
@@ -783,8 +852,7 @@ def _line_chunks(path: Path, stats: ListStats) -> Iterator[list[bytes | None]]:
                     out.append(None)
                 else:
                     out.append(raw)
-            if out:
-                yield out
+            yield out
         if skipping:
             n += 1
             stats.add_unreadable(n, f"line longer than {MAX_LINE_BYTES:,} bytes")

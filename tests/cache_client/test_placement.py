@@ -246,3 +246,11 @@ def test_cluster_places_a_part_of_a_list_within_the_whole() -> None:
     assert {f.path: n for n, fs in within.items() for f in fs} == {f.path: whole[f.path] for f in part}
     alone = cluster.owners(part)  # placed alone the bounded spill can differ: why scope exists
     assert sorted(f.path for fs in alone.values() for f in fs) == sorted(f.path for f in part)
+
+
+def test_fast_path_equals_the_bounded_algorithm_when_nothing_spills() -> None:
+    h = key_hashes([f"drive/f/{i}" for i in range(50_000)])
+    bp = BalancedPlacement(NODES)
+    fast = bp.assign_hashes(h)  # 50,000 keys: every node within 2 % at home
+    assert (fast == bp._bounded(h, np.ones(len(h), dtype=np.int8), cap=float("inf"))).all()
+    assert (fast == bp.ranks(h)[:, 0]).all()
