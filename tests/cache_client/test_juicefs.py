@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import posixpath
 import re
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -267,3 +269,151 @@ def test_cli_prewarm_of_an_mmdet3d_v2_index_with_roots(
     check = JuiceFSCluster(jfs_cache).check(files_of(keys))
     assert check.complete
     JuiceFSCluster(jfs_cache).free(files_of(keys))
+
+
+# -- the check at scale: one dump + one listing, same answers as the per-file check ------------------
+
+def old_check(cluster: JuiceFSCluster, node: str, files: list[CacheFile]) -> dict[str, int]:
+    """Today's per-file answer, kept as the oracle: block lists per directory / per file, then
+    one exists() per block in the node's cache dir."""
+    root = Path(cluster.node_cfg[node].cache_dir) / cluster._volume_uuid(node) / "raw"
+    blocks = cluster._blocks(files)
+    return {f.path: sum(n for obj, n in blocks[f.path] if (root / obj).exists()) for f in files}
+
+
+def settled(cluster: JuiceFSCluster, files: list[CacheFile], timeout: float = 20) -> None:
+    """Wait until the nodes' caches stop changing: a read through a mount writes its blocks to the
+    cache dir in the background, a moment later."""
+    last: object = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = [sorted(os.listdir(p)) for n in cluster.nodes for p, _, _ in os.walk(cluster.node_cfg[n].cache_dir)]
+        if now == last:
+            return
+        last = now
+        time.sleep(0.5)
+
+
+def _read(mount: str | Path, rel: str, nbytes: int | None = None) -> None:
+    with open(Path(mount) / rel, "rb") as fh:
+        fh.read(nbytes) if nbytes is not None else fh.read()
+
+
+def test_scaled_check_matches_the_per_file_check(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
+    sizes = {f"cams/front/{i:04d}.jpg": 40 * KIB + i for i in range(30)}
+    sizes |= {f"lidar/top/sub/{i:03d}.bin": 9 * KIB for i in range(12)}
+    sizes |= {"lidar/big.bin": 9 * MIB + 7, "lidar/over.bin": 2 * MIB, "cams/empty.jpg": 0, "cams/odd name \u00e9.jpg": 5000}
+    keys = make_files(bucket, sizes)
+    m1, m2 = (Path(n.mount) for n in jfs_cache.nodes)
+    with open(m1 / bucket / "lidar/over.bin", "r+b") as fh:  # a range written twice: overlapping slices
+        fh.seek(MIB)
+        fh.write(b"y" * 100)
+    cluster = JuiceFSCluster(jfs_cache)
+    cluster.free(files_of(keys))
+    # node1: every other front frame, the whole big file, the odd name; node2: the first MiB of big, the sweeps
+    for k in [k for k in sizes if k.startswith("cams/front/")][::2] + ["lidar/big.bin", "cams/odd name \u00e9.jpg", "lidar/over.bin"]:
+        _read(m1 / bucket, k)
+    _read(m2 / bucket, "lidar/big.bin", MIB)
+    for k in [k for k in sizes if k.startswith("lidar/top/")]:
+        _read(m2 / bucket, k)
+    files = [CacheFile(f.bucket_key, f.path, sizes[f.path.split("/", 1)[1]]) for f in files_of(keys)]
+    settled(cluster, files)
+    new = cluster.cached_bytes_nodes({"node1": files, "node2": files})
+    for node in ("node1", "node2"):
+        assert new[node] == old_check(cluster, node, files), node
+    # and against what the test did, independently of both
+    assert new["node1"][f"{bucket}/lidar/big.bin"] == 9 * MIB + 7
+    assert 0 < new["node2"][f"{bucket}/lidar/big.bin"] < 9 * MIB + 7  # the first block(s): read-ahead decides
+    assert new["node1"][f"{bucket}/cams/front/0000.jpg"] == 40 * KIB and new["node1"][f"{bucket}/cams/front/0001.jpg"] == 0
+    assert new["node1"][f"{bucket}/lidar/over.bin"] == 2 * MIB  # settled by `juicefs info`
+    assert all(new["node2"][f"{bucket}/lidar/top/sub/{i:03d}.bin"] == 9 * KIB for i in range(12))
+    assert new["node2"][f"{bucket}/cams/empty.jpg"] == 0
+    # JuiceFS's own aggregate agrees with the sum (without over.bin: --check counts the bytes of
+    # both its slices, 4 MiB "of 4 MiB", where the file holds 2 MiB)
+    plain = [f for f in files if not f.path.endswith("over.bin")]
+    total = sum(f.size or 0 for f in plain)
+    for n in jfs_cache.nodes:
+        ours = 100 * sum(new[n.name][f.path] for f in plain) / total
+        assert abs(float(juicefs_check_ratio(Path(n.mount), [f.path for f in plain])) - ours) <= 0.05 + 1e-9, n.name
+    cluster.free(files)
+
+
+def test_scaled_check_falls_back_when_the_directory_is_mostly_other_files(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cache_client import juicefs as jfs_mod
+
+    keys = make_files(bucket, {f"many/{i:04d}": 3000 for i in range(120)})
+    cluster = JuiceFSCluster(jfs_cache)
+    listed = files_of(keys[:40])
+    for f in listed[::3]:
+        _read(jfs_cache.nodes[0].mount, f.path)
+    settled(cluster, listed)
+    stopped: list[int] = []
+    real = jfs_mod.DumpScan.run
+
+    def run(self: jfs_mod.DumpScan) -> None:
+        try:
+            real(self)
+        except jfs_mod.DumpTooLarge:
+            stopped.append(self.entries)
+            raise
+
+    monkeypatch.setattr(jfs_mod, "DUMP_MAX_MIN", 10)
+    monkeypatch.setattr(jfs_mod, "DUMP_MAX_FACTOR", 2)
+    monkeypatch.setattr(jfs_mod.DumpScan, "run", run)
+    got = cluster.cached_bytes("node1", listed)
+    assert stopped == [81]  # stopped after 2 x 40 + 1 entries, then per directory
+    assert got == old_check(cluster, "node1", listed)
+    assert sorted(p for p, b in got.items() if b) == sorted(f.path for f in listed[::3])
+    cluster.free(files_of(keys))
+
+
+def test_dump_parser_on_names_that_look_like_its_own_fields(tmp_path: Path) -> None:
+    """Pure: directories named "entries"/"attr", quotes and backslashes in names, a hole, trash."""
+    from cache_client.juicefs_scan import DumpScan
+
+    dump = tmp_path / "dump.json"
+    dump.write_text('''{
+  "Setting": {
+    "Name": "v",
+    "BlockSize": 4096,
+    "Tiers": {
+      "0": {"ID": 0}
+    }
+  },
+  "Counters": {"usedSpace": 0},
+  "FSTree": {
+    "attr": {"inode":1,"type":"directory","length":0},
+    "entries": {
+      "entries": {
+        "attr": {"inode":2,"type":"directory","length":0},
+        "entries": {
+          "attr": {
+            "attr": {"inode":3,"type":"regular","length":5},
+            "chunks": [{"index":0,"slices":[{"id":7,"size":5,"len":5}]}]
+          },
+          "q\\"b\\\\s": {
+            "attr": {"inode":4,"type":"regular","length":4194404},
+            "chunks": [{"index":0,"slices":[{"id":0,"len":100},{"id":8,"size":4194304,"pos":100,"len":4194304}]}]
+          }
+        }
+      }
+    }
+  },
+  "Trash": {
+    "entries": {
+      "x": {
+        "attr": {"inode":9,"type":"regular","length":1},
+        "chunks": [{"index":0,"slices":[{"id":9,"size":1,"len":1}]}]
+      }
+    }
+  }
+}
+''')
+    got: dict[str, object] = {}
+    scan = DumpScan("cat", "unused", "", {"entries/attr": 1, 'entries/q"b\\s': 1, "x": 1}, got.__setitem__)
+    scan.cmd = ["cat", str(dump)]
+    scan.run()
+    assert got == {"entries/attr": [("7_0_5", 5)], 'entries/q"b\\s': [("8_0_4194304", 4194304)]}
+    assert scan.entries == 3

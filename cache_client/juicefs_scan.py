@@ -1,0 +1,216 @@
+"""What a JuiceFS node has cached, for many files at once: one metadata dump, one cache listing.
+
+A file is cached on a node when every block object that holds its bytes exists in the node's cache
+directory (<cache_dir>/<volume uuid>/raw/chunks/.../<slice>_<index>_<size>; JuiceFS writes a block
+under a temporary name and renames it, so a block file that exists is complete). The blocks of a
+file come from the volume's metadata: `juicefs dump --subdir DIR` prints every file under DIR with
+its chunks and slices. Instead of one `dump` per directory or one `info` per file (1-8 ms a file),
+`DumpScan` streams ONE dump of the list's top directory and parses it line by line as it arrives,
+and `cached_block_names` lists each node's cache directory once (os.scandir): the cost grows with the
+number of files under the directory and blocks in the cache, at memory speed.
+
+The dump's layout is JuiceFS's own (`juicefs dump`, JSON, 1.x): one entry per line group, two spaces a
+level, an entry's "attr" and "chunks" each on one line. The parser relies on that layout and checks
+it: anything it does not recognise raises CacheError, and callers fall back to per-file `info`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from xdc.errors import CacheError
+
+_NAME_LINE = re.compile(rb'^( *)"((?:[^"\\]|\\.)*)": (.*?),?\r?$')
+_TYPE = re.compile(rb'"type":"(\w+)"')
+
+Blocks = list[tuple[str, int]]  # (block file name "<slice>_<index>_<size>", bytes of the file in it)
+
+
+class DumpTooLarge(CacheError):
+    """The dumped directory holds far more entries than the files asked about."""
+
+
+def cached_block_names(cache_dir: str | Path, uuid: str) -> set[str]:
+    """Names of the complete block files in a node's cache directory (one walk)."""
+    root = Path(cache_dir) / uuid / "raw" / "chunks"
+    out: set[str] = set()
+    stack = [str(root)]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.name[:1].isdigit() and not e.name.endswith(".tmp"):
+                        out.add(e.name)
+        except FileNotFoundError:
+            continue  # nothing cached yet, or a directory removed by eviction meanwhile
+        except OSError as exc:
+            raise CacheError(f"cannot list the cache directory {d}: {exc}") from exc
+    return out
+
+
+def block_names(chunks: list[dict[str, Any]], block: int) -> Blocks | None:
+    """A dumped file's chunks -> [(block file name, bytes of the file in it)]; None when slices
+    overlap (a range written twice: only `juicefs info` resolves which bytes count)."""
+    out: Blocks = []
+    for chunk in chunks:
+        spans = []
+        for sl in chunk.get("slices") or []:
+            sid, size = int(sl.get("id", 0)), int(sl.get("size", 0))
+            off, ln, pos = int(sl.get("off", 0)), int(sl.get("len", 0)), int(sl.get("pos", 0))
+            spans.append((pos, pos + ln))
+            if sid == 0 or ln == 0:
+                continue  # a hole
+            for i in range(off // block, -(-(off + ln) // block)):
+                lo, hi = i * block, min((i + 1) * block, size)
+                used = min(hi, off + ln) - max(lo, off)
+                if used > 0:
+                    out.append((f"{sid}_{i}_{hi - lo}", used))
+        spans.sort()
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            return None
+    return out
+
+
+class DumpScan:
+    """Stream `juicefs dump --subdir /SUBDIR` and report the wanted regular files' blocks.
+
+    `found(path, blocks)` is called for each wanted file in the dump (blocks None: overlapping
+    slices); paths are relative to the volume root ("bkt/dir/file"). `max_entries` stops the dump
+    (DumpTooLarge) once it has shown that many entries: the directory is then mostly other files,
+    and dumping it costs more than asking per directory.
+    """
+
+    def __init__(self, juicefs: str, meta_url: str, subdir: str, wanted: Mapping[str, Any],
+                 found: Callable[[str, Blocks | None], None], *, max_entries: int | None = None,
+                 fast: bool = False, timeout: float = 3600) -> None:
+        self.cmd = [juicefs, "dump", meta_url, "--subdir", "/" + subdir.strip("/")]
+        if fast:
+            self.cmd.append("--fast")
+        self.subdir = subdir.strip("/")
+        self.wanted = wanted
+        self.found = found
+        self.max_entries = max_entries
+        self.timeout = timeout
+        self.entries = 0  # entries seen (files and directories)
+        self.block = 4 << 20
+
+    def run(self) -> None:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    bufsize=1 << 20)
+            assert proc.stdout is not None
+            try:
+                self._parse(proc.stdout)
+            except BaseException:
+                proc.kill()
+                raise
+            finally:
+                proc.stdout.close()
+                try:
+                    code = proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    code = proc.wait()
+            if code != 0:
+                err.seek(0)
+                tail = " | ".join(ln for ln in err.read().decode(errors="replace").splitlines()[-3:] if ln.strip())
+                raise CacheError(f"juicefs dump --subdir /{self.subdir}: exit {code}: {tail}")
+
+    def _parse(self, out: Any) -> None:
+        lines = iter(out)
+        prefix = self.subdir + "/" if self.subdir else ""
+        # Setting (a few lines) first: block size and whether block keys carry a hash prefix.
+        for line in lines:
+            if line.startswith(b'  "Setting": {'):
+                body = [b"{"]
+                for inner in lines:
+                    if inner.startswith(b"  }"):
+                        break
+                    body.append(inner)
+                try:
+                    setting = json.loads(b"".join(body) + b"}")
+                    self.block = int(setting.get("BlockSize", 4096)) * 1024
+                except (ValueError, TypeError) as exc:
+                    raise CacheError(f"juicefs dump: unexpected Setting section: {exc}") from exc
+            elif line.startswith(b'  "FSTree": {'):
+                break
+        else:
+            raise CacheError("juicefs dump: no FSTree in the output")
+        stack: list[str] = []
+        current: str | None = None  # the wanted regular file whose lines we are in
+        wanted = self.wanted
+        limit = self.max_entries
+        for line in lines:
+            m = _NAME_LINE.match(line)
+            if m is None:
+                if line.startswith(b"  }"):  # FSTree closed: the rest (trash) is not ours
+                    return
+                continue  # closing braces
+            indent = len(m.group(1))
+            key = m.group(2)
+            value = m.group(3)
+            if indent % 4 == 2 and indent >= 6:  # an entry: "name": {
+                if value != b"{":
+                    raise CacheError(f"juicefs dump: unexpected entry line {line[:120]!r}")
+                depth = (indent - 6) // 4
+                del stack[depth:]
+                stack.append(_name(key))
+                current = None
+                self.entries += 1
+                if limit is not None and self.entries > limit:
+                    raise DumpTooLarge(f"/{self.subdir} holds more than {limit:,} entries")
+            elif indent >= 8:  # a field of the entry at depth (indent - 8) // 4
+                if key == b"attr":
+                    t = _TYPE.search(value)
+                    if t is None:
+                        raise CacheError(f"juicefs dump: attr without a type: {line[:120]!r}")
+                    if t.group(1) == b"regular" and len(stack) == (indent - 4) // 4:
+                        path = prefix + "/".join(stack)
+                        if path in wanted:
+                            current = path
+                            self.found(path, [])  # no "chunks" line: an empty file
+                elif key == b"chunks" and current is not None:
+                    try:
+                        chunks = json.loads(value)
+                    except ValueError as exc:
+                        raise CacheError(f"juicefs dump: bad chunks of {current}: {exc}") from exc
+                    self.found(current, block_names(chunks, self.block))
+                    current = None
+
+
+def _name(raw: bytes) -> str:
+    if b"\\" in raw:
+        return json.loads(b'"' + raw + b'"')  # type: ignore[no-any-return]
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def common_dir(paths: Iterator[str] | list[str]) -> str:
+    """The deepest directory holding all the paths ("" = the volume root)."""
+    common: list[str] | None = None
+    for p in paths:
+        parts = p.split("/")[:-1]
+        if common is None:
+            common = parts
+            continue
+        n = 0
+        for a, b in zip(common, parts):
+            if a != b:
+                break
+            n += 1
+        if n < len(common):
+            common = common[:n]
+            if not common:
+                return ""
+    return "/".join(common or [])
+
+
+__all__ = ["Blocks", "DumpScan", "DumpTooLarge", "block_names", "cached_block_names", "common_dir"]
