@@ -299,7 +299,20 @@ def _read(mount: str | Path, rel: str, nbytes: int | None = None) -> None:
         fh.read(nbytes) if nbytes is not None else fh.read()
 
 
-def test_scaled_check_matches_the_per_file_check(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
+@pytest.mark.parametrize("dump", ["binary", "json"])
+def test_scaled_check_matches_the_per_file_check(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, dump: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both metadata sources (whole-volume binary dump, streamed JSON dump of the top directory)
+    give the per-file check's answers on files cached whole, partly, not at all, empty, with
+    overwritten ranges, on two nodes."""
+    from cache_client import juicefs as jfs_mod
+
+    monkeypatch.setattr(jfs_mod, "BINARY_MAX_FACTOR", 10**9 if dump == "binary" else 0)
+    used: list[str] = []
+    for cls in (jfs_mod.BinaryScan, jfs_mod.DumpScan):
+        real = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, real=real, name=cls.__name__: (used.append(name), real(self))[1])
     sizes = {f"cams/front/{i:04d}.jpg": 40 * KIB + i for i in range(30)}
     sizes |= {f"lidar/top/sub/{i:03d}.bin": 9 * KIB for i in range(12)}
     sizes |= {"lidar/big.bin": 9 * MIB + 7, "lidar/over.bin": 2 * MIB, "cams/empty.jpg": 0, "cams/odd name \u00e9.jpg": 5000}
@@ -318,7 +331,9 @@ def test_scaled_check_matches_the_per_file_check(jfs_cache: CacheConfig, bucket:
         _read(m2 / bucket, k)
     files = [CacheFile(f.bucket_key, f.path, sizes[f.path.split("/", 1)[1]]) for f in files_of(keys)]
     settled(cluster, files)
+    used.clear()
     new = cluster.cached_bytes_nodes({"node1": files, "node2": files})
+    assert used == ["BinaryScan" if dump == "binary" else "DumpScan"]  # one dump for both nodes
     for node in ("node1", "node2"):
         assert new[node] == old_check(cluster, node, files), node
     # and against what the test did, independently of both
@@ -359,6 +374,7 @@ def test_scaled_check_falls_back_when_the_directory_is_mostly_other_files(
             stopped.append(self.entries)
             raise
 
+    monkeypatch.setattr(jfs_mod, "BINARY_MAX_FACTOR", 0)  # the JSON dump of the top directory
     monkeypatch.setattr(jfs_mod, "DUMP_MAX_MIN", 10)
     monkeypatch.setattr(jfs_mod, "DUMP_MAX_FACTOR", 2)
     monkeypatch.setattr(jfs_mod.DumpScan, "run", run)
