@@ -33,21 +33,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuidlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cache_client.base import CacheFile  # noqa: E402
-from cache_client.juicefs import JuiceFSCluster, format_volume, juicefs_bin, mount_node, umount_node  # noqa: E402
-from xdc.config import CacheConfig, CacheNode  # noqa: E402
+from cache_client.base import CacheFile
+from cache_client.juicefs import (
+    JuiceFSCluster,
+    format_volume,
+    juicefs_bin,
+    mount_node,
+    umount_node,
+)
+from xdc.config import CacheConfig, CacheNode
 
 BUCKET = "bench"
 
 
 def run(args: list[str]) -> str:
-    cp = subprocess.run([juicefs_bin(), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    cp = subprocess.run([juicefs_bin(), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     if cp.returncode:
         raise SystemExit(f"juicefs {args[0]} failed: {cp.stderr[-2000:]}")
     return cp.stdout

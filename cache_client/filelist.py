@@ -48,7 +48,15 @@ import numpy as np
 from cache_client import jsonstream, safe_pickle
 from cache_client.keys import all_valid, validate_key
 from cache_client.selectors import (
-    PATH_FIELDS, Roots, Selector, Shape, compile_selector, describe_top, detect_document, detect_record, flatten,
+    PATH_FIELDS,
+    Roots,
+    Selector,
+    Shape,
+    compile_selector,
+    describe_top,
+    detect_document,
+    detect_record,
+    flatten,
 )
 from xdc.errors import BadKey, FileListError
 
@@ -218,7 +226,6 @@ class FileList:
         self.selector: str | None = None
         self._doc: Any = None  # a pkl loaded while opening, kept for the first iteration
         self._have_doc = False
-        self._columns: tuple[list[int], int | None] | None = None
         self._top = ""  # what the document looks like, for a "matched nothing" error
 
     def __repr__(self) -> str:
@@ -349,7 +356,7 @@ class FileList:
                     header = next(csv.reader(fh), None)
                 except csv.Error as exc:
                     raise FileListError(f"csv file list {self.path}: bad header: {exc}") from None
-                self._columns = cols, _ = _csv_columns(self.path, header, self.select)
+                cols, _ = _csv_columns(self.path, header, self.select)
                 self._announce("csv", ",".join(header[c].strip() for c in cols))  # type: ignore[index]
         elif self.fmt == "parquet":
             pf = _open_parquet(self.path)
@@ -565,18 +572,18 @@ class FileList:
                                          else "JSON nested too deeply")
                     continue
                 stats.records += 1
-                if sel is None:
+                if sel is None and shape is None:  # the first record decides the shape
+                    self._top = f"records like {_describe_doc([rec])}"
+                    shape = detect_record(rec)
                     if shape is None:
-                        self._top = f"records like {_describe_doc([rec])}"
-                        shape = detect_record(rec)
-                        if shape is None:
-                            raise FileListError(
-                                f"{self.path}: line {n}: cannot tell which strings are paths in a record with keys "
-                                f"{sorted(rec)[:12] if isinstance(rec, dict) else type(rec).__name__}; pass select= (JMESPath, per line)")
-                        self._check_root(shape)
-                        self._announce(shape.name, _shape_selector_text(shape))
-                        if shape.name != "paths":
-                            sel = compile_selector(shape.selector, shape.name)
+                        raise FileListError(
+                            f"{self.path}: line {n}: cannot tell which strings are paths in a record with keys "
+                            f"{sorted(rec)[:12] if isinstance(rec, dict) else type(rec).__name__}; "
+                            "pass select= (JMESPath, per line)")
+                    self._check_root(shape)
+                    self._announce(shape.name, _shape_selector_text(shape))
+                    if shape.name != "paths":
+                        sel = compile_selector(shape.selector, shape.name)
                 if sel is None:
                     assert shape is not None
                     self._path_record(rec, n, stats, out)
@@ -789,6 +796,9 @@ def read_file_list(path: str | Path, *, fmt: str | None = None, dedupe: bool = T
         raise FileListError(f"file list {p}: permission denied")
     if select is not None and not select.strip():
         raise FileListError("empty selector")
+    if select is not None and f == "txt":
+        raise FileListError(f"{p}: a txt list is one path a line; select= applies to pkl, json, jsonl (JMESPath) "
+                            "and csv, parquet (column names)")
     fl = FileList(p, f, dedupe=dedupe, select=select, root=root, max_document_bytes=max_document_bytes)
     # Checked only on regular files: opening a FIFO twice would lose its data.
     if stat.S_ISREG(st.st_mode):
@@ -800,7 +810,7 @@ def read_file_list(path: str | Path, *, fmt: str | None = None, dedupe: bool = T
 
 def _open_binary(path: Path) -> io.BufferedReader:
     try:
-        return open(path, "rb", buffering=_READ_CHUNK)  # noqa: SIM115 - closed by the caller's with
+        return open(path, "rb", buffering=_READ_CHUNK)
     except OSError as exc:
         raise FileListError(f"cannot open file list {path}: {exc.strerror or exc}") from None
 
@@ -946,7 +956,7 @@ def _parse_size(value: Any) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise ValueError(value)
+        raise ValueError(value)  # noqa: TRY004 - callers catch ValueError for every bad size
     if isinstance(value, str):
         value = int(value.strip())
     if not isinstance(value, int) or value < 0:
@@ -1051,5 +1061,13 @@ class _Capped(io.RawIOBase):
             raise FileListError("the pickle is larger than max_document_bytes")
 
 
-__all__ = ["EntryBatch", "FileList", "FORMATS", "ListEntry", "ListStats", "MAX_REASONS", "detect_format",
-           "read_file_list"]
+__all__ = [
+    "FORMATS",
+    "MAX_REASONS",
+    "EntryBatch",
+    "FileList",
+    "ListEntry",
+    "ListStats",
+    "detect_format",
+    "read_file_list",
+]

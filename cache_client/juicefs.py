@@ -47,7 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from cache_client.base import CacheCluster, CacheFile, ProgressFn
-from cache_client.juicefs_scan import BinaryScan, DumpScan, DumpTooLarge, cached_block_names, common_dir
+from cache_client.juicefs_scan import (
+    BinaryScan,
+    DumpScan,
+    DumpTooLarge,
+    cached_block_names,
+    common_dir,
+)
 from xdc.config import CacheConfig, CacheNode
 from xdc.errors import CacheError
 
@@ -318,34 +324,26 @@ class JuiceFSCluster(CacheCluster):
         it could not settle (not in the dump, overlapping slices, or a dump stopped as too large)."""
         if len(holders) < SCAN_MIN_FILES:
             return list(holders)
+        settled: set[str] = set()
+
+        def found(path: str, blocks: list[tuple[str, int]] | None) -> None:
+            if blocks is None:
+                settled.discard(path)  # overlapping slices: `juicefs info` decides
+                return
+            account(path, blocks)
+            settled.add(path)
+
         inodes = self._volume_inodes()
         if inodes is not None and inodes <= BINARY_MAX_FACTOR * len(holders):
-            settled: dict[str, bool] = {}
-
-            def found_bin(path: str, blocks: list[tuple[str, int]] | None) -> None:
-                if blocks is not None:
-                    account(path, blocks)
-                    settled[path] = True
-
             with tempfile.TemporaryDirectory(prefix="xdc-jfs-dump-") as tmp:
-                BinaryScan(juicefs_bin(), self.config.meta_url, holders, found_bin, tmp).run()
+                BinaryScan(juicefs_bin(), self.config.meta_url, holders, found, tmp).run()
             return [p for p in holders if p not in settled]
         by_top: dict[str, list[str]] = {}
         for p in holders:
             by_top.setdefault(p.split("/", 1)[0], []).append(p)
         left: list[str] = []
         for paths in by_top.values():
-            top = common_dir(paths)
-            settled: set[str] = set()
-
-            def found(path: str, blocks: list[tuple[str, int]] | None) -> None:
-                if blocks is None:
-                    settled.discard(path)  # overlapping slices: `juicefs info` decides
-                    return
-                account(path, blocks)
-                settled.add(path)
-
-            scan = DumpScan(juicefs_bin(), self.config.meta_url, top, holders, found,
+            scan = DumpScan(juicefs_bin(), self.config.meta_url, common_dir(paths), holders, found,
                             max_entries=max(DUMP_MAX_MIN, DUMP_MAX_FACTOR * len(paths)))
             try:
                 scan.run()
@@ -518,6 +516,13 @@ class JuiceFSCluster(CacheCluster):
 
 
 __all__ = [
-    "JuiceFSCluster", "format_volume", "mount_node", "umount_node", "is_mounted",
-    "parse_info_objects", "read_stats", "run_juicefs", "juicefs_bin",
+    "JuiceFSCluster",
+    "format_volume",
+    "is_mounted",
+    "juicefs_bin",
+    "mount_node",
+    "parse_info_objects",
+    "read_stats",
+    "run_juicefs",
+    "umount_node",
 ]

@@ -22,6 +22,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def chunk_blocks(slices: list[tuple[int, int, int, int, int]], block: int) -> Bl
         spans_ok = True
     else:
         spans = sorted((pos, pos + ln) for pos, _, _, _, ln in slices)
-        spans_ok = not any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+        spans_ok = not any(a[1] > b[0] for a, b in pairwise(spans))
     if not spans_ok:
         return None
     for pos, sid, size, off, ln in slices:
@@ -258,7 +259,8 @@ class BinaryScan:
         self.entries = 0
 
     def run(self) -> None:
-        cp = subprocess.run(self.cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=self.timeout)
+        cp = subprocess.run(self.cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=self.timeout,
+                            check=False)
         if cp.returncode != 0:
             tail = " | ".join(ln for ln in cp.stderr.splitlines()[-3:] if ln.strip())
             raise CacheError(f"juicefs dump --binary: exit {cp.returncode}: {tail}")
@@ -294,7 +296,7 @@ class BinaryScan:
                         self.block = int(fmt.get("BlockSize", 4096)) * 1024
                         continue
                     yield pb["Batch"].FromString(data)
-                except Exception as exc:  # noqa: BLE001 - protobuf/JSON decode errors: an unknown layout
+                except Exception as exc:
                     raise CacheError(f"juicefs dump --binary: unexpected segment: {exc}") from exc
 
     def _paths(self) -> dict[int, str]:
@@ -333,7 +335,7 @@ class BinaryScan:
         return out
 
     def _chunks(self, paths: dict[int, str]) -> None:
-        blocks: dict[str, Blocks | None] = dict.fromkeys(paths.values(), [])  # no chunk: an empty file
+        blocks: dict[str, Blocks | None] = {p: [] for p in paths.values()}  # no chunk: an empty file
         unpack = _SLICE.iter_unpack
         for batch in self._segments(_SEG_CHUNK):
             for c in batch.chunks:

@@ -185,7 +185,7 @@ def _weights(sizes: np.ndarray | None, n: int) -> np.ndarray:
         return np.ones(n, dtype=np.int8)
     if not known.all():
         w = w.copy()
-        w[~known] = max(1, int(round(float(w[known].mean()))))
+        w[~known] = max(1, round(float(w[known].mean())))
     return w
 
 

@@ -45,7 +45,7 @@ class Placeholder(dict):  # type: ignore[type-arg]
 
     xdc_class = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:  # noqa: PYI034 - also called on subclasses' behalf
         obj = dict.__new__(cls)
         obj.xdc_args = args
         return obj
@@ -269,7 +269,7 @@ def _path(*parts: Any) -> str:
 
 
 def _defaultdict(factory: Any = None, *args: Any) -> dict[Any, Any]:
-    return dict()  # the default factory is never kept (it would be called on a missing key)
+    return {}  # the default factory is never kept (it would be called on a missing key)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:

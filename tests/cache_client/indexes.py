@@ -17,7 +17,7 @@ LOG = "n015-2018-07-24-11-22-45+0800"
 
 
 def tok(rng: random.Random) -> str:
-    return "%032x" % rng.getrandbits(128)
+    return f"{rng.getrandbits(128):032x}"
 
 
 def _lidar_name(ts: int) -> str:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +26,16 @@ from hypothesis import strategies as st
 
 from cache_client import filelist
 from cache_client.filelist import MAX_REASONS, ListEntry, read_file_list
-from tests.cache_client.indexes import CAMS, LOG, coco, nuscenes_v1_infos, nuscenes_v2_infos, plain, tok, under
+from tests.cache_client.indexes import (
+    CAMS,
+    LOG,
+    coco,
+    nuscenes_v1_infos,
+    nuscenes_v2_infos,
+    plain,
+    tok,
+    under,
+)
 from xdc.errors import FileListError
 
 
@@ -581,3 +589,19 @@ def test_root_arguments_of_the_cli() -> None:
         "": "s3://drive/a=b", "pts": "samples/LIDAR_TOP", "img:CAM_FRONT": "x"}
     with pytest.raises(FileListError, match="twice"):
         roots_from_args(["a/b", "c/d"])
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_over_long_lines_are_unreadable_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    monkeypatch.setattr(filelist, "MAX_LINE_BYTES", 50)
+    monkeypatch.setattr(filelist, "_READ_CHUNK", 16)  # lines cross reads
+    q = (lambda s: json.dumps(s)) if fmt == "jsonl" else (lambda s: s)
+    data = "\n".join([q("bkt/a"), "x" * 100, q("bkt/b"), q("bkt/" + "c" * 40), "y" * 70])
+    fl = read_file_list(_write(tmp_path / f"l.{fmt}", data))
+    assert [(e.key, e.line) for e in fl] == [("bkt/a", 1), ("bkt/b", 3), ("bkt/" + "c" * 40, 4)]
+    assert fl.stats.unreadable == [(2, "line longer than 50 bytes"), (5, "line longer than 50 bytes")]
+
+
+def test_select_on_a_txt_list_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileListError, match="txt list is one path a line"):
+        read_file_list(_write(tmp_path / "l.txt", "bkt/a\n"), select="x")
