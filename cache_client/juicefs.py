@@ -308,6 +308,11 @@ class JuiceFSCluster(CacheCluster):
             return out
 
         def account(path: str, blocks: list[tuple[str, int]]) -> None:
+            if len(blocks) == 1:  # most frames: one block
+                name, used = blocks[0]
+                for n in holders[path]:
+                    out[n][path] = used if name in listing[n] else 0
+                return
             for n in holders[path]:
                 cached = listing[n]
                 out[n][path] = sum(used for name, used in blocks if name in cached)

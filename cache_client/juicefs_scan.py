@@ -80,6 +80,8 @@ def chunk_blocks(slices: list[tuple[int, int, int, int, int]], block: int) -> Bl
     out: Blocks = []
     if len(slices) == 1:  # the common case: a file written once
         pos, sid, size, off, ln = slices[0]
+        if off == 0 and ln == size <= block:  # ... and smaller than a block: one block, whole
+            return [(f"{sid}_0_{size}", size)] if sid and ln else []
         spans_ok = True
     else:
         spans = sorted((pos, pos + ln) for pos, _, _, _, ln in slices)
@@ -335,20 +337,32 @@ class BinaryScan:
         return out
 
     def _chunks(self, paths: dict[int, str]) -> None:
-        blocks: dict[str, Blocks | None] = {p: [] for p in paths.values()}  # no chunk: an empty file
-        unpack = _SLICE.iter_unpack
+        blocks: dict[str, Blocks] = {}
+        overlap: set[str] = set()
+        unpack, unpack_one = _SLICE.iter_unpack, _SLICE.unpack
+        block = self.block
         for batch in self._segments(_SEG_CHUNK):
             for c in batch.chunks:
                 p = paths.get(c.inode)
-                if p is None:
+                if p is None or p in overlap:
                     continue
-                got = blocks[p]
-                if got is None:
+                raw = c.slices
+                if len(raw) == _SLICE.size:  # one slice (most files): skip the list
+                    pos, sid, size, off, ln = unpack_one(raw)
+                    if off == 0 and ln == size <= block and sid:
+                        part: Blocks | None = [(f"{sid}_0_{size}", size)]
+                    else:
+                        part = chunk_blocks([(pos, sid, size, off, ln)], block)
+                else:
+                    part = chunk_blocks(list(unpack(raw)), block)
+                if part is None:
+                    overlap.add(p)
                     continue
-                part = chunk_blocks(list(unpack(c.slices)), self.block)
-                blocks[p] = None if part is None else got + part
-        for p, b in blocks.items():
-            self.found(p, b)
+                prev = blocks.get(p)
+                blocks[p] = part if prev is None else prev + part  # a chunk per 64 MiB of file
+        found = self.found
+        for p in paths.values():
+            found(p, None if p in overlap else blocks.get(p, []))  # no chunk at all: an empty file
 
 
 def _name(raw: bytes) -> str:
