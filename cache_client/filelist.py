@@ -22,10 +22,12 @@ Memory bounds (what a hostile or broken file can make us hold):
   shape is); one record above jsonstream.MAX_ELEMENT_CHARS (16 Mi characters) is refused. Other
   selectors load the document, refused above `max_document_bytes` (default 1 GiB).
 - pkl: pickle cannot stream; the file is refused above `max_document_bytes` and loaded with
-  cache_client.safe_pickle, which drops numeric array values (so memory stays near the file's size).
-- dedupe: a table of 64-bit hashes (numpy, load <= 0.7: 12-23 bytes a distinct key, ~230 MB at
-  10 million keys), not a set of strings. Two distinct keys share a 64-bit hash with probability
-  about n**2 / 2**65 (~3e-6 at 10 million keys); the later one would be dropped as a duplicate.
+  cache_client.safe_pickle, which drops numeric array values (measured: peak RSS 1.4x the file
+  for mmdet3d v1 infos, 83 MiB for a 58 MiB pkl of 6,000 samples).
+- dedupe: a table of 64-bit hashes (numpy, sized from the file, load <= 0.7: 11-23 bytes a
+  distinct key, 128 MiB at 10 million keys), not a set of strings. Two distinct keys share a
+  64-bit hash with probability about n**2 / 2**65 (~3e-6 at 10 million keys); the later one
+  would be dropped as a duplicate.
 """
 from __future__ import annotations
 
