@@ -362,19 +362,18 @@ class CacheCluster(ABC):
         sizes = self.stat(files)
         present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
 
-        def one(node: str) -> tuple[int, int]:
-            if not present:
-                return 0, 0
-            before = sum(self.cached_bytes(node, present).values())
-            self.evict_node(node, present)
-            after = sum(self.cached_bytes(node, present).values())
-            return before - after, after
-
-        res = self._per_node(one)
+        everyone = {n: present for n in self.nodes}
+        # all nodes' cached bytes in one pass before and after (one metadata scan, not one a node)
+        before = self.cached_bytes_nodes(everyone) if present else {}
+        if present:
+            self._per_node(lambda n: self.evict_node(n, present))
+        after = self.cached_bytes_nodes(everyone) if present else {}
+        was = {n: sum(before.get(n, {}).values()) for n in self.nodes}
+        left = {n: sum(after.get(n, {}).values()) for n in self.nodes}
         return FreeReport(
             files=len(present),
-            freed_bytes={n: r[0] for n, r in res.items()},
-            left_bytes={n: r[1] for n, r in res.items()},
+            freed_bytes={n: was[n] - left[n] for n in self.nodes},
+            left_bytes=left,
             missing=len(files) - len(present),
         )
 
