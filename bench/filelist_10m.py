@@ -52,19 +52,27 @@ def write_txt(path: Path, n: int) -> None:
 
 
 def write_parquet(txt: Path, path: Path) -> None:
+    """The same keys with sizes: log-normal around 300 KB (frames) with a long tail (lidar,
+    4K), so the balance is measured by bytes on uneven files."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    rng = np.random.default_rng(0)
     schema = pa.schema([("key", pa.string()), ("size", pa.int64())])
+
+    def table(keys: list[str]) -> pa.Table:
+        return pa.table({"key": keys, "size": rng.lognormal(12.6, 1.0, len(keys)).astype(np.int64)}, schema=schema)
+
     with pq.ParquetWriter(path, schema) as w, open(txt) as fh:
         batch: list[str] = []
         for line in fh:
             batch.append(line.rstrip("\n"))
             if len(batch) == 500_000:
-                w.write_table(pa.table({"key": batch, "size": [300_000] * len(batch)}, schema=schema))
+                w.write_table(table(batch))
                 batch = []
         if batch:
-            w.write_table(pa.table({"key": batch, "size": [300_000] * len(batch)}, schema=schema))
+            w.write_table(table(batch))
 
 
 def run_phase(phase: str, path: Path, nodes: int) -> dict[str, object]:
