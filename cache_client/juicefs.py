@@ -30,6 +30,7 @@ How each primitive is done, and why (measured with juicefs 1.4.2):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -57,6 +58,7 @@ from cache_client.juicefs_scan import (
 from xdc.config import CacheConfig, CacheNode
 from xdc.errors import CacheError
 
+log = logging.getLogger("xdc.cache.juicefs")
 MIB = 1 << 20
 INFO_BATCH = 256  # paths per `juicefs info` call (argv stays far below ARG_MAX)
 INFO_PROCS = 4  # `juicefs info` / `dump` processes at once
@@ -340,9 +342,13 @@ class JuiceFSCluster(CacheCluster):
 
         inodes = self._volume_inodes()
         if inodes is not None and inodes <= BINARY_MAX_FACTOR * len(holders):
-            with tempfile.TemporaryDirectory(prefix="xdc-jfs-dump-") as tmp:
-                BinaryScan(juicefs_bin(), self.config.meta_url, holders, found, tmp).run()
-            return [p for p in holders if p not in settled]
+            try:
+                with tempfile.TemporaryDirectory(prefix="xdc-jfs-dump-") as tmp:
+                    BinaryScan(juicefs_bin(), self.config.meta_url, holders, found, tmp).run()
+                return [p for p in holders if p not in settled]
+            except CacheError as exc:  # a binary layout this version does not know: the JSON dump
+                log.warning("binary metadata dump unusable (%s); using the JSON dump", exc)
+                settled.clear()
         by_top: dict[str, list[str]] = {}
         for p in holders:
             by_top.setdefault(p.split("/", 1)[0], []).append(p)

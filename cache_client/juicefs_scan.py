@@ -275,6 +275,7 @@ class BinaryScan:
     def _segments(self, want: int) -> Iterator[Any]:
         pb = _pb()
         with open(self.file, "rb", buffering=1 << 20) as fh:
+            end = os.fstat(fh.fileno()).st_size
             while True:
                 head = fh.read(4)
                 if len(head) < 4:
@@ -286,6 +287,8 @@ class BinaryScan:
                 if len(raw) < 8:
                     raise CacheError("juicefs dump --binary: truncated segment header")
                 size = int.from_bytes(raw, "big")
+                if fh.tell() + size > end:  # not JuiceFS's layout as we know it
+                    raise CacheError(f"juicefs dump --binary: segment of type {typ} runs past the end of the file")
                 if typ not in (want, _SEG_FORMAT):
                     fh.seek(size, 1)
                     continue

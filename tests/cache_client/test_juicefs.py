@@ -433,3 +433,23 @@ def test_dump_parser_on_names_that_look_like_its_own_fields(tmp_path: Path) -> N
     scan.run()
     assert got == {"entries/attr": [("7_0_5", 5)], 'entries/q"b\\s': [("8_0_4194304", 4194304)]}
     assert scan.entries == 3
+
+
+def test_an_unknown_binary_dump_layout_falls_back_to_the_json_dump(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cache_client import juicefs as jfs_mod
+    from cache_client import juicefs_scan
+
+    keys = make_files(bucket, {f"fb/{i:03d}": 2000 for i in range(40)})
+    files = files_of(keys)
+    cluster = JuiceFSCluster(jfs_cache)
+    for f in files[:10]:
+        _read(jfs_cache.nodes[0].mount, f.path)
+    settled(cluster, files)
+    monkeypatch.setattr(jfs_mod, "BINARY_MAX_FACTOR", 10**9)
+    monkeypatch.setattr(juicefs_scan, "_EOS", 0xDEAD)  # every real dump now looks truncated
+    got = cluster.cached_bytes("node1", files)
+    assert got == old_check(cluster, "node1", files)
+    assert sorted(p for p, b in got.items() if b) == sorted(f.path for f in files[:10])
+    cluster.free(files)
