@@ -13,12 +13,19 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cache_client.alluxio import AlluxioCluster
 from cache_client.base import CacheFile, FileStatus, get_backend
-from cache_client.placement import HashRing
-from cache_client.prewarm.pipeline import Request, check_list, free_list, run_prewarm, to_cache_file
+from cache_client.placement import BalancedPlacement, key_hashes
+from cache_client.prewarm.pipeline import (
+    Request,
+    check_list,
+    free_list,
+    run_prewarm,
+    to_cache_file,
+)
 from cache_client.prewarm.progress import Progress
 from devtools import alluxio as ax
 from devtools import stack
@@ -217,8 +224,11 @@ def test_shard_placement_puts_each_file_on_its_owner_only(alx: Env, bucket: str)
     alx.put(bucket, sizes)
     cluster = alx.backend("shard")
     files = files_of(bucket, list(sizes))
-    ring = HashRing(["a0", "a1"], cluster.virtual_nodes)
-    owner = {f.path: ring.node_for(f.bucket_key) for f in files}
+    # where the placement (cache_client.placement) puts each file, by its key and its size
+    nodes = ["a0", "a1"]
+    index = BalancedPlacement(nodes).assign_hashes(key_hashes(f.bucket_key for f in files),
+                                                   np.array([sizes[f.path.split("/", 1)[1]] for f in files]))
+    owner = {f.path: nodes[j] for f, j in zip(files, index.tolist())}
     assert set(owner.values()) == {"a0", "a1"}  # both nodes get a share
 
     report = cluster.warm(cluster.plan(files))
