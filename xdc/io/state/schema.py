@@ -109,4 +109,4 @@ CREATE TABLE IF NOT EXISTS conflicts (
 """),
 )
 
-LATEST = MIGRATIONS[-1].version
+LATEST = max(m.version for m in MIGRATIONS)
