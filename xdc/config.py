@@ -297,6 +297,9 @@ class PrewarmSettings(_Model):
     # release_retry_seconds, before it goes to the dead-letter topic
     release_attempts: int = Field(5, ge=1)
     release_retry_seconds: float = Field(2.0, gt=0)
+    # the reconciler leaves a release alone this long after it was published or last tried: the
+    # follower or the DAG may still be on it
+    reconcile_after_seconds: float = Field(600.0, ge=0)
 
 
 class LagSettings(_Model):

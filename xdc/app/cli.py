@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cache_client.prewarm import pipeline
+from cache_client.prewarm.reconcile import reconcile
 from cache_client.prewarm.release import follow_releases, publish_release
 from mirror import dlq
 from mirror.ingest import ingest, scan
@@ -139,6 +140,14 @@ def cmd_prewarm_follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prewarm_reconcile(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        rep = reconcile(topo.here, grace_s=args.grace, dry_run=args.dry_run)
+    print(rep.summary(), file=sys.stderr)
+    _print(rep.to_dict())
+    return 1 if any(r["outcome"] in ("failed", "pending", "incomplete") for r in rep.redriven) else 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     ev = ReleaseEvent(args.dataset, args.version, args.manifest, time.time(), tuple(args.datacenters or ()),
                       prefix=args.prefix)
@@ -245,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
     sp.add_argument("--once", action="store_true")
     sp.add_argument("--max-seconds", type=float)
+    sp = add("reconcile", cmd_prewarm_reconcile,
+             "drive again every release this datacenter has no result for (releases topics vs ledger vs registrations)", pw)
+    sp.add_argument("--dry-run", action="store_true", help="only list what would be driven again")
+    sp.add_argument("--grace", type=float, help="seconds a release is left alone after it was published or tried "
+                                                "(default: prewarm.reconcile_after_seconds)")
 
     sp = add("release", cmd_release, "publish a dataset release event")
     sp.add_argument("--dataset", required=True)

@@ -252,3 +252,26 @@ def test_unreachable_postgres_is_a_transient_error_without_the_password(pg_port:
 def test_bad_url_is_refused() -> None:
     with pytest.raises(ConfigError):
         open_state("mysql://x")
+
+
+# -- release ledger -------------------------------------------------------------------------------
+def test_release_ledger_keeps_a_result_for_the_same_delivery_and_starts_over_for_a_new_one(state: State) -> None:
+    led = state.releases
+    doc = {"type": "dataset.released", "dataset": "cams", "version": "v1", "manifest": "s3://b/m.txt"}
+    e = led.seen("cams", "v1", doc, "A:rel[0]@7", now=100.0)
+    assert (e.state, e.attempts, e.payload, e.first_seen, e.has_result) == ("pending", 0, doc, 100.0, False)
+    led.attempt("cams", "v1")
+    led.note("cams", "v1", "not_ready: list not mirrored yet")
+    led.attempt("cams", "v1")
+    again = led.seen("cams", "v1", doc, "A:rel[0]@7", now=101.0)  # the batch redone: tries are kept
+    assert (again.state, again.attempts, again.detail) == ("pending", 2, "not_ready: list not mirrored yet")
+    led.finish("cams", "v1", "warm", "complete")
+    done = led.seen("cams", "v1", doc, "A:rel[0]@7", now=102.0)  # redone after the result: kept
+    assert (done.state, done.attempts, done.detail, done.has_result) == ("warm", 2, "complete", True)
+    fresh = led.seen("cams", "v1", doc | {"time": "later"}, "A:rel[0]@9", now=103.0)  # published again
+    assert (fresh.state, fresh.attempts, fresh.detail, fresh.first_seen) == ("pending", 0, "", 100.0)
+    led.seen("other", "v2", doc, "dag", state="not_here", now=104.0)
+    assert [x.dataset for x in led.entries()] == ["cams", "other"]
+    assert [x.dataset for x in led.entries(["pending"])] == ["cams"]
+    assert led.entries([]) == [] and led.get("nope", "v") is None
+    assert led.get("other", "v2").state == "not_here"  # type: ignore[union-attr]

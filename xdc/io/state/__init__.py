@@ -12,17 +12,19 @@ from xdc.io.state.base import (
     CatalogEntry,
     Incidents,
     LagHistory,
+    LedgerEntry,
     ObjectCatalog,
     Outgoing,
     PrewarmRecords,
     Registration,
+    ReleaseLedger,
     State,
 )
 from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "Outgoing", "Registration"]
+           "CatalogEntry", "Outgoing", "Registration", "ReleaseLedger", "LedgerEntry"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:

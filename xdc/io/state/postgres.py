@@ -32,6 +32,7 @@ from xdc.io.state.sql import (
     SqlIncidents,
     SqlLagHistory,
     SqlPrewarmRecords,
+    SqlReleaseLedger,
     ThreadConnections,
     Tx,
     entry_of,
@@ -174,6 +175,7 @@ class PostgresState(State):
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
 
     def schema_version(self) -> int:
         return self._version

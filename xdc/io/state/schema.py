@@ -84,6 +84,17 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
+    Migration(2, "release ledger", """
+CREATE TABLE IF NOT EXISTS release_ledger (
+    dataset {text} NOT NULL, version {text} NOT NULL,
+    payload {text} NOT NULL, origin {text} NOT NULL,
+    state {text} NOT NULL
+        CHECK (state IN ('pending', 'warm', 'incomplete', 'dead_lettered', 'failed', 'not_here')),
+    attempts INTEGER NOT NULL DEFAULT 0, detail {text} NOT NULL DEFAULT '',
+    first_seen {float} NOT NULL, updated {float} NOT NULL,
+    PRIMARY KEY (dataset, version)
+)
+"""),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -20,6 +20,7 @@ from xdc.io.state.sql import (
     SqlIncidents,
     SqlLagHistory,
     SqlPrewarmRecords,
+    SqlReleaseLedger,
     ThreadConnections,
     Tx,
 )
@@ -106,6 +107,7 @@ class SqliteState(State):
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
 
     def schema_version(self) -> int:
         return self._version
