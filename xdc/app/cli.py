@@ -31,7 +31,7 @@ from xdc.app.env import load_env_file
 from xdc.app.progress import counter
 from xdc.app.services import serving
 from xdc.config import ResizeSettings, config_path_from_env, load_config
-from xdc.errors import XdcError
+from xdc.errors import ConfigError, XdcError
 from xdc.events import ReleaseEvent
 from xdc.observe.dashboard import serve_dashboard, snapshot_html
 from xdc.observe.lag import record_lag_snapshot
@@ -163,7 +163,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             Path(args.snapshot).write_text(snapshot_html(topo))
             print(f"wrote {args.snapshot}")
             return 0
-        handle = serve_dashboard(topo, args.host, args.port)
+        env = args.token_env or topo.config.metrics.token_env
+        token = None
+        if env:
+            token = os.environ.get(env)
+            if not token:
+                raise ConfigError(f"dashboard: environment variable {env} (the token) is not set")
+        handle = serve_dashboard(topo, args.host, args.port, token=token)
         print(f"dashboard: {handle.url}", flush=True)
         try:
             while True:
@@ -271,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
     sp.add_argument("--snapshot", help="write a static HTML snapshot to this file and exit")
+    sp.add_argument("--token-env", help="env var holding the token the page then asks for (required on any host "
+                                        "but 127.0.0.1; default: metrics.token_env)")
 
     lg = sub.add_parser("lag", help="sync lag").add_subparsers(dest="sub", required=True)
     add("snapshot", cmd_lag_snapshot, "record a lag snapshot per route into this datacenter", lg)
