@@ -5,6 +5,7 @@ each outbox row claimed by one publisher, offsets per partition that never move 
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
 from xdc.io.state import CatalogEntry, Outgoing, State, open_state
-from xdc.io.state.schema import LATEST
+from xdc.io.state.schema import LATEST, MIGRATIONS
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
@@ -53,6 +54,23 @@ def _drain(state: State) -> list[bytes]:
 def test_migrated_to_the_latest_schema_once(url: str) -> None:
     with open_state(url) as a, open_state(url) as b:  # a second opener finds the schema in place
         assert a.schema_version() == b.schema_version() == LATEST
+
+
+def test_a_database_missing_later_migrations_gets_them_in_version_order(tmp_path: Path) -> None:
+    """Versions have gaps (one number reserved per branch): a database made before a migration
+    gets exactly the missing ones, lowest first, whatever their order in MIGRATIONS."""
+    path = tmp_path / "state.db"
+    open_state(f"sqlite:///{path}").close()
+    later = sorted(m.version for m in MIGRATIONS if m.version > 1)
+    with sqlite3.connect(path) as db:  # roll the file back to what migration 1 alone made
+        db.execute("DELETE FROM schema_migrations WHERE version > 1")
+        db.execute("DROP TABLE IF EXISTS release_ledger")
+    with open_state(f"sqlite:///{path}") as st:
+        assert st.schema_version() == LATEST
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT version FROM schema_migrations ORDER BY applied_at, version").fetchall()
+        assert [v for (v,) in rows] == [1, *later]
+        assert db.execute("SELECT COUNT(*) FROM release_ledger").fetchone() == (0,)
 
 
 def test_guard_keeps_newer_rows_and_outbox_only_holds_what_was_applied(state: State) -> None:

@@ -84,7 +84,12 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
-    Migration(2, "release ledger", """
+)
+
+# Each branch appends its own migrations after migration 1; versions may have gaps (a number
+# is reserved per branch) and are applied in version order.
+MIGRATIONS += (
+    Migration(4, "release ledger", """
 CREATE TABLE IF NOT EXISTS release_ledger (
     dataset {text} NOT NULL, version {text} NOT NULL,
     payload {text} NOT NULL, origin {text} NOT NULL,
@@ -97,4 +102,4 @@ CREATE TABLE IF NOT EXISTS release_ledger (
 """),
 )
 
-LATEST = MIGRATIONS[-1].version
+LATEST = max(m.version for m in MIGRATIONS)
