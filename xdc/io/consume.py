@@ -160,6 +160,11 @@ class ConsumeLoop:
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
+                    # Topic metadata first: a group joined before it is known gets an empty first
+                    # assignment and rejoins at once; kafka-python 3.0.12 sometimes stops
+                    # heartbeating after that second join and never notices it was dropped.
+                    for t in s.topics:
+                        s.consumer.partitions_for_topic(t)
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
