@@ -2,7 +2,11 @@
 
 Started by a release event on Kafka (the ``xdc-release`` asset's watcher, topics and connection
 from the config: the local datacenter's releases topic, connection ``kafka.airflow_conn_id`` or
-``xdc_kafka``), or by hand / REST with params {dataset, version, manifest, datacenters, prefix}.
+``xdc_kafka``), by hand / REST with params {dataset, version, manifest, datacenters, prefix}, and
+every 10 minutes (``XDC_RECONCILE_SCHEDULE``, cron or ``none``): the ``reconcile`` task adds the
+releases a datacenter has no result for (the releases topics against its release ledger and
+registrations), which covers a release the watcher lost (its trigger commits the Kafka offset
+before the asset event is stored).
 
 Per (release, datacenter), the phases of the one prewarm pipeline: resolve (the file list is
 fetched and mapped once, kept in the datacenter's state) -> ready gate (every file mirrored into
@@ -14,13 +18,17 @@ Imports inside tasks keep DAG parsing light (Airflow's advice); they are not hid
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from xdc.app.airflow_support import parse_time_config, release_asset, release_watch
+from xdc.app.airflow_support import parse_time_config, release_asset, release_watch, schedule_from_env
 
 CFG = parse_time_config()
-# No config while parsing: manual/REST runs only (a watcher on a guessed topic would crash-loop).
-SCHEDULE = [release_asset(*release_watch(CFG))] if CFG is not None else None
+RECONCILE = schedule_from_env("XDC_RECONCILE_SCHEDULE", "*/10 * * * *")
+SCHEDULE = None  # no config while parsing: manual/REST runs only (a watcher on a guessed topic would crash-loop)
+if CFG is not None:
+    ASSET = release_asset(*release_watch(CFG))
+    SCHEDULE = AssetOrTimeSchedule(timetable=CronTriggerTimetable(RECONCILE, timezone="UTC"), assets=[ASSET]) \
+        if RECONCILE else [ASSET]
 NONE_FAILED = "none_failed"  # a step mapped over nothing (all cached, no release for us) is skipped
 
 
@@ -49,11 +57,19 @@ def xdc_prewarm() -> None:
         return out
 
     @task
-    def units(releases: list[dict]) -> list[dict]:
+    def reconcile() -> list[dict]:
+        """Units for releases some datacenter has no result for (past prewarm.reconcile_after_seconds)."""
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import reconcile_units
+
+        return reconcile_units(load_xdc_config())
+
+    @task
+    def units(releases: list[dict], owed: list[dict]) -> list[dict]:
         from xdc.app.airflow_support import load_xdc_config
         from xdc.app.airflow_tasks import prewarm_units
 
-        return prewarm_units(load_xdc_config(), releases)
+        return prewarm_units(load_xdc_config(), releases, owed)
 
     @task
     def resolve(unit: dict) -> dict:
@@ -103,7 +119,7 @@ def xdc_prewarm() -> None:
 
         return prewarm_outcome(checks)
 
-    gated = ready.expand(unit=resolve.expand(unit=units(releases())))
+    gated = ready.expand(unit=resolve.expand(unit=units(releases(), reconcile())))
     plans = plan.expand(unit=gated)
     warmed = warm.expand(job=node_jobs(plans))
     report(check.partial(warms=warmed).expand(unit=gated))

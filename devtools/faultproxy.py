@@ -2,9 +2,13 @@
 
 Sits on 127.0.0.1 in front of one S3 endpoint and passes requests through, except that it injects,
 at configurable rates: 503 SlowDown (with S3's XML error body), connection resets (the request is
-read, then the socket is closed with RST), added latency, and truncated response bodies (the full
-Content-Length is announced, half the bytes are sent, then the connection is closed). Rules make a
-fault permanent for matching requests (e.g. 403 AccessDenied on one key). Every injection is counted.
+read, then the socket is closed with RST), resets after the fact (the request is forwarded and
+applied upstream, then the client's connection is reset instead of answered: a write that landed
+while the client saw an error), damaged request bodies (bytes flipped on the way upstream),
+added latency, and truncated response bodies (the full Content-Length is announced, half the
+bytes are sent, then the connection is closed). Rules make a fault happen for matching requests,
+always or for the first N of them (e.g. 403 AccessDenied on one key, 500 on a file list's first two
+reads). Every injection is counted, and every request is logged with its time and fate (`log`).
 
 Forwarding is `devtools.httpforward` (Host header unchanged, bodies buffered whole: a test tool).
 """
@@ -26,8 +30,10 @@ from devtools.httpforward import Upstream, forward, read_body, relay, relay_head
 
 log = logging.getLogger(__name__)
 
-Fault = Literal["slowdown", "reset", "latency", "truncate", "access_denied", "internal_error"]
-KINDS: tuple[Fault, ...] = ("slowdown", "reset", "latency", "truncate", "access_denied", "internal_error")
+Fault = Literal["slowdown", "reset", "reset_after", "damage", "latency", "truncate", "access_denied",
+                "internal_error"]
+KINDS: tuple[Fault, ...] = ("slowdown", "reset", "reset_after", "damage", "latency", "truncate", "access_denied",
+                            "internal_error")
 
 _ERRORS = {  # fault -> (status, S3 error code, message)
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
@@ -38,12 +44,14 @@ _ERRORS = {  # fault -> (status, S3 error code, message)
 
 @dataclass(frozen=True)
 class Rule:
-    """A fault that always happens for requests whose decoded path contains `path_contains`
-    (e.g. "/bucket/key") and whose method is in `methods` (empty: any method)."""
+    """A fault for requests whose decoded path contains `path_contains` (e.g. "/bucket/key") and
+    whose method is in `methods` (empty: any method): for every such request, or with `times` for
+    the first `times` of them only."""
 
     fault: Fault
     path_contains: str
     methods: tuple[str, ...] = ()
+    times: int = 0  # 0: always
 
     def matches(self, method: str, path: str) -> bool:
         return (not self.methods or method in self.methods) and self.path_contains in path
@@ -51,11 +59,14 @@ class Rule:
 
 @dataclass
 class FaultPlan:
-    """Rates are probabilities per request, checked in this order: reset, slowdown, then
-    (after forwarding) truncate; latency is independent and adds `latency_s` before forwarding."""
+    """Rates are probabilities per request, checked in this order: reset, reset_after, damage
+    (requests with a body), slowdown, then (after forwarding) truncate; latency is independent and
+    adds `latency_s` before forwarding."""
 
     slowdown: float = 0.0
     reset: float = 0.0
+    reset_after: float = 0.0
+    damage: float = 0.0
     latency: float = 0.0
     latency_s: float = 0.05
     truncate: float = 0.0
@@ -72,6 +83,8 @@ class FaultProxy:
         self.upstream = Upstream.parse(upstream)
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()  # injected faults by kind, plus "requests"
+        self.log: list[tuple[float, str, str, str]] = []  # (time, method, path, fault or "ok") per request
+        self._rule_hits: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -115,12 +128,28 @@ class FaultProxy:
         with self._lock:
             return self._rng.random() < rate
 
-    def decide_before(self, method: str, path: str) -> Fault | None:
-        for r in self.plan.rules:
-            if r.matches(method, path) and r.fault != "truncate":
+    def _rule(self, method: str, path: str, truncate: bool) -> Fault | None:
+        """The first matching rule with tries left (counted), or None."""
+        with self._lock:
+            for i, r in enumerate(self.plan.rules):
+                if (r.fault == "truncate") != truncate or not r.matches(method, path):
+                    continue
+                if r.times and self._rule_hits[i] >= r.times:
+                    continue
+                self._rule_hits[i] += 1
                 return r.fault
+        return None
+
+    def decide_before(self, method: str, path: str, body_len: int = 0) -> Fault | None:
+        rule = self._rule(method, path, truncate=False)
+        if rule is not None:
+            return rule
         if self._roll(self.plan.reset, method):
             return "reset"
+        if self._roll(self.plan.reset_after, method):
+            return "reset_after"
+        if body_len and self._roll(self.plan.damage, method):
+            return "damage"
         if self._roll(self.plan.slowdown, method):
             return "slowdown"
         return None
@@ -128,9 +157,18 @@ class FaultProxy:
     def decide_truncate(self, method: str, path: str, body_len: int) -> bool:
         if method == "HEAD" or body_len < self.plan.truncate_min_bytes:
             return False
-        if any(r.fault == "truncate" and r.matches(method, path) for r in self.plan.rules):
+        if self._rule(method, path, truncate=True) is not None:
             return True
         return self._roll(self.plan.truncate, method)
+
+    def _logged(self, method: str, path: str, fate: str) -> None:
+        with self._lock:
+            self.log.append((time.time(), method, path, fate))
+
+    def requests_to(self, path_contains: str, method: str | None = None) -> list[tuple[float, str, str, str]]:
+        """The logged requests whose path contains `path_contains` (and of `method`), in order."""
+        with self._lock:
+            return [x for x in self.log if path_contains in x[2] and (method is None or x[1] == method)]
 
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -154,7 +192,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             proxy._count("requests")
             method, path = self.command, unquote(self.path.split("?")[0])
             body = read_body(self)
-            fault = proxy.decide_before(method, path)
+            fault = proxy.decide_before(method, path, len(body))
+            proxy._logged(method, path, fault or "ok")
             if fault == "reset":
                 proxy._count("reset")
                 self._reset()
@@ -163,10 +202,18 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 proxy._count(fault)  # type: ignore[arg-type]
                 self._error(fault)  # type: ignore[arg-type]
                 return
+            if fault == "damage":  # one byte flipped in the middle: what a bad NIC or middlebox does
+                proxy._count("damage")
+                i = len(body) // 2
+                body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
             if proxy._roll(proxy.plan.latency, method):
                 proxy._count("latency")
                 time.sleep(proxy.plan.latency_s)
             ans = forward(proxy.upstream, method, self.path, self.headers.items(), body)
+            if fault == "reset_after":  # applied upstream; the client never hears of it
+                proxy._count("reset_after")
+                self._reset()
+                return
             if not proxy.decide_truncate(method, path, len(ans.body)):
                 relay(self, ans)
                 return

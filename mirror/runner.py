@@ -199,6 +199,12 @@ class Mirror:
         self.stats.ignored[reason] += n
         self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
 
+    def on_applied_through(self, source: str, at: float) -> None:
+        """Every event `source` published before `at` is applied here (the consume loop's probe)."""
+        for r in self.routes:
+            if r.source.dc == source:
+                self.metrics.replication_applied_through_timestamp_seconds.labels(r.name, source, self.dc).set(at)
+
     def _validate_and_route(self, batch: Batch, letters: list[Letter]) -> list[Routed]:
         m = self.settings
         routes = [r for r in self.routes if r.source.dc == batch.source]
@@ -264,6 +270,10 @@ class Mirror:
                 unavailable.append((it, exc))
                 continue
             except StoreError as exc:  # permanent, or still failing after the copy's retries
+                away = self._endpoint_away(it) if exc.retriable else None
+                if away is not None:  # not the object's fault: the batch waits for the endpoint
+                    unavailable.append((it, away))
+                    continue
                 reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
                 letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
                 self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
@@ -273,6 +283,19 @@ class Mirror:
                 self.stats.bytes_copied += copied
                 self.metrics.bytes_copied_total.labels(route=it.route.name).inc(copied)
         return entries, unavailable
+
+    def _endpoint_away(self, it: Routed) -> StoreError | None:
+        """After a copy's retries are spent on errors that may pass (timeouts, resets, 5xx): is
+        an endpoint down, or is it this object? One HEAD bucket each way, not retried: an error
+        there (a link cut mid-copy shows as read timeouts first, then as unreachable) means the
+        endpoint, and the batch waits instead of dead-lettering the object."""
+        for store, bucket in ((self._source(it), it.event.bucket), (self.target, it.target_bucket)):
+            try:
+                store.ping(bucket)
+            except StoreError as exc:
+                if exc.retriable:
+                    return exc
+        return None
 
     def _source(self, it: Routed) -> S3Store:
         return self.topology.site(it.route.source.dc).store

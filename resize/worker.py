@@ -29,6 +29,7 @@ from resize.sandbox import SandboxPool
 from xdc.config import ResizeSettings, parse_config
 from xdc.errors import EventError, ObjectNotFound, ResizeError, XdcError
 from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, reconcile_record
+from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, LoopStats, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, kafka_errors
@@ -234,6 +235,7 @@ class ResizeWorker:
             outcomes.append(self._finish(*in_flight.pop(0)))
         with kafka_errors("flush resize events"):
             self.producer.flush(timeout=60)
+        crash_point("resize.after_publish")  # derivative events out; offsets not committed
         return outcomes
 
     def _already_done(self, t: Task) -> bool:
@@ -258,6 +260,7 @@ class ResizeWorker:
             o = Outcome(task, "quarantined", reason="unexpected_error", detail=repr(exc)[:300])
         m = self.metrics
         if o.result in ("resized", "copied"):
+            crash_point("resize.after_upload")  # the derivative is in the store, its event not yet sent
             self._publish(o.task, o)
             m.resize_bytes_in_total.inc(o.bytes_in)
             m.resize_bytes_out_total.inc(o.bytes_out)

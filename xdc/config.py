@@ -335,6 +335,9 @@ class PrewarmSettings(_Model):
     # release_retry_seconds, before it goes to the dead-letter topic
     release_attempts: int = Field(5, ge=1)
     release_retry_seconds: float = Field(2.0, gt=0)
+    # the reconciler leaves a release alone this long after it was published or last tried: the
+    # follower or the DAG may still be on it
+    reconcile_after_seconds: float = Field(600.0, ge=0)
 
 
 class LagSettings(_Model):
@@ -346,6 +349,26 @@ class LagSettings(_Model):
 class MetricsSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0)  # 0: no /metrics endpoint
+    # env var holding the token every path but /healthz and /readyz then needs (Bearer, or Basic
+    # with it as the password); required on any host but loopback. Also the dashboard's default.
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _guarded(self) -> MetricsSettings:
+        loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
+        if self.port and not loopback and not self.token_env:
+            raise ValueError(f"host {self.host} is reachable from other machines: set token_env "
+                             "(the env var holding a token the scrape and the dashboard must send) or bind 127.0.0.1")
+        return self
+
+    def token(self) -> str | None:
+        """The token, read from `token_env` (ConfigError when that variable is not set)."""
+        if not self.token_env:
+            return None
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"metrics.token_env: environment variable {self.token_env} is not set")
+        return value
 
 
 class XdcConfig(_Model):

@@ -103,7 +103,8 @@ class ReleaseEvent:
     deadline: float | None = None  # epoch seconds by which the dataset should be hot
     prefix: str | None = None  # keys of the list must stay under this bucket/prefix
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
+        """The release document (what `parse_release` reads back)."""
         d: dict[str, Any] = {"type": RELEASE_TYPE, "dataset": self.dataset, "version": self.version,
                              "manifest": self.manifest, "time": iso(self.time),
                              "datacenters": list(self.datacenters)}
@@ -111,7 +112,10 @@ class ReleaseEvent:
             d["deadline"] = iso(self.deadline)
         if self.prefix is not None:
             d["prefix"] = self.prefix
-        return json.dumps(d).encode()
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
 
 
 @dataclass(frozen=True)

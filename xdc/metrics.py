@@ -46,6 +46,12 @@ class Metrics:
             "Replication lag: seconds from the S3 event time in the source datacenter to the time "
             "the change was applied in the target datacenter; one observation per applied event.",
             ["route", "source_dc", "target_dc"], buckets=LAG_BUCKETS, registry=r)
+        self.replication_applied_through_timestamp_seconds = Gauge(
+            "xdc_replication_applied_through_timestamp_seconds",
+            "Unix time T such that every change event the source datacenter published before T has been "
+            "handled in the target (applied, ignored or dead-lettered). time() minus it bounds the lag of "
+            "every event still pending, and keeps growing while the source cannot be reached.",
+            ["route", "source_dc", "target_dc"], registry=r)
         self.consumer_lag_messages = Gauge(
             "xdc_consumer_lag_messages",
             "Kafka consumer lag in messages: partition highwater minus the group's committed offset.",

@@ -185,6 +185,40 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
     assert {r["dc"] for r in freed} == {"A", "B"} and all(r["complete"] for r in freed)
 
 
+def test_prewarm_dag_takes_a_release_the_watcher_lost(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any],
+                                                     config_writer: Callable[..., Path],
+                                                     file_maker: Callable[..., dict[str, bytes]], xcfg: XdcConfig,
+                                                     tmp_path: Path, tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release on Kafka that no run took (the watcher committed its offset, then died before the
+    asset event was stored): the scheduled run's reconcile task finds it without a result in B and
+    the run warms it; the next run finds the result in B's ledger and does nothing."""
+    import time
+
+    from cache_client.prewarm.release import publish_release
+    from xdc.events import ReleaseEvent
+
+    path = config_writer(xcfg, tmp_path / "xdc.yaml", tag, prewarm={"reconcile_after_seconds": 0})
+    monkeypatch.setenv("XDC_CONFIG", str(path))
+    files = file_maker(tmp_path / "src", tag, 3)
+    ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
+    with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
+        assert m.run(once=True).applied == 3
+    listing = tmp_path / "release.txt"
+    listing.write_text("".join(f"{SRC}/{k}\n" for k in files))
+    publish_release(site(xcfg, "A"), ReleaseEvent(f"lost-{tag}", "v1", str(listing), time.time(), ("B",)))
+
+    run = run_dag("xdc_prewarm")  # as the 10-minute schedule starts it: no asset event, no params
+    assert run.state == "success"
+    owed = dag_xcom(run, "reconcile")
+    assert [(u["release"]["dataset"], u["dc"]) for u in owed] == [(f"lost-{tag}", "B")]
+    assert [(r["dc"], r["dataset"], r["complete"]) for r in dag_xcom(run, "report")] == [("B", f"lost-{tag}", True)]
+    assert check_list(site(xcfg, "B"), Request(str(listing))).cached_ratio == 1.0
+    entry = site(xcfg, "B").state.releases.get(f"lost-{tag}", "v1")
+    assert entry is not None and entry.state == "warm" and entry.origin.startswith("A:")
+    again = run_dag("xdc_prewarm")
+    assert again.state == "success" and dag_xcom(again, "reconcile") == []
+
+
 # -- the glue the DAGs call, without servers ---------------------------------------------------------
 def two_dc_config(tmp_path: Path, **over: Any) -> XdcConfig:
     from xdc.config import parse_config

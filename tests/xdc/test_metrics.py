@@ -12,6 +12,7 @@ from xdc.metrics import LAG_BUCKETS, METRICS, REGISTRY, Metrics, new_registry
 # The contract other components, the alert rules and the dashboard rely on.
 EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_replication_lag_seconds": ("histogram", {"route", "source_dc", "target_dc"}),
+    "xdc_replication_applied_through_timestamp_seconds": ("gauge", {"route", "source_dc", "target_dc"}),
     "xdc_consumer_lag_messages": ("gauge", {"group", "topic", "partition"}),
     "xdc_objects_pending": ("gauge", {"route"}),
     "xdc_bytes_pending": ("gauge", {"route"}),

@@ -4,7 +4,9 @@ The DAG files only wire them into tasks; each takes and returns plain, JSON-able
 a task's inputs and outputs are readable in the UI and the logic is tested without Airflow. The
 prewarm tasks are the phases of the one pipeline (cache_client.prewarm.pipeline): the file list is
 fetched and resolved once per (release, datacenter) by `unit_resolve`, kept in that datacenter's
-state, and the later tasks read it from there.
+state, and the later tasks read it from there. Each unit is recorded in its datacenter's release
+ledger when the run takes it (`prewarm_units`) and gets its outcome there in `unit_check`; the
+`reconcile_units` task adds the releases some datacenter has no result for.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from cache_client.base import NodeWarmResult
 from cache_client.prewarm import pipeline
+from cache_client.prewarm.reconcile import owed_releases
 from cache_client.prewarm.release import request_of, wants
 from mirror.runner import Mirror
 from mirror.verify import verify_route
@@ -43,17 +46,51 @@ def release_from_params(params: Mapping[str, Any], now: float | None = None) -> 
     return release_payload(doc)
 
 
-def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc"}."""
-    topo = Topology(cfg)
-    units = []
-    for payload in releases:
-        ev = parse_release(payload)
-        names = list(ev.datacenters) or [s.name for s in topo.prewarm_sites()]
-        for name in names:
-            if wants(topo.site(name), ev):  # ConfigError for a datacenter the config does not know
-                units.append({"release": dict(payload), "dc": name})
+def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]],
+                  owed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc", "origin"},
+    plus the units `reconcile_units` found owed that no release of this run covers. Every unit is
+    recorded as pending in its datacenter's release ledger."""
+    units: list[dict[str, Any]] = []
+    with Topology(cfg) as topo:
+        for payload in releases:
+            ev = parse_release(payload)
+            names = list(ev.datacenters) or [s.name for s in topo.prewarm_sites()]
+            for name in names:
+                if wants(topo.site(name), ev):  # ConfigError for a datacenter the config does not know
+                    units.append({"release": dict(payload), "dc": name, "origin": _dag_origin(payload)})
+        taken = {(u["release"]["dataset"], str(u["release"]["version"]), u["dc"]) for u in units}
+        units += [u for u in owed or [] if (u["release"]["dataset"], str(u["release"]["version"]), u["dc"]) not in taken]
+        for u in units:
+            ev = parse_release(u["release"])
+            topo.site(u["dc"]).state.releases.seen(ev.dataset, ev.version, ev.to_dict(), u["origin"])
     return units
+
+
+def _dag_origin(payload: Mapping[str, Any]) -> str:
+    src = payload.get("source") or {}
+    if src.get("topic"):  # from the release watcher: the Kafka delivery
+        return f"dag:{src['topic']}[{src.get('partition')}]@{src.get('offset')}"
+    return "dag:manual"
+
+
+def reconcile_units(cfg: XdcConfig) -> list[dict[str, Any]]:
+    """Units for the releases each prewarm datacenter has no result for (the releases topics
+    against its ledger and registrations; see cache_client.prewarm.reconcile), past the grace
+    period: what a release watcher lost, or a run that died before recording anything."""
+    grace = cfg.prewarm.reconcile_after_seconds
+    out = []
+    with Topology(cfg) as topo:
+        for site in topo.prewarm_sites():
+            for owed in owed_releases(site):
+                entry = site.state.releases.get(owed.release.dataset, owed.release.version)
+                last = max(owed.published, entry.updated if entry is not None else 0.0)
+                if time.time() - last < grace:
+                    continue
+                log.warning("release %s has no result in %s (%s): this run takes it", owed.label, site.name,
+                            owed.origin)
+                out.append({"release": owed.release.to_dict(), "dc": site.name, "origin": owed.origin})
+    return out
 
 
 def unit_label(unit: Mapping[str, Any]) -> str:
@@ -131,6 +168,9 @@ def unit_check(cfg: XdcConfig, unit: Mapping[str, Any], warms: Iterable[Mapping[
                    "errors": {w["node"]: w["error"] for w in mine if w["error"]}}]
         check = pipeline.check_and_rewarm(site, res, plan, rounds)
         report = pipeline.finish(site, req, res, plan, rounds, check, time.monotonic() - t0)
+        if req.dataset:
+            site.state.releases.finish(req.dataset, req.version, "warm" if report.complete else "incomplete",
+                                       report.summary())
     out = report.to_dict(max_files=100) | {"summary": report.summary(), "warm_nodes": mine}
     out["manifest"] = req.manifest
     return out

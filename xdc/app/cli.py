@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cache_client.prewarm import pipeline
+from cache_client.prewarm.reconcile import reconcile
 from cache_client.prewarm.release import follow_releases, publish_release
 from cache_client.selectors import roots_from_args
 from mirror import dlq
@@ -32,7 +33,7 @@ from xdc.app.env import load_env_file
 from xdc.app.progress import counter
 from xdc.app.services import serving
 from xdc.config import ResizeSettings, config_path_from_env, load_config
-from xdc.errors import XdcError
+from xdc.errors import ConfigError, XdcError
 from xdc.events import ReleaseEvent
 from xdc.observe.dashboard import serve_dashboard, snapshot_html
 from xdc.observe.lag import record_lag_snapshot
@@ -153,6 +154,14 @@ def cmd_prewarm_follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prewarm_reconcile(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        rep = reconcile(topo.here, grace_s=args.grace, dry_run=args.dry_run)
+    print(rep.summary(), file=sys.stderr)
+    _print(rep.to_dict())
+    return 1 if any(r["outcome"] in ("failed", "pending", "incomplete") for r in rep.redriven) else 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     ev = ReleaseEvent(args.dataset, args.version, args.manifest, time.time(), tuple(args.datacenters or ()),
                       prefix=args.prefix)
@@ -168,7 +177,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             Path(args.snapshot).write_text(snapshot_html(topo))
             print(f"wrote {args.snapshot}")
             return 0
-        handle = serve_dashboard(topo, args.host, args.port)
+        env = args.token_env or topo.config.metrics.token_env
+        token = None
+        if env:
+            token = os.environ.get(env)
+            if not token:
+                raise ConfigError(f"dashboard: environment variable {env} (the token) is not set")
+        handle = serve_dashboard(topo, args.host, args.port, token=token)
         print(f"dashboard: {handle.url}", flush=True)
         try:
             while True:
@@ -274,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
     sp.add_argument("--once", action="store_true")
     sp.add_argument("--max-seconds", type=float)
+    sp = add("reconcile", cmd_prewarm_reconcile,
+             "drive again every release this datacenter has no result for (releases topics vs ledger vs registrations)", pw)
+    sp.add_argument("--dry-run", action="store_true", help="only list what would be driven again")
+    sp.add_argument("--grace", type=float, help="seconds a release is left alone after it was published or tried "
+                                                "(default: prewarm.reconcile_after_seconds)")
 
     sp = add("release", cmd_release, "publish a dataset release event")
     sp.add_argument("--dataset", required=True)
@@ -286,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8080)
     sp.add_argument("--snapshot", help="write a static HTML snapshot to this file and exit")
+    sp.add_argument("--token-env", help="env var holding the token the page then asks for (required on any host "
+                                        "but 127.0.0.1; default: metrics.token_env)")
 
     lg = sub.add_parser("lag", help="sync lag").add_subparsers(dest="sub", required=True)
     add("snapshot", cmd_lag_snapshot, "record a lag snapshot per route into this datacenter", lg)

@@ -10,6 +10,9 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   the committed offset is never ahead of what is durable;
 - a retriable error (`XdcError.retriable`) from the handler rewinds the batch and retries it after
   a capped backoff: while a dependency is unavailable the partition waits, nothing is skipped;
+  with `retry.max_attempts` set, a batch that failed that often is dead-lettered with the reason
+  (tries are counted per batch, by its first record); the handler's `on_letters` hears of every
+  letter once it is flushed, before the commit;
 - any other error is a poison message somewhere in the batch: the records are handled one by one
   and the one that fails is dead-lettered with the reason (`ReasonedError.reason`, else
   `unexpected_error`), while the rest proceeds;
@@ -18,7 +21,12 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   new owner redoes the batch, which is idempotent); before partitions are revoked the handler's
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
-  commits nothing (dead-letter listing, the lag reader).
+  commits nothing (dead-letter listing, the lag reader);
+- about once a second the log ends are probed (one ListOffsets call); once every partition's position
+  has passed a probe's ends, every record appended before that probe was handled: `applied_through`
+  (wall-clock seconds, per source) moves to the probe's time, and the handler's
+  `on_applied_through` hears of it. While a source cannot be reached no probe succeeds, so
+  now - applied_through bounds the lag of everything still pending and keeps growing.
 """
 from __future__ import annotations
 
@@ -31,13 +39,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError as _ClientError
 
 from xdc.errors import KafkaError, ReasonedError, RebalancedError, XdcError
 from xdc.faults import crash_point
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import (
     Record,
-    caught_up,
     commit,
     kafka_errors,
     next_offsets,
@@ -77,9 +85,19 @@ class Letter:
 
 
 class Handler(Protocol):
+    """Optional hooks, called when defined: `on_letters(source, letters)` once letters are flushed,
+    `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)`,
+    `on_assigned(source, partitions, consumer)`."""
+
     def handle(self, batch: Batch) -> Sequence[Letter]:
         """Do the batch's work durably; return the records to dead-letter."""
         ...
+
+
+@dataclass(frozen=True)
+class _Probe:
+    at: float  # wall-clock time just before the log ends were asked for
+    ends: dict[TopicPartition, int]
 
 
 @dataclass
@@ -120,7 +138,7 @@ class ConsumeLoop:
     def __init__(self, sources: Sequence[Source], handler: Handler, *,
                  dead_letters: DeadLetterSink | None = None, max_records: int = 500,
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
-                 max_broker_failures: int = 30, name: str = "consume") -> None:
+                 max_broker_failures: int = 30, name: str = "consume", probe_interval_s: float = 1.0) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
         error (0: until it works); after that its records are dead-lettered with the reason.
         `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop."""
@@ -135,9 +153,18 @@ class ConsumeLoop:
         self.stats = LoopStats()
         self.alive = True  # for /healthz
         self.caught_up = False  # for /readyz and `once`
+        self.probe_interval_s = probe_interval_s
+        self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
+        self._probes: dict[str, list[_Probe]] = {}
+        self._last_probe: dict[str, float] = {}
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
+                    # Topic metadata first: a group joined before it is known gets an empty first
+                    # assignment and rejoins at once; kafka-python 3.0.12 sometimes stops
+                    # heartbeating after that second join and never notices it was dropped.
+                    for t in s.topics:
+                        s.consumer.partitions_for_topic(t)
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
@@ -155,7 +182,7 @@ class ConsumeLoop:
         t0 = time.monotonic()
         idle = 0
         broker_failures = 0
-        handler_failures = 0
+        failures: dict[tuple[str, str, int, int], int] = {}  # a batch (by its first record) -> failed tries
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -174,27 +201,27 @@ class ConsumeLoop:
                     self.caught_up = False
                     t_batch = time.monotonic()
                     batch = Batch(src.name, records)
+                    ident = (src.name, records[0].topic, records[0].partition, records[0].offset)
                     try:
                         letters = self._handle(batch)
                         self._send_letters(letters, src.name)
                     except XdcError as exc:
                         if not exc.retriable:
                             raise
-                        handler_failures += 1
-                        if self.retry.max_attempts and handler_failures >= self.retry.max_attempts:
-                            log.error("%s: batch failed %d times (%s): dead-lettering it", self.name,
-                                      handler_failures, exc)
+                        tries = failures[ident] = failures.get(ident, 0) + 1
+                        if self.retry.max_attempts and tries >= self.retry.max_attempts:
+                            log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, tries, exc)
                             self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc))
                                                 for r in records], src.name)
                         else:
                             rewind(src.consumer, records)
                             st.retries += 1
-                            delay = self.retry.delay(handler_failures)
+                            delay = self.retry.delay(tries)
                             log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name,
                                         len(records), src.name, exc, delay)
                             self._sleep(delay, stop)
                             continue
-                    handler_failures = 0
+                    failures.pop(ident, None)
                     crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
                     if src.group is not None:
                         try:
@@ -212,13 +239,14 @@ class ConsumeLoop:
                     st.records += len(records)
                     st.busy_seconds += time.monotonic() - t_batch
                     progressed = True
+                    self._track(src, idle=False)
                 if progressed:
                     idle = 0
                     continue
                 on_idle = getattr(self.handler, "on_idle", None)
                 if on_idle is not None:
                     on_idle()
-                self.caught_up = self._caught_up()
+                self.caught_up = all([self._track(s, idle=True) for s in self.sources])
                 if once:
                     idle += 1
                     joined = all(s.consumer.assignment() for s in self.sources)
@@ -262,6 +290,9 @@ class ConsumeLoop:
             self.stats.letters_by_reason[x.reason] = self.stats.letters_by_reason.get(x.reason, 0) + 1
         self.dead_letters.flush()  # durable before the offsets that skip them are committed
         self.stats.dead_letters += len(letters)
+        hook = getattr(self.handler, "on_letters", None)
+        if hook is not None:
+            hook(origin, list(letters))
 
     def _broker_trouble(self, failures: int, exc: KafkaError) -> int:
         if not exc.retriable:
@@ -274,12 +305,50 @@ class ConsumeLoop:
         time.sleep(delay)
         return failures
 
-    def _caught_up(self) -> bool:
-        try:
-            with kafka_errors("positions"):
-                return all(caught_up(s.consumer) for s in self.sources)
-        except KafkaError:
+    def _track(self, src: Source, *, idle: bool) -> bool:
+        """Probe the log ends (when idle, or once per probe interval) and move `applied_through`
+        past every probe the positions have reached. True when every assigned partition is at the
+        end of a probe made now (caught up); False when that is not known."""
+        consumer = src.consumer
+        parts = list(consumer.assignment())
+        if not parts:
             return False
+        probes = self._probes.setdefault(src.name, [])
+        fresh = None
+        now = time.time()
+        if idle or now - self._last_probe.get(src.name, 0.0) >= self.probe_interval_s:
+            self._last_probe[src.name] = now
+            try:
+                ends = consumer.end_offsets(parts, timeout_ms=2000)
+            except _ClientError as exc:  # the broker away: no probe, applied_through stays behind
+                log.debug("%s: log ends of %s: %r", self.name, src.name, exc)
+            else:
+                fresh = _Probe(now, dict(ends))
+                probes.append(fresh)
+                del probes[:-64]  # a long stall: the newest probes are the ones that matter
+        if not probes:
+            return False
+        try:
+            pos = {tp: consumer.position(tp, timeout_ms=1000) for tp in parts}
+        except _ClientError as exc:
+            log.debug("%s: positions of %s: %r", self.name, src.name, exc)
+            return False
+        passed: _Probe | None = None
+        keep = []
+        for p in probes:
+            if not set(p.ends) <= set(parts):
+                continue  # partitions moved to another member: that probe can no longer be passed here
+            if all(pos.get(tp) is not None and pos[tp] >= end for tp, end in p.ends.items()):  # type: ignore[operator]
+                passed = p
+            else:
+                keep.append(p)
+        probes[:] = keep
+        if passed is not None and passed.at > self.applied_through.get(src.name, 0.0):
+            self.applied_through[src.name] = passed.at
+            hook = getattr(self.handler, "on_applied_through", None)
+            if hook is not None:
+                hook(src.name, passed.at)
+        return fresh is not None and passed is fresh
 
     @staticmethod
     def _sleep(seconds: float, stop: threading.Event | None) -> None:

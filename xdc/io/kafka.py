@@ -113,6 +113,8 @@ def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics
         c = KafkaConsumer(**conf)
         topics = list(topics)
         if topics:
+            for t in topics:  # metadata before the group join (see xdc.io.consume.ConsumeLoop)
+                c.partitions_for_topic(t)
             c.subscribe(topics)
         return c
 

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig
+from s3transfer.utils import ChunksizeAdjuster
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -55,7 +56,9 @@ _ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
 _AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
 
 _RETRIABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+                    "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504",
+                    # the body was damaged on the way (the server checked our Content-MD5): send it again
+                    "BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 
 
@@ -146,6 +149,14 @@ class Store(ABC):
 
     def put_acl(self, bucket: str, key: str, canned: str) -> None:
         raise StoreError(f"{self.name}: object ACLs are not supported")
+    @abstractmethod
+    def ping(self, bucket: str) -> None:
+        """One cheap call (HEAD bucket), not retried: raises the store's error if it cannot be
+        answered (UnavailableError when the endpoint cannot be reached)."""
+
+    def part_size(self, size: int) -> int:
+        """The part size a streaming put of `size` bytes uses (to predict a multipart ETag)."""
+        return self.single_put_max
 
     # -- derived ---------------------------------------------------------------------------
     def get(self, bucket: str, key: str) -> bytes:
@@ -199,11 +210,16 @@ class Store(ABC):
                 _check_read(bucket, key, info, size, md5)
                 landed = dst.put(dst_bucket, dst_key, data, metadata=meta, tags=tags)
             else:
-                reader = _HashingReader(body)
+                reader = _HashingReader(body, dst.part_size(info.size))
                 dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size, tags=tags)
                 md5 = reader.md5.hexdigest()
                 _check_read(bucket, key, info, reader.size, md5)
                 landed = dst.head(dst_bucket, dst_key)
+                # a part damaged on the way lands as sent: its MD5 is in the multipart ETag
+                expected = reader.multipart_etag()
+                if landed.etag.endswith(f"-{reader.parts}") and landed.etag != expected:
+                    raise IntegrityError(f"{dst_bucket}/{dst_key}: landed ETag {landed.etag} != {expected} "
+                                         "of the parts sent (a part was damaged on the way)")
             if landed.size != info.size:
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed {landed.size} bytes, expected {info.size}")
             if plain_md5_etag(landed.etag) and landed.etag != md5:
@@ -221,18 +237,41 @@ def _check_read(bucket: str, key: str, info: ObjectInfo, size: int, md5: str) ->
 
 
 class _HashingReader:
-    """File-like wrapper that counts and hashes what passes through (for copy verification)."""
+    """File-like wrapper that counts and hashes what passes through (for copy verification): the
+    MD5 of the whole, and of each `part_size` part, from which S3 computes a multipart ETag
+    (MD5 of the parts' MD5s, "-" number of parts)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, part_size: int = 8 * 2**20) -> None:
         self._raw = raw
         self.md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
+        self._part_size = part_size
+        self._part = hashlib.md5(usedforsecurity=False)
+        self._part_left = part_size
+        self._part_digests: list[bytes] = []
 
     def read(self, n: int = -1) -> bytes:
         chunk = self._raw.read(n) if n is not None and n >= 0 else self._raw.read()
         self.md5.update(chunk)
         self.size += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            take = view[:self._part_left]
+            self._part.update(take)
+            self._part_left -= len(take)
+            view = view[len(take):]
+            if self._part_left == 0:
+                self._part_digests.append(self._part.digest())
+                self._part, self._part_left = hashlib.md5(usedforsecurity=False), self._part_size
         return chunk
+
+    @property
+    def parts(self) -> int:
+        return len(self._part_digests) + (self._part_left < self._part_size)
+
+    def multipart_etag(self) -> str:
+        digests = self._part_digests + ([self._part.digest()] if self._part_left < self._part_size else [])
+        return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 def _translate(exc: Exception, what: str) -> XdcError:
@@ -269,8 +308,9 @@ class S3Store(Store):
             config=BotoConfig(
                 # payload signing hashes every byte in Python; TLS protects the body where used
                 s3={"addressing_style": "path", "payload_signing_enabled": False},
-                # our own retry wrapper decides; botocore's would hide faults from it
-                retries={"mode": "standard", "max_attempts": 1},
+                # our own retry wrapper decides; botocore's would hide faults from it. (Its
+                # `max_attempts` counts retries, not tries: 1 there meant a hidden second try.)
+                retries={"mode": "standard", "total_max_attempts": 1},
                 max_pool_connections=max_pool,
                 connect_timeout=5, read_timeout=30,
                 request_checksum_calculation="when_required",
@@ -373,6 +413,15 @@ class S3Store(Store):
         if canned not in CANNED_ACLS:
             raise StoreError(f"put acl {bucket}/{key}: {canned[:80]!r} is not a canned ACL")
         self._call(f"put acl {bucket}/{key}", lambda: self._client.put_object_acl(Bucket=bucket, Key=key, ACL=canned))
+    def ping(self, bucket: str) -> None:
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except Exception as exc:  # noqa: BLE001 - translated at this one boundary
+            raise _translate(exc, f"head bucket {bucket} at {self.endpoint_url}") from exc
+
+    def part_size(self, size: int) -> int:
+        # what s3transfer will use: the configured chunk, raised if the parts would exceed 10,000
+        return int(ChunksizeAdjuster().adjust_chunksize(self._transfer.multipart_chunksize, size))
 
     def ensure_bucket(self, bucket: str) -> None:
         try:

@@ -11,7 +11,10 @@ the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snap
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import time
 from importlib import resources
 from typing import Any
@@ -157,14 +160,27 @@ def snapshot_html(topology: Topology) -> str:
     return _embed(dashboard_state(topology))
 
 
-def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
-    """Serve the page on host:port (127.0.0.1 unless told otherwise; port 0 picks a free port)."""
-    page = _embed(None).encode()
+def page_csp(page: str) -> str:
+    """The page's Content-Security-Policy: only its own inline script runs (by hash), it fetches
+    only from where it came from; anything injected into it could not run or send data out."""
+    hashes = [base64.b64encode(hashlib.sha256(m.group(1).encode()).digest()).decode()
+              for m in re.finditer(r"<script>(.*?)</script>", page, re.S)]
+    scripts = " ".join(f"'sha256-{h}'" for h in hashes)
+    return (f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
-    def index() -> tuple[int, str, bytes]:
-        return 200, "text/html; charset=utf-8", page
+
+def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0, *,
+                    token: str | None = None) -> ServerHandle:
+    """Serve the page on host:port (127.0.0.1 unless told otherwise; port 0 picks a free port).
+    Any other host needs `token` (see xdc.observe.http: Bearer, or Basic with it as the password)."""
+    text = _embed(None)
+    page, headers = text.encode(), {"Content-Security-Policy": page_csp(text), "Referrer-Policy": "no-referrer"}
+
+    def index() -> tuple[int, str, bytes, dict[str, str]]:
+        return 200, "text/html; charset=utf-8", page, headers
 
     def api_state() -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(dashboard_state(topology), allow_nan=False).encode()
 
-    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state})
+    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state}, token=token)

@@ -5,6 +5,7 @@ each outbox row claimed by one publisher, offsets per partition that never move 
 """
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
 from xdc.io.state import CatalogEntry, MetaChange, Outgoing, State, open_state
-from xdc.io.state.schema import LATEST
+from xdc.io.state.schema import LATEST, MIGRATIONS
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
@@ -55,6 +56,23 @@ def _drain(state: State) -> list[bytes]:
 def test_migrated_to_the_latest_schema_once(url: str) -> None:
     with open_state(url) as a, open_state(url) as b:  # a second opener finds the schema in place
         assert a.schema_version() == b.schema_version() == LATEST
+
+
+def test_a_database_missing_later_migrations_gets_them_in_version_order(tmp_path: Path) -> None:
+    """Versions have gaps (one number reserved per branch): a database made before a migration
+    gets exactly the missing ones, lowest first, whatever their order in MIGRATIONS."""
+    path = tmp_path / "state.db"
+    open_state(f"sqlite:///{path}").close()
+    later = sorted(m.version for m in MIGRATIONS if m.version > 1)
+    with sqlite3.connect(path) as db:  # roll the file back to what migration 1 alone made
+        db.execute("DELETE FROM schema_migrations WHERE version > 1")
+        db.execute("DROP TABLE IF EXISTS release_ledger")
+    with open_state(f"sqlite:///{path}") as st:
+        assert st.schema_version() == LATEST
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT version FROM schema_migrations ORDER BY applied_at, version").fetchall()
+        assert [v for (v,) in rows] == [1, *later]
+        assert db.execute("SELECT COUNT(*) FROM release_ledger").fetchone() == (0,)
 
 
 def test_guard_keeps_newer_rows_and_outbox_only_holds_what_was_applied(state: State) -> None:
@@ -293,3 +311,26 @@ def test_unreachable_postgres_is_a_transient_error_without_the_password(pg_port:
 def test_bad_url_is_refused() -> None:
     with pytest.raises(ConfigError):
         open_state("mysql://x")
+
+
+# -- release ledger -------------------------------------------------------------------------------
+def test_release_ledger_keeps_a_result_for_the_same_delivery_and_starts_over_for_a_new_one(state: State) -> None:
+    led = state.releases
+    doc = {"type": "dataset.released", "dataset": "cams", "version": "v1", "manifest": "s3://b/m.txt"}
+    e = led.seen("cams", "v1", doc, "A:rel[0]@7", now=100.0)
+    assert (e.state, e.attempts, e.payload, e.first_seen, e.has_result) == ("pending", 0, doc, 100.0, False)
+    led.attempt("cams", "v1")
+    led.note("cams", "v1", "not_ready: list not mirrored yet")
+    led.attempt("cams", "v1")
+    again = led.seen("cams", "v1", doc, "A:rel[0]@7", now=101.0)  # the batch redone: tries are kept
+    assert (again.state, again.attempts, again.detail) == ("pending", 2, "not_ready: list not mirrored yet")
+    led.finish("cams", "v1", "warm", "complete")
+    done = led.seen("cams", "v1", doc, "A:rel[0]@7", now=102.0)  # redone after the result: kept
+    assert (done.state, done.attempts, done.detail, done.has_result) == ("warm", 2, "complete", True)
+    fresh = led.seen("cams", "v1", doc | {"time": "later"}, "A:rel[0]@9", now=103.0)  # published again
+    assert (fresh.state, fresh.attempts, fresh.detail, fresh.first_seen) == ("pending", 0, "", 100.0)
+    led.seen("other", "v2", doc, "dag", state="not_here", now=104.0)
+    assert [x.dataset for x in led.entries()] == ["cams", "other"]
+    assert [x.dataset for x in led.entries(["pending"])] == ["cams"]
+    assert led.entries([]) == [] and led.get("nope", "v") is None
+    assert led.get("other", "v2").state == "not_here"  # type: ignore[union-attr]

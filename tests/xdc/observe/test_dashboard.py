@@ -2,6 +2,8 @@
 local stack: ingest + mirror + lag snapshots, a dead letter, a quarantined object, prewarm rows."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from xdc.metrics import Metrics, new_registry
 from xdc.observe.dashboard import (
     dashboard_state,
     downsample,
+    page_csp,
     serve_dashboard,
     snapshot_html,
 )
@@ -208,3 +211,11 @@ def test_state_of_an_empty_config_has_every_datacenter(xcfg: XdcConfig) -> None:
     assert {r["name"] for r in b["routes"]} == {"camera", "lidar"}
     assert all(r["latest"] is None and r["history"] == [] and r["verify"] is None for r in b["routes"])
     assert b["gaps"] == [] and b["conflicts"] == []
+
+
+def test_page_csp_allows_only_the_page_own_script() -> None:
+    page = '<p>x</p><script>let a = 1;</script><script>boot()</script>'
+    digest = base64.b64encode(hashlib.sha256(b"let a = 1;").digest()).decode()
+    csp = page_csp(page)
+    assert f"'sha256-{digest}'" in csp and csp.count("'sha256-") == 2
+    assert "default-src 'none'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]

@@ -14,11 +14,13 @@ from xdc.io.state.base import (
     Gap,
     Incidents,
     LagHistory,
+    LedgerEntry,
     MetaChange,
     ObjectCatalog,
     Outgoing,
     PrewarmRecords,
     Registration,
+    ReleaseLedger,
     State,
     VerifyHistory,
 )
@@ -26,7 +28,8 @@ from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "MetaChange", "Outgoing", "Gap", "Conflict", "VerifyHistory", "Registration"]
+           "CatalogEntry", "MetaChange", "Outgoing", "Gap", "Conflict", "VerifyHistory", "Registration",
+           "ReleaseLedger", "LedgerEntry"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:

@@ -6,6 +6,7 @@
      +-- lag        LagHistory      lag snapshots per route
      +-- verify     VerifyHistory   verify runs per route (source vs target listings)
      +-- prewarm    PrewarmRecords  warm bandwidth, dataset registrations, staged lists, progress
+     +-- releases   ReleaseLedger   every dataset release seen here and what became of it
 
 Every write that must be durable before a Kafka commit goes through one transaction
 (`ObjectCatalog.commit_batch`). No module outside `xdc.io.state` writes SQL.
@@ -254,6 +255,64 @@ class PrewarmRecords(ABC):
     def progress(self) -> list[dict[str, Any]]: ...
 
 
+LedgerState = Literal["pending", "warm", "incomplete", "dead_lettered", "failed", "not_here"]
+#: a release in one of these states has a result here; "pending" ones are owed a prewarm
+LEDGER_RESULTS: frozenset[str] = frozenset({"warm", "incomplete", "dead_lettered", "failed", "not_here"})
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One dataset release as this datacenter saw it, and its outcome here."""
+
+    dataset: str
+    version: str
+    payload: dict[str, Any]  # the release document as delivered (JSON)
+    origin: str  # where the delivery came from: "<dc>:<topic>[<partition>]@<offset>", "dag", "reconcile"
+    state: LedgerState
+    attempts: int  # prewarm tries since this delivery
+    detail: str  # the last error, or the outcome's summary
+    first_seen: float
+    updated: float
+
+    @property
+    def has_result(self) -> bool:
+        return self.state in LEDGER_RESULTS
+
+
+class ReleaseLedger(ABC):
+    """Every dataset release seen in a datacenter, keyed by (dataset, version), with its outcome.
+
+    The release follower and the prewarm DAG write it; the reconciler re-drives what has no
+    result. A delivery is identified by its origin: the same delivery seen again (a batch redone
+    after a crash) keeps a result it already has; a new delivery (published again, replayed from
+    the dead-letter topic) makes the release pending again.
+    """
+
+    @abstractmethod
+    def seen(self, dataset: str, version: str, payload: Mapping[str, Any], origin: str, *,
+             state: LedgerState = "pending", now: float | None = None) -> LedgerEntry:
+        """Record a delivery; returns the entry as it now stands."""
+
+    @abstractmethod
+    def attempt(self, dataset: str, version: str) -> None:
+        """Count a prewarm try."""
+
+    @abstractmethod
+    def note(self, dataset: str, version: str, detail: str) -> None:
+        """Why the last try failed (the state stays as it is)."""
+
+    @abstractmethod
+    def finish(self, dataset: str, version: str, state: LedgerState, detail: str = "") -> None:
+        """Record the release's outcome here."""
+
+    @abstractmethod
+    def get(self, dataset: str, version: str) -> LedgerEntry | None: ...
+
+    @abstractmethod
+    def entries(self, states: Sequence[str] | None = None) -> list[LedgerEntry]:
+        """Entries (only those in `states`), oldest first."""
+
+
 class State(ABC):
     """One datacenter's state: its roles over one database."""
 
@@ -262,6 +321,7 @@ class State(ABC):
     lag: LagHistory
     verify: VerifyHistory
     prewarm: PrewarmRecords
+    releases: ReleaseLedger
     backend: str = ""
     #: several processes may write (mirror replicas): only on a server database
     supports_replicas: bool = False

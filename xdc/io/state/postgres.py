@@ -33,6 +33,7 @@ from xdc.io.state.sql import (
     SqlLagHistory,
     SqlPrewarmRecords,
     SqlVerifyHistory,
+    SqlReleaseLedger,
     ThreadConnections,
     Tx,
     entry_of,
@@ -178,6 +179,7 @@ class PostgresState(State):
         self.lag = SqlLagHistory(self.db)
         self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
 
     def schema_version(self) -> int:
         return self._version

@@ -109,4 +109,20 @@ CREATE TABLE IF NOT EXISTS conflicts (
 """),
 )
 
+# Each branch appends its own migrations after migration 1; versions may have gaps (a number
+# is reserved per branch) and are applied in version order.
+MIGRATIONS += (
+    Migration(4, "release ledger", """
+CREATE TABLE IF NOT EXISTS release_ledger (
+    dataset {text} NOT NULL, version {text} NOT NULL,
+    payload {text} NOT NULL, origin {text} NOT NULL,
+    state {text} NOT NULL
+        CHECK (state IN ('pending', 'warm', 'incomplete', 'dead_lettered', 'failed', 'not_here')),
+    attempts INTEGER NOT NULL DEFAULT 0, detail {text} NOT NULL DEFAULT '',
+    first_seen {float} NOT NULL, updated {float} NOT NULL,
+    PRIMARY KEY (dataset, version)
+)
+"""),
+)
+
 LATEST = max(m.version for m in MIGRATIONS)

@@ -22,12 +22,15 @@ from xdc.io.state.base import (
     IncidentKind,
     Incidents,
     LagHistory,
+    LedgerEntry,
+    LedgerState,
     MetaChange,
     ObjectCatalog,
     Offsets,
     Outgoing,
     PrewarmRecords,
     Registration,
+    ReleaseLedger,
     VerifyHistory,
 )
 from xdc.io.state.schema import MIGRATIONS
@@ -525,3 +528,59 @@ class SqlPrewarmRecords(PrewarmRecords):
 
     def progress(self) -> list[dict[str, Any]]:
         return self.db.rows("SELECT * FROM prewarm_progress ORDER BY dataset")
+
+
+# -- release ledger -----------------------------------------------------------------------------
+def _ledger_entry(r: Mapping[str, Any]) -> LedgerEntry:
+    return LedgerEntry(r["dataset"], r["version"], json.loads(r["payload"]), r["origin"], r["state"],
+                       int(r["attempts"]), r["detail"], float(r["first_seen"]), float(r["updated"]))
+
+
+class SqlReleaseLedger(ReleaseLedger):
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def seen(self, dataset: str, version: str, payload: Mapping[str, Any], origin: str, *,
+             state: LedgerState = "pending", now: float | None = None) -> LedgerEntry:
+        now = time.time() if now is None else now
+        with self.db.transaction() as tx:
+            # the same delivery seen again keeps the result it has; a new delivery starts over
+            tx.execute(
+                "INSERT INTO release_ledger (dataset, version, payload, origin, state, attempts, detail, first_seen, "
+                "updated) VALUES (?, ?, ?, ?, ?, 0, '', ?, ?) ON CONFLICT (dataset, version) DO UPDATE SET "
+                "payload=excluded.payload, state=excluded.state, updated=excluded.updated, "
+                "attempts=CASE WHEN release_ledger.origin=excluded.origin THEN release_ledger.attempts ELSE 0 END, "
+                "detail=CASE WHEN release_ledger.origin=excluded.origin THEN release_ledger.detail ELSE '' END, "
+                "origin=excluded.origin "
+                "WHERE NOT (release_ledger.origin=excluded.origin AND release_ledger.state <> 'pending')",
+                (dataset, version, json.dumps(dict(payload), sort_keys=True), origin, state, now, now))
+            row = tx.rows("SELECT * FROM release_ledger WHERE dataset=? AND version=?", (dataset, version))[0]
+        return _ledger_entry(row)
+
+    def attempt(self, dataset: str, version: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE release_ledger SET attempts=attempts+1, updated=? WHERE dataset=? AND version=?",
+                       (time.time(), dataset, version))
+
+    def note(self, dataset: str, version: str, detail: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE release_ledger SET detail=?, updated=? WHERE dataset=? AND version=?",
+                       (detail[:DETAIL_MAX], time.time(), dataset, version))
+
+    def finish(self, dataset: str, version: str, state: LedgerState, detail: str = "") -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE release_ledger SET state=?, detail=?, updated=? WHERE dataset=? AND version=?",
+                       (state, detail[:DETAIL_MAX], time.time(), dataset, version))
+
+    def get(self, dataset: str, version: str) -> LedgerEntry | None:
+        rows = self.db.rows("SELECT * FROM release_ledger WHERE dataset=? AND version=?", (dataset, version))
+        return _ledger_entry(rows[0]) if rows else None
+
+    def entries(self, states: Sequence[str] | None = None) -> list[LedgerEntry]:
+        sql, params = "SELECT * FROM release_ledger", []
+        if states is not None:
+            if not states:
+                return []
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = list(states)
+        return [_ledger_entry(r) for r in self.db.rows(sql + " ORDER BY first_seen, dataset, version", params)]

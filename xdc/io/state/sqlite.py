@@ -21,6 +21,7 @@ from xdc.io.state.sql import (
     SqlLagHistory,
     SqlPrewarmRecords,
     SqlVerifyHistory,
+    SqlReleaseLedger,
     ThreadConnections,
     Tx,
 )
@@ -108,6 +109,7 @@ class SqliteState(State):
         self.lag = SqlLagHistory(self.db)
         self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
 
     def schema_version(self) -> int:
         return self._version
