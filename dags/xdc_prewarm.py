@@ -2,7 +2,11 @@
 
 Started by a release event on Kafka (the ``xdc-release`` asset's watcher, topics and connection
 from the config: the local datacenter's releases topic, connection ``kafka.airflow_conn_id`` or
-``xdc_kafka``), or by hand / REST with params {dataset, version, manifest, datacenters, prefix}.
+``xdc_kafka``), or by hand / REST with params {dataset, version, manifest, datacenters, prefix, select, root,
+make_room}: `select` says where the paths are in a dataset index (JMESPath, or csv/parquet
+columns), `root` joins relative paths ("s3://bucket/prefix", or {"": base, TAG: prefix} per
+modality, as mmdet3d's data_prefix), `make_room` frees retired datasets when the warm would pass a
+cache node's high watermark (without it such a plan is refused, naming them).
 
 Per (release, datacenter), the phases of the one prewarm pipeline: resolve (the file list is
 fetched and mapped once, kept in the datacenter's state) -> ready gate (every file mirrored into
@@ -32,6 +36,12 @@ NONE_FAILED = "none_failed"  # a step mapped over nothing (all cached, no releas
          "manifest": Param(None, type=["null", "string"], description="file list: s3://bucket/key or a path"),
          "datacenters": Param([], type="array", description="default: the config's prewarm datacenters"),
          "prefix": Param(None, type=["null", "string"], description="keys must stay under bucket/prefix"),
+         "select": Param(None, type=["null", "string"],
+                         description="where the paths are in an index: JMESPath (pkl/json/jsonl) or columns"),
+         "root": Param(None, type=["null", "string", "object"],
+                       description='joined to relative paths: "s3://bucket/prefix" or {"": base, TAG: prefix}'),
+         "make_room": Param(False, type="boolean",
+                            description="free retired datasets when a node would pass its high watermark"),
          "ready_timeout": Param(None, type=["null", "number"], description="seconds; default from the config"),
      })
 def xdc_prewarm() -> None:

@@ -40,7 +40,8 @@ def wants(site: Site, release: ReleaseEvent) -> bool:
 
 
 def request_of(release: ReleaseEvent) -> Request:
-    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline)
+    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline,
+                   select=release.select, root=release.root, make_room=release.make_room)
 
 
 class ReleaseFollower:

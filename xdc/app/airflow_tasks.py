@@ -31,14 +31,18 @@ log = logging.getLogger(__name__)
 
 # -- prewarm --------------------------------------------------------------------------------------
 def release_from_params(params: Mapping[str, Any], now: float | None = None) -> dict[str, Any] | None:
-    """A release payload from a manual run's params (dataset, version, manifest, datacenters)."""
+    """A release payload from a manual run's params (dataset, version, manifest, datacenters, and
+    optionally prefix, select, root, make_room): validated as a release event is."""
     if not params.get("manifest"):
         return None
     doc = {"type": RELEASE_TYPE, "dataset": params.get("dataset") or "", "version": str(params.get("version") or ""),
            "manifest": params["manifest"], "time": iso(time.time() if now is None else now),
            "datacenters": list(params.get("datacenters") or [])}
-    if params.get("prefix"):
-        doc["prefix"] = params["prefix"]
+    for name in ("prefix", "select", "root"):
+        if params.get(name):
+            doc[name] = params[name]
+    if params.get("make_room"):
+        doc["make_room"] = True
     return release_payload(doc)
 
 

@@ -143,7 +143,8 @@ def cmd_prewarm_follow(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     ev = ReleaseEvent(args.dataset, args.version, args.manifest, time.time(), tuple(args.datacenters or ()),
-                      prefix=args.prefix)
+                      prefix=args.prefix, select=args.select, root=roots_from_args(args.root),
+                      make_room=args.make_room)
     with topology(args) as topo:
         publish_release(topo.here, ev)
     print(ev.to_json().decode())
@@ -178,6 +179,16 @@ def service_options(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--once", action="store_true", help="stop when caught up (default)")
     g.add_argument("--follow", action="store_true", help="run until stopped")
     sp.add_argument("--max-seconds", type=float)
+
+
+def list_options(sp: argparse.ArgumentParser) -> None:
+    """How paths are read out of a dataset index (prewarm commands and releases alike)."""
+    sp.add_argument("--select", metavar="EXPR",
+                    help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
+                         "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
+    sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
+                    help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
+                         "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,12 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--list", required=True,
                         help="file list or dataset index, a path or s3://bucket/key: txt, csv, parquet, pkl "
                              "(mmdet3d infos), json (COCO, nuScenes sample_data), jsonl")
-        sp.add_argument("--select", metavar="EXPR",
-                        help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
-                             "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
-        sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
-                        help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
-                             "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
+        list_options(sp)
         sp.add_argument("--dataset")
         sp.add_argument("--version", default="")
         sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
@@ -259,9 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("release", cmd_release, "publish a dataset release event")
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--version", required=True)
-    sp.add_argument("--manifest", required=True, help="path or s3://bucket/key of the file list")
+    sp.add_argument("--manifest", required=True, help="path or s3://bucket/key of the file list or dataset index")
     sp.add_argument("--datacenters", nargs="*")
     sp.add_argument("--prefix")
+    list_options(sp)
+    sp.add_argument("--make-room", action="store_true",
+                    help="free retired datasets where the warm would pass a node's high watermark")
 
     sp = add("dashboard", cmd_dashboard, "serve the operators' dashboard")
     sp.add_argument("--host", default="127.0.0.1")

@@ -12,6 +12,7 @@ from xdc.io.state.base import (
     CatalogEntry,
     Incidents,
     LagHistory,
+    NodeUsage,
     ObjectCatalog,
     Outgoing,
     PrewarmRecords,
@@ -22,7 +23,7 @@ from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "Outgoing", "Registration"]
+           "CatalogEntry", "Outgoing", "Registration", "NodeUsage"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:
