@@ -228,7 +228,8 @@ class JuiceFSCluster(CacheCluster):
 
     def __init__(self, cache: CacheConfig) -> None:
         super().__init__([n.name for n in cache.nodes], placement=cache.placement,
-                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node)
+                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node,
+                         watermarks={n.name: cache.watermarks(n.name) for n in cache.nodes})
         self.config = cache
         self.node_cfg = {n.name: n for n in cache.nodes}
         self._uuid: dict[str, str] = {}

@@ -12,15 +12,22 @@ Per (release, datacenter), the phases of the one prewarm pipeline: resolve (the 
 fetched and mapped once, kept in the datacenter's state) -> ready gate (every file mirrored into
 the DC) -> plan (files, bytes, per-node shares, ETA; in the log and XCom) -> warm, mapped over the
 cache nodes -> check (per file; re-warms stragglers, registers the dataset version as active
-there) -> report (fails the run when any datacenter is not 100 % cached).
+there; when the version became 100 % cached in the datacenter, an event on the asset
+``xdc-ready-<dataset>-<dc>`` through the alias ``xdc-ready``, which training DAGs schedule on)
+-> report (fails the run when any datacenter is not 100 % cached).
 Imports inside tasks keep DAG parsing light (Airflow's advice); they are not hiding a cycle.
 """
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
-from xdc.app.airflow_support import parse_time_config, release_asset, release_watch
+from xdc.app.airflow_support import (
+    READY_ALIAS,
+    parse_time_config,
+    release_asset,
+    release_watch,
+)
 
 CFG = parse_time_config()
 # No config while parsing: manual/REST runs only (a watcher on a guessed topic would crash-loop).
@@ -100,12 +107,19 @@ def xdc_prewarm() -> None:
 
         return warm_node_job(load_xdc_config(), job)
 
-    @task(trigger_rule=NONE_FAILED)
+    @task(trigger_rule=NONE_FAILED, outlets=[AssetAlias(READY_ALIAS)])
     def check(unit: dict, warms: list[dict] | None = None) -> dict:
+        """Per file; re-warms stragglers; when the version became 100 % cached in the unit's
+        datacenter, an event on the asset xdc-ready-<dataset>-<dc> (extra: version, files, bytes,
+        cached share, time) starts the DAGs scheduled on it."""
         from xdc.app.airflow_support import load_xdc_config
-        from xdc.app.airflow_tasks import unit_check
+        from xdc.app.airflow_tasks import ready_assets, unit_check
 
-        return unit_check(load_xdc_config(), unit, list(warms or []))
+        out = unit_check(load_xdc_config(), unit, list(warms or []))
+        events = get_current_context()["outlet_events"][AssetAlias(READY_ALIAS)]
+        for name, extra in ready_assets(out):
+            events.add(Asset(name), extra=extra)
+        return out
 
     @task(trigger_rule=NONE_FAILED)
     def report(checks: list[dict]) -> list[dict]:

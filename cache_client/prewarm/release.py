@@ -7,6 +7,7 @@ the CLI and the DAG use. A prewarm that fails for a reason that may pass (files 
 a store or broker away) is retried with backoff; after `prewarm.release_attempts` tries, or at
 once for a permanent reason (a malformed release, an unreadable list), the release goes to the
 dead-letter topic with the reason. The offset is committed only after one of the two.
+`dataset.ready` events share the releases topics: the follower reads them and does nothing.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class ReleaseFollower:
         for rec in batch.records:
             for ev in parse_message(rec.value):  # EventError: the loop dead-letters it with its reason
                 if isinstance(ev, ReleaseEvent) and wants(self.site, ev):
-                    report = run_prewarm(self.site, request_of(ev))
+                    report = run_prewarm(self.site, request_of(ev), publish_ready="must")
                     self.reports.append(report)
         return []
 

@@ -111,7 +111,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
     req = pipeline.Request(args.list, args.dataset, args.version, args.prefix, select=args.select,
-                           root=roots_from_args(args.root))
+                           root=roots_from_args(args.root), make_room=getattr(args, "make_room", False))
     with topology(args) as topo:
         site = topo.here
         if args.action == "plan":
@@ -119,7 +119,8 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
             print(plan.summary(), file=sys.stderr)
             _print(plan.to_dict(args.max_files))
         elif args.action == "run":
-            rep = pipeline.run_prewarm(site, req, trim=args.trim, wait=not args.no_wait)
+            rep = pipeline.run_prewarm(site, req, trim=args.trim, wait=not args.no_wait,
+                                       publish_ready="try")  # published when it can be: warned, never lost
             print(rep.summary(), file=sys.stderr)
             _print(rep.to_dict(args.max_files))
             return 0 if rep.complete else 1
@@ -131,6 +132,16 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
             fr = pipeline.free_list(site, req, force=args.force)
             print(fr.summary(), file=sys.stderr)
             _print(fr.to_dict())
+    return 0
+
+
+def cmd_prewarm_retire(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        done = pipeline.retire(topo.here, args.dataset, args.version)
+    if not done:
+        print(f"xdc: error: {args.dataset}@{args.version} is not registered in {topo.here_name}", file=sys.stderr)
+        return 1
+    print(f"retired {args.dataset}@{args.version}")
     return 0
 
 
@@ -254,10 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-files", type=int, default=50, help="files listed in the JSON output")
         if action in ("plan", "run"):
             sp.add_argument("--trim", action="store_true", help="drop what does not fit instead of refusing")
+            sp.add_argument("--make-room", action="store_true",
+                            help="where the warm would pass a node's high watermark, free retired datasets (oldest "
+                                 "first) down to its low watermark" + (" (plan: only say which)" if action == "plan" else ""))
         if action == "run":
             sp.add_argument("--no-wait", action="store_true", help="skip the ready gate")
         if action == "free":
             sp.add_argument("--force", action="store_true", help="evict files other datasets still use")
+    sp = add("retire", cmd_prewarm_retire, "mark a dataset version retired: its files stay cached until a warm "
+             "needs the room (--make-room)", pw)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--version", default="")
     sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
     sp.add_argument("--once", action="store_true")
     sp.add_argument("--max-seconds", type=float)

@@ -14,7 +14,15 @@ import pytest
 from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
-from xdc.io.state import CatalogEntry, NodeUsage, Outgoing, State, open_state
+from xdc.io.state import (
+    CatalogEntry,
+    NodeUsage,
+    Outgoing,
+    State,
+    open_state,
+    schema,
+    sql,
+)
 from xdc.io.state.schema import LATEST, MIGRATIONS
 
 
@@ -294,20 +302,16 @@ def test_node_usage_and_evictions(state: State) -> None:
 
 def test_a_version_1_database_is_migrated_in_place(url: str) -> None:
     """A state written by the first schema keeps its rows and gains the new tables."""
-    import xdc.io.state.schema as schema
-
     first = MIGRATIONS[:1]
-    saved = schema.MIGRATIONS
     try:
         schema.MIGRATIONS = first
-        import xdc.io.state.sql as sql
         sql.MIGRATIONS = first  # type: ignore[attr-defined]
         with open_state(url) as old:
             assert old.schema_version() == 1
             old.prewarm.register("ds", "1", ["b/k"])
     finally:
-        schema.MIGRATIONS = saved
-        sql.MIGRATIONS = saved  # type: ignore[attr-defined]
+        schema.MIGRATIONS = MIGRATIONS
+        sql.MIGRATIONS = MIGRATIONS  # type: ignore[attr-defined]
     with open_state(url) as new:
         assert new.schema_version() == LATEST >= 2
         assert [(r.dataset, r.state, r.keys) for r in new.prewarm.registrations()] == [("ds", "active", 1)]
