@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
-    Migration(2, "readiness per version, cache node fill, evictions for room", """
+    Migration(5, "readiness per version, cache node fill, evictions for room", """
 CREATE TABLE IF NOT EXISTS prewarm_ready (
     dataset {text} NOT NULL, version {text} NOT NULL,
     ready INTEGER NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, cached_ratio {float} NOT NULL,
@@ -103,4 +103,4 @@ CREATE INDEX IF NOT EXISTS prewarm_datasets_retired ON prewarm_datasets (state, 
 """),
 )
 
-LATEST = MIGRATIONS[-1].version
+LATEST = max(m.version for m in MIGRATIONS)  # branches append their own numbers; gaps are fine
