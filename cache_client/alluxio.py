@@ -82,7 +82,8 @@ class AlluxioCluster(CacheCluster):
 
     def __init__(self, cache: CacheConfig) -> None:
         super().__init__([n.name for n in cache.nodes], placement=cache.placement,
-                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node)
+                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node,
+                         watermarks={n.name: cache.watermarks(n.name) for n in cache.nodes})
         if cache.alluxio is None:
             raise CacheError("backend alluxio needs cache.alluxio (master, job_master, proxy)")
         self.config = cache

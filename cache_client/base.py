@@ -221,13 +221,15 @@ class CacheCluster(ABC):
     name: str = ""
 
     def __init__(self, nodes: Sequence[str], *, placement: Placement = "replicate", virtual_nodes: int = 64,
-                 threads_per_node: int = 8) -> None:
+                 threads_per_node: int = 8, watermarks: Mapping[str, tuple[float, float]] | None = None) -> None:
         if not nodes:
             raise CacheError("a cache cluster needs at least one node")
         self.nodes = list(nodes)
         self.placement: Placement = placement
         self.virtual_nodes = virtual_nodes
         self.threads_per_node = threads_per_node
+        # node -> (high, low) shares of its cache size; a node not named may be filled completely
+        self.watermarks: dict[str, tuple[float, float]] = dict(watermarks or {})
 
     # -- primitives ---------------------------------------------------------------------------
     @abstractmethod
@@ -289,20 +291,27 @@ class CacheCluster(ABC):
         cached = self.cached_bytes_nodes(shares)
         return present, missing, cached
 
+    def capacities(self) -> dict[str, NodeCapacity]:
+        """Every node's cache usage now, with its watermarks."""
+        out = {}
+        for n in self.nodes:
+            used, capacity = self.usage(n)
+            high, low = self.watermarks.get(n, (1.0, 1.0))
+            out[n] = NodeCapacity(used=used, capacity=capacity, high=high, low=low)
+        return out
+
     def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False,
-             scope: Sequence[CacheFile] | None = None) -> Plan:
+             scope: Sequence[CacheFile] | None = None, enforce: bool = True) -> Plan:
         """What warming these files would take: sizes, what is cached, per-node shares, ETA.
 
-        Raises CapacityError when a node's share does not fit its free cache, unless trim=True.
+        Raises CapacityError when a node's share does not fit under its high watermark, unless
+        trim=True (or enforce=False: the caller fits the plan, `Plan.fit`, after making room).
         `scope`: the full list these files are part of (placement is computed over it).
         """
         present, missing, cached = self._survey(files, scope)
         shares = self.owners(present, scope=scope)
-        caps = {}
-        for n in self.nodes:
-            used, capacity = self.usage(n)
-            caps[n] = NodeCapacity(used=used, capacity=capacity)
-        return make_plan(present, missing, shares, cached, caps, bandwidth or Bandwidth(), trim=trim)
+        return make_plan(present, missing, shares, cached, self.capacities(), bandwidth or Bandwidth(), trim=trim,
+                         enforce=enforce)
 
     def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
         """Warm each node's share of the plan, the nodes in parallel."""

@@ -110,8 +110,9 @@ def is_mounted(mount: str | Path) -> bool:
     return os.path.ismount(mount) and Path(mount, ".config").exists()
 
 
-def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30) -> None:
-    """Mount the volume for one node (daemon), wait until it serves; no-op if already mounted."""
+def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30, extra_args: Sequence[str] = ()) -> None:
+    """Mount the volume for one node (daemon), wait until it serves; no-op if already mounted.
+    `extra_args`: more `juicefs mount` options (the bench's --download-limit)."""
     if is_mounted(node.mount):
         return
     Path(node.mount).mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30) -> None:
     if node.metrics:
         args += ["--metrics", node.metrics]
     args += ["--cache-dir", str(node.cache_dir), "--cache-size", str(node.cache_size_mib),
-             "--free-space-ratio", str(FREE_SPACE_RATIO), meta_url, str(node.mount)]
+             "--free-space-ratio", str(FREE_SPACE_RATIO), *extra_args, meta_url, str(node.mount)]
     run_juicefs(args, what=f"mount {node.name}", timeout=timeout)
     deadline = time.monotonic() + timeout
     while not is_mounted(node.mount):
@@ -228,7 +229,8 @@ class JuiceFSCluster(CacheCluster):
 
     def __init__(self, cache: CacheConfig) -> None:
         super().__init__([n.name for n in cache.nodes], placement=cache.placement,
-                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node)
+                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node,
+                         watermarks={n.name: cache.watermarks(n.name) for n in cache.nodes})
         self.config = cache
         self.node_cfg = {n.name: n for n in cache.nodes}
         self._uuid: dict[str, str] = {}

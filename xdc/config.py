@@ -188,6 +188,9 @@ class CacheNode(_Model):
     cache_size_mib: int = Field(1024, ge=1)  # juicefs: the node's cache size (Alluxio reports its own)
     metrics: str | None = None  # host:port of the node's Prometheus endpoint
     worker: str | None = None  # alluxio: host:rpc_port of the node's Alluxio worker
+    # shares of the cache size; default: the cluster's (see CacheConfig)
+    high_watermark: float | None = Field(None, gt=0, le=1)
+    low_watermark: float | None = Field(None, gt=0, le=1)
 
 
 class AlluxioSettings(_Model):
@@ -215,6 +218,27 @@ class CacheConfig(_Model):
     # Where a bucket's keys live inside the mount: <mount>/<bucket_root>/<bucket>/<key>
     # (alluxio: inside the namespace, /<bucket_root>/<bucket>/<key>)
     bucket_root: str = ""
+    # Watermarks, shares of each node's cache size (a node may set its own): a warm may fill a node
+    # up to `high_watermark`; one that would pass it names the retired datasets whose files bring
+    # the node under `low_watermark` (default: the high one), and frees them when asked (make room).
+    high_watermark: float = Field(1.0, gt=0, le=1)
+    low_watermark: float | None = Field(None, gt=0, le=1)
+
+    def watermarks(self, node: str) -> tuple[float, float]:
+        """(high, low) of a node: its own, else the cluster's; low defaults to high."""
+        n = next((x for x in self.nodes if x.name == node), None)
+        high = n.high_watermark if n is not None and n.high_watermark is not None else self.high_watermark
+        low = n.low_watermark if n is not None and n.low_watermark is not None else self.low_watermark
+        return high, min(high, low) if low is not None else high
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> CacheConfig:
+        for n in self.nodes:
+            high = n.high_watermark if n.high_watermark is not None else self.high_watermark
+            low = n.low_watermark if n.low_watermark is not None else self.low_watermark
+            if low is not None and low > high:
+                raise ValueError(f"cache node {n.name}: low_watermark {low} is above high_watermark {high}")
+        return self
 
     @model_validator(mode="after")
     def _backend_fields(self) -> CacheConfig:

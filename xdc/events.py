@@ -36,7 +36,9 @@ MAX_OBJECT_SIZE = 5 * 2**40  # S3's largest object; also keeps sizes inside SQLi
 MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: datetime's (and our ISO output's) last second
 
 RELEASE_TYPE = "dataset.released"
+READY_TYPE = "dataset.ready"  # a dataset version is 100 % cached in a datacenter (on the releases topic)
 APPLIED_TYPE = "object.applied"
+MAX_ROOTS = 256  # per-modality roots a release may carry
 
 
 Op = Literal["put", "delete", "tags", "acl"]
@@ -102,6 +104,9 @@ class ReleaseEvent:
     datacenters: tuple[str, ...] = ()
     deadline: float | None = None  # epoch seconds by which the dataset should be hot
     prefix: str | None = None  # keys of the list must stay under this bucket/prefix
+    select: str | None = None  # where the paths are in a dataset index (JMESPath, or csv/parquet columns)
+    root: str | dict[str, str] | None = None  # joined to relative paths: a prefix, or {"": base, TAG: prefix}
+    make_room: bool = False  # free retired datasets when the warm would pass a node's high watermark
 
     def to_dict(self) -> dict[str, Any]:
         """The release document (what `parse_release` reads back)."""
@@ -110,9 +115,34 @@ class ReleaseEvent:
                              "datacenters": list(self.datacenters)}
         if self.deadline is not None:
             d["deadline"] = iso(self.deadline)
-        if self.prefix is not None:
-            d["prefix"] = self.prefix
+        for name in ("prefix", "select", "root"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        if self.make_room:
+            d["make_room"] = True
         return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+
+@dataclass(frozen=True)
+class ReadyEvent:
+    """A dataset version became 100 % cached in a datacenter (published once per transition)."""
+
+    dataset: str
+    version: str
+    dc: str
+    files: int
+    bytes: int
+    cached_ratio: float
+    time: float
+    manifest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": READY_TYPE, "dataset": self.dataset, "version": self.version, "dc": self.dc,
+                "files": self.files, "bytes": self.bytes, "cached_ratio": self.cached_ratio,
+                "time": iso(self.time), "manifest": self.manifest}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
@@ -138,7 +168,7 @@ class AppliedEvent:
                 "applied_time": self.applied_time, "source": self.source}
 
 
-Event = ObjectEvent | IgnoredEvent | ReleaseEvent
+Event = ObjectEvent | IgnoredEvent | ReleaseEvent | ReadyEvent
 
 
 def encode_applied(items: list[dict[str, Any]]) -> bytes:
@@ -210,6 +240,8 @@ def parse_message(value: bytes, *, max_bytes: int = 1_048_576, max_key_bytes: in
         raise EventError("bad_shape", f"top level is {type(doc).__name__}, not an object")
     if doc.get("type") == RELEASE_TYPE:
         return [parse_release(doc)]
+    if doc.get("type") == READY_TYPE:
+        return [parse_ready(doc)]
     records, envelope = unwrap(doc)
     return [parse_record(r, max_key_bytes, envelope=envelope) for r in records]
 
@@ -289,13 +321,40 @@ def parse_release(doc: dict[str, Any]) -> ReleaseEvent:
     if not isinstance(dcs, list) or not all(isinstance(x, str) for x in dcs):
         raise EventError("bad_release", "datacenters must be a list of names")
     deadline = doc.get("deadline")
-    prefix = doc.get("prefix")
-    if prefix is not None and not isinstance(prefix, str):
-        raise EventError("bad_release", "prefix must be a string")
+    for name in ("prefix", "select"):
+        if doc.get(name) is not None and (not isinstance(doc[name], str) or not doc[name].strip()):
+            raise EventError("bad_release", f"{name} must be a non-empty string")
+    make_room = doc.get("make_room", False)
+    if not isinstance(make_room, bool):
+        raise EventError("bad_release", "make_room must be true or false")
     return ReleaseEvent(dataset=text("dataset"), version=text("version"), manifest=text("manifest"),
                         time=parse_time(doc.get("time"), "time"), datacenters=tuple(dcs),
                         deadline=parse_time(deadline, "deadline") if deadline is not None else None,
-                        prefix=prefix)
+                        prefix=doc.get("prefix"), select=doc.get("select"), root=_root(doc.get("root")),
+                        make_room=make_room)
+
+
+def _root(value: Any) -> str | dict[str, str] | None:
+    """A release's root: "s3://bucket/prefix", or {"": base, TAG: prefix} (per-modality roots).
+    Only the shape is checked here; the file-list reader checks the prefixes themselves."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    if (isinstance(value, dict) and 0 < len(value) <= MAX_ROOTS
+            and all(isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items())):
+        return dict(value)
+    raise EventError("bad_release", f"root must be a prefix or a map of at most {MAX_ROOTS} tag -> prefix")
+
+
+def parse_ready(doc: dict[str, Any]) -> ReadyEvent:
+    """A `dataset.ready` message (what xdc publishes when a version is 100 % cached somewhere)."""
+    try:
+        return ReadyEvent(dataset=str(doc["dataset"]), version=str(doc["version"]), dc=str(doc["dc"]),
+                          files=int(doc["files"]), bytes=int(doc["bytes"]), cached_ratio=float(doc["cached_ratio"]),
+                          time=parse_time(doc.get("time"), "time"), manifest=doc.get("manifest"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EventError("bad_shape", f"dataset.ready: {exc}") from None
 
 
 def s3_record(op: Op, bucket: str, key: str, *, size: int = 0, etag: str = "",

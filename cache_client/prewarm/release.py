@@ -10,6 +10,7 @@ tries, or at once for a permanent reason (a malformed release, a list that canno
 release goes to the dead-letter topic with the reason. The offset is committed only after one of
 the two, and the ledger holds the outcome (warm, incomplete, dead_lettered) before the commit.
 What has no outcome is found and driven again by the reconciler (`reconcile.py`).
+`dataset.ready` events share the releases topics: the follower reads them and does nothing.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def wants(site: Site, release: ReleaseEvent) -> bool:
 
 
 def request_of(release: ReleaseEvent) -> Request:
-    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline)
+    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline,
+                   select=release.select, root=release.root, make_room=release.make_room)
 
 
 def origin_of(source: str, rec: Record) -> str:
@@ -59,7 +61,7 @@ def prewarm_release(site: Site, release: ReleaseEvent) -> PrewarmReport:
     ledger = site.state.releases
     ledger.attempt(release.dataset, release.version)
     try:
-        report = run_prewarm(site, request_of(release))
+        report = run_prewarm(site, request_of(release), publish_ready="must")
     except XdcError as exc:
         ledger.note(release.dataset, release.version, f"{type(exc).__name__}: {exc}")
         raise

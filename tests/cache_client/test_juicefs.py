@@ -15,6 +15,7 @@ import pytest
 from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
 from cache_client.placement import BalancedPlacement
+from cache_client.prewarm import pipeline
 from cache_client.prewarm.pipeline import (
     Request,
     check_list,
@@ -29,7 +30,7 @@ from tests.cache_client.indexes import CAMS, nuscenes_v2_infos, under
 from tests.mirror.chaos_support import write_config
 from tests.support import site
 from xdc.app.cli import main as cli_main
-from xdc.config import CacheConfig, XdcConfig
+from xdc.config import CacheConfig, XdcConfig, parse_config
 from xdc.errors import CapacityError, NotReadyError
 
 MakeFiles = Callable[[str, dict[str, int]], list[str]]
@@ -459,3 +460,68 @@ def test_an_unknown_binary_dump_layout_falls_back_to_the_json_dump(
     assert got == old_check(cluster, "node1", files)
     assert sorted(p for p, b in got.items() if b) == sorted(f.path for f in files[:10])
     cluster.free(files)
+
+
+# -- watermarks: room made from retired datasets only ------------------------------------------------
+def with_watermarks(cfg: XdcConfig, marks: dict[str, tuple[float, float]]) -> XdcConfig:
+    """The same config (same state) with per-node watermarks."""
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    for n in data["datacenters"]["dca"]["cache"]["nodes"]:
+        n["high_watermark"], n["low_watermark"] = marks[n["name"]]
+    return parse_config(data, base_dir=cfg.base_dir)
+
+
+def test_make_room_on_real_mounts_frees_only_retired_datasets_files(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two retired datasets and an active one share the cache; a warm that would pass the nodes'
+    high watermark is refused naming the oldest retired dataset, and `--make-room` evicts exactly its
+    files that no active dataset uses. Watermarks are set from the nodes' measured fill (other tests
+    leave blocks in the session's cache)."""
+    sizes = {f"old/{i}": MIB for i in range(4)} | {"shared/0": MIB, "mid/0": MIB, "keep/0": MIB}
+    sizes |= {f"new/{i}": MIB for i in range(3)}
+    keys = make_files(bucket, sizes)
+    by = {k.split("/", 1)[1]: k for k in keys}
+    old = [by[f"old/{i}"] for i in range(4)] + [by["shared/0"]]
+    keep, mid, new = [by["shared/0"], by["keep/0"]], [by["mid/0"]], [by[f"new/{i}"] for i in range(3)]
+    cfg = make_config(jfs_cache, tmp_path, [bucket])
+    quiet = Progress(render="none")
+    for name, ks in (("old", old), ("mid", mid), ("keep", keep)):
+        rep = run_prewarm(site(cfg, "dca"), Request(str(write_list(tmp_path, ks, f"{name}.txt")), name, "1"),
+                          progress=quiet)
+        assert rep.complete, (rep.summary(), rep.not_cached)
+    assert cli_main(["--config", str(write_config(cfg, tmp_path / "xdc.yaml")), "prewarm", "retire", "--dataset", "old",
+                     "--version", "1"]) == 0
+    time.sleep(0.05)
+    pipeline.retire(site(cfg, "dca"), "mid", "1")  # retired after old: old goes first
+
+    cluster = JuiceFSCluster(jfs_cache)
+    marks = {}
+    for n in cluster.nodes:
+        used, cap = cluster.usage(n)
+        # the 3 MiB warm passes high by 0.5 MiB; under low needs 3.5 MiB freed: old's 4 own MiB do it
+        marks[n] = ((used + 2.5 * MIB) / cap, (used - 0.5 * MIB) / cap)
+    wcfg = with_watermarks(cfg, marks)
+    cfg_file = write_config(wcfg, tmp_path / "xdc-marks.yaml")
+    new_list = write_list(tmp_path, new, "new.txt")
+    args = ["--config", str(cfg_file), "prewarm"]
+
+    capsys.readouterr()
+    assert cli_main([*args, "plan", "--list", str(new_list), "--dataset", "new", "--version", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "plan passes the high watermark" in err and "freeing old@1 4.0 MiB leaves it" in err and "mid@1" not in err
+    code = cli_main([*args, "run", "--list", str(new_list), "--dataset", "new", "--version", "1", "--make-room"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["plan"]["room"]["made"] and [d["dataset"] for d in report["plan"]["room"]["datasets"]] == ["old"]
+
+    everything = write_list(tmp_path, keys, "all.txt")
+    status = {f.bucket_key: f.status for f in check_list(site(wcfg, "dca"), Request(str(everything))).files}
+    gone = {k for k, s in status.items() if s is FileStatus.NOT_CACHED}
+    assert gone == {by[f"old/{i}"] for i in range(4)}, status  # old's own files, on every node
+    assert all(status[k] is FileStatus.CACHED for k in [*keep, *mid, *new])  # shared (keep is active), mid, new
+    ev = site(wcfg, "dca").state.prewarm.evictions()
+    assert sorted((e["dataset"], e["node"], e["files"]) for e in ev) == [("old", n, 4) for n in cluster.nodes]
+    cluster.free(files_of(keys))

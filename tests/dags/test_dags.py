@@ -168,6 +168,9 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
     assert all(len(c["warm_nodes"]) == 2 and not c["not_cached"] for c in mapped_xcoms(run, "check"))
     report = dag_xcom(run, "report")
     assert {(r["dc"], r["complete"], r["cached_ratio"]) for r in report} == {("A", True, 1.0), ("B", True, 1.0)}
+    for dc in ("A", "B"):  # the version became ready in each: one asset event each, for training DAGs
+        (extra,) = ready_events(f"ds-{tag}", dc)
+        assert (extra["version"], extra["files"], extra["bytes"], extra["cached_ratio"]) == ("v1", 5, 5 * 40_000, 1.0)
 
     # Released again: nothing left to load, the warm step maps over nothing and is skipped.
     run = run_dag("xdc_prewarm", conf=conf)
@@ -175,6 +178,7 @@ def test_prewarm_then_free(run_dag: Callable[..., Any], dag_xcom: Callable[..., 
     assert all(p["plan"]["warm_files"] == 0 and p["plan"]["cached_files"] == 5 for p in mapped_xcoms(run, "plan"))
     assert run.get_task_instance("warm").state == "skipped"
     assert all(r["complete"] for r in dag_xcom(run, "report"))
+    assert all(len(ready_events(f"ds-{tag}", dc)) == 1 for dc in ("A", "B"))  # still ready: not announced again
 
     run = run_dag("xdc_free", conf={"dataset": f"ds-{tag}", "datacenters": ["A", "B"]})
     assert run.state == "success"
@@ -217,6 +221,55 @@ def test_prewarm_dag_takes_a_release_the_watcher_lost(run_dag: Callable[..., Any
     assert entry is not None and entry.state == "warm" and entry.origin.startswith("A:")
     again = run_dag("xdc_prewarm")
     assert again.state == "success" and dag_xcom(again, "reconcile") == []
+def ready_events(dataset: str, dc: str) -> list[dict[str, Any]]:
+    """The extras of the asset events `xdc-ready-<dataset>-<dc>` got, in the in-process Airflow's DB."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from xdc.app.airflow_support import ready_asset_name
+
+    with create_session() as session:
+        rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                               .where(AssetModel.name == ready_asset_name(dataset, dc)).order_by(AssetEvent.id)).all()
+        return [dict(r.extra or {}) for r in rows]
+
+
+def test_prewarm_dag_params_select_and_root_on_an_index(run_dag: Callable[..., Any], config_file: Path,
+                                                        xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+    """The DAG's params `select` and `root` on an mmdet3d v1 index kept in S3: only the selected
+    camera frames are warmed, in both datacenters (the index is read from each one's own store)."""
+    import pickle
+
+    from tests.cache_client.indexes import nuscenes_v1_infos, under
+
+    doc, placed = nuscenes_v1_infos(2, sweeps=1)  # paths "./data/nuscenes/<dir>/<name>"
+    src = tmp_path / "src"
+    for d, names in placed.items():
+        for name in names:
+            p = src / "data" / "nuscenes" / d / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(name.encode() * 300)
+    (src / "infos_train.pkl").write_bytes(pickle.dumps(doc, protocol=4))
+    ingest(site(xcfg, "A"), src, SRC, f"camera/{tag}/")
+    with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
+        m.run(once=True)
+    root, select = f"s3://{SRC}/camera/{tag}", "infos[].cams.*.data_path"
+    index = f"{root}/infos_train.pkl"
+    cfg = load_config(config_file)
+
+    run = run_dag("xdc_prewarm", conf={"dataset": f"nusc-{tag}", "version": "v1", "manifest": index,
+                                       "select": select, "root": root, "datacenters": ["A", "B"]})
+    assert run.state == "success"
+    cams = [d for d in placed if d.startswith("samples/CAM")]
+    lidar = tmp_path / "lidar.txt"
+    lidar.write_text("".join(k + "\n" for k in under(f"{SRC}/camera/{tag}/data/nuscenes", placed,
+                                                    ["samples/LIDAR_TOP", "sweeps/LIDAR_TOP"])))
+    for dc in ("A", "B"):
+        check = check_list(site(cfg, dc), Request(index, select=select, root=root))
+        assert check.complete and len(check.files) == len(under("x", placed, cams)) == 12, check.summary()
+        assert check_list(site(cfg, dc), Request(str(lidar))).bytes_cached == 0  # not selected: not warmed
+        assert ready_events(f"nusc-{tag}", dc)[0]["files"] == 12
 
 
 # -- the glue the DAGs call, without servers ---------------------------------------------------------
@@ -249,11 +302,17 @@ def test_watch_targets_and_shards_from_the_config(tmp_path: Path, monkeypatch: p
 
 def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
     from xdc.app.airflow_tasks import prewarm_units, release_from_params, warm_jobs
-    from xdc.errors import ConfigError
+    from xdc.errors import ConfigError, EventError
 
     cfg = two_dc_config(tmp_path)
     manual = release_from_params({"dataset": "ds", "version": "v1", "manifest": "/l.txt", "datacenters": ["B"]})
     assert manual is not None and release_from_params({"dataset": "ds"}) is None
+    indexed = release_from_params({"dataset": "ds", "version": "v1", "manifest": "/i.pkl", "select": "infos[].lidar_path",
+                                   "root": {"": "s3://b/p", "pts": "lidar"}, "make_room": True})
+    assert indexed is not None and (indexed["select"], indexed["root"]["pts"], indexed["make_room"]) == (
+        "infos[].lidar_path", "lidar", True)
+    with pytest.raises(EventError):
+        release_from_params({"dataset": "ds", "manifest": "/i.pkl", "root": ["s3://b"]})
     every = dict(manual, datacenters=[])  # no datacenters named: every DC with a cache
     units = prewarm_units(cfg, [manual, every])
     assert [(u["release"]["datacenters"], u["dc"]) for u in units] == [(["B"], "B"), ([], "A"), ([], "B"), ([], "C")]

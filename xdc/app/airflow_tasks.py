@@ -23,7 +23,7 @@ from cache_client.prewarm.release import request_of, wants
 from mirror.runner import Mirror
 from mirror.verify import verify_route
 from resize.worker import ResizeWorker
-from xdc.app.airflow_support import release_payload
+from xdc.app.airflow_support import ready_asset_name, release_payload
 from xdc.config import XdcConfig
 from xdc.errors import CacheError, ConfigError, LagObjectiveError
 from xdc.events import RELEASE_TYPE, iso, parse_release
@@ -35,14 +35,18 @@ log = logging.getLogger(__name__)
 
 # -- prewarm --------------------------------------------------------------------------------------
 def release_from_params(params: Mapping[str, Any], now: float | None = None) -> dict[str, Any] | None:
-    """A release payload from a manual run's params (dataset, version, manifest, datacenters)."""
+    """A release payload from a manual run's params (dataset, version, manifest, datacenters, and
+    optionally prefix, select, root, make_room): validated as a release event is."""
     if not params.get("manifest"):
         return None
     doc = {"type": RELEASE_TYPE, "dataset": params.get("dataset") or "", "version": str(params.get("version") or ""),
            "manifest": params["manifest"], "time": iso(time.time() if now is None else now),
            "datacenters": list(params.get("datacenters") or [])}
-    if params.get("prefix"):
-        doc["prefix"] = params["prefix"]
+    for name in ("prefix", "select", "root"):
+        if params.get(name):
+            doc[name] = params[name]
+    if params.get("make_room"):
+        doc["make_room"] = True
     return release_payload(doc)
 
 
@@ -126,8 +130,8 @@ def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = 
 def unit_plan(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """The plan (files, bytes, per-node shares, ETA) of a unit: {"unit", "plan", "summary"}."""
     topo, site, req = _unit(cfg, unit)
-    with topo:
-        plan = pipeline.plan_files(site, pipeline.load_staged(site, req))
+    with topo:  # with the release's make_room, room is made here, before the warm tasks start
+        plan = pipeline.plan_files(site, pipeline.load_staged(site, req), make_room=req.make_room)
     log.info("plan %s: %s", unit_label(unit), plan.summary())
     return {"unit": dict(unit), "plan": plan.to_dict(max_files=100), "summary": plan.summary()}
 
@@ -171,9 +175,22 @@ def unit_check(cfg: XdcConfig, unit: Mapping[str, Any], warms: Iterable[Mapping[
         if req.dataset:
             site.state.releases.finish(req.dataset, req.version, "warm" if report.complete else "incomplete",
                                        report.summary())
+        # the dataset.ready event on Kafka; a broker away only delays it (kept in the outbox), and the
+        # Airflow asset event still goes out with this task's result
+        pipeline.announce(site, strict=False)
     out = report.to_dict(max_files=100) | {"summary": report.summary(), "warm_nodes": mine}
     out["manifest"] = req.manifest
     return out
+
+
+def ready_assets(check: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(asset name, extra) of the Airflow asset event a unit's check owes: one when the version
+    became 100 % cached in its datacenter (`xdc-ready-<dataset>-<dc>`), else none."""
+    ev = check.get("ready_event")
+    if not ev:
+        return []
+    extra = {k: ev[k] for k in ("dataset", "version", "dc", "files", "bytes", "cached_ratio", "time", "manifest")}
+    return [(ready_asset_name(ev["dataset"], ev["dc"]), extra)]
 
 
 def prewarm_outcome(checks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -124,7 +124,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
     req = pipeline.Request(args.list, args.dataset, args.version, args.prefix, select=args.select,
-                           root=roots_from_args(args.root))
+                           root=roots_from_args(args.root), make_room=getattr(args, "make_room", False))
     with topology(args) as topo:
         site = topo.here
         if args.action == "plan":
@@ -132,7 +132,8 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
             print(plan.summary(), file=sys.stderr)
             _print(plan.to_dict(args.max_files))
         elif args.action == "run":
-            rep = pipeline.run_prewarm(site, req, trim=args.trim, wait=not args.no_wait)
+            rep = pipeline.run_prewarm(site, req, trim=args.trim, wait=not args.no_wait,
+                                       publish_ready="try")  # published when it can be: warned, never lost
             print(rep.summary(), file=sys.stderr)
             _print(rep.to_dict(args.max_files))
             return 0 if rep.complete else 1
@@ -144,6 +145,16 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
             fr = pipeline.free_list(site, req, force=args.force)
             print(fr.summary(), file=sys.stderr)
             _print(fr.to_dict())
+    return 0
+
+
+def cmd_prewarm_retire(args: argparse.Namespace) -> int:
+    with topology(args) as topo:
+        done = pipeline.retire(topo.here, args.dataset, args.version)
+    if not done:
+        print(f"xdc: error: {args.dataset}@{args.version} is not registered in {topo.here_name}", file=sys.stderr)
+        return 1
+    print(f"retired {args.dataset}@{args.version}")
     return 0
 
 
@@ -164,7 +175,8 @@ def cmd_prewarm_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     ev = ReleaseEvent(args.dataset, args.version, args.manifest, time.time(), tuple(args.datacenters or ()),
-                      prefix=args.prefix)
+                      prefix=args.prefix, select=args.select, root=roots_from_args(args.root),
+                      make_room=args.make_room)
     with topology(args) as topo:
         publish_release(topo.here, ev)
     print(ev.to_json().decode())
@@ -205,6 +217,16 @@ def service_options(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--once", action="store_true", help="stop when caught up (default)")
     g.add_argument("--follow", action="store_true", help="run until stopped")
     sp.add_argument("--max-seconds", type=float)
+
+
+def list_options(sp: argparse.ArgumentParser) -> None:
+    """How paths are read out of a dataset index (prewarm commands and releases alike)."""
+    sp.add_argument("--select", metavar="EXPR",
+                    help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
+                         "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
+    sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
+                    help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
+                         "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,22 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--list", required=True,
                         help="file list or dataset index, a path or s3://bucket/key: txt, csv, parquet, pkl "
                              "(mmdet3d infos), json (COCO, nuScenes sample_data), jsonl")
-        sp.add_argument("--select", metavar="EXPR",
-                        help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
-                             "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
-        sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
-                        help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
-                             "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
+        list_options(sp)
         sp.add_argument("--dataset")
         sp.add_argument("--version", default="")
         sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
         sp.add_argument("--max-files", type=int, default=50, help="files listed in the JSON output")
         if action in ("plan", "run"):
             sp.add_argument("--trim", action="store_true", help="drop what does not fit instead of refusing")
+            sp.add_argument("--make-room", action="store_true",
+                            help="where the warm would pass a node's high watermark, free retired datasets (oldest "
+                                 "first) down to its low watermark" + (" (plan: only say which)" if action == "plan" else ""))
         if action == "run":
             sp.add_argument("--no-wait", action="store_true", help="skip the ready gate")
         if action == "free":
             sp.add_argument("--force", action="store_true", help="evict files other datasets still use")
+    sp = add("retire", cmd_prewarm_retire, "mark a dataset version retired: its files stay cached until a warm "
+             "needs the room (--make-room)", pw)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--version", default="")
     sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
     sp.add_argument("--once", action="store_true")
     sp.add_argument("--max-seconds", type=float)
@@ -298,9 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("release", cmd_release, "publish a dataset release event")
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--version", required=True)
-    sp.add_argument("--manifest", required=True, help="path or s3://bucket/key of the file list")
+    sp.add_argument("--manifest", required=True, help="path or s3://bucket/key of the file list or dataset index")
     sp.add_argument("--datacenters", nargs="*")
     sp.add_argument("--prefix")
+    list_options(sp)
+    sp.add_argument("--make-room", action="store_true",
+                    help="free retired datasets where the warm would pass a node's high watermark")
 
     sp = add("dashboard", cmd_dashboard, "serve the operators' dashboard")
     sp.add_argument("--host", default="127.0.0.1")

@@ -1,8 +1,9 @@
 """The operator's dashboard: one self-refreshing page over every datacenter's catalog.
 
 ``serve_dashboard`` serves it on the metrics HTTP server (``/`` the page, ``/api/state`` the JSON
-it polls every few seconds, plus /metrics, /healthz, /readyz); ``snapshot_html`` renders the same
-page with the state embedded, for a file left in a run directory. The page is plain HTML, CSS and
+it polls every few seconds, ``/api/ready`` which dataset versions are 100 % cached where, for
+training pipelines, plus /metrics, /healthz, /readyz); ``snapshot_html`` renders the same page
+with the state embedded, for a file left in a run directory. The page is plain HTML, CSS and
 JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from anywhere else.
 
 The state is read from each datacenter's state only (lag snapshots, objects, each route's last
@@ -53,8 +54,9 @@ def _max(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def _prewarm_datasets(site: Site) -> list[dict[str, Any]]:
-    """The site's dataset registrations merged with their progress rows, per dataset."""
+def _prewarm_datasets(site: Site, readiness: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The site's dataset registrations merged with their progress rows and the registered
+    version's readiness (since when it is 100 % cached here), per dataset."""
     out: dict[str, dict[str, Any]] = {}
     for g in site.state.prewarm.registrations():
         out[g.dataset] = {"dataset": g.dataset, "version": g.version, "state": g.state}
@@ -62,7 +64,25 @@ def _prewarm_datasets(site: Site) -> list[dict[str, Any]]:
         d = out.setdefault(p["dataset"], {"dataset": p["dataset"], "version": None, "state": None})
         d.update({k: p[k] for k in ("files_done", "files_total", "bytes_done", "bytes_total", "eta_s",
                                     "cached_ratio", "ready", "updated")})
+    ready = {(r["dataset"], r["version"]): r for r in readiness}
+    for d in out.values():
+        r = ready.get((d["dataset"], d["version"]))
+        d["ready_since"] = r["ready_at"] if r and r["ready"] else None
     return sorted(out.values(), key=lambda d: d["dataset"])
+
+
+def _cache_nodes(site: Site) -> list[dict[str, Any]]:
+    """Each cache node's fill against its watermarks, as the last plan, warm or free saw it."""
+    return [{"node": n.node, "used": n.used, "capacity": n.capacity,
+             "fill": n.used / n.capacity if n.capacity else None, "high_watermark": n.high_watermark,
+             "low_watermark": n.low_watermark, "updated": n.updated} for n in site.state.prewarm.nodes()]
+
+
+def ready_rows(topology: Topology) -> list[dict[str, Any]]:
+    """Every checked dataset version in every datacenter: ready (100 % cached) or not, and since when."""
+    keep = ("dataset", "version", "ready", "files", "bytes", "cached_ratio", "ready_at", "checked_at", "manifest_uri")
+    return [{"dc": site.name, **{k: r[k] for k in keep}} for site in topology.sites
+            for r in site.state.prewarm.readiness()]
 
 
 def dc_state(site: Site, now: float) -> dict[str, Any]:
@@ -91,11 +111,13 @@ def dc_state(site: Site, now: float) -> dict[str, Any]:
             "verify": _verify_summary(verified.get(name)),
             "history": downsample(hist.get(name, [])),
         })
+    readiness = state.prewarm.readiness()
     return {"name": site.name, "catalog": site.state.describe(), "totals": totals, "routes": routes,
             "dead_letters": state.incidents.recent("dead_letters", RECENT),
             "quarantine": state.incidents.recent("quarantine", RECENT),
             "gaps": state.incidents.recent("gaps", RECENT), "conflicts": state.incidents.recent("conflicts", RECENT),
-            "datasets": _prewarm_datasets(site)}
+            "datasets": _prewarm_datasets(site, readiness), "readiness": readiness,
+            "cache_nodes": _cache_nodes(site), "evictions": state.prewarm.evictions(RECENT)}
 
 
 def _verify_summary(run: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -183,4 +205,9 @@ def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0, 
     def api_state() -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(dashboard_state(topology), allow_nan=False).encode()
 
-    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state}, token=token)
+    def api_ready() -> tuple[int, str, bytes]:
+        body = {"generated": time.time(), "datasets": ready_rows(topology)}
+        return 200, "application/json", json.dumps(body, allow_nan=False).encode()
+
+    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state,
+                                           "/api/ready": api_ready}, token=token)

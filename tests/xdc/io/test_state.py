@@ -15,7 +15,16 @@ import pytest
 from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
-from xdc.io.state import CatalogEntry, MetaChange, Outgoing, State, open_state
+from xdc.io.state import (
+    CatalogEntry,
+    MetaChange,
+    NodeUsage,
+    Outgoing,
+    State,
+    open_state,
+    schema,
+    sql,
+)
 from xdc.io.state.schema import LATEST, MIGRATIONS
 
 
@@ -298,6 +307,77 @@ def test_progress_upsert_keeps_the_check_result(state: State) -> None:
     st.record_progress("ds", files_done=2, files_total=4, bytes_done=2, bytes_total=4, eta_s=3.0, now=6.0)
     (row,) = st.progress()
     assert (row["files_done"], row["eta_s"], row["cached_ratio"], row["ready"], row["updated"]) == (2, 3.0, 0.25, 0, 6.0)
+
+
+def test_retired_oldest_first_and_staged_lists_protect_their_keys(state: State) -> None:
+    st = state.prewarm
+    for v in ("1", "2", "3"):
+        st.register("ds", v, [f"b/{v}", "b/shared"])
+    st.stage("next", "1", ["b/3", "b/new"], None, {})
+    st.retire("ds", "2")
+    st.retire("ds", "1")
+    st.retire("ds", "2")  # retiring again keeps the first retirement time
+    assert [(r.dataset, r.version, r.keys) for r in st.retired()] == [("ds", "2", 2), ("ds", "1", 2)]
+    assert all(r.retired_at is not None for r in st.retired())
+    assert st.keys_of("ds", "1") == ["b/1", "b/shared"] and st.keys_of("nope", "1") == []
+    assert st.users(["b/1", "b/3", "b/new"]) == {"b/3": ["ds@3"]}
+    assert st.users(["b/3", "b/new"], staged=True) == {"b/3": ["ds@3", "next@1"], "b/new": ["next@1"]}
+
+
+def test_readiness_announces_each_transition_once_through_the_outbox(state: State) -> None:
+    st = state.prewarm
+
+    def msg(v: str) -> Outgoing:
+        return Outgoing("releases", b"ds", f"ready {v}".encode())
+
+    def check(v: str, ready: bool, now: float) -> bool:
+        return st.record_ready("ds", v, ready=ready, files=4, nbytes=40, cached_ratio=1.0 if ready else 0.5,
+                               manifest_uri="s3://m/l.txt" if v == "1" else None, now=now, announce=msg(v))
+
+    assert not check("1", False, 1.0)
+    assert check("1", True, 2.0)  # became ready: announced
+    assert not check("1", True, 3.0)  # still ready: no second announcement
+    assert _drain(state) == [b"ready 1"]
+    row = state.prewarm.readiness()[0]
+    assert (row["ready"], row["ready_at"], row["checked_at"], row["manifest_uri"]) == (True, 2.0, 3.0, "s3://m/l.txt")
+    assert not check("1", False, 4.0) and check("1", True, 5.0)  # evicted, then warm again: announced again
+    assert check("2", True, 6.0)  # first check of another version, ready at once
+    st.register("ds", "1", ["b/x"])
+    st.retire("ds", "1")  # retired: no longer offered as ready
+    assert [(r["version"], r["ready"]) for r in st.readiness()] == [("1", False), ("2", True)]
+    assert _drain(state) == [b"ready 1", b"ready 2"]
+
+
+def test_node_usage_and_evictions(state: State) -> None:
+    st = state.prewarm
+    st.record_nodes([NodeUsage("n1", 10, 100, 0.9, 0.7), NodeUsage("n2", 0, 100, 1.0, 1.0)])
+    st.record_nodes([NodeUsage("n1", 95, 100, 0.9, 0.7, updated=7.0)])
+    assert [(n.node, n.used, n.high_watermark) for n in st.nodes()] == [("n1", 95, 0.9), ("n2", 0, 1.0)]
+    assert st.nodes()[0].updated == 7.0
+    st.record_eviction("ds", "1", "n1", 3, 300, "room")
+    st.record_eviction("ds", "0", "n2", 1, 100, "room")
+    assert [(e["version"], e["node"], e["files"], e["bytes"]) for e in st.evictions()] == [("0", "n2", 1, 100),
+                                                                                          ("1", "n1", 3, 300)]
+
+
+def test_a_version_1_database_is_migrated_in_place(url: str) -> None:
+    """A state written by the first schema keeps its rows and gains the new tables."""
+    first = MIGRATIONS[:1]
+    try:
+        schema.MIGRATIONS = first
+        sql.MIGRATIONS = first  # type: ignore[attr-defined]
+        with open_state(url) as old:
+            assert old.schema_version() == 1
+            old.prewarm.register("ds", "1", ["b/k"])
+    finally:
+        schema.MIGRATIONS = MIGRATIONS
+        sql.MIGRATIONS = MIGRATIONS  # type: ignore[attr-defined]
+    with open_state(url) as new:
+        assert new.schema_version() == LATEST >= 2
+        assert [(r.dataset, r.state, r.keys) for r in new.prewarm.registrations()] == [("ds", "active", 1)]
+        new.prewarm.retire("ds", "1")
+        assert [(r.dataset, r.state) for r in new.prewarm.retired()] == [("ds", "retired")]
+        assert new.prewarm.readiness() == [] and new.prewarm.nodes() == []
 
 
 # -- errors -----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from mirror.runner import Mirror
 from tests.support import produce, put_event, site, topo
 from xdc.config import XdcConfig
 from xdc.events import new_sequencer
-from xdc.io.state import Conflict, Gap
+from xdc.io.state import Conflict, Gap, NodeUsage
 from xdc.metrics import Metrics, new_registry
 from xdc.observe.dashboard import (
     dashboard_state,
@@ -31,6 +32,7 @@ from xdc.observe.dashboard import (
 from xdc.observe.lag import record_lag_snapshot
 
 SRC = "idca-drive"
+MIB = 1 << 20
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -86,6 +88,12 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
                               bytes_total=12_000_000_000, eta_s=412.0)
     a.prewarm.record_progress("lidar-night", files_done=120, files_total=120, bytes_done=12_000_000_000,
                               bytes_total=12_000_000_000, eta_s=0, cached_ratio=0.97, ready=False)
+    b.prewarm.record_ready("drive-2026-11", "v3", ready=True, files=4, nbytes=126_000, cached_ratio=1.0,
+                           manifest_uri="s3://idcb-drive/releases/drive.txt", now=time.time() - 300)
+    a.prewarm.record_ready("lidar-night", "v1", ready=False, files=120, nbytes=12_000_000_000, cached_ratio=0.97,
+                           manifest_uri=None, now=time.time())
+    b.prewarm.record_nodes([NodeUsage("b0", 950 * MIB, 1000 * MIB, 0.9, 0.7), NodeUsage("b1", 300 * MIB, 1000 * MIB, 0.9, 0.7)])
+    b.prewarm.record_eviction("drive-2026-10", "v2", "b0", 12, 64 * MIB, "room")
     return xcfg
 
 
@@ -153,6 +161,14 @@ def _check_page(page: Any, truth: dict[str, Any]) -> None:
     assert "in sync" in b.locator("tr[data-route='lidar'] td.verify").inner_text()
     assert "40" in b.locator("table.gaps").inner_text() and "verify --repair started" in b.locator("table.gaps").inner_text()
     assert "xdc-conflict-B" in b.locator("table.conflicts").inner_text()
+    assert re.search(r"\b[56] m \d+ s ago", b.locator("tr[data-dataset='drive-2026-11']").inner_text())  # ready since
+    for node, used, fill in (("b0", 950 * MIB, 0.95), ("b1", 300 * MIB, 0.3)):
+        assert int(_shown(page, f"node-used.B.{node}")) == used
+        assert float(_shown(page, f"node-fill.B.{node}")) == fill
+        assert (float(_shown(page, f"node-high.B.{node}")), float(_shown(page, f"node-low.B.{node}"))) == (0.9, 0.7)
+    assert "bad" in b.locator("tr[data-node='b0'] .fill").get_attribute("class")  # over its high watermark
+    assert "room made: drive-2026-10@v2 from b0 (64.0 MiB" in b.inner_text()
+    assert page.locator("section.dc[data-dc='A'] table.cache-nodes").count() == 0
 
 
 @pytest.mark.slow
@@ -173,6 +189,9 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
 
         state = json.loads(urlopen(srv.url + "/api/state", timeout=10).read())
         assert [d["name"] for d in state["datacenters"]] == list(cfg.datacenters)
+        ready = json.loads(urlopen(srv.url + "/api/ready", timeout=10).read())["datasets"]
+        assert {(r["dc"], r["dataset"], r["version"], r["ready"], r["cached_ratio"]) for r in ready} == {
+            ("B", "drive-2026-11", "v3", True, 1.0), ("A", "lidar-night", "v1", False, 0.97)}
 
         # the static snapshot (what the demo leaves in its run directory) shows the same numbers
         html = snapshot_html(topo(cfg, "B"))

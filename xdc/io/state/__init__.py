@@ -16,6 +16,7 @@ from xdc.io.state.base import (
     LagHistory,
     LedgerEntry,
     MetaChange,
+    NodeUsage,
     ObjectCatalog,
     Outgoing,
     PrewarmRecords,
@@ -29,7 +30,7 @@ from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
            "CatalogEntry", "MetaChange", "Outgoing", "Gap", "Conflict", "VerifyHistory", "Registration",
-           "ReleaseLedger", "LedgerEntry"]
+           "ReleaseLedger", "LedgerEntry", "NodeUsage"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:

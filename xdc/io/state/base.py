@@ -74,6 +74,19 @@ class Registration:
     state: str  # staged | active | retired
     manifest_uri: str | None
     keys: int
+    retired_at: float | None = None  # epoch seconds, for retired registrations
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """A cache node's fill as last seen (for the dashboard): bytes and watermarks (shares)."""
+
+    node: str
+    used: int
+    capacity: int
+    high_watermark: float
+    low_watermark: float
+    updated: float = 0.0
 
 
 class ObjectCatalog(ABC):
@@ -242,8 +255,44 @@ class PrewarmRecords(ABC):
     def registrations(self) -> list[Registration]: ...
 
     @abstractmethod
-    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None) -> dict[str, list[str]]:
-        """bucket_key -> ["dataset@version", ...] of ACTIVE registrations using it (minus exclude)."""
+    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None, *,
+              staged: bool = False) -> dict[str, list[str]]:
+        """bucket_key -> ["dataset@version", ...] of ACTIVE registrations using it (minus exclude);
+        staged=True counts staged ones (a prewarm in flight) as users too."""
+
+    @abstractmethod
+    def retired(self) -> list[Registration]:
+        """Retired registrations, oldest retirement first."""
+
+    @abstractmethod
+    def keys_of(self, dataset: str, version: str) -> list[str]:
+        """The keys a registration (any state) holds."""
+
+    @abstractmethod
+    def record_ready(self, dataset: str, version: str, *, ready: bool, files: int, nbytes: int,
+                     cached_ratio: float, manifest_uri: str | None, now: float,
+                     announce: Outgoing | None = None) -> bool:
+        """Record a version's check result. Returns True when it BECAME ready (was not, or was never
+        checked); only then is `announce` queued in the outbox, in the same transaction."""
+
+    @abstractmethod
+    def readiness(self) -> list[dict[str, Any]]:
+        """Every checked version: dataset, version, ready, files, bytes, cached_ratio, manifest_uri,
+        ready_at (when it last became ready), checked_at."""
+
+    @abstractmethod
+    def record_nodes(self, nodes: Sequence[NodeUsage]) -> None:
+        """Upsert cache nodes' fill (one row per node)."""
+
+    @abstractmethod
+    def nodes(self) -> list[NodeUsage]: ...
+
+    @abstractmethod
+    def record_eviction(self, dataset: str, version: str, node: str, files: int, nbytes: int, reason: str) -> None:
+        """What was evicted from a node to make room (or by a free), for the record."""
+
+    @abstractmethod
+    def evictions(self, limit: int = 50) -> list[dict[str, Any]]: ...
 
     @abstractmethod
     def record_progress(self, dataset: str, *, files_done: int, files_total: int, bytes_done: int,

@@ -125,4 +125,24 @@ CREATE TABLE IF NOT EXISTS release_ledger (
 """),
 )
 
+MIGRATIONS += (
+    Migration(5, "readiness per version, cache node fill, evictions for room", """
+CREATE TABLE IF NOT EXISTS prewarm_ready (
+    dataset {text} NOT NULL, version {text} NOT NULL,
+    ready INTEGER NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, cached_ratio {float} NOT NULL,
+    manifest_uri {text}, ready_at {float}, checked_at {float} NOT NULL,
+    PRIMARY KEY (dataset, version)
+);
+CREATE TABLE IF NOT EXISTS cache_node_usage (
+    node {text} NOT NULL PRIMARY KEY, used BIGINT NOT NULL, capacity BIGINT NOT NULL,
+    high_watermark {float} NOT NULL, low_watermark {float} NOT NULL, updated {float} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prewarm_evictions (
+    id {serial}, at {float} NOT NULL, dataset {text} NOT NULL, version {text} NOT NULL,
+    node {text} NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, reason {text} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prewarm_datasets_retired ON prewarm_datasets (state, retired_at)
+"""),
+)
+
 LATEST = max(m.version for m in MIGRATIONS)

@@ -25,6 +25,7 @@ from xdc.io.state.base import (
     LedgerEntry,
     LedgerState,
     MetaChange,
+    NodeUsage,
     ObjectCatalog,
     Offsets,
     Outgoing,
@@ -320,6 +321,12 @@ class SqlCatalog(ObjectCatalog):
         return [float(r["lag"]) for r in self.db.rows(sql, params)]
 
 
+def _registration(r: Mapping[str, Any]) -> Registration:
+    retired = r.get("retired_at")
+    return Registration(r["dataset"], r["version"], r["state"], r["manifest_uri"], int(r["n"]),
+                        None if retired is None else float(retired))
+
+
 def _newest_per_key(entries: Sequence[CatalogEntry]) -> list[CatalogEntry]:
     """One entry per key (the newest): a single statement may touch a row once."""
     best: dict[tuple[str, str], CatalogEntry] = {}
@@ -485,32 +492,100 @@ class SqlPrewarmRecords(PrewarmRecords):
 
     def retire(self, dataset: str, version: str) -> bool:
         with self.db.transaction() as tx:
-            n = tx.execute("UPDATE prewarm_datasets SET state='retired', retired_at=? WHERE dataset=? AND version=?",
+            # retiring twice keeps the first retirement time (room is made oldest retirement first)
+            n = tx.execute("UPDATE prewarm_datasets SET state='retired', retired_at=CASE WHEN state='retired' "
+                           "AND retired_at IS NOT NULL THEN retired_at ELSE ? END WHERE dataset=? AND version=?",
                            (time.time(), dataset, version))
+            # a retired version is not offered to training any more, whatever its files' cache state
+            tx.execute("UPDATE prewarm_ready SET ready=0 WHERE dataset=? AND version=?", (dataset, version))
         return n > 0
 
-    def registrations(self) -> list[Registration]:
-        rows = self.db.rows(
-            "SELECT d.dataset, d.version, d.state, d.manifest_uri, "
-            "(SELECT COUNT(*) FROM prewarm_dataset_keys k WHERE k.dataset=d.dataset AND k.version=d.version) AS n "
-            "FROM prewarm_datasets d ORDER BY d.dataset, d.version")
-        return [Registration(r["dataset"], r["version"], r["state"], r["manifest_uri"], int(r["n"])) for r in rows]
+    _REGISTRATIONS = (
+        "SELECT d.dataset, d.version, d.state, d.manifest_uri, d.retired_at, "
+        "(SELECT COUNT(*) FROM prewarm_dataset_keys k WHERE k.dataset=d.dataset AND k.version=d.version) AS n "
+        "FROM prewarm_datasets d")
 
-    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None) -> dict[str, list[str]]:
+    def registrations(self) -> list[Registration]:
+        return [_registration(r) for r in self.db.rows(self._REGISTRATIONS + " ORDER BY d.dataset, d.version")]
+
+    def retired(self) -> list[Registration]:
+        rows = self.db.rows(self._REGISTRATIONS + " WHERE d.state='retired' "
+                            "ORDER BY d.retired_at, d.dataset, d.version")
+        return [_registration(r) for r in rows]
+
+    def keys_of(self, dataset: str, version: str) -> list[str]:
+        return [r["bucket_key"] for r in self.db.rows(
+            "SELECT bucket_key FROM prewarm_dataset_keys WHERE dataset=? AND version=? ORDER BY bucket_key",
+            (dataset, version))]
+
+    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None, *,
+              staged: bool = False) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         ex_ds, ex_v = exclude or ("", "")
+        states = "('active', 'staged')" if staged else "('active')"
         uniq = list(dict.fromkeys(keys))
         for i in range(0, len(uniq), 900):
             chunk = uniq[i:i + 900]
             rows = self.db.rows(
                 "SELECT k.bucket_key, k.dataset, k.version FROM prewarm_dataset_keys k "
                 "JOIN prewarm_datasets d ON d.dataset=k.dataset AND d.version=k.version "
-                f"WHERE d.state='active' AND k.bucket_key IN ({','.join('?' * len(chunk))}) "
+                f"WHERE d.state IN {states} AND k.bucket_key IN ({','.join('?' * len(chunk))}) "
                 "AND NOT (k.dataset=? AND k.version=?) ORDER BY k.dataset, k.version",
                 [*chunk, ex_ds, ex_v])
             for r in rows:
                 out.setdefault(r["bucket_key"], []).append(f"{r['dataset']}@{r['version']}")
         return out
+
+    def record_ready(self, dataset: str, version: str, *, ready: bool, files: int, nbytes: int,
+                     cached_ratio: float, manifest_uri: str | None, now: float,
+                     announce: Outgoing | None = None) -> bool:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO prewarm_ready (dataset, version, ready, files, bytes, cached_ratio, manifest_uri, "
+                       "checked_at) VALUES (?, ?, 0, ?, ?, ?, ?, ?) ON CONFLICT (dataset, version) DO NOTHING",
+                       (dataset, version, files, nbytes, cached_ratio, manifest_uri, now))
+            became = False
+            if ready:
+                # The row lock makes this the one writer that flips it (two checks at once: one announces).
+                became = tx.execute("UPDATE prewarm_ready SET ready=1, ready_at=? WHERE dataset=? AND version=? "
+                                    "AND ready=0", (now, dataset, version)) == 1
+            else:
+                tx.execute("UPDATE prewarm_ready SET ready=0 WHERE dataset=? AND version=?", (dataset, version))
+            tx.execute("UPDATE prewarm_ready SET files=?, bytes=?, cached_ratio=?, "
+                       "manifest_uri=COALESCE(CAST(? AS TEXT), manifest_uri), checked_at=? WHERE dataset=? AND version=?",
+                       (files, nbytes, cached_ratio, manifest_uri, now, dataset, version))
+            if became and announce is not None:
+                tx.execute("INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)",
+                           (announce.topic, announce.key, announce.value))
+        return became
+
+    def readiness(self) -> list[dict[str, Any]]:
+        rows = self.db.rows("SELECT * FROM prewarm_ready ORDER BY dataset, version")
+        for r in rows:
+            r["ready"] = bool(r["ready"])
+        return rows
+
+    def record_nodes(self, nodes: Sequence[NodeUsage]) -> None:
+        now = time.time()
+        with self.db.transaction() as tx:
+            tx.executemany(
+                "INSERT INTO cache_node_usage (node, used, capacity, high_watermark, low_watermark, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET used=excluded.used, "
+                "capacity=excluded.capacity, high_watermark=excluded.high_watermark, "
+                "low_watermark=excluded.low_watermark, updated=excluded.updated",
+                [(n.node, n.used, n.capacity, n.high_watermark, n.low_watermark, n.updated or now) for n in nodes])
+
+    def nodes(self) -> list[NodeUsage]:
+        return [NodeUsage(r["node"], int(r["used"]), int(r["capacity"]), float(r["high_watermark"]),
+                          float(r["low_watermark"]), float(r["updated"]))
+                for r in self.db.rows("SELECT * FROM cache_node_usage ORDER BY node")]
+
+    def record_eviction(self, dataset: str, version: str, node: str, files: int, nbytes: int, reason: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO prewarm_evictions (at, dataset, version, node, files, bytes, reason) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", (time.time(), dataset, version, node, files, nbytes, reason))
+
+    def evictions(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.db.rows("SELECT * FROM prewarm_evictions ORDER BY id DESC LIMIT ?", (limit,))
 
     def record_progress(self, dataset: str, *, files_done: int, files_total: int, bytes_done: int,
                         bytes_total: int, eta_s: float | None, cached_ratio: float | None = None,
