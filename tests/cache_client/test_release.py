@@ -1,4 +1,5 @@
-"""A dataset release on Kafka starts a prewarm in each datacenter it names (`xdc prewarm follow`)."""
+"""A dataset release on Kafka starts a prewarm in each datacenter it names (`xdc prewarm follow`),
+on each cache backend: the JuiceFS stack and the Alluxio stack (tests/conftest.py `cache_backend`)."""
 from __future__ import annotations
 
 import time
@@ -19,7 +20,8 @@ SRC = "idca-drive"
 pytestmark = pytest.mark.both_backends
 
 
-def test_release_event_prewarms_every_named_datacenter(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+def test_release_event_prewarms_every_named_datacenter(cache_xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+    xcfg = cache_xcfg
     files = tmp_path / "files"
     files.mkdir()
     for i in range(4):
