@@ -1,6 +1,7 @@
 """Prewarm bench (run by hand): run_prewarm vs bare `juicefs warmup` on the same real mounts, at a
 realistic size and bandwidth, and how honest the ETA is.
 
+    .venv/bin/python bench/prewarm.py --backend alluxio   # Alluxio: bench/prewarm_alluxio.py, same options there
     .venv/bin/python bench/prewarm.py            # 2,400 files, ~2.1 GiB, each node's mount at 400 Mbps
     .venv/bin/python bench/prewarm.py --files 200 --mean-kib 1024 --sigma 0 --download-limit-mbps 0 --reps 3
                                                  # the old small, unthrottled run
@@ -229,7 +230,11 @@ def juicefs_bench(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if "--backend" in sys.argv and sys.argv[sys.argv.index("--backend") + 1:][:1] == ["alluxio"]:
+        # Alluxio (and its own distributed load as the baseline): bench/prewarm_alluxio.py
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("prewarm_alluxio.py")), *sys.argv[1:]])
     ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", choices=["juicefs", "alluxio"], default="juicefs")
     ap.add_argument("--files", type=int, default=2400)
     ap.add_argument("--mean-kib", type=float, default=900.0)
     ap.add_argument("--sigma", type=float, default=0.6, help="log-normal spread of the sizes (0: all equal)")

@@ -20,6 +20,9 @@ cache nodes -> check (per file; re-warms stragglers, registers the dataset versi
 there; when the version became 100 % cached in the datacenter, an event on the asset
 ``xdc-ready-<dataset>-<dc>`` through the alias ``xdc-ready``, which training DAGs schedule on)
 -> report (fails the run when any datacenter is not 100 % cached).
+A datacenter whose cache Fluid runs (`cache.mode: fluid`) gets its units emitted instead of planned
+and warmed: after its ready gate (asked of the object store), `emit` writes the list as Fluid
+DataLoads to `cache.fluid.output` for Fluid's controller to load.
 Imports inside tasks keep DAG parsing light (Airflow's advice); they are not hiding a cycle.
 """
 from __future__ import annotations
@@ -148,16 +151,37 @@ def xdc_prewarm() -> None:
             events.add(Asset(name), extra=extra)
         return out
 
+    @task
+    def warm_units(gated: list[dict]) -> list[dict]:
+        from xdc.app.airflow_tasks import units_in_mode
+
+        return units_in_mode(gated, "warm")
+
+    @task
+    def fluid_units(gated: list[dict]) -> list[dict]:
+        from xdc.app.airflow_tasks import units_in_mode
+
+        return units_in_mode(gated, "fluid")
+
+    @task
+    def emit(unit: dict) -> dict:
+        """Write the unit's list as Fluid DataLoads (cache.mode: fluid)."""
+        from xdc.app.airflow_support import load_xdc_config
+        from xdc.app.airflow_tasks import unit_emit
+
+        return unit_emit(load_xdc_config(), unit)
+
     @task(trigger_rule=NONE_FAILED)
-    def report(checks: list[dict]) -> list[dict]:
+    def report(checks: list[dict] | None = None, emitted: list[dict] | None = None) -> list[dict]:
         from xdc.app.airflow_tasks import prewarm_outcome
 
-        return prewarm_outcome(checks)
+        return prewarm_outcome(list(checks or []), list(emitted or []))
 
     gated = ready.expand(unit=resolve.expand(unit=units(releases(), reconcile())))
-    plans = plan.expand(unit=gated)
+    to_warm = warm_units(gated)
+    plans = plan.expand(unit=to_warm)
     warmed = warm.expand(job=node_jobs(plans))
-    report(check.partial(warms=warmed).expand(unit=gated))
+    report(check.partial(warms=warmed).expand(unit=to_warm), emit.expand(unit=fluid_units(gated)))
 
 
 xdc_prewarm()

@@ -5,9 +5,12 @@ an S3 endpoint (a JuiceFS gateway over a JuiceFS volume: file storage + SQLite m
 notifying proxy that announces every write on the datacenter's events topic, as AWS, MinIO and Ceph
 do (devtools/notifying_proxy.py; the config says `s3.notifications: true`), its state
 (a SQLite file, or with `state="postgres"` a database on one PostgreSQL server for the stack), and
-N cache nodes (FUSE mounts of the same volume, each with its own cache dir). `up`
-writes `xdc.yaml` and `secrets.env` into the run directory and records every process it started in
-`stack.json`; `down` stops exactly those (pid and start time must still match) and unmounts its
+a cache cluster of N nodes: with `cache="juicefs"` FUSE mounts of the same volume, each with its
+own cache dir; with `cache="alluxio"` an Alluxio 2.9 cluster (devtools/alluxio.py: master, job
+master, proxy, N workers with their job workers) whose root under-storage and mounted buckets are
+the datacenter's S3 endpoint. `up` writes `xdc.yaml` and `secrets.env` into the run directory and
+records every process it started in `stack.json` (and each Alluxio cluster's ports and
+directories); `down` stops exactly those (pid and start time must still match) and unmounts its
 mounts. A datacenter's broker can listen with TLS + SASL (`up(kafka_security={...})`).
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import secrets
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ import yaml
 
 from cache_client import juicefs
 from cache_client.juicefs import juicefs_bin, mount_node
-from devtools import kafka_broker, postgres
+from devtools import alluxio, kafka_broker, postgres
 from devtools.kafka_broker import SecureListener
 from devtools.procs import (
     Proc,
@@ -52,6 +55,7 @@ from xdc.topology import Topology
 log = logging.getLogger(__name__)
 
 DEFAULT_DCS = ("A", "B")
+CACHES = ("juicefs", "alluxio")
 STATE_FILE = "stack.json"
 CONFIG_FILE = "xdc.yaml"
 SECRETS_FILE = "secrets.env"
@@ -62,6 +66,7 @@ class StackState:
     run_dir: str
     procs: list[Proc] = field(default_factory=list)
     mounts: list[dict[str, str]] = field(default_factory=list)  # dc, node, mount
+    alluxio: dict[str, dict[str, Any]] = field(default_factory=dict)  # dc -> LocalAlluxio (without procs)
 
     def save(self) -> None:
         Path(self.run_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -72,7 +77,7 @@ class StackState:
         if not p.exists():
             return None
         d = json.loads(p.read_text())
-        return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []))
+        return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []), d.get("alluxio", {}))
 
 
 # -- servers ----------------------------------------------------------------------------------
@@ -152,8 +157,10 @@ def gateway_url(run_dir: str | Path, dc: str) -> str:
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
                  nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
                  kafka_security: dict[str, SecureListener] | None = None,
-                 state_urls: dict[str, str] | None = None) -> dict[str, Any]:
-    """The config the stack writes: one datacenter per name, routes A -> B."""
+                 state_urls: dict[str, str] | None = None,
+                 caches: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The config the stack writes: one datacenter per name, routes A -> B. `caches`: a
+    datacenter's `cache:` block when it is not the JuiceFS mounts (an Alluxio cluster's)."""
     datacenters: dict[str, Any] = {}
     for dc in dcs:
         d = dc.lower()
@@ -171,7 +178,9 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
                            "cache_size_mib": cache_size_mib} for i in range(nodes)],
             } if nodes else None,
         }
-        if not nodes:
+        if caches and dc in caches:
+            datacenters[dc]["cache"] = caches[dc]
+        elif not nodes:
             del datacenters[dc]["cache"]
         if kafka_security and dc in kafka_security:
             datacenters[dc]["kafka"]["security"] = client_security(dc, kafka_security[dc])
@@ -205,13 +214,19 @@ def client_security(dc: str, sec: SecureListener) -> dict[str, Any]:
 
 def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: tuple[str, ...] = DEFAULT_DCS,
        config_overrides: dict[str, Any] | None = None,
-       kafka_security: dict[str, SecureListener] | None = None, state: str = "sqlite") -> XdcConfig:
+       kafka_security: dict[str, SecureListener] | None = None, state: str = "sqlite",
+       cache: str = "juicefs", alluxio_block_mib: int = 64) -> XdcConfig:
     """Start the stack (or return the running one's config). Returns the loaded config.
 
     `kafka_security`: datacenters whose broker listens with TLS (+ SASL); the stack makes one SASL
     user per such datacenter and writes the client settings into the config.
     `state`: "sqlite" (a file per datacenter) or "postgres" (one PostgreSQL server for the stack,
-    a database per datacenter)."""
+    a database per datacenter).
+    `cache`: "juicefs" (`nodes` mounts of the datacenter's volume, `cache_size_mib` each) or
+    "alluxio" (an Alluxio cluster of `nodes` workers, `cache_size_mib` of storage each, blocks of
+    `alluxio_block_mib`; every bucket the config names is mounted in it)."""
+    if cache not in CACHES:
+        raise StackError(f"cache: one of {', '.join(CACHES)}, not {cache!r}")
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     old = StackState.load(run)
@@ -246,29 +261,46 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
                 user, password = f"xdc-{dc.lower()}", secrets.token_urlsafe(18)
                 creds[f"XDC_{dc}_KAFKA_USER"], creds[f"XDC_{dc}_KAFKA_PASSWORD"] = user, password
                 users[dc] = {user: password}
-        for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users).items():
-            ports[dc]["kafka"] = br.port or 0
-            ports[dc]["notify"] = free_port()
+        clusters: dict[str, alluxio.LocalAlluxio] = {}
+        with ThreadPoolExecutor(len(dcs), thread_name_prefix="alluxio") as pool:
+            # The Alluxio JVMs start while the brokers do (both mostly wait on one core each).
+            pending = {dc: pool.submit(alluxio.start_cluster, run, dc, f"http://127.0.0.1:{ports[dc]['s3']}",
+                                       creds[f"XDC_{dc}_ACCESS_KEY"], creds[f"XDC_{dc}_SECRET_KEY"],
+                                       root_bucket=f"idc{dc.lower()}-alluxio", workers=nodes,
+                                       quota_mib=cache_size_mib, block_size_mib=alluxio_block_mib)
+                       for dc in dcs} if cache == "alluxio" and nodes else {}
+            try:
+                for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users).items():
+                    ports[dc]["kafka"] = br.port or 0
+                    ports[dc]["notify"] = free_port()
+            finally:
+                errors = _record_clusters(stk, pending, clusters)
+            if errors:
+                raise errors[0]
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
         data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs,
-                            kafka_security=kafka_security, state_urls=state_urls)
+                            kafka_security=kafka_security, state_urls=state_urls,
+                            caches={dc: c.cache_config(placement="replicate") for dc, c in clusters.items()})
         data = _merge(data, config_overrides or {})
         os.environ.update(creds)
         cfg = parse_config(data, base_dir=run)
         (run / CONFIG_FILE).write_text("# written by `xdc stack up`; secrets are in secrets.env\n"
                                        + yaml.safe_dump(data, sort_keys=False))
-        _provision(cfg, {dc: f"http://127.0.0.1:{ports[dc]['s3']}" for dc in dcs})  # the proxies publish on its topics
+        buckets = _provision(cfg, {dc: f"http://127.0.0.1:{ports[dc]['s3']}" for dc in dcs})  # the proxies publish on its topics
         for dc in dcs:
             stk.procs.append(start_notifying_proxy(run, dc, ports[dc]["s3"], ports[dc]["notify"]))
             stk.save()
+        for dc, c in clusters.items():
+            for b in sorted(buckets[dc]):
+                alluxio.mount_bucket(c, b)
         for dc in dcs:
-            cache = cfg.dc(dc).cache
-            if cache is None:
+            dc_cache = cfg.dc(dc).cache
+            if dc_cache is None or dc_cache.backend != "juicefs":
                 continue
-            for node in cache.nodes:
-                mount_node(cache.meta_url, node)
+            for node in dc_cache.nodes:
+                mount_node(dc_cache.meta_url, node)
                 stk.mounts.append({"dc": dc, "node": node.name, "mount": str(node.mount)})
                 stk.save()
         stk.save()
@@ -277,6 +309,44 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
         stk.save()
         down(run)
         raise
+
+
+def _record_clusters(stk: StackState, pending: dict[str, Future[alluxio.LocalAlluxio]],
+                     clusters: dict[str, alluxio.LocalAlluxio]) -> list[BaseException]:
+    """Wait for the Alluxio starts; record each started cluster (its processes for `down`)."""
+    errors: list[BaseException] = []
+    for dc, fut in pending.items():
+        try:
+            c = fut.result()
+        except Exception as exc:  # noqa: BLE001 - raised by the caller, after the others are recorded
+            errors.append(exc)
+            continue
+        clusters[dc] = c
+        stk.procs.extend(c.procs)
+        stk.alluxio[dc] = c.to_dict() | {"procs": []}
+        log.info("alluxio %s ready (RSS %.0f MiB)", dc, sum(alluxio.rss_mib(p) for p in c.procs))
+    stk.save()
+    return errors
+
+
+def alluxio_cluster(run_dir: str | Path, dc: str) -> alluxio.LocalAlluxio | None:
+    """The Alluxio cluster the stack in `run_dir` runs for `dc` (None: its cache is not Alluxio)."""
+    stk = StackState.load(Path(run_dir))
+    if stk is None or dc not in stk.alluxio:
+        return None
+    c = alluxio.LocalAlluxio.from_dict(stk.alluxio[dc])
+    c.procs = [p for p in stk.procs if p.name.startswith(f"alluxio-{dc}-")]
+    return c
+
+
+def ensure_bucket(run_dir: str | Path, cfg: XdcConfig, dc: str, bucket: str) -> None:
+    """Create a bucket in a datacenter of the running stack, mounted in its Alluxio if it runs one
+    (an Alluxio namespace sees only mounted buckets; the JuiceFS mounts see every bucket)."""
+    with Topology(cfg, dc) as topo:
+        topo.here.store.ensure_bucket(bucket)
+    c = alluxio_cluster(run_dir, dc)
+    if c is not None:
+        alluxio.mount_bucket(c, bucket)
 
 
 def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security: dict[str, SecureListener],
@@ -301,9 +371,9 @@ def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security:
     return started
 
 
-def _provision(cfg: XdcConfig, gateways: dict[str, str] | None = None) -> None:
+def _provision(cfg: XdcConfig, gateways: dict[str, str] | None = None) -> dict[str, set[str]]:
     """Buckets and topics the config names, in each datacenter (buckets through the gateways
-    themselves when given: the proxies in front of them are not up yet)."""
+    themselves when given: the proxies in front of them are not up yet). Returns the buckets per datacenter."""
     buckets: dict[str, set[str]] = {dc: set(d.buckets) for dc, d in cfg.datacenters.items()}
     for r in cfg.routes:
         buckets[r.source.dc].add(r.source.bucket)
@@ -316,6 +386,7 @@ def _provision(cfg: XdcConfig, gateways: dict[str, str] | None = None) -> None:
                 store.ensure_bucket(b)
             k = site.config.kafka
             ensure_topics(site.brokers, list(k.topics.model_dump().values()), k.partitions)
+    return buckets
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +435,7 @@ def down(run_dir: str | Path) -> int:
         if alive(p):
             stop_proc(p)
             n += 1
-    state.procs, state.mounts = [], []
+    state.procs, state.mounts, state.alluxio = [], [], {}
     state.save()
     return n
 

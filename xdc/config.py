@@ -205,15 +205,52 @@ class AlluxioSettings(_Model):
     free_timeout_seconds: float = Field(120.0, gt=0)  # freed blocks leave the workers on their heartbeats
 
 
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class FluidSettings(_Model):
+    """How this datacenter's cache is driven when Fluid runs it (`xdc prewarm export --format fluid`,
+    and the prewarm DAG with `cache.mode: fluid`): DataLoads against one Fluid Dataset."""
+
+    dataset: str  # the Fluid Dataset (metadata.name) whose mounts serve this datacenter's buckets
+    namespace: str = "default"
+    # where the volume's /<bucket_root>/<bucket>/<key> appears in the Dataset's namespace
+    # ("/": one mount per bucket, named after it, as Fluid mounts them at /<name>)
+    path_root: str = "/"
+    load_metadata: bool = True  # sync the Dataset's metadata first (set on the first DataLoad only)
+    policy: Literal["Once", "Cron", "OnEvent"] = "Once"
+    schedule: str | None = None  # a cron expression: with policy Cron
+    replicas: int | None = Field(None, ge=1)  # spec.target[].replicas: copies of each file in the cache
+    chunk_files: int = Field(5000, ge=1)  # most paths per DataLoad (a Kubernetes object stays small)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    output: str | None = None  # the DAG writes the manifests here: a directory, or s3://bucket/prefix
+
+    @model_validator(mode="after")
+    def _policy(self) -> FluidSettings:
+        if (self.policy == "Cron") != bool(self.schedule):
+            raise ValueError("cache.fluid: policy Cron needs schedule (a cron expression), and only Cron takes one")
+        if not self.path_root.startswith("/"):
+            raise ValueError("cache.fluid.path_root: an absolute path in the Dataset, e.g. /")
+        for what, v, limit in (("dataset", self.dataset, 253), ("namespace", self.namespace, 63)):
+            if len(v) > limit or not _K8S_NAME.fullmatch(v):
+                raise ValueError(f"cache.fluid.{what}: {v!r} is not a Kubernetes name (lower-case a-z, 0-9, '-')")
+        return self
+
+
 class CacheConfig(_Model):
     backend: Literal["juicefs", "alluxio"] = "juicefs"
+    # warm: xdc loads the cache itself (plan, warm, check); fluid: the prewarm DAG writes Fluid
+    # DataLoad manifests (cache.fluid) and Fluid's controller loads them
+    mode: Literal["warm", "fluid"] = "warm"
+    fluid: FluidSettings | None = None
     # replicate: every node warms the whole list (JuiceFS CE, readers on each node);
     # shard: consistent hashing over the nodes (cache-group-style clusters).
     placement: Literal["replicate", "shard"] = "replicate"
     virtual_nodes: int = Field(64, ge=1)
     meta_url: str | None = None  # juicefs: the volume's metadata engine URL
     alluxio: AlluxioSettings | None = None  # alluxio: the cluster's REST endpoints
-    nodes: list[CacheNode] = Field(min_length=1)
+    # the cache nodes xdc warms, checks and frees (with mode fluid, optional: Fluid runs them)
+    nodes: list[CacheNode] = Field(default_factory=list)
     threads_per_node: int = Field(8, ge=1)
     # Where a bucket's keys live inside the mount: <mount>/<bucket_root>/<bucket>/<key>
     # (alluxio: inside the namespace, /<bucket_root>/<bucket>/<key>)
@@ -242,6 +279,12 @@ class CacheConfig(_Model):
 
     @model_validator(mode="after")
     def _backend_fields(self) -> CacheConfig:
+        if self.mode == "fluid" and (self.fluid is None or not self.fluid.output):
+            raise ValueError("cache: mode fluid needs fluid: {dataset, output, ...} (where the DataLoads are written)")
+        if not self.nodes:
+            if self.mode == "warm":
+                raise ValueError("cache: nodes: at least one (only a cache run by Fluid, mode fluid, may list none)")
+            return self
         if self.backend == "juicefs":
             if not self.meta_url:
                 raise ValueError("cache: backend juicefs needs meta_url")

@@ -126,6 +126,9 @@ class Site:
     def cache(self) -> CacheCluster:
         if self.config.cache is None:
             raise CacheError(f"datacenter {self.name} has no cache cluster configured")
+        if not self.config.cache.nodes:
+            raise CacheError(f"datacenter {self.name}'s cache is run by Fluid (cache.mode: fluid) and lists no nodes: "
+                             "xdc cannot reach it")
         return cluster_from_config(self.config.cache)
 
     @cached_property

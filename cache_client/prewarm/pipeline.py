@@ -168,15 +168,20 @@ def load_staged(site: Site, request: Request) -> ResolvedList:
 
 
 # -- ready, plan, warm, check -------------------------------------------------------------------
-def wait_ready(site: Site, files: Sequence[CacheFile], timeout: float | None = None, poll: float | None = None) -> None:
-    """Block until every file exists in the site's volume; NotReadyError names what is still missing."""
+def wait_ready(site: Site, files: Sequence[CacheFile], timeout: float | None = None, poll: float | None = None,
+               stat: Callable[[Sequence[CacheFile]], Mapping[str, int | None]] | None = None) -> None:
+    """Block until every file exists in the site's volume; NotReadyError names what is still missing.
+
+    `stat` (path -> size, None if absent) defaults to the site's cache; a cache xdc does not reach
+    (run by Fluid) is asked through the object store instead (cache_client.prewarm.fluid)."""
+    stat = stat or site.cache.stat
     p = site.topology.config.prewarm
     timeout = p.ready_timeout_seconds if timeout is None else timeout
     poll = p.ready_poll_seconds if poll is None else poll
     deadline = time.monotonic() + timeout
     waiting = list(files)
     while True:
-        sizes = site.cache.stat(waiting)
+        sizes = stat(waiting)
         waiting = [f for f in waiting if sizes.get(f.path) is None]
         if not waiting:
             return

@@ -1,6 +1,7 @@
 """Dataset releases on Kafka: the follower prewarms each datacenter a release names, retries what
 may pass, dead-letters the rest, records every release in the ledger, and commits only after one of
-the two; the reconciler drives again what has no result (`xdc prewarm follow`, `xdc prewarm reconcile`)."""
+the two; the reconciler drives again what has no result (`xdc prewarm follow`, `xdc prewarm reconcile`). The first
+runs on each cache backend: the JuiceFS stack and the Alluxio stack (tests/conftest.py `cache_backend`)."""
 from __future__ import annotations
 
 import json
@@ -51,7 +52,8 @@ def _list(tmp_path: Path, keys: list[str], name: str = "release.txt") -> Path:
     return p
 
 
-def test_release_event_prewarms_every_named_datacenter(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+def test_release_event_prewarms_every_named_datacenter(cache_xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+    xcfg = cache_xcfg
     keys = _mirrored_files(xcfg, tmp_path, tag)
     manifest = tmp_path / "release.txt"
     manifest.write_text("".join(k + "\n" for k in keys) + "\n" + keys[0] + "\n")

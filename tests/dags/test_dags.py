@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cache_client.prewarm.pipeline import Request, check_list
 from mirror.ingest import ingest
@@ -221,6 +222,46 @@ def test_prewarm_dag_takes_a_release_the_watcher_lost(run_dag: Callable[..., Any
     assert entry is not None and entry.state == "warm" and entry.origin.startswith("A:")
     again = run_dag("xdc_prewarm")
     assert again.state == "success" and dag_xcom(again, "reconcile") == []
+
+
+def test_prewarm_emits_fluid_dataloads_where_fluid_runs_the_cache(
+        run_dag: Callable[..., Any], dag_xcom: Callable[..., Any], config_file: Path,
+        file_maker: Callable[..., dict[str, bytes]], xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+    """B's cache is run by Fluid (cache.mode: fluid): the DAG warms A itself and writes B's list as
+    DataLoads into B's store, valid against Fluid's CRD, each file once; B's cache is left alone."""
+    from tests.fluid_crd import validate
+
+    files = file_maker(tmp_path / "src", tag, 3)
+    ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
+    with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
+        assert m.run(once=True).applied == 3
+    listing = tmp_path / "release.txt"
+    listing.write_text("".join(f"{SRC}/{k}\n" for k in files))
+    data = yaml.safe_load(config_file.read_text())
+    data["datacenters"]["B"]["cache"] |= {"mode": "fluid", "fluid": {
+        "dataset": "drive-b", "namespace": "training", "output": f"s3://{DST}/fluid/{tag}/"}}
+    config_file.write_text(yaml.safe_dump(data))
+    cfg = load_config(config_file)
+
+    run = run_dag("xdc_prewarm", conf={"dataset": f"ds-{tag}", "version": "v1", "manifest": str(listing),
+                                       "datacenters": ["A", "B"]})
+    assert run.state == "success"
+    assert [p["unit"]["dc"] for p in mapped_xcoms(run, "plan")] == ["A"]  # only A is planned and warmed
+    (emitted,) = mapped_xcoms(run, "emit")
+    assert emitted["dc"] == "B" and emitted["files"] == 3 and emitted["bytes"] == sum(len(b) for b in files.values())
+    key = f"fluid/{tag}/xdc-ds-{tag}-v1-b.yaml"
+    assert emitted["uri"] == f"s3://{DST}/{key}"
+    docs = list(yaml.safe_load_all(site(cfg, "B").store.get(DST, key)))
+    for d in docs:
+        validate(d)
+    assert sorted(t["path"] for d in docs for t in d["spec"]["target"]) == sorted(f"/{DST}/{k}" for k in files)
+    assert {(d["spec"]["dataset"]["name"], d["metadata"]["namespace"]) for d in docs} == {("drive-b", "training")}
+    report = dag_xcom(run, "report")
+    assert {(r["dc"], r["complete"], r.get("mode")) for r in report} == {("A", True, None), ("B", True, "fluid")}
+    assert check_list(site(cfg, "A"), Request(str(listing))).complete
+    assert check_list(site(cfg, "B"), Request(str(listing))).counts["not_cached"] == 3  # Fluid's job, not ours
+
+
 def ready_events(dataset: str, dc: str) -> list[dict[str, Any]]:
     """The extras of the asset events `xdc-ready-<dataset>-<dc>` got, in the in-process Airflow's DB."""
     from airflow.models.asset import AssetEvent, AssetModel
@@ -301,7 +342,12 @@ def test_watch_targets_and_shards_from_the_config(tmp_path: Path, monkeypatch: p
 
 
 def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
-    from xdc.app.airflow_tasks import prewarm_units, release_from_params, warm_jobs
+    from xdc.app.airflow_tasks import (
+        prewarm_units,
+        release_from_params,
+        units_in_mode,
+        warm_jobs,
+    )
     from xdc.errors import ConfigError, EventError
 
     cfg = two_dc_config(tmp_path)
@@ -318,6 +364,8 @@ def test_prewarm_units_and_warm_jobs(tmp_path: Path) -> None:
     assert [(u["release"]["datacenters"], u["dc"]) for u in units] == [(["B"], "B"), ([], "A"), ([], "B"), ([], "C")]
     with pytest.raises(ConfigError):
         prewarm_units(cfg, [dict(manual, datacenters=["Z"])])
+    assert {u["mode"] for u in units} == {"warm"}
+    assert units_in_mode([units[0], units[1] | {"mode": "fluid"}], "fluid") == [units[1] | {"mode": "fluid"}]
     plans = [{"unit": units[0], "plan": {"nodes": {"n2": {"files": 3}, "n1": {"files": 1}, "n3": {"files": 0}}}}]
     assert [j["node"] for j in warm_jobs(plans)] == ["n1", "n2"]  # nothing to load on n3: no task
 
@@ -343,6 +391,13 @@ def test_outcomes_fail_the_run_when_incomplete(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match=r"ds@1 in B: 1 not cached, e.g. b/k \(not cached on n1"):
         prewarm_outcome([check])
     assert prewarm_outcome([check | {"complete": True}])[0]["cached_ratio"] == 0.5
+    emitted = {"dc": "C", "dataset": "ds", "version": "1", "files": 2, "dataloads": ["xdc-ds-1-c"], "uri": "s3://b/k",
+               "summary": "s", "rejected_count": 0, "rejected": []}
+    assert prewarm_outcome([], [emitted]) == [{"dc": "C", "dataset": "ds", "version": "1", "complete": True,
+                                               "mode": "fluid", "files": 2, "dataloads": ["xdc-ds-1-c"],
+                                               "uri": "s3://b/k", "summary": "s"}]
+    with pytest.raises(CacheError, match=r"ds@1 in C: 1 list entries not in any DataLoad, e.g. line 3 \(no route"):
+        prewarm_outcome([], [emitted | {"rejected_count": 1, "rejected": [["line 3", "no route for x/y"]]}])
     with pytest.raises(CacheError, match="still cached"):
         free_outcome([{"dc": "B", "complete": False, "left_bytes": {"n1": 9}}])
 

@@ -72,8 +72,8 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     for dc in ("A", "B"):
         check = check_list(site(cfg, dc), Request(str(listing)))
         assert check.complete and check.cached_ratio == 1.0 and len(check.files) == 4, check.summary()
-    assert {t["task_id"] for t in tis} == {"releases", "units", "resolve", "ready", "plan", "node_jobs", "warm", "check",
-                                         "report"}
+    assert {t["task_id"] for t in tis} == {"releases", "units", "resolve", "ready", "warm_units", "plan", "node_jobs",
+                                         "warm", "check", "fluid_units", "emit", "report"}
     assert sum(t["task_id"] == "warm" for t in tis) == 4  # mapped over 2 datacenters x 2 cache nodes
     busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration']:.1f}s" for t in tis)
     print(f"\ntask durations: {busy}")

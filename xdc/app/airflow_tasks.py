@@ -6,7 +6,8 @@ prewarm tasks are the phases of the one pipeline (cache_client.prewarm.pipeline)
 fetched and resolved once per (release, datacenter) by `unit_resolve`, kept in that datacenter's
 state, and the later tasks read it from there. Each unit is recorded in its datacenter's release
 ledger when the run takes it (`prewarm_units`) and gets its outcome there in `unit_check`; the
-`reconcile_units` task adds the releases some datacenter has no result for.
+`reconcile_units` task adds the releases some datacenter has no result for. A datacenter whose cache Fluid runs (`cache.mode: fluid`) gets its
+units emitted as Fluid DataLoads (`unit_emit`) instead of planned and warmed.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cache_client.base import NodeWarmResult
-from cache_client.prewarm import pipeline
+from cache_client.prewarm import fluid, pipeline
 from cache_client.prewarm.reconcile import owed_releases
 from cache_client.prewarm.release import request_of, wants
 from mirror.runner import Mirror
@@ -52,8 +53,9 @@ def release_from_params(params: Mapping[str, Any], now: float | None = None) -> 
 
 def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]],
                   owed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc", "origin"},
-    plus the units `reconcile_units` found owed that no release of this run covers. Every unit is
+    """One unit of prewarm work per (release, datacenter that wants it): {"release", "dc", "origin",
+    "mode"}, plus the units `reconcile_units` found owed that no release of this run covers. Mode
+    "warm": xdc loads the cache; "fluid": DataLoads are emitted for Fluid to load. Every unit is
     recorded as pending in its datacenter's release ledger."""
     units: list[dict[str, Any]] = []
     with Topology(cfg) as topo:
@@ -67,7 +69,9 @@ def prewarm_units(cfg: XdcConfig, releases: list[dict[str, Any]],
         units += [u for u in owed or [] if (u["release"]["dataset"], str(u["release"]["version"]), u["dc"]) not in taken]
         for u in units:
             ev = parse_release(u["release"])
-            topo.site(u["dc"]).state.releases.seen(ev.dataset, ev.version, ev.to_dict(), u["origin"])
+            site = topo.site(u["dc"])
+            u["mode"] = _mode(site)
+            site.state.releases.seen(ev.dataset, ev.version, ev.to_dict(), u["origin"])
     return units
 
 
@@ -97,6 +101,15 @@ def reconcile_units(cfg: XdcConfig) -> list[dict[str, Any]]:
     return out
 
 
+def _mode(site: Site) -> str:
+    return site.config.cache.mode if site.config.cache else "warm"
+
+
+def units_in_mode(units: Iterable[Mapping[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """The units of one mode (the DAG warms "warm" units and emits "fluid" ones)."""
+    return [dict(u) for u in units if u.get("mode", "warm") == mode]
+
+
 def unit_label(unit: Mapping[str, Any]) -> str:
     r = unit["release"]
     return f"{r['dataset']}@{r['version']} in {unit['dc']}"
@@ -122,9 +135,11 @@ def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = 
     topo, site, req = _unit(cfg, unit)
     with topo:
         res = pipeline.load_staged(site, req)
-        pipeline.wait_ready(site, res.files, timeout)
+        # a cache Fluid runs is not ours to ask: its datacenter's object store is
+        stat = fluid.store_sizes(site) if unit.get("mode") == "fluid" else None
+        pipeline.wait_ready(site, res.files, timeout, stat=stat)
     log.info("ready: %d files of %s are in the datacenter", len(res.files), unit_label(unit))
-    return {"release": unit["release"], "dc": unit["dc"]}
+    return {"release": unit["release"], "dc": unit["dc"], "mode": unit.get("mode", "warm")}
 
 
 def unit_plan(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,22 +208,44 @@ def ready_assets(check: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(ready_asset_name(ev["dataset"], ev["dc"]), extra)]
 
 
-def prewarm_outcome(checks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The prewarm DAG's report: one line per (release, datacenter); CacheError when any is not
-    complete (the run fails, naming what is not cached and why)."""
+def unit_emit(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a fluid unit's DataLoads (its datacenter's cache.fluid, to cache.fluid.output) for
+    Fluid's controller to load: {"dc", "dataset", "version", "dataloads", "files", "bytes", "uri"...}."""
+    topo, site, req = _unit(cfg, unit)
+    with topo:
+        settings = fluid.settings_of(site)
+        res = pipeline.load_staged(site, req)
+        export = fluid.export_fluid(site, req, settings, res=res, sizes=fluid.store_sizes(site)(res.files))
+        fluid.write_export(site, export, settings.output or "")
+    log.info("%s", export.summary())
+    return export.to_dict() | {"summary": export.summary()}
+
+
+def prewarm_outcome(checks: Iterable[Mapping[str, Any]], emitted: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The prewarm DAG's report: one line per (release, datacenter); CacheError when any warmed
+    one is not complete (the run fails, naming what is not cached and why). An emitted (Fluid)
+    one is complete once its DataLoads are written (Fluid's controller loads them) and no list
+    entry was rejected."""
     checks = list(checks)
     out = [{"dc": c["dc"], "dataset": c["dataset"], "version": c["version"], "complete": c["complete"],
             "cached_ratio": c["check"]["cached_ratio"], "files": c["check"]["files"],
             "not_cached_count": c["not_cached_count"], "seconds": c["seconds"], "summary": c["summary"]}
            for c in checks]
+    emitted = list(emitted)
+    out += [{"dc": e["dc"], "dataset": e["dataset"], "version": e["version"], "complete": not e["rejected_count"],
+             "mode": "fluid",
+             "files": e["files"], "dataloads": e["dataloads"], "uri": e["uri"], "summary": e["summary"]}
+            for e in emitted]
     for o in out:
         log.info("%s", o["summary"])
-    bad = [c for c in checks if not c["complete"]]
+    bad = [f"{c['dataset']}@{c['version']} in {c['dc']}: {c['not_cached_count']} not cached, e.g. "
+           + ", ".join(f"{n.get('bucket_key') or n.get('entry')} ({n['reason']})" for n in c["not_cached"][:3])
+           for c in checks if not c["complete"]]
+    bad += [f"{e['dataset']}@{e['version']} in {e['dc']}: {e['rejected_count']} list entries not in any DataLoad, "
+            "e.g. " + ", ".join(f"{entry} ({reason})" for entry, reason in e["rejected"][:3])
+            for e in emitted if e["rejected_count"]]
     if bad:
-        raise CacheError("prewarm incomplete: " + "; ".join(
-            f"{c['dataset']}@{c['version']} in {c['dc']}: {c['not_cached_count']} not cached, e.g. "
-            + ", ".join(f"{n.get('bucket_key') or n.get('entry')} ({n['reason']})" for n in c["not_cached"][:3])
-            for c in bad))
+        raise CacheError("prewarm incomplete: " + "; ".join(bad))
     return out
 
 

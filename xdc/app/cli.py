@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from cache_client.prewarm import pipeline
+from cache_client.prewarm import fluid, pipeline
 from cache_client.prewarm.reconcile import reconcile
 from cache_client.prewarm.release import follow_releases, publish_release
 from cache_client.selectors import roots_from_args
@@ -155,6 +155,30 @@ def cmd_prewarm_retire(args: argparse.Namespace) -> int:
         print(f"xdc: error: {args.dataset}@{args.version} is not registered in {topo.here_name}", file=sys.stderr)
         return 1
     print(f"retired {args.dataset}@{args.version}")
+    return 0
+
+
+def cmd_prewarm_export(args: argparse.Namespace) -> int:
+    req = pipeline.Request(args.list, args.dataset, args.version, args.prefix, select=args.select,
+                           root=roots_from_args(args.root))
+    with topology(args) as topo:
+        site = topo.here
+        settings = fluid.settings_of(site, {
+            "dataset": args.fluid_dataset, "namespace": args.namespace, "path_root": args.path_root,
+            "load_metadata": args.load_metadata, "policy": args.policy, "schedule": args.schedule,
+            "replicas": args.replicas, "chunk_files": args.chunk_files})
+        res = pipeline.resolve(site, req)
+        sizes = None
+        if not args.no_wait:  # the ready gate, through the object store: Fluid loads only what is there
+            stat = fluid.store_sizes(site)
+            pipeline.wait_ready(site, res.files, stat=stat)
+            sizes = stat(res.files)
+        export = fluid.export_fluid(site, req, settings, res=res, sizes=sizes)
+        if args.out == "-":
+            sys.stdout.write(export.yaml())
+        else:
+            fluid.write_export(site, export, args.out)
+    print(export.summary(), file=sys.stderr)
     return 0
 
 
@@ -310,6 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
              "needs the room (--make-room)", pw)
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--version", default="")
+    sp = add("export", cmd_prewarm_export, "write the list as Fluid DataLoad manifests (for caches Fluid runs)", pw)
+    sp.add_argument("--list", required=True, help="file list or dataset index, a path or s3://bucket/key")
+    list_options(sp)
+    sp.add_argument("--dataset")
+    sp.add_argument("--version", default="")
+    sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
+    sp.add_argument("--format", choices=["fluid"], default="fluid")
+    sp.add_argument("--out", default="-", help="- (stdout), FILE.yaml, a directory, or s3://bucket/prefix")
+    sp.add_argument("--no-wait", action="store_true", help="skip the ready gate (every file in the object store)")
+    g = sp.add_argument_group("Fluid (default: the datacenter's cache.fluid)")
+    g.add_argument("--fluid-dataset", help="the Fluid Dataset the DataLoads load into")
+    g.add_argument("--namespace")
+    g.add_argument("--path-root", help="where the volume's /bucket/key is in the Dataset (default /)")
+    g.add_argument("--load-metadata", action=argparse.BooleanOptionalAction, default=None,
+                   help="sync the Dataset's metadata first (first DataLoad only)")
+    g.add_argument("--policy", choices=["Once", "Cron", "OnEvent"])
+    g.add_argument("--schedule", help="cron expression (policy Cron)")
+    g.add_argument("--replicas", type=int, help="spec.target[].replicas")
+    g.add_argument("--chunk-files", type=int, help="most paths per DataLoad")
     sp = add("follow", cmd_prewarm_follow, "prewarm each released dataset in this datacenter", pw)
     sp.add_argument("--once", action="store_true")
     sp.add_argument("--max-seconds", type=float)
