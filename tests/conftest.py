@@ -39,7 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--stress", action="store_true", help="run long fault-injection tests at full size")
 
 
-SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx"}
+SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx", "secure_kafka",
+                   "secure_stack"}
 CACHE_BACKENDS = ("juicefs", "alluxio")
 ALLUXIO_WORKER_MIB = 64  # storage per worker of the test stack's Alluxio
 ALLUXIO_BLOCK_MIB = 1  # so a few MiB make a file of several blocks
