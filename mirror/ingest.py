@@ -1,5 +1,8 @@
 """Sources of events: `ingest` uploads files and publishes what a bucket notification would;
 `scan` diffs a bucket against the catalog and publishes events for changes that were missed.
+
+An object's trace starts here (sampled, `xdc.trace.root`): `ingest.object` with its `s3.put` and
+the `kafka.publish` of its event, whose traceparent the event carries to the mirror and resize.
 """
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from mirror.march import march
+from xdc import trace
 from xdc.errors import ConfigError
 from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
-from xdc.io.kafka import kafka_errors
+from xdc.io.kafka import kafka_errors, send_step
 from xdc.io.state import CatalogEntry
 from xdc.io.store import ObjectInfo
 from xdc.topology import Site
@@ -54,15 +58,22 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
     t0 = time.monotonic()
     paths = list(_files(root))
 
-    def upload(p: Path) -> ObjectInfo:
+    def upload(p: Path) -> tuple[ObjectInfo, Any]:
         key = validate_key(prefix + p.relative_to(root).as_posix())
-        return store.put(bucket, key, p.read_bytes())
+        span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="put"))
+        with trace.use(span), trace.step("s3.put", dc=site.name):
+            info = store.put(bucket, key, p.read_bytes())
+        return info, span
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for info in pool.map(upload, paths):
-            rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
+        for info, span in pool.map(upload, paths):
+            t_event = time.time()
+            rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region, event_time=t_event)
             with kafka_errors("publish event"):
-                producer.send(site.topics.events, key=message_key(bucket, info.key), value=encode_notification([rec]))
+                send_step(producer, site.topics.events, key=message_key(bucket, info.key),
+                          value=encode_notification([rec]), parent=span, starts_object=True,
+                          attributes=trace.attrs(dc=site.name, key=f"{bucket}/{info.key}"))
+            trace.end(span, attributes={"xdc.event_time": t_event, "xdc.bytes": info.size})
             rep.files += 1
             rep.bytes += info.size
             rep.events += 1
@@ -76,11 +87,16 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
 
 def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
     """Delete an object in the site and publish the ObjectRemoved event a notification would."""
+    span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="delete"))
     if delete_object:
-        site.store.delete(bucket, key)
+        with trace.use(span), trace.step("s3.delete", dc=site.name):
+            site.store.delete(bucket, key)
+    t_event = time.time()
     with kafka_errors("publish delete"):
-        site.producer.send(site.topics.events, key=message_key(bucket, key),
-                           value=encode_notification([s3_record("delete", bucket, key)]))
+        send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                  value=encode_notification([s3_record("delete", bucket, key, event_time=t_event)]), parent=span,
+                  starts_object=True, attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+        trace.end(span, attributes={"xdc.event_time": t_event})
         site.producer.flush(timeout=30)
 
 
@@ -117,14 +133,22 @@ def scan(site: Site, bucket: str, prefix: str = "", *, dry_run: bool = False) ->
             rec = _scan_record(s_obj, c_obj, rep, bucket, region)
             if rec is not None and not dry_run:
                 key = s_obj.key if s_obj is not None else c_obj.source_key  # type: ignore[union-attr]
+                span = trace.root("scan.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}",
+                                                                        route=r.name, found=_found(s_obj, c_obj)))
                 with kafka_errors("publish scan event"):
-                    site.producer.send(site.topics.events, key=message_key(bucket, key),
-                                       value=encode_notification([rec]))
+                    send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                              value=encode_notification([rec]), parent=span, starts_object=True,
+                              attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+                trace.end(span)
                 rep.events += 1
     if not dry_run:
         with kafka_errors("flush scan events"):
             site.producer.flush(timeout=60)
     return rep
+
+
+def _found(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None) -> str:
+    return "missing" if c_obj is None else "extra" if s_obj is None else "differ"
 
 
 def _scan_record(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None, rep: ScanReport, bucket: str,

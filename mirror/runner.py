@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from mirror.apply import collapse, decide, entry_for
+from mirror.tracing import BatchTrace
 from xdc.routing import Routed, route_event
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
@@ -133,6 +135,7 @@ class Mirror:
 
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
+        tr = self._trace = BatchTrace(self.dc, batch)  # spans of the traced objects (mirror/tracing.py)
         letters: list[Letter] = []
         routed = self._validate_and_route(batch, letters)
         items = collapse(routed)  # decide
@@ -147,6 +150,7 @@ class Mirror:
                 self.stats.ignored[d] += 1
                 self.metrics.events_ignored_total.labels(route=it.route.name, reason=d).inc()
 
+        tr.begin(todo)
         done, unavailable = self._copy(todo, letters)  # copy / delete where the route says data
         crash_point("mirror.after_copy")
         offsets: dict[tuple[str, str, int], int] = {}
@@ -155,12 +159,16 @@ class Mirror:
                 k = (self.group_id, rec.topic, rec.partition)
                 offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
         routed_of = {id(e): it for it, e in done}
+        t_commit = time.time()
         applied = self.catalog.commit_batch(  # durable: entries + outbox + offsets in one transaction
             [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok]),
+            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok], tr.headers),
             offsets)
         crash_point("mirror.after_state_commit")
+        t_committed = time.time()
         self.flush_outbox()
+        tr.finish(done, applied, t_commit, t_committed, time.time(),
+                  error="endpoint unreachable: the batch is retried" if unavailable else None)
         crash_point("mirror.after_applied_publish")
         self._observe_applied(applied)
         self.stats.applied += len(applied)
@@ -209,7 +217,8 @@ class Mirror:
             if it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
             else:
-                futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one, it)))
+                fn = self._delete if it.event.op == "delete" else self._copy_one
+                futures.append((it, self._pool.submit(self._trace.bound(it, fn), it)))
         unavailable: list[tuple[Routed, StoreError]] = []
         for it, fut in futures:
             try:
@@ -256,7 +265,7 @@ class Mirror:
                 return 0
             with kafka_errors("publish applied events"):
                 for _, o in rows:
-                    self.producer.send(o.topic, key=o.key, value=o.value)
+                    self.producer.send(o.topic, key=o.key, value=o.value, headers=list(o.headers) or None)
                 self.producer.flush(timeout=30)
             crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
             return len(rows)
@@ -291,20 +300,24 @@ class Mirror:
             self.metrics.consumer_lag_messages.labels(self.group_id, tp.topic, str(tp.partition)).set(lag)
 
 
-def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> list[Outgoing]:
+def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]],
+                      headers: Callable[[list[Routed]], list[tuple[str, bytes]]] = lambda _: []) -> list[Outgoing]:
     """One applied message per source partition per batch, holding that partition's objects in order.
 
     Keyed by the source partition, so one object's applied events always share a partition and stay
     in order; batching cut the publish cost per object by the batch size.
     """
     by_part: dict[int, list[dict[str, Any]]] = {}
+    routed: dict[int, list[Routed]] = {}
     for it, e in done:
+        routed.setdefault(it.record.partition, []).append(it)
         by_part.setdefault(it.record.partition, []).append(AppliedEvent(
             route=e.route, op="delete" if e.deleted else "put", bucket=e.bucket, key=e.key, size=e.size,
             etag=e.etag, sequencer=e.sequencer, event_time=e.event_time, applied_time=e.applied_time,
             source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
         ).to_dict())
-    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items)) for part, items in sorted(by_part.items())]
+    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items), tuple(headers(routed[part])))
+            for part, items in sorted(by_part.items())]
 
 
 __all__ = ["Mirror", "MirrorStats", "Record"]

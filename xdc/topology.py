@@ -126,7 +126,9 @@ class Site:
     def cache(self) -> CacheCluster:
         if self.config.cache is None:
             raise CacheError(f"datacenter {self.name} has no cache cluster configured")
-        return cluster_from_config(self.config.cache)
+        cluster = cluster_from_config(self.config.cache)
+        cluster.dc = self.name
+        return cluster
 
     @cached_property
     def keys(self) -> KeyMapper:

@@ -11,6 +11,11 @@ bytes, per-node shares, ETA) -> `warm` (all nodes, or `warm_node` one node) -> `
 and bandwidth, reports). `run_prewarm` chains them.
 
 Every report is a dataclass with `to_dict()` (JSON for XCom) and `summary()` (one line for humans).
+
+Tracing: a run is a `prewarm.run` span (a child of its release's trace, else a trace of its own)
+with a span per phase. A file whose object was traced into this datacenter (an anchor span in the
+state: `xdc.trace.ANCHORS`) is warmed as a step of that object's trace on each node
+(`cache.warm_file`), and its check is recorded there too (`cache.check_file`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache_client.base import CacheFile, CheckReport, FreeReport, NodeWarmResult, ProgressSink, WarmReport
+from cache_client.base import CacheFile, CheckReport, FreeReport, NodeWarmResult, ProgressSink, Traced, WarmReport
 from cache_client.filelist import read_file_list
 from cache_client.keys import derived_candidate, path_in_mount
 from cache_client.plan import MIB, MIN_RUN_SECONDS, RECENT_RUNS, Bandwidth, Plan, estimate_bandwidth, format_seconds
 from cache_client.prewarm.progress import Progress, Snapshot
+from xdc import trace
 from xdc.errors import BadKey, NotReadyError, ObjectNotFound
 from xdc.metrics import METRICS
 from xdc.topology import Site
@@ -180,9 +186,17 @@ def plan_files(site: Site, res: ResolvedList, *, trim: bool = False) -> Plan:
     return plan
 
 
+def traced_files(site: Site, files: Sequence[CacheFile]) -> Traced:
+    """bucket_key -> the trace context of each file whose object was traced into this datacenter."""
+    if not trace.active() or not files:
+        return {}
+    got = site.state.traces.anchors([f.bucket_key for f in files], trace.ANCHORS)
+    return {k: trace.sampled_context(t, sp) for k, (t, sp) in got.items()}
+
+
 def warm(site: Site, plan: Plan, progress: ProgressSink | None) -> WarmReport:
     """Every node's share of the plan, the nodes in parallel; the achieved bandwidth is learnt."""
-    report = site.cache.warm(plan, progress)
+    report = site.cache.warm(plan, progress, traced=traced_files(site, [f for s in plan.shares.values() for f in s.files]))
     record_warm(site, [*report.nodes])
     return report
 
@@ -194,7 +208,8 @@ def warm_node(site: Site, plan: Plan, node: str) -> NodeWarmResult:
     error = None
     if share.files:
         try:
-            site.cache.warm_node(node, share.files, site.cache.threads_per_node, lambda files, nbytes: None)
+            site.cache.warm_share(node, share.files, site.cache.threads_per_node, lambda files, nbytes: None,
+                                  traced_files(site, share.files))
         except Exception as exc:  # noqa: BLE001 - reported; the check phase re-warms what is missing
             error = str(exc)
     return NodeWarmResult(node, len(share.files), share.bytes, time.monotonic() - t0, error)
@@ -213,6 +228,8 @@ def check_and_rewarm(site: Site, res: ResolvedList, plan: Plan, rounds: list[dic
     """Check every file; re-warm what is not cached, up to `prewarm.max_rewarm_rounds` rounds
     (files the plan dropped for lack of space are not retried). `rounds` gets one row per warm."""
     cluster = site.cache
+    traced = traced_files(site, res.files)
+    t_check = time.time()
     check = cluster.check(res.files)
     dropped = {f.path for _, f in plan.dropped}
     for _ in range(site.topology.config.prewarm.max_rewarm_rounds):
@@ -224,10 +241,18 @@ def check_and_rewarm(site: Site, res: ResolvedList, plan: Plan, rounds: list[dic
         if replan.noop:
             break
         log.info("re-warm %d file loads still not cached in %s", replan.warm_files, site.name)
-        w = cluster.warm(replan, None)
+        w = cluster.warm(replan, None, traced=traced)
         rounds.append(w.to_dict() | {"errors": w.errors})
+        t_check = time.time()
         check = cluster.check(res.files)
     check.rejected = res.rejected
+    t_checked = time.time()
+    for c in check.files:
+        if c.bucket_key in traced:
+            trace.record("cache.check_file", traced[c.bucket_key], t_check, t_checked,
+                         attributes=trace.attrs(dc=site.name, key=c.bucket_key, status=c.status.value,
+                                                **{f"cached.{n}": b for n, b in c.cached.items()}),
+                         error=None if c.status.value == "cached" else c.reason)
     return check
 
 
@@ -341,16 +366,38 @@ def live_progress(site: Site, dataset: str, *, deadline: float | None = None,
 
 # -- the commands ---------------------------------------------------------------------------------
 def run_prewarm(site: Site, request: Request, *, wait: bool = True, trim: bool = False,
-                progress: ProgressSink | None = None, ready_timeout: float | None = None) -> PrewarmReport:
-    """resolve -> ready gate -> plan -> warm -> check and re-warm -> finish, in this process."""
+                progress: ProgressSink | None = None, ready_timeout: float | None = None,
+                trace_parent: Any = None) -> PrewarmReport:
+    """resolve -> ready gate -> plan -> warm -> check and re-warm -> finish, in this process.
+
+    `trace_parent`: the release's trace context (else the run is a trace of its own)."""
+    attrs = trace.attrs(dc=site.name, dataset=request.dataset, version=request.version or None)
+    span = trace.child("prewarm.run", trace_parent, attributes=attrs) if trace_parent is not None \
+        else trace.root("prewarm.run", always=True, attributes=attrs)
+    try:
+        with trace.use(span):
+            report = _run_phases(site, request, wait=wait, trim=trim, progress=progress, ready_timeout=ready_timeout)
+    except BaseException as exc:
+        trace.end(span, error=exc)
+        raise
+    trace.end(span, attributes={"xdc.complete": report.complete})
+    return report
+
+
+def _run_phases(site: Site, request: Request, *, wait: bool, trim: bool, progress: ProgressSink | None,
+                ready_timeout: float | None) -> PrewarmReport:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     mark = [t0]
+    phase_start = [time.time()]
 
     def lap(phase: str) -> None:
         now = time.monotonic()
         timings[phase] = timings.get(phase, 0.0) + now - mark[0]
         mark[0] = now
+        wall = time.time()
+        trace.record(f"prewarm.{phase}", trace.CURRENT, phase_start[0], wall, attributes=trace.attrs(dc=site.name))
+        phase_start[0] = wall
 
     res = resolve(site, request)
     lap("resolve")

@@ -15,10 +15,11 @@ import threading
 from collections.abc import Sequence
 
 from cache_client.prewarm.pipeline import PrewarmReport, Request, run_prewarm
+from xdc import trace
 from xdc.events import ReleaseEvent, parse_message
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import kafka_errors
+from xdc.io.kafka import kafka_errors, send_step
 from xdc.metrics import METRICS
 from xdc.retry import RetryPolicy
 from xdc.topology import Site, Topology
@@ -27,9 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def publish_release(site: Site, release: ReleaseEvent) -> None:
-    """Publish a release on the site's releases topic."""
+    """Publish a release on the site's releases topic (a trace of its own: releases are few)."""
+    attrs = trace.attrs(dc=site.name, dataset=release.dataset, version=release.version)
+    span = trace.root("release", always=True, attributes=attrs)
     with kafka_errors("publish release"):
-        site.producer.send(site.topics.releases, key=release.dataset.encode(), value=release.to_json())
+        send_step(site.producer, site.topics.releases, key=release.dataset.encode(), value=release.to_json(),
+                  parent=span, attributes=attrs)
+        trace.end(span)
         site.producer.flush(timeout=30)
 
 
@@ -64,7 +69,7 @@ class ReleaseFollower:
         for rec in batch.records:
             for ev in parse_message(rec.value):  # EventError: the loop dead-letters it with its reason
                 if isinstance(ev, ReleaseEvent) and wants(self.site, ev):
-                    report = run_prewarm(self.site, request_of(ev))
+                    report = run_prewarm(self.site, request_of(ev), trace_parent=trace.from_headers(rec.headers))
                     self.reports.append(report)
         return []
 

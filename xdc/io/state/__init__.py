@@ -10,19 +10,22 @@ from pathlib import Path
 from xdc.errors import ConfigError
 from xdc.io.state.base import (
     CatalogEntry,
+    ConfigHistory,
     Incidents,
     LagHistory,
     ObjectCatalog,
     Outgoing,
     PrewarmRecords,
+    ProblemLog,
     Registration,
     State,
+    Traces,
 )
 from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
 __all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "Outgoing", "Registration"]
+           "CatalogEntry", "Outgoing", "Registration", "Traces", "ConfigHistory", "ProblemLog"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:

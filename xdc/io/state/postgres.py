@@ -31,7 +31,10 @@ from xdc.io.state.sql import (
     SqlCatalog,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
     entry_of,
@@ -76,6 +79,7 @@ class _PgTx:
 class PostgresDb(Db):
     dialect = "postgres"
     greatest = "GREATEST"
+    least = "LEAST"
 
     def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10) -> None:
         self.url = url
@@ -174,6 +178,9 @@ class PostgresState(State):
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def schema_version(self) -> int:
         return self._version

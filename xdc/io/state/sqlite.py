@@ -19,7 +19,10 @@ from xdc.io.state.sql import (
     SqlCatalog,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
 )
@@ -48,6 +51,7 @@ class _SqliteTx:
 class SqliteDb(Db):
     dialect = "sqlite"
     greatest = "MAX"
+    least = "MIN"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -106,6 +110,9 @@ class SqliteState(State):
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def schema_version(self) -> int:
         return self._version
