@@ -501,7 +501,7 @@ class SqlTraces(Traces):
             if self._writes % TRIM_EVERY == 1:
                 tx.execute("DELETE FROM spans WHERE start_time < ?", (now - retention_s,))
                 tx.execute("DELETE FROM spans WHERE start_time < (SELECT start_time FROM spans "
-                           "ORDER BY start_time DESC LIMIT 1 OFFSET ?)", (max_spans,))
+                           "ORDER BY start_time DESC LIMIT 1 OFFSET ?)", (max_spans - 1,))
 
     def trace_ids(self, keys: Iterable[str], limit: int = 20) -> list[str]:
         wanted = list(dict.fromkeys(keys))
