@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,34 +389,31 @@ def _run_phases(site: Site, request: Request, *, wait: bool, trim: bool, progres
                 ready_timeout: float | None) -> PrewarmReport:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    mark = [t0]
-    phase_start = [time.time()]
 
-    def lap(phase: str) -> None:
-        now = time.monotonic()
-        timings[phase] = timings.get(phase, 0.0) + now - mark[0]
-        mark[0] = now
-        wall = time.time()
-        trace.record(f"prewarm.{phase}", trace.CURRENT, phase_start[0], wall, attributes=trace.attrs(dc=site.name))
-        phase_start[0] = wall
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:  # timed for the report, and a span of the run
+        t = time.monotonic()
+        with trace.step(f"prewarm.{name}", dc=site.name):
+            yield
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - t
 
-    res = resolve(site, request)
-    lap("resolve")
+    with phase("resolve"):
+        res = resolve(site, request)
     if wait:  # the ready gate: mirrored into this DC, or NotReadyError naming what is not
-        wait_ready(site, res.files, ready_timeout)
-        lap("ready")
-    plan = plan_files(site, res, trim=trim)
+        with phase("ready"):
+            wait_ready(site, res.files, ready_timeout)
+    with phase("plan"):
+        plan = plan_files(site, res, trim=trim)
     log.info("prewarm %s in %s: %s", request.label, site.name, plan.summary())
-    lap("plan")
     sink = progress if progress is not None else Progress(
         plan.bandwidth, desc=f"prewarm {site.name}",
         callback=live_progress(site, request.dataset, deadline=request.deadline) if request.dataset else None)
     rounds: list[dict[str, Any]] = []
-    w = warm(site, plan, sink)
+    with phase("warm"):
+        w = warm(site, plan, sink)
     rounds.append(w.to_dict() | {"errors": w.errors})
-    lap("warm")
-    check = check_and_rewarm(site, res, plan, rounds, trim=trim)
-    lap("check")
+    with phase("check"):
+        check = check_and_rewarm(site, res, plan, rounds, trim=trim)
     return finish(site, request, res, plan, rounds, check, time.monotonic() - t0, timings)
 
 

@@ -46,6 +46,7 @@ class Step:
     status: str
     error: str
     attributes: dict[str, Any]
+    links: list[str] = field(default_factory=list)  # "trace_id:span_id" of spans of other traces (a node job)
     self_s: float = 0.0
 
     @property
@@ -63,7 +64,7 @@ class Step:
                 "start": self.start, "end": self.end, "offset_s": round(self.start - t0, 6),
                 "duration_s": round(self.duration, 6), "self_s": round(self.self_s, 6), "depth": self.depth,
                 "span_id": self.span_id, "parent_id": self.parent_id, "status": self.status, "error": self.error,
-                "attributes": self.attributes}
+                "attributes": self.attributes, "links": self.links}
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _path(spans: list[dict[str, Any]], keys: set[str]) -> list[Step]:
         return depth[sid]
 
     out = [Step(s["name"], s["dc"], s["component"], s["key"], float(s["start_time"]), float(s["end_time"]),
-                depth_of(sid), sid, s["parent_id"], s["status"], s.get("error") or "", s["attributes"])
+                depth_of(sid), sid, s["parent_id"], s["status"], s.get("error") or "", s["attributes"], s["links"])
            for sid, s in by_id.items() if sid in keep]
     return sorted(out, key=lambda x: (x.start, x.depth))
 
