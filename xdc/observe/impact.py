@@ -142,6 +142,9 @@ def _plain(cfg: XdcConfig) -> dict[str, Any]:
 
 
 def _changed_fields(a: Any, b: Any, path: str = "") -> list[str]:
+    """Dotted paths that differ; list items by their name when they have one (routes, nodes)."""
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "name" in x for x in a + b):
+        a, b = {x["name"]: x for x in a}, {x["name"]: x for x in b}
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
