@@ -9,8 +9,8 @@ Compared with the live config and the live state of every datacenter:
   mirror would pick for it under the new config (the first route into its datacenter that covers
   its source key, as `xdc.routing.route_event` does);
 - cache: per datacenter whose cache nodes or placement change, per active dataset, the files and
-  bytes that move to a node that must warm them (consistent hashing for `shard`, every file for a
-  new node under `replicate`), computed by the same placement code the warm uses;
+  bytes that move to a node that must warm them (`shard`: the balanced placement by bytes over the
+  dataset's files, as the warm computes it; `replicate`: every file for a new node);
 - readiness: the active datasets that would lose readiness, where, and why;
 - bucket collisions and internal/external endpoint mistakes the new config introduces.
 """
@@ -249,10 +249,11 @@ def _tally(changes: dict[str, RouteChange], new_by: dict[str, Route], route: str
 
 
 # -- cache ----------------------------------------------------------------------------------------
-def _owners(keys: list[str], cache: CacheConfig) -> dict[str, set[str]]:
-    """bucket_key -> the nodes that should hold it (the warm's own placement code)."""
+def _owners(keys: list[str], cache: CacheConfig, sizes: dict[str, int | None]) -> dict[str, set[str]]:
+    """bucket_key -> the nodes that should hold it (the warm's own placement code, by bytes)."""
     out: dict[str, set[str]] = {k: set() for k in keys}
-    for node, ks in place(keys, [n.name for n in cache.nodes], cache.placement, cache.virtual_nodes).items():
+    nodes = [n.name for n in cache.nodes]
+    for node, ks in place(keys, nodes, cache.placement, cache.virtual_nodes, [sizes.get(k) for k in keys]).items():
         for k in ks:
             out[k].add(node)
     return out
@@ -304,7 +305,7 @@ def _moves(site: Any, keys: list[str], a: CacheConfig, b: CacheConfig | None) ->
     if b is None:
         return {"files": len(keys), "moved_files": 0, "moved_bytes": 0, "to_warm": {}, "unknown_sizes": 0}
     whole = a.bucket_root != b.bucket_root or a.meta_url != b.meta_url  # every path is new
-    old, now = _owners(keys, a), _owners(keys, b)
+    old, now = _owners(keys, a, sizes), _owners(keys, b, sizes)
     to_warm: dict[str, dict[str, Any]] = {}
     moved_files = moved_bytes = 0
     for k in keys:
