@@ -170,6 +170,11 @@ def child(name: str, parent: Any = CURRENT, *, attributes: Mapping[str, Any] | N
     ctx = _parent_context(parent)
     if ctx is None:
         return None
+    if not attributes or DC not in attributes:  # a step happens where its parent does
+        span = otel_trace.get_current_span() if parent is CURRENT else parent
+        dc = getattr(span, "attributes", None) and span.attributes.get(DC)
+        if dc:
+            attributes = {**(attributes or {}), DC: dc}
     return tracer.start_span(name, context=otel_trace.set_span_in_context(NonRecordingSpan(ctx)),
                              attributes=attributes, start_time=_ns(start_time),
                              links=[Link(c) for c in links if c.is_valid])

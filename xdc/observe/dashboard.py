@@ -8,6 +8,10 @@ JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from an
 The state is read from each datacenter's state only (lag snapshots, objects, dead letters,
 quarantine, prewarm records), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
 the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snapshot``).
+
+Also from the state: the processes running and the config version each runs (flagged when they
+differ), the log signatures newest first (new kinds of problems), and one object's trace as a
+waterfall (``/api/trace?key=bucket/key``; a snapshot embeds the most recently traced object's).
 """
 from __future__ import annotations
 
@@ -16,12 +20,17 @@ import time
 from importlib import resources
 from typing import Any
 
+from xdc.errors import XdcError
+from xdc.observe import configs
 from xdc.observe.http import ServerHandle, serve
+from xdc.observe.problems import list_problems
+from xdc.observe.timeline import timeline
 from xdc.topology import Site, Topology
 
 # A day of snapshots every 30 s is 2,880 points per route: draw at most this many.
 MAX_POINTS = 360
 RECENT = 20  # dead letters / quarantined objects listed per datacenter
+TRACED_KEYS = 10  # recently traced objects offered by the trace panel
 _STATE_MARK = "/*__XDC_STATE__*/null"
 
 
@@ -122,7 +131,21 @@ def dashboard_state(topology: Topology, *, now: float | None = None) -> dict[str
             "dead_letters": sum(len(d["dead_letters"]) for d in dcs),
         },
         "datacenters": dcs,
+        "processes": configs.processes(topology, now=now),
+        "problems": list_problems(topology, limit=RECENT, now=now),
+        "traced_keys": traced_keys(topology),
     }
+
+
+def traced_keys(topology: Topology) -> list[dict[str, Any]]:
+    """The objects traced most recently, in any datacenter."""
+    rows = [{**r, "dc": s.name} for s in topology.sites for r in s.state.traces.recent_keys(TRACED_KEYS)]
+    return sorted(rows, key=lambda r: -r["last"])[:TRACED_KEYS]
+
+
+def trace_state(topology: Topology, key: str, dc: str | None = None) -> dict[str, Any] | None:
+    tl = timeline(topology, key, dc=dc or None)
+    return None if tl is None else tl.to_dict()
 
 
 # -- HTML ---------------------------------------------------------------------------------------
@@ -140,8 +163,12 @@ def _embed(state: dict[str, Any] | None) -> str:
 
 
 def snapshot_html(topology: Topology) -> str:
-    """The page with the current state embedded: a static file that needs no server."""
-    return _embed(dashboard_state(topology))
+    """The page with the current state embedded (and the most recently traced object's trace): a
+    static file that needs no server."""
+    state = dashboard_state(topology)
+    keys = state["traced_keys"]
+    state["trace"] = trace_state(topology, keys[0]["key"], keys[0]["dc"]) if keys else None
+    return _embed(state)
 
 
 def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0) -> ServerHandle:
@@ -154,4 +181,15 @@ def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0) 
     def api_state() -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(dashboard_state(topology), allow_nan=False).encode()
 
-    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state})
+    def api_trace(query: dict[str, str]) -> tuple[int, str, bytes]:
+        key = query.get("key", "")
+        try:
+            got = trace_state(topology, key, query.get("dc"))
+        except XdcError as exc:
+            return 400, "application/json", json.dumps({"error": str(exc)}).encode()
+        if got is None:
+            return 404, "application/json", json.dumps({"error": f"no trace kept for {key}"}).encode()
+        return 200, "application/json", json.dumps(got, allow_nan=False, default=str).encode()
+
+    return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state},
+                 query_routes={"/api/trace": api_trace})
