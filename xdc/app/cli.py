@@ -210,7 +210,7 @@ def cmd_config_history(args: argparse.Namespace) -> int:
         print(f"{configs.short(r['hash']):12}  {_when(r['first_seen'])}  {_when(r['last_seen'])}  "
               f"{r['processes']:9d}  {r['running']:7d}  {','.join(r['datacenters'])}{mark}")
     if procs["mixed"]:
-        print(f"# processes run different versions: {', '.join(procs['versions'])}", file=sys.stderr)
+        print(f"# processes run different versions: {', '.join(procs['running_versions'])}", file=sys.stderr)
     return 0
 
 

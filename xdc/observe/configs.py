@@ -80,7 +80,7 @@ def processes(topology: Topology, *, now: float | None = None) -> dict[str, Any]
     live = config_hash(topology.config)
     for p in rows:
         p["current"] = p["config_hash"] == live
-    return {"processes": rows, "versions": [short(v) for v in versions], "mixed": len(versions) > 1,
+    return {"processes": rows, "running_versions": [short(v) for v in versions], "mixed": len(versions) > 1,
             "file_version": short(live)}
 
 

@@ -89,6 +89,8 @@ def test_an_endpoint_refusing_one_prefix_shows_up_as_a_new_signature(xcfg: XdcCo
                     break
                 time.sleep(0.3)
             refused = proxy.counts["access_denied"]
+            # the config centre: the running mirror recorded the config it runs with
+            running = json.loads(xdc(cfg, "config", "history", "--json").stdout)
         finally:
             mirror.terminate()
             out, err = mirror.communicate(timeout=60)
@@ -108,3 +110,11 @@ def test_an_endpoint_refusing_one_prefix_shows_up_as_a_new_signature(xcfg: XdcCo
     assert f"camera/{tag}/denied/" in sig["example"]  # the example names one occurrence, for the operator
     text = xdc(cfg, "problems").stdout
     assert text.startswith(f"NEW {sig['signature']}"), text
+
+    (mine,) = [p for p in running["processes"] if p["component"] == "mirror" and p["dc"] == "B"]
+    assert mine["pid"] == mirror.pid and mine["stopped_at"] is None and mine["current"]
+    assert running["mixed"] is False and running["running_versions"] == [running["file_version"]]
+    after = json.loads(xdc(cfg, "config", "history", "--json").stdout)
+    (version,) = [v for v in after["versions"] if v["hash"].startswith(after["file_version"])]
+    assert version["processes"] == 2 and version["running"] == 0  # the --once pass and the stopped --follow one
+    assert after["processes"] == []  # SIGTERM ended it through its clean-up: recorded as stopped
