@@ -35,19 +35,23 @@ class BatchTrace:
     def begin(self, items: Sequence[Routed]) -> None:
         if not trace.active():
             return
-        for it in items:
-            key = f"{it.target_bucket}/{it.target_key}"
-            s = trace.entry("mirror.apply", it.record.headers, start_time=self.t0, attributes=trace.attrs(
-                dc=self.dc, key=key, source_dc=it.route.source.dc, source_key=f"{it.event.bucket}/{it.event.key}",
-                route=it.route.name, op=it.event.op, event_time=it.event.event_time, mode=it.route.mode,
-                **{"messaging.kafka.partition": it.record.partition, "messaging.kafka.offset": it.record.offset}))
+        for it in items:  # most are not traced: nothing is built for them
+            s = trace.entry("mirror.apply", it.record.headers, start_time=self.t0,
+                            attributes=lambda it=it: self._attributes(it))  # type: ignore[misc]
             if s is not None:
                 self.spans[id(it)] = s
-                self.keys[id(it)] = key
+                self.keys[id(it)] = f"{it.target_bucket}/{it.target_key}"
         self.span = trace.root("mirror.batch", always=bool(self.spans), start_time=self.t0,
                                links=[trace.context_of(s) for s in self.spans.values()],  # type: ignore[misc]
                                attributes=trace.attrs(dc=self.dc, source_dc=self.batch.source,
                                                       records=len(self.batch), objects=len(items)))
+
+    def _attributes(self, it: Routed) -> dict[str, Any]:
+        return trace.attrs(dc=self.dc, key=f"{it.target_bucket}/{it.target_key}", source_dc=it.route.source.dc,
+                           source_key=f"{it.event.bucket}/{it.event.key}", route=it.route.name, op=it.event.op,
+                           event_time=it.event.event_time, mode=it.route.mode,
+                           **{"messaging.kafka.partition": it.record.partition,
+                              "messaging.kafka.offset": it.record.offset})
 
     def bound(self, it: Routed, fn: Callable[[Routed], T]) -> Callable[[Routed], T]:
         """`fn` (a copy or delete, run in a pool thread) as the `mirror.copy` step of the item."""

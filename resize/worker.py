@@ -231,7 +231,7 @@ class ResizeWorker:
         outcomes: list[tuple[Outcome, Record]] = []
         self._spans = {}
         for task, rec in self.tasks(records):
-            span = trace.entry("resize.frame", rec.headers, attributes=trace.attrs(
+            span = trace.entry("resize.frame", rec.headers, attributes=lambda task=task: trace.attrs(
                 dc=self.dc, key=f"{task.bucket}/{task.key}", derived_key=f"{task.bucket}/{task.dst_key}"))
             if span is not None:
                 self._spans[id(task)] = span

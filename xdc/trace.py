@@ -348,15 +348,35 @@ def from_keyed_headers(headers: Iterable[tuple[str, bytes]] | None, key: str) ->
 
 
 def entry(name: str, record_headers: Iterable[tuple[str, bytes]] | None, *,
-          attributes: Mapping[str, Any] | None = None, start_time: float | None = None) -> Span | None:
+          attributes: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+          start_time: float | None = None) -> Span | None:
     """The span of a step that consumed a message: a child of the trace it carries, or, for a
-    message with no traceparent at all (a bucket's own notification), a new sampled root."""
+    message with no traceparent at all (a bucket's own notification), a new sampled root.
+
+    The common case, a message whose trace is not sampled, is decided from the header's last
+    character (the flags) without parsing it; `attributes` may be a function, called only for a
+    span that is recorded."""
     if _T.tracer is None:
         return None
-    carried_ctx = carried(record_headers)
-    if carried_ctx is None:
-        return root(name, attributes=attributes, start_time=start_time)
-    return child(name, carried_ctx, attributes=attributes, start_time=start_time)
+    raw = None
+    for k, v in record_headers or ():
+        if k == TRACEPARENT:
+            raw = v
+            break
+    if raw is not None and raw[-1:] in _UNSAMPLED_FLAG:
+        return None
+    if raw is None:
+        if not (_T.ratio > 0 and random.random() < _T.ratio):
+            return None
+        return root(name, always=True, attributes=attributes() if callable(attributes) else attributes,
+                    start_time=start_time)
+    ctx = parse_traceparent(raw)
+    if ctx is None or not ctx.trace_flags.sampled:
+        return None
+    return child(name, ctx, attributes=attributes() if callable(attributes) else attributes, start_time=start_time)
+
+
+_UNSAMPLED_FLAG = (b"0", b"2", b"4", b"6", b"8", b"a", b"c", b"e", b"A", b"C", b"E")  # flags' low bit clear
 
 
 # -- export ---------------------------------------------------------------------------------------

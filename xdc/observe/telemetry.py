@@ -35,7 +35,7 @@ class StateSpanSink:
     """Spans -> the state of the datacenter each happened in (`xdc.dc`, else this process's)."""
 
     def __init__(self, config: XdcConfig, here: str | None) -> None:
-        self.topology = Topology(config, here)
+        self.topology = Topology(config, here, durable_state=False)  # spans: no fsync per write
         self.here = here
         self.settings = config.tracing
         self._lock = threading.Lock()
@@ -65,7 +65,7 @@ class StateProblemSink:
     """Problem counts -> this datacenter's state; returns the first-seen times kept there."""
 
     def __init__(self, config: XdcConfig, here: str) -> None:
-        self.topology = Topology(config, here)
+        self.topology = Topology(config, here, durable_state=False)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> Mapping[str, float]:
         return self.topology.here.state.problems.record(rows)

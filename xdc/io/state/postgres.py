@@ -81,8 +81,10 @@ class PostgresDb(Db):
     greatest = "GREATEST"
     least = "LEAST"
 
-    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10,
+                 durable: bool = True) -> None:
         self.url = url
+        self.durable = durable
         self._password = password
         self._timeout = connect_timeout_s
         self._conns = ThreadConnections(self._connect)
@@ -92,7 +94,10 @@ class PostgresDb(Db):
         if self._password is not None:
             kw["password"] = self._password
         try:
-            return psycopg.connect(self.url, **kw)
+            conn = psycopg.connect(self.url, **kw)
+            if not self.durable:  # telemetry writes: no wait for the WAL flush
+                conn.execute("SET synchronous_commit = off")
+            return conn
         except psycopg.Error as exc:
             # the message names host, port and database, never the password
             raise TransientStateError(f"connect to {masked_url(self.url)}: {str(exc).strip()}") from exc
@@ -170,9 +175,9 @@ class PostgresState(State):
     backend = "postgres"
     supports_replicas = True
 
-    def __init__(self, url: str, *, password: str | None = None) -> None:
+    def __init__(self, url: str, *, password: str | None = None, durable: bool = True) -> None:
         self.url = url
-        self.db = PostgresDb(url, password=password)
+        self.db = PostgresDb(url, password=password, durable=durable)
         self._version = self.db.migrate()
         self.catalog = PostgresCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
