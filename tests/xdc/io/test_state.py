@@ -14,7 +14,7 @@ import pytest
 from devtools import postgres
 from tests.conftest import PG_DATABASE
 from xdc.errors import ConfigError, TransientStateError
-from xdc.io.state import CatalogEntry, Outgoing, State, open_state
+from xdc.io.state import CatalogEntry, Outgoing, State, open_state, schema, sql
 from xdc.io.state.schema import LATEST
 
 
@@ -53,6 +53,29 @@ def _drain(state: State) -> list[bytes]:
 def test_migrated_to_the_latest_schema_once(url: str) -> None:
     with open_state(url) as a, open_state(url) as b:  # a second opener finds the schema in place
         assert a.schema_version() == b.schema_version() == LATEST
+
+
+def test_migrations_apply_by_version_whatever_their_order_in_the_tuple(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Branches append their migrations with numbers of their own; a later one may ALTER a table an
+    earlier one made, so they run by version (this fails if run in tuple order)."""
+    monkeypatch.setattr(sql, "MIGRATIONS", tuple(reversed(schema.MIGRATIONS)))
+    with open_state(url) as st:
+        assert st.schema_version() == LATEST
+        got = {r["version"] for r in st.db.rows("SELECT version FROM schema_migrations")}
+    assert got == {m.version for m in schema.MIGRATIONS}
+
+
+def test_a_database_at_version_1_gets_the_missing_migrations_gaps_and_all(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sql, "MIGRATIONS", tuple(m for m in schema.MIGRATIONS if m.version == 1))
+    with open_state(url) as old:
+        assert old.schema_version() == 1
+    monkeypatch.undo()
+    with open_state(url) as st:
+        assert st.schema_version() == LATEST
+        got = {r["version"] for r in st.db.rows("SELECT version FROM schema_migrations")}
+    assert got == {m.version for m in schema.MIGRATIONS}
 
 
 def test_guard_keeps_newer_rows_and_outbox_only_holds_what_was_applied(state: State) -> None:
@@ -254,7 +277,7 @@ def test_bad_url_is_refused() -> None:
         open_state("mysql://x")
 
 
-# -- outbox headers, traces, config history, problems (migration 2) -------------------------------
+# -- outbox headers, traces, config history, problems (migration 6) -------------------------------
 def test_outbox_rows_keep_their_headers(state: State) -> None:
     hdrs = (("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"), ("traceparents", b'{"b/k": "x"}'))
     state.catalog.commit_batch([_e("k1", "1")], lambda ok: [Outgoing("applied", b"p0", b"v", hdrs),

@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
-    Migration(2, "outbox headers, spans, config history, problems", """
+    Migration(6, "outbox headers, spans, config history, problems", """
 ALTER TABLE outbox ADD COLUMN headers {blob};
 CREATE TABLE IF NOT EXISTS spans (
     trace_id {text} NOT NULL, span_id {text} NOT NULL, parent_id {text},
@@ -112,4 +112,5 @@ CREATE TABLE IF NOT EXISTS problems (
 """),
 )
 
-LATEST = MIGRATIONS[-1].version
+# branches append their migrations with numbers of their own; gaps are fine, order is by number
+LATEST = max(m.version for m in MIGRATIONS)
