@@ -1,6 +1,6 @@
 """The one config model: typed, validated at load, shared by the CLI, the DAGs and the Helm values.
 
-A config names datacenters (each with its S3 endpoint, Kafka, catalog and cache cluster) and routes
+A config names datacenters (each with its S3 endpoint, Kafka, state and cache cluster) and routes
 (source DC/bucket/prefix -> target DC/bucket/prefix). Secrets are never in the file: credentials are
 references (environment variables or an Airflow connection id) resolved at use.
 """
