@@ -53,6 +53,7 @@ from cache_client.base import (
     NodeWarmResult,
     ProgressFn,
     ProgressSink,
+    Traced,
     WarmReport,
 )
 from cache_client.plan import Plan
@@ -204,8 +205,11 @@ class AlluxioCluster(CacheCluster):
         self._free_and_wait(files, lambda views: {self.worker_of[node]})
 
     # -- derived, done cluster-wide for Alluxio --------------------------------------------------
-    def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
-        """Warm the plan: files every node should hold in batched loads, the rest per file and node."""
+    def warm(self, plan: Plan, progress: ProgressSink | None = None, *, traced: Traced | None = None) -> WarmReport:
+        """Warm the plan: files every node should hold in batched loads, the rest per file and node.
+
+        `traced` files are not timed one by one here (loads are cluster-wide batches); their check
+        is still recorded in their traces by the pipeline."""
         if progress is not None:
             progress.start(plan.warm_files, plan.warm_bytes)
         meter = _Meter(progress, plan.warm_bytes)

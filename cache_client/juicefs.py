@@ -26,6 +26,9 @@ How each primitive is done, and why (measured with juicefs 1.4.2):
   `--check`'s aggregate.
 - evict: `juicefs warmup --evict -f LIST` per node (node-local, hence run on every node).
 - usage: `.stats` juicefs_blockcache_bytes vs the node's configured cache size (and disk space).
+- a traced file (warm_file_timed): warmed alone, and the node's `.stats` counters before and after
+  say how long its object-store GETs and its cache writes took (node-wide counters: another reader
+  of the same node at that moment is counted too).
 """
 from __future__ import annotations
 
@@ -508,6 +511,19 @@ class JuiceFSCluster(CacheCluster):
                 return
             raise CacheError(f"warmup on {node}: juicefs exit {proc.returncode}: {_tail(stderr)}")
         on_progress(len(files) - seen["files"], max(0, total_bytes - seen["bytes"]))
+
+    def warm_file_timed(self, node: str, f: CacheFile, on_progress: ProgressFn) -> dict[str, float]:
+        mount = self.node_cfg[node].mount
+        before = read_stats(mount)
+        self.warm_node(node, [f], 1, on_progress)
+        after = read_stats(mount)
+
+        def delta(name: str) -> float:
+            return max(0.0, after.get(name, 0.0) - before.get(name, 0.0))
+        return {"read_store_s": delta("juicefs_object_request_durations_histogram_seconds_GET_sum"),
+                "read_store_bytes": delta("juicefs_object_request_data_bytes_GET"),
+                "write_cache_s": delta("juicefs_blockcache_write_hist_seconds_sum"),
+                "write_cache_bytes": delta("juicefs_blockcache_write_bytes")}
 
     def evict_node(self, node: str, files: Sequence[CacheFile]) -> None:
         for i in range(0, len(files), WARM_BATCH):

@@ -6,6 +6,10 @@ What they publish are reconciliations, not S3 events: no sequencer of ours compe
 store's; the mirror reads the source's current state of each key and makes the target match it.
 A store with notifications (`s3.notifications: true`) announces its writes itself, so ingest then
 publishes nothing (otherwise every object would be announced twice).
+
+An object's trace starts here (sampled, `xdc.trace.root`): `ingest.object` with its `s3.put` and
+the `kafka.publish` of its event, whose traceparent the event carries to the mirror and resize.
+(A store's own notification carries none: the mirror and resize then start the object's trace.)
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mirror.march import march
+from xdc import trace
 from xdc.errors import ConfigError
 from xdc.events import encode_notification, message_key, reconcile_record, validate_key
-from xdc.io.kafka import kafka_errors
+from xdc.io.kafka import kafka_errors, send_step
 from xdc.io.state import CatalogEntry
 from xdc.io.store import ObjectInfo
 from xdc.topology import Site
@@ -63,18 +68,25 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
     t0 = time.monotonic()
     paths = list(_files(root))
 
-    def upload(p: Path) -> ObjectInfo:
+    def upload(p: Path) -> tuple[ObjectInfo, Any]:
         key = validate_key(prefix + p.relative_to(root).as_posix())
-        return store.put(bucket, key, p.read_bytes())
+        span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="put"))
+        with trace.use(span), trace.step("s3.put", dc=site.name):
+            info = store.put(bucket, key, p.read_bytes())
+        return info, span
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for info in pool.map(upload, paths):
+        for info, span in pool.map(upload, paths):
+            t_event = time.time()
             if producer is not None:
-                rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
+                rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region,
+                                       event_time=t_event)
                 with kafka_errors("publish event"):
-                    producer.send(site.topics.events, key=message_key(bucket, info.key),
-                                  value=encode_notification([rec]))
+                    send_step(producer, site.topics.events, key=message_key(bucket, info.key),
+                              value=encode_notification([rec]), parent=span, starts_object=True,
+                              attributes=trace.attrs(dc=site.name, key=f"{bucket}/{info.key}"))
                 rep.events += 1
+            trace.end(span, attributes={"xdc.event_time": t_event, "xdc.bytes": info.size})
             rep.files += 1
             rep.bytes += info.size
             if progress:
@@ -89,14 +101,20 @@ def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
 def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
     """Delete an object in the site; announce it (a reconciliation: the mirror looks at the source)
     unless the store announces its deletes itself."""
+    span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="delete"))
     if delete_object:
-        site.store.delete(bucket, key)
-        if site.config.s3.notifications:
-            return
+        with trace.use(span), trace.step("s3.delete", dc=site.name):
+            site.store.delete(bucket, key)
+    t_event = time.time()
+    if delete_object and site.config.s3.notifications:
+        trace.end(span, attributes={"xdc.event_time": t_event})
+        return
     with kafka_errors("publish delete"):
-        site.producer.send(site.topics.events, key=message_key(bucket, key),
-                           value=encode_notification([reconcile_record("delete", bucket, key,
-                                                                       region=site.config.s3.region)]))
+        rec = reconcile_record("delete", bucket, key, region=site.config.s3.region, event_time=t_event)
+        send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                  value=encode_notification([rec]), parent=span,
+                  starts_object=True, attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+        trace.end(span, attributes={"xdc.event_time": t_event})
         site.producer.flush(timeout=30)
 
 
@@ -133,14 +151,22 @@ def scan(site: Site, bucket: str, prefix: str = "", *, dry_run: bool = False) ->
             rec = _scan_record(s_obj, c_obj, rep, bucket, region)
             if rec is not None and not dry_run:
                 key = s_obj.key if s_obj is not None else c_obj.source_key  # type: ignore[union-attr]
+                span = trace.root("scan.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}",
+                                                                        route=r.name, found=_found(s_obj, c_obj)))
                 with kafka_errors("publish scan event"):
-                    site.producer.send(site.topics.events, key=message_key(bucket, key),
-                                       value=encode_notification([rec]))
+                    send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                              value=encode_notification([rec]), parent=span, starts_object=True,
+                              attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+                trace.end(span)
                 rep.events += 1
     if not dry_run:
         with kafka_errors("flush scan events"):
             site.producer.flush(timeout=60)
     return rep
+
+
+def _found(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None) -> str:
+    return "missing" if c_obj is None else "extra" if s_obj is None else "differ"
 
 
 def _scan_record(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None, rep: ScanReport, bucket: str,

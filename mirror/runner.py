@@ -16,10 +16,12 @@ when the process dies between the state commit and the publish.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from mirror.apply import KeyWork, decide, entry_for, plan_batch
+from mirror.tracing import BatchTrace
 from xdc.config import Route
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, IgnoredEvent, ObjectEvent, encode_applied, parse_message
@@ -147,6 +150,7 @@ class Mirror:
 
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
+        tr = self._trace = BatchTrace(self.dc, batch)  # spans of the traced objects (mirror/tracing.py)
         letters: list[Letter] = []
         work = plan_batch(self._validate_and_route(batch, letters))  # decide
         self.stats.ignored["superseded_in_batch"] += sum(w.superseded for w in work.values())
@@ -162,6 +166,7 @@ class Mirror:
             else:
                 self._ignore(it.route.name, d)
 
+        tr.begin([it for it, _ in todo])
         done, unavailable = self._apply_content(todo, current, letters)  # copy / delete / reconcile
         meta, meta_unavailable = self._apply_meta([m for w in work.values() for m in w.meta.values()], letters)
         unavailable += meta_unavailable
@@ -172,12 +177,16 @@ class Mirror:
                 k = (self.group_id, rec.topic, rec.partition)
                 offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
         routed_of = {id(e): it for it, e in done}
+        t_commit = time.time()
         applied = self.catalog.commit_batch(  # durable: entries + tags/ACL + outbox + offsets in one transaction
             [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok]),
+            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok], tr.headers),
             offsets, meta=[m for _, m in meta])
         crash_point("mirror.after_state_commit")
+        t_committed = time.time()
         self.flush_outbox()
+        tr.finish(done, applied, t_commit, t_committed, time.time(),
+                  error="endpoint unreachable: the batch is retried" if unavailable else None)
         crash_point("mirror.after_applied_publish")
         self._observe_applied(applied)
         for it, m in meta:
@@ -252,12 +261,13 @@ class Mirror:
         for it, w in todo:
             cur = current.get((it.target_bucket, it.target_key))
             if it.event.reconcile:
-                futures.append((it, self._pool.submit(self._reconcile, it, cur, w.floor)))
+                reconcile = functools.partial(self._reconcile, current=cur, floor=w.floor)
+                futures.append((it, self._pool.submit(self._trace.bound(it, reconcile), it)))
             elif it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
             else:
-                futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one,
-                                                      it)))
+                fn = self._delete if it.event.op == "delete" else self._copy_one
+                futures.append((it, self._pool.submit(self._trace.bound(it, fn), it)))
         unavailable: list[tuple[Routed, StoreError]] = []
         for it, fut in futures:
             try:
@@ -408,7 +418,7 @@ class Mirror:
                 return 0
             with kafka_errors("publish applied events"):
                 for _, o in rows:
-                    self.producer.send(o.topic, key=o.key, value=o.value)
+                    self.producer.send(o.topic, key=o.key, value=o.value, headers=list(o.headers) or None)
                 self.producer.flush(timeout=30)
             crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
             return len(rows)
@@ -460,20 +470,24 @@ class Mirror:
             self.metrics.consumer_lag_messages.labels(self.group_id, tp.topic, str(tp.partition)).set(lag)
 
 
-def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> list[Outgoing]:
+def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]],
+                      headers: Callable[[list[Routed]], list[tuple[str, bytes]]] = lambda _: []) -> list[Outgoing]:
     """One applied message per source partition per batch, holding that partition's objects in order.
 
     Keyed by the source partition, so one object's applied events always share a partition and stay
     in order; batching cut the publish cost per object by the batch size.
     """
     by_part: dict[int, list[dict[str, Any]]] = {}
+    routed: dict[int, list[Routed]] = {}
     for it, e in done:
+        routed.setdefault(it.record.partition, []).append(it)
         by_part.setdefault(it.record.partition, []).append(AppliedEvent(
             route=e.route, op="delete" if e.deleted else "put", bucket=e.bucket, key=e.key, size=e.size,
             etag=e.etag, sequencer=e.sequencer, event_time=e.event_time, applied_time=e.applied_time,
             source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
         ).to_dict())
-    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items)) for part, items in sorted(by_part.items())]
+    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items), tuple(headers(routed[part])))
+            for part, items in sorted(by_part.items())]
 
 
 __all__ = ["Mirror", "MirrorStats", "Record"]

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -438,6 +439,35 @@ class MetricsSettings(_Model):
         return value
 
 
+class TracingSettings(_Model):
+    """Spans along each object's path (xdc.trace); sampling keeps the cost small.
+
+    A trace starts where an object enters (ingest, scan, an S3 event that carries none) with
+    probability `sample_ratio`; every later step follows the first one's decision, across Kafka in
+    the W3C traceparent header. Releases and prewarm runs are always traced (they are few).
+    """
+
+    enabled: bool = True
+    sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    # state: the built-in sink, recent spans in each datacenter's state (`xdc trace`, dashboard);
+    # otlp: OTLP over HTTP to any collector (otlp_endpoint, e.g. http://otel-collector:4318)
+    exporters: list[Literal["state", "otlp"]] = ["state"]
+    otlp_endpoint: str | None = None
+    export_interval_ms: int = Field(1000, ge=10)
+    retention_hours: float = Field(24.0, gt=0)
+    max_spans: int = Field(200_000, ge=100)  # kept per datacenter by the built-in sink
+    # files of a traced object warmed one by one (timed) per cache-node job; the rest in one batch
+    traced_files_per_node: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _otlp(self) -> TracingSettings:
+        if "otlp" in self.exporters and not self.otlp_endpoint:
+            raise ValueError("tracing.exporters has otlp: set tracing.otlp_endpoint (http(s)://host:4318)")
+        if self.otlp_endpoint and not re.match(r"^https?://[^/\s]+", self.otlp_endpoint):
+            raise ValueError(f"tracing.otlp_endpoint is not an http(s) URL: {self.otlp_endpoint!r}")
+        return self
+
+
 class XdcConfig(_Model):
     version: Literal[1] = 1
     local_dc: str | None = None  # which datacenter this process runs in (also --dc / XDC_DC)
@@ -448,11 +478,12 @@ class XdcConfig(_Model):
     prewarm: PrewarmSettings = PrewarmSettings()
     lag: LagSettings = LagSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     run_dir: Path | None = None  # where the local stack keeps logs and pids
     base_dir: Path = Path(".")  # directory of the config file; set by the loader
 
     @model_validator(mode="after")
-    def _consistent(self) -> XdcConfig:
+    def _consistent(self, info: ValidationInfo) -> XdcConfig:
         dcs = set(self.datacenters)
         if self.local_dc is not None and self.local_dc not in dcs:
             raise ValueError(f"local_dc {self.local_dc!r} is not one of the datacenters {sorted(dcs)}")
@@ -467,7 +498,10 @@ class XdcConfig(_Model):
                 raise ValueError(f"prewarm.datacenters: unknown datacenter {dc!r}")
         if self.resize and self.resize.dc and self.resize.dc not in dcs:
             raise ValueError(f"resize.dc: unknown datacenter {self.resize.dc!r}")
-        _check_bucket_collisions(self)
+        collisions = bucket_collisions(self)
+        # `xdc config impact` reads a proposed config that may have them, to report them
+        if collisions and not (info.context or {}).get("allow_bucket_collisions"):
+            raise ValueError(collisions[0])
         return self
 
     def dc(self, name: str) -> Datacenter:
@@ -478,12 +512,14 @@ class XdcConfig(_Model):
             raise ConfigError(f"unknown datacenter {name!r} (known: {sorted(self.datacenters)})") from None
 
 
-def _check_bucket_collisions(cfg: XdcConfig) -> None:
+def bucket_collisions(cfg: XdcConfig) -> list[str]:
     """S3 bucket names are global per partition: the same name in two DCs must be the same data.
 
     A name in two datacenters is accepted only when a route mirrors one into the other under the
-    same prefix mapping; otherwise it is refused, naming the bucket and both datacenters.
+    same prefix mapping; otherwise it is a collision (the loader refuses it), named with both
+    datacenters.
     """
+    out: list[str] = []
     owners: dict[str, set[str]] = {}
     for name, d in cfg.datacenters.items():
         for b in d.buckets:
@@ -502,15 +538,19 @@ def _check_bucket_collisions(cfg: XdcConfig) -> None:
         for a in sorted(dcs):
             for b in sorted(dcs):
                 if a < b and (bucket, frozenset((a, b))) not in mirrored:
-                    raise ValueError(
+                    out.append(
                         f"bucket {bucket!r} is used in datacenters {a} and {b} for different data "
                         f"(no route mirrors {a}:{bucket} to {b}:{bucket} with the same prefix); "
                         "bucket names are global per S3 partition: rename one of them"
                     )
+    return out
 
 
-def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str | None = None) -> XdcConfig:
-    """Validate a config mapping (from a file, a Helm ConfigMap or a DAG param)."""
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str | None = None,
+                 allow_bucket_collisions: bool = False) -> XdcConfig:
+    """Validate a config mapping (from a file, a Helm ConfigMap or a DAG param).
+
+    `allow_bucket_collisions`: load a config that has them (only to report them: `xdc config impact`)."""
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping")
     data = dict(data)
@@ -520,12 +560,13 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str 
     if dc:
         data["local_dc"] = dc
     try:
-        return XdcConfig.model_validate(data)
+        return XdcConfig.model_validate(data, context={"allow_bucket_collisions": allow_bucket_collisions})
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
 
 
-def load_config(path: str | os.PathLike[str], *, dc: str | None = None) -> XdcConfig:
+def load_config(path: str | os.PathLike[str], *, dc: str | None = None,
+                allow_bucket_collisions: bool = False) -> XdcConfig:
     """Load a YAML config file (JSON is YAML too). `dc` overrides local_dc, as does XDC_DC."""
     p = Path(path)
     try:
@@ -535,7 +576,8 @@ def load_config(path: str | os.PathLike[str], *, dc: str | None = None) -> XdcCo
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     try:
-        return parse_config(raw or {}, base_dir=p.resolve().parent, dc=dc)
+        return parse_config(raw or {}, base_dir=p.resolve().parent, dc=dc,
+                            allow_bucket_collisions=allow_bucket_collisions)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
 

@@ -157,6 +157,17 @@ class Metrics:
             "1 when the dataset is mirrored and warm in the DC (ready for training), else 0.",
             pw, registry=r)
 
+        # --- new problems (xdc.problems) ---------------------------------------------------------
+        self.log_problems_total = Counter(
+            "xdc_log_problems_total",
+            "Log records at WARNING and above, by the component that logged them and their signature "
+            "(the message template with its variable parts removed; `xdc problems` lists them).",
+            ["component", "signature"], registry=r)
+        self.problem_first_seen = Gauge(
+            "xdc_problem_first_seen_timestamp_seconds",
+            "Unix time a log signature was first seen by any process of the datacenter (from the state).",
+            ["component", "signature"], registry=r)
+
     # Helpers so callers set related series together and with the same label values.
 
     def set_consumer_lag(self, group: str, topic: str, partition: int, highwater: int, committed: int | None) -> None:

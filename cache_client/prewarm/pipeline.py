@@ -13,23 +13,30 @@ nodes, or `warm_node` one node) -> `check_and_rewarm` (per file; re-warms what i
 `run_prewarm` chains them.
 
 Every report is a dataclass with `to_dict()` (JSON for XCom) and `summary()` (one line for humans).
+
+Tracing: a run is a `prewarm.run` span (a child of its release's trace, else a trace of its own)
+with a span per phase. A file whose object was traced into this datacenter (an anchor span in the
+state: `xdc.trace.ANCHORS`) is warmed as a step of that object's trace on each node
+(`cache.warm_file`), and its check is recorded there too (`cache.check_file`).
 """
 from __future__ import annotations
 
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cache_client.base import CacheFile, CheckReport, FreeReport, NodeWarmResult, ProgressSink, WarmReport
+from cache_client.base import CacheFile, CheckReport, FreeReport, NodeWarmResult, ProgressSink, Traced, WarmReport
 from cache_client.filelist import read_file_list
 from cache_client.keys import derived_candidate, path_in_mount
 from cache_client.plan import MIB, MIN_RUN_SECONDS, RECENT_RUNS, Bandwidth, Plan, estimate_bandwidth, format_seconds
 from cache_client.prewarm.progress import Progress, Snapshot
 from cache_client.watermarks import Retired, RoomPlan, plan_room
+from xdc import trace
 from xdc.errors import BadKey, KafkaError, NotReadyError, ObjectNotFound, RoomError
 from xdc.events import ReadyEvent
 from xdc.io.kafka import kafka_errors
@@ -277,9 +284,17 @@ def record_fill(site: Site, capacities: Mapping[str, Any] | None = None) -> None
     site.state.prewarm.record_nodes([NodeUsage(n, c.used, c.capacity, c.high, c.low) for n, c in caps.items()])
 
 
+def traced_files(site: Site, files: Sequence[CacheFile]) -> Traced:
+    """bucket_key -> the trace context of each file whose object was traced into this datacenter."""
+    if not trace.active() or not files:
+        return {}
+    got = site.state.traces.anchors([f.bucket_key for f in files], trace.ANCHORS)
+    return {k: trace.sampled_context(t, sp) for k, (t, sp) in got.items()}
+
+
 def warm(site: Site, plan: Plan, progress: ProgressSink | None) -> WarmReport:
     """Every node's share of the plan, the nodes in parallel; the achieved bandwidth is learnt."""
-    report = site.cache.warm(plan, progress)
+    report = site.cache.warm(plan, progress, traced=traced_files(site, [f for s in plan.shares.values() for f in s.files]))
     record_warm(site, [*report.nodes])
     return report
 
@@ -291,7 +306,8 @@ def warm_node(site: Site, plan: Plan, node: str) -> NodeWarmResult:
     error = None
     if share.files:
         try:
-            site.cache.warm_node(node, share.files, site.cache.threads_per_node, lambda files, nbytes: None)
+            site.cache.warm_share(node, share.files, site.cache.threads_per_node, lambda files, nbytes: None,
+                                  traced_files(site, share.files))
         except Exception as exc:  # noqa: BLE001 - reported; the check phase re-warms what is missing
             error = str(exc)
     return NodeWarmResult(node, len(share.files), share.bytes, time.monotonic() - t0, error)
@@ -310,6 +326,8 @@ def check_and_rewarm(site: Site, res: ResolvedList, plan: Plan, rounds: list[dic
     """Check every file; re-warm what is not cached, up to `prewarm.max_rewarm_rounds` rounds
     (files the plan dropped for lack of space are not retried). `rounds` gets one row per warm."""
     cluster = site.cache
+    traced = traced_files(site, res.files)
+    t_check = time.time()
     check = cluster.check(res.files)
     dropped = {f.path for _, f in plan.dropped}
     for _ in range(site.topology.config.prewarm.max_rewarm_rounds):
@@ -323,10 +341,18 @@ def check_and_rewarm(site: Site, res: ResolvedList, plan: Plan, rounds: list[dic
         if replan.noop:
             break
         log.info("re-warm %d file loads still not cached in %s", replan.warm_files, site.name)
-        w = cluster.warm(replan, None)
+        w = cluster.warm(replan, None, traced=traced)
         rounds.append(w.to_dict() | {"errors": w.errors})
+        t_check = time.time()
         check = cluster.check(res.files)
     check.rejected = res.rejected
+    t_checked = time.time()
+    for c in check.files:
+        if c.bucket_key in traced:
+            trace.record("cache.check_file", traced[c.bucket_key], t_check, t_checked,
+                         attributes=trace.attrs(dc=site.name, key=c.bucket_key, status=c.status.value,
+                                                **{f"cached.{n}": b for n, b in c.cached.items()}),
+                         error=None if c.status.value == "cached" else c.reason)
     return check
 
 
@@ -484,41 +510,58 @@ def live_progress(site: Site, dataset: str, *, deadline: float | None = None,
 # -- the commands ---------------------------------------------------------------------------------
 def run_prewarm(site: Site, request: Request, *, wait: bool = True, trim: bool = False,
                 progress: ProgressSink | None = None, ready_timeout: float | None = None,
-                publish_ready: Literal["no", "try", "must"] = "no") -> PrewarmReport:
+                publish_ready: Literal["no", "try", "must"] = "no", trace_parent: Any = None) -> PrewarmReport:
     """resolve -> ready gate -> plan -> warm -> check and re-warm -> finish -> announce, in this process.
 
     publish_ready: "must" publishes the dataset.ready event a version owes (KafkaError if the broker
-    cannot take it), "try" only warns then (it stays in the outbox), "no" leaves it there."""
+    cannot take it), "try" only warns then (it stays in the outbox), "no" leaves it there.
+    `trace_parent`: the release's trace context (else the run is a trace of its own)."""
+    attrs = trace.attrs(dc=site.name, dataset=request.dataset, version=request.version or None)
+    span = trace.child("prewarm.run", trace_parent, attributes=attrs) if trace_parent is not None \
+        else trace.root("prewarm.run", always=True, attributes=attrs)
+    try:
+        with trace.use(span):
+            report = _run_phases(site, request, wait=wait, trim=trim, progress=progress, ready_timeout=ready_timeout)
+            if publish_ready != "no":
+                with trace.step("prewarm.announce", dc=site.name):
+                    announce(site, strict=publish_ready == "must")
+    except BaseException as exc:
+        trace.end(span, error=exc)
+        raise
+    trace.end(span, attributes={"xdc.complete": report.complete})
+    return report
+
+
+def _run_phases(site: Site, request: Request, *, wait: bool, trim: bool, progress: ProgressSink | None,
+                ready_timeout: float | None) -> PrewarmReport:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
-    mark = [t0]
 
-    def lap(phase: str) -> None:
-        now = time.monotonic()
-        timings[phase] = timings.get(phase, 0.0) + now - mark[0]
-        mark[0] = now
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:  # timed for the report, and a span of the run
+        t = time.monotonic()
+        with trace.step(f"prewarm.{name}", dc=site.name):
+            yield
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - t
 
-    res = resolve(site, request)
-    lap("resolve")
+    with phase("resolve"):
+        res = resolve(site, request)
     if wait:  # the ready gate: mirrored into this DC, or NotReadyError naming what is not
-        wait_ready(site, res.files, ready_timeout)
-        lap("ready")
-    plan = plan_files(site, res, trim=trim, make_room=request.make_room)
+        with phase("ready"):
+            wait_ready(site, res.files, ready_timeout)
+    with phase("plan"):
+        plan = plan_files(site, res, trim=trim, make_room=request.make_room)
     log.info("prewarm %s in %s: %s", request.label, site.name, plan.summary())
-    lap("plan")
     sink = progress if progress is not None else Progress(
         plan.bandwidth, desc=f"prewarm {site.name}",
         callback=live_progress(site, request.dataset, deadline=request.deadline) if request.dataset else None)
     rounds: list[dict[str, Any]] = []
-    w = warm(site, plan, sink)
+    with phase("warm"):
+        w = warm(site, plan, sink)
     rounds.append(w.to_dict() | {"errors": w.errors})
-    lap("warm")
-    check = check_and_rewarm(site, res, plan, rounds, trim=trim)
-    lap("check")
-    report = finish(site, request, res, plan, rounds, check, time.monotonic() - t0, timings)
-    if publish_ready != "no":
-        announce(site, strict=publish_ready == "must")
-    return report
+    with phase("check"):
+        check = check_and_rewarm(site, res, plan, rounds, trim=trim)
+    return finish(site, request, res, plan, rounds, check, time.monotonic() - t0, timings)
 
 
 def plan_prewarm(site: Site, request: Request, *, trim: bool = False) -> Plan:

@@ -19,12 +19,13 @@ import threading
 from collections.abc import Sequence
 
 from cache_client.prewarm.pipeline import PrewarmReport, Request, run_prewarm
+from xdc import trace
 from xdc.errors import EventError, XdcError
 from xdc.events import ReleaseEvent, parse_message
 from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, kafka_errors
+from xdc.io.kafka import Record, kafka_errors, send_step
 from xdc.metrics import METRICS
 from xdc.retry import RetryPolicy
 from xdc.topology import Site, Topology
@@ -33,9 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def publish_release(site: Site, release: ReleaseEvent) -> None:
-    """Publish a release on the site's releases topic."""
+    """Publish a release on the site's releases topic (a trace of its own: releases are few)."""
+    attrs = trace.attrs(dc=site.name, dataset=release.dataset, version=release.version)
+    span = trace.root("release", always=True, attributes=attrs)
     with kafka_errors("publish release"):
-        site.producer.send(site.topics.releases, key=release.dataset.encode(), value=release.to_json())
+        send_step(site.producer, site.topics.releases, key=release.dataset.encode(), value=release.to_json(),
+                  parent=span, attributes=attrs)
+        trace.end(span)
         site.producer.flush(timeout=30)
 
 
@@ -55,13 +60,14 @@ def origin_of(source: str, rec: Record) -> str:
     return f"{source}:{rec.topic}[{rec.partition}]@{rec.offset}"
 
 
-def prewarm_release(site: Site, release: ReleaseEvent) -> PrewarmReport:
+def prewarm_release(site: Site, release: ReleaseEvent, *, trace_parent: trace.Parent = None) -> PrewarmReport:
     """One try at a release the ledger holds as pending: counted, its error noted, its outcome
-    recorded (warm or incomplete). Errors are raised as they are: the caller decides on retries."""
+    recorded (warm or incomplete). Errors are raised as they are: the caller decides on retries.
+    `trace_parent`: the release message's trace context (the reconciler's re-drives have none)."""
     ledger = site.state.releases
     ledger.attempt(release.dataset, release.version)
     try:
-        report = run_prewarm(site, request_of(release), publish_ready="must")
+        report = run_prewarm(site, request_of(release), publish_ready="must", trace_parent=trace_parent)
     except XdcError as exc:
         ledger.note(release.dataset, release.version, f"{type(exc).__name__}: {exc}")
         raise
@@ -101,7 +107,7 @@ class ReleaseFollower:
                 if entry.has_result:  # done before a crash kept the offset from being committed
                     log.info("release %s@%s at %s is %s here already", ev.dataset, ev.version, origin, entry.state)
                     continue
-                self.reports.append(prewarm_release(self.site, ev))
+                self.reports.append(prewarm_release(self.site, ev, trace_parent=trace.from_headers(rec.headers)))
         return []
 
     def on_letters(self, source: str, letters: Sequence[Letter]) -> None:

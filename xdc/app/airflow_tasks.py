@@ -28,10 +28,16 @@ from xdc.app.airflow_support import ready_asset_name, release_payload
 from xdc.config import XdcConfig
 from xdc.errors import CacheError, ConfigError, LagObjectiveError
 from xdc.events import RELEASE_TYPE, iso, parse_release
+from xdc.observe import telemetry
 from xdc.observe.lag import lag_over_objective, record_lag_snapshot
 from xdc.topology import Site, Topology
 
 log = logging.getLogger(__name__)
+
+
+def observed(topo: Topology, component: str) -> telemetry.Telemetry:
+    """A task's telemetry (traces, problem signatures), flushed when the task ends."""
+    return telemetry.start(topo, f"airflow.{component}")
 
 
 # -- prewarm --------------------------------------------------------------------------------------
@@ -123,7 +129,7 @@ def _unit(cfg: XdcConfig, unit: Mapping[str, Any]) -> tuple[Topology, Site, pipe
 def unit_resolve(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """Fetch and resolve the unit's file list once, and keep it in the datacenter's state."""
     topo, site, req = _unit(cfg, unit)
-    with topo:
+    with topo, observed(topo, "prewarm"):
         res = pipeline.resolve(site, req)
         pipeline.stage(site, req, res)
     log.info("resolved %s: %d files, %d entries rejected", unit_label(unit), len(res.files), res.rejected_count)
@@ -133,7 +139,7 @@ def unit_resolve(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
 def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """The ready gate: wait until every file of the unit exists in its datacenter."""
     topo, site, req = _unit(cfg, unit)
-    with topo:
+    with topo, observed(topo, "prewarm"):
         res = pipeline.load_staged(site, req)
         # a cache Fluid runs is not ours to ask: its datacenter's object store is
         stat = fluid.store_sizes(site) if unit.get("mode") == "fluid" else None
@@ -145,7 +151,7 @@ def unit_ready(cfg: XdcConfig, unit: Mapping[str, Any], timeout: float | None = 
 def unit_plan(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """The plan (files, bytes, per-node shares, ETA) of a unit: {"unit", "plan", "summary"}."""
     topo, site, req = _unit(cfg, unit)
-    with topo:  # with the release's make_room, room is made here, before the warm tasks start
+    with topo, observed(topo, "prewarm"):  # with the release's make_room, room is made here, before the warm tasks start
         plan = pipeline.plan_files(site, pipeline.load_staged(site, req), make_room=req.make_room)
     log.info("plan %s: %s", unit_label(unit), plan.summary())
     return {"unit": dict(unit), "plan": plan.to_dict(max_files=100), "summary": plan.summary()}
@@ -162,7 +168,7 @@ def warm_node_job(cfg: XdcConfig, job: Mapping[str, Any]) -> dict[str, Any]:
     what is still missing. {"unit", "node", "files", "bytes", "seconds", "error"}."""
     unit, node = job["unit"], job["node"]
     topo, site, req = _unit(cfg, unit)
-    with topo:
+    with topo, observed(topo, "prewarm"):
         plan = pipeline.plan_files(site, pipeline.load_staged(site, req))
         result = pipeline.warm_node(site, plan, node)
     out = {"unit": dict(unit), **result.__dict__, "seconds": round(result.seconds, 3)}
@@ -177,7 +183,7 @@ def unit_check(cfg: XdcConfig, unit: Mapping[str, Any], warms: Iterable[Mapping[
     t0 = time.monotonic()
     topo, site, req = _unit(cfg, unit)
     mine = [w for w in warms if w["unit"]["dc"] == unit["dc"] and w["unit"]["release"] == unit["release"]]
-    with topo:
+    with topo, observed(topo, "prewarm"):
         pipeline.record_warm(site, [NodeWarmResult(w["node"], w["files"], w["bytes"], w["seconds"], w["error"])
                                     for w in mine])
         res = pipeline.load_staged(site, req)
@@ -278,7 +284,7 @@ def free_units(cfg: XdcConfig, params: Mapping[str, Any]) -> list[dict[str, Any]
 
 def free_unit(cfg: XdcConfig, unit: Mapping[str, Any]) -> dict[str, Any]:
     """Evict a unit's list from every node of its datacenter's cache (reference-counted)."""
-    with Topology(cfg, unit["dc"]) as topo:
+    with Topology(cfg, unit["dc"]) as topo, observed(topo, "free"):
         req = pipeline.Request(unit["manifest"], unit["dataset"], unit["version"])
         report = pipeline.free_list(topo.here, req, force=unit["force"])
     out = {"dc": unit["dc"], "dataset": unit["dataset"], "version": unit["version"], **report.to_dict(),
@@ -329,7 +335,7 @@ def lag_targets(cfg: XdcConfig) -> list[str]:
 
 def lag_snapshot(cfg: XdcConfig, dc: str) -> dict[str, Any]:
     """Record one lag snapshot of every route into `dc` (the dashboard's rows): {"dc", "rows"}."""
-    with Topology(cfg, dc) as topo:
+    with Topology(cfg, dc) as topo, observed(topo, "lag"):
         rows = record_lag_snapshot(topo.here)
     for row in rows:
         log.info("lag %s: p99 %s s over %s events, consumer lag %s, pending %s objects", row["route"], row["p99"],
@@ -350,7 +356,7 @@ def enforce_lag_objective(cfg: XdcConfig, snapshots: Iterable[Mapping[str, Any]]
 
 def mirror_into(cfg: XdcConfig, dc: str, max_seconds: float) -> dict[str, Any]:
     """One bounded mirror pass into `dc` (until caught up or `max_seconds`): MirrorStats as a dict."""
-    with Topology(cfg, dc) as topo, Mirror(topo) as m:
+    with Topology(cfg, dc) as topo, observed(topo, "mirror"), Mirror(topo) as m:
         stats = m.run(once=True, max_seconds=max_seconds)
     out = {"dc": dc, **stats.to_dict()}
     log.info("mirror into %s: %d records, %d applied, %d dead letters, %.1f MiB in %.1fs", dc, stats.records,
@@ -373,7 +379,7 @@ def resize_shard(cfg: XdcConfig, shard: int, shards: int, max_seconds: float) ->
     workers = None
     if cfg.resize is not None and cfg.resize.workers == 0:
         workers = max(1, (os.cpu_count() or 1) // max(1, shards))
-    with Topology(cfg) as topo, ResizeWorker(topo, workers=workers) as w:
+    with Topology(cfg) as topo, observed(topo, "resize"), ResizeWorker(topo, workers=workers) as w:
         stats = w.run(once=True, max_seconds=max_seconds)
     out = {"shard": shard, **stats.to_dict()}
     log.info("resize shard %d: %s", shard, out)

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,10 @@ from xdc.app.services import serving
 from xdc.config import ResizeSettings, config_path_from_env, load_config
 from xdc.errors import ConfigError, XdcError
 from xdc.events import ReleaseEvent
+from xdc.observe import configs, impact, telemetry, timeline
 from xdc.observe.dashboard import serve_dashboard, snapshot_html
 from xdc.observe.lag import record_lag_snapshot
+from xdc.observe.problems import list_problems, render_problems
 from xdc.topology import Topology, masked_view
 
 log = logging.getLogger("xdc")
@@ -44,9 +47,19 @@ Command = Callable[[argparse.Namespace], int]
 COMMAND_PLUGINS = "xdc.commands"
 
 
-def topology(args: argparse.Namespace) -> Topology:
-    """The config of --config / $XDC_CONFIG seen from --dc / $XDC_DC / local_dc."""
-    return Topology(load_config(config_path_from_env(args.config), dc=args.dc))
+_OBSERVED: list[telemetry.Telemetry] = []  # closed (flushed) by main() when the command ends
+LONG_RUNNING = {"mirror", "resize", "prewarm follow", "dashboard"}  # record their config and heartbeat
+
+
+def topology(args: argparse.Namespace, *, observe: bool = True) -> Topology:
+    """The config of --config / $XDC_CONFIG seen from --dc / $XDC_DC / local_dc. The first one of a
+    command sets up its telemetry (traces, problem signatures, config record), unless `observe`
+    is False (commands that only read the state)."""
+    topo = Topology(load_config(config_path_from_env(args.config), dc=args.dc))
+    if observe and not _OBSERVED:
+        name = args.command if args.command != "prewarm" or args.sub != "follow" else "prewarm follow"
+        _OBSERVED.append(telemetry.start(topo, args.command, long_running=name in LONG_RUNNING))
+    return topo
 
 
 def _print(obj: Any) -> None:
@@ -234,6 +247,68 @@ def cmd_lag_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    with topology(args, observe=False) as topo:
+        tl = timeline.timeline(topo, args.key, dc=args.key_dc, trace_id=args.trace)
+    if tl is None:
+        print(f"no trace kept for {args.key} (traced objects are sampled: tracing.sample_ratio)", file=sys.stderr)
+        return 1
+    if args.json:
+        _print(tl.to_dict())
+    else:
+        print(timeline.render(tl))
+    return 0
+
+
+def cmd_config_history(args: argparse.Namespace) -> int:
+    with topology(args, observe=False) as topo:
+        rows = configs.history(topo, limit=args.limit)
+        procs = configs.processes(topo)
+    if args.json:
+        _print({"versions": rows, **procs})
+        return 0
+    print(f"{'version':12}  {'first seen (UTC)':19}  {'last seen':19}  processes  running  datacenters")
+    for r in rows:
+        mark = "  <- this file" if r["hash"].startswith(procs["file_version"]) else ""
+        print(f"{configs.short(r['hash']):12}  {_when(r['first_seen'])}  {_when(r['last_seen'])}  "
+              f"{r['processes']:9d}  {r['running']:7d}  {','.join(r['datacenters'])}{mark}")
+    if procs["mixed"]:
+        print(f"# processes run different versions: {', '.join(procs['running_versions'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    with topology(args, observe=False) as topo:
+        out = configs.diff(topo, args.a, args.b)
+    print(out or "# no difference", end="" if out else "\n")
+    return 0
+
+
+def cmd_config_impact(args: argparse.Namespace) -> int:
+    new = load_config(args.file, allow_bucket_collisions=True)
+    with topology(args, observe=False) as topo:
+        rep = impact.impact(topo, new, list_sources=not args.no_list)
+    if args.json:
+        _print(rep.to_dict())
+    else:
+        print(rep.summary())
+    return 0
+
+
+def cmd_problems(args: argparse.Namespace) -> int:
+    with topology(args, observe=False) as topo:
+        rows = list_problems(topo, since_s=args.since, limit=args.limit)
+    if args.json:
+        _print(rows)
+    else:
+        print(render_problems(rows))
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) if t else "-".ljust(19)
+
+
 # -- parser ----------------------------------------------------------------------------------
 def service_options(sp: argparse.ArgumentParser) -> None:
     """Options shared by the long-running loops (mirror, resize worker)."""
@@ -267,8 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    c = sub.add_parser("config", help="config file tools").add_subparsers(dest="sub", required=True)
+    c = sub.add_parser("config", help="config file tools, history and impact").add_subparsers(dest="sub", required=True)
     add("check", cmd_config_check, "validate a config and print it resolved, secrets masked", c).add_argument("file")
+    sp = add("history", cmd_config_history, "config versions the processes ran, newest first", c)
+    sp.add_argument("--limit", type=int, default=20)
+    sp.add_argument("--json", action="store_true")
+    sp = add("diff", cmd_config_diff, "diff two configs (each a recorded hash or prefix, or a file)", c)
+    sp.add_argument("a")
+    sp.add_argument("b")
+    sp = add("impact", cmd_config_impact, "what a proposed config would change, before it is applied", c)
+    sp.add_argument("file", help="the proposed config (YAML)")
+    sp.add_argument("--no-list", action="store_true", help="do not list source buckets for newly covered objects")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("trace", cmd_trace, "one object's timeline across both datacenters (from the kept spans)")
+    sp.add_argument("key", help="bucket/key in any datacenter")
+    sp.add_argument("--dc", dest="key_dc", help="the datacenter whose bucket KEY names (default: by bucket name)")
+    sp.add_argument("--trace", help="this trace id (default: the most recent one of the object)")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("problems", cmd_problems, "log signatures (new kinds of problems), newest first")
+    sp.add_argument("--since", type=float, help="only those first seen in the last SECONDS")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
 
     sp = add("ingest", cmd_ingest, "upload a directory (announced by the store, or by ingest itself)")
     sp.add_argument("dir")
@@ -387,8 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM (e.g. Kubernetes stopping a pod): unwind like Ctrl-C, so clean-up runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the loops end through their normal clean-up: telemetry flushed, the process record closed
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "botocore", "boto3", "s3transfer", "urllib3"):
@@ -400,10 +506,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_env_file(args.env_file)
         return int(args.fn(args) or 0)
     except XdcError as exc:
+        for t in _OBSERVED:  # a problem signature too (not logged twice on stderr)
+            t.problem(logging.ERROR, "xdc %s failed: %s", args.command, exc)
         print(f"xdc: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 143
+    finally:
+        while _OBSERVED:
+            _OBSERVED.pop().close()
 
 
 if __name__ == "__main__":

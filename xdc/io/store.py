@@ -32,6 +32,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from xdc import trace
 from xdc.errors import (
     IntegrityError,
     ObjectNotFound,
@@ -193,7 +194,9 @@ class Store(ABC):
     def _copy_once(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str,
                    expect_etag: str | None, metadata: dict[str, str] | None,
                    guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
-        info, body = self.open(bucket, key)
+        # steps of a traced copy (children of the caller's current span; no-ops otherwise)
+        with trace.step("s3.source_read", store=self.name):
+            info, body = self.open(bucket, key)
         try:
             if expect_etag and info.etag != expect_etag.strip('"'):
                 raise SupersededError(f"{bucket}/{key}: source ETag {info.etag} != event's {expect_etag}")
@@ -205,13 +208,16 @@ class Store(ABC):
             tags = self.get_tags(bucket, key) if info.tag_count else None
             if info.size <= dst.single_put_max:
                 # small enough for one PUT: read it whole and check it before anything is written
-                data = body.read()
+                with trace.step("s3.transfer", bytes=info.size):
+                    data = body.read()
                 md5, size = hashlib.md5(data, usedforsecurity=False).hexdigest(), len(data)
                 _check_read(bucket, key, info, size, md5)
-                landed = dst.put(dst_bucket, dst_key, data, metadata=meta, tags=tags)
+                with trace.step("s3.target_write", store=dst.name, bytes=size):
+                    landed = dst.put(dst_bucket, dst_key, data, metadata=meta, tags=tags)
             else:
                 reader = _HashingReader(body, dst.part_size(info.size))
-                dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size, tags=tags)
+                with trace.step("s3.transfer", bytes=info.size, streamed=True):  # read and write interleave
+                    dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size, tags=tags)
                 md5 = reader.md5.hexdigest()
                 _check_read(bucket, key, info, reader.size, md5)
                 landed = dst.head(dst_bucket, dst_key)

@@ -9,6 +9,10 @@ JavaScript in ``dashboard.html`` (inline SVG charts): nothing is fetched from an
 The state is read from each datacenter's state only (lag snapshots, objects, each route's last
 verify, dead letters, quarantine, offset gaps, two-way conflicts, prewarm records), never from Kafka or S3, so a refresh is cheap: consumer lag and backlog are as of
 the latest lag snapshot (``xdc lag snapshot``, ``xdc.observe.lag.record_lag_snapshot``).
+
+Also from the state: the processes running and the config version each runs (flagged when they
+differ), the log signatures newest first (new kinds of problems), and one object's trace as a
+waterfall (``/api/trace?key=bucket/key``; a snapshot embeds the most recently traced object's).
 """
 from __future__ import annotations
 
@@ -20,12 +24,17 @@ import time
 from importlib import resources
 from typing import Any
 
+from xdc.errors import XdcError
+from xdc.observe import configs
 from xdc.observe.http import ServerHandle, serve
+from xdc.observe.problems import list_problems
+from xdc.observe.timeline import timeline
 from xdc.topology import Site, Topology
 
 # A day of snapshots every 30 s is 2,880 points per route: draw at most this many.
 MAX_POINTS = 360
 RECENT = 20  # dead letters / quarantined objects listed per datacenter
+TRACED_KEYS = 10  # recently traced objects offered by the trace panel
 _STATE_MARK = "/*__XDC_STATE__*/null"
 
 
@@ -160,7 +169,21 @@ def dashboard_state(topology: Topology, *, now: float | None = None) -> dict[str
             "dead_letters": sum(len(d["dead_letters"]) for d in dcs),
         },
         "datacenters": dcs,
+        "processes": configs.processes(topology, now=now),
+        "problems": list_problems(topology, limit=RECENT, now=now),
+        "traced_keys": traced_keys(topology),
     }
+
+
+def traced_keys(topology: Topology) -> list[dict[str, Any]]:
+    """The objects traced most recently, in any datacenter."""
+    rows = [{**r, "dc": s.name} for s in topology.sites for r in s.state.traces.recent_keys(TRACED_KEYS)]
+    return sorted(rows, key=lambda r: -r["last"])[:TRACED_KEYS]
+
+
+def trace_state(topology: Topology, key: str, dc: str | None = None) -> dict[str, Any] | None:
+    tl = timeline(topology, key, dc=dc or None)
+    return None if tl is None else tl.to_dict()
 
 
 # -- HTML ---------------------------------------------------------------------------------------
@@ -178,8 +201,12 @@ def _embed(state: dict[str, Any] | None) -> str:
 
 
 def snapshot_html(topology: Topology) -> str:
-    """The page with the current state embedded: a static file that needs no server."""
-    return _embed(dashboard_state(topology))
+    """The page with the current state embedded (and the most recently traced object's trace): a
+    static file that needs no server."""
+    state = dashboard_state(topology)
+    keys = state["traced_keys"]
+    state["trace"] = trace_state(topology, keys[0]["key"], keys[0]["dc"]) if keys else None
+    return _embed(state)
 
 
 def page_csp(page: str) -> str:
@@ -209,5 +236,16 @@ def serve_dashboard(topology: Topology, host: str = "127.0.0.1", port: int = 0, 
         body = {"generated": time.time(), "datasets": ready_rows(topology)}
         return 200, "application/json", json.dumps(body, allow_nan=False).encode()
 
+    def api_trace(query: dict[str, str]) -> tuple[int, str, bytes]:
+        key = query.get("key", "")
+        try:
+            got = trace_state(topology, key, query.get("dc"))
+        except XdcError as exc:
+            return 400, "application/json", json.dumps({"error": str(exc)}).encode()
+        if got is None:
+            return 404, "application/json", json.dumps({"error": f"no trace kept for {key}"}).encode()
+        return 200, "application/json", json.dumps(got, allow_nan=False, default=str).encode()
+
     return serve(host, port, extra_routes={"/": index, "/index.html": index, "/api/state": api_state,
-                                           "/api/ready": api_ready}, token=token)
+                                           "/api/ready": api_ready},
+                 query_routes={"/api/trace": api_trace}, token=token)

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -32,8 +32,10 @@ from xdc.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
-# path -> () -> (HTTP status, content type, body) or (..., {extra header: value})
+# path -> () -> (HTTP status, content type, body) or (..., {extra header: value}); a query route
+# gets the query string's values
 RouteHandler = Callable[[], "tuple[int, str, bytes] | tuple[int, str, bytes, dict[str, str]]"]
+QueryHandler = Callable[[dict[str, str]], "tuple[int, str, bytes] | tuple[int, str, bytes, dict[str, str]]"]
 Probe = Callable[[], bool]
 
 BUILTIN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
@@ -120,13 +122,15 @@ def _probe(check: Probe | None, name: str) -> tuple[int, str, bytes]:
 
 
 def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe | None,
-                  routes: dict[str, RouteHandler], token: str | None) -> type[BaseHTTPRequestHandler]:
+                  routes: dict[str, RouteHandler], query_routes: dict[str, QueryHandler],
+                  token: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "xdc"
         timeout = 30  # a stalled client must not hold a thread forever
 
         def _respond(self, head_only: bool) -> None:
-            path = urlsplit(self.path).path
+            url = urlsplit(self.path)
+            path = url.path
             extra: list[tuple[str, str]] = []
             try:
                 if token is not None and path not in OPEN_PATHS and \
@@ -142,6 +146,10 @@ def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe 
                     status, content_type, body = _probe(ready, "ready")
                 elif path in routes:
                     status, content_type, body, *more = routes[path]()
+                    extra += list(more[0].items()) if more else []
+                elif path in query_routes:
+                    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                    status, content_type, body, *more = query_routes[path](query)
                     extra += list(more[0].items()) if more else []
                 else:
                     status, content_type, body = 404, _TEXT, b"not found\n"
@@ -176,7 +184,8 @@ def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe 
 
 def serve(host: str = "127.0.0.1", port: int = 0, registry: CollectorRegistry | None = None,
           ready: Probe | None = None, extra_routes: dict[str, RouteHandler] | None = None,
-          live: Probe | None = None, token: str | None = None) -> ServerHandle:
+          live: Probe | None = None, token: str | None = None,
+          query_routes: dict[str, QueryHandler] | None = None) -> ServerHandle:
     """Start serving in a daemon thread and return at once; ``port=0`` picks a free port.
 
     ``ready``/``live`` default to "always" when not given. ``extra_routes`` may not replace the
@@ -185,10 +194,11 @@ def serve(host: str = "127.0.0.1", port: int = 0, registry: CollectorRegistry | 
     """
     check_exposure(host, token)
     routes = dict(extra_routes or {})
-    clash = BUILTIN_PATHS & routes.keys()
+    clash = BUILTIN_PATHS & (routes.keys() | (query_routes or {}).keys())
     if clash:
         raise ConfigError(f"extra_routes may not replace built-in paths: {sorted(clash)}")
-    handler = _make_handler(registry if registry is not None else REGISTRY, ready, live, routes, token)
+    handler = _make_handler(registry if registry is not None else REGISTRY, ready, live, routes,
+                            dict(query_routes or {}), token)
 
     server_cls = type("XdcHTTPServer", (ThreadingHTTPServer,), {
         "daemon_threads": True,

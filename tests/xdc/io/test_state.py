@@ -84,6 +84,29 @@ def test_a_database_missing_later_migrations_gets_them_in_version_order(tmp_path
         assert db.execute("SELECT COUNT(*) FROM release_ledger").fetchone() == (0,)
 
 
+def test_migrations_apply_by_version_whatever_their_order_in_the_tuple(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Branches append their migrations with numbers of their own; a later one may ALTER a table an
+    earlier one made, so they run by version (this fails if run in tuple order)."""
+    monkeypatch.setattr(sql, "MIGRATIONS", tuple(reversed(schema.MIGRATIONS)))
+    with open_state(url) as st:
+        assert st.schema_version() == LATEST
+        got = {r["version"] for r in st.db.rows("SELECT version FROM schema_migrations")}
+    assert got == {m.version for m in schema.MIGRATIONS}
+
+
+def test_a_database_at_version_1_gets_the_missing_migrations_gaps_and_all(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sql, "MIGRATIONS", tuple(m for m in schema.MIGRATIONS if m.version == 1))
+    with open_state(url) as old:
+        assert old.schema_version() == 1
+    monkeypatch.undo()
+    with open_state(url) as st:
+        assert st.schema_version() == LATEST
+        got = {r["version"] for r in st.db.rows("SELECT version FROM schema_migrations")}
+    assert got == {m.version for m in schema.MIGRATIONS}
+
+
 def test_guard_keeps_newer_rows_and_outbox_only_holds_what_was_applied(state: State) -> None:
     cat = state.catalog
     assert cat.commit_batch([_e("k1", "2")], _outbox, {("g", "t", 0): 5}) == [_e("k1", "2")]
@@ -414,3 +437,77 @@ def test_release_ledger_keeps_a_result_for_the_same_delivery_and_starts_over_for
     assert [x.dataset for x in led.entries(["pending"])] == ["cams"]
     assert led.entries([]) == [] and led.get("nope", "v") is None
     assert led.get("other", "v2").state == "not_here"  # type: ignore[union-attr]
+
+
+# -- outbox headers, traces, config history, problems (migration 6) -------------------------------
+def test_outbox_rows_keep_their_headers(state: State) -> None:
+    hdrs = (("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"), ("traceparents", b'{"b/k": "x"}'))
+    state.catalog.commit_batch([_e("k1", "1")], lambda ok: [Outgoing("applied", b"p0", b"v", hdrs),
+                                                            Outgoing("applied", None, b"w")], {})
+    with state.catalog.claim_outbox() as rows:
+        assert [o.headers for _, o in rows] == [hdrs, ()]
+
+
+def _span(trace: str, span: str, key: str | None, start: float, name: str = "mirror.apply",
+          parent: str | None = None) -> dict:
+    return {"trace_id": trace, "span_id": span, "parent_id": parent, "name": name, "dc": "B", "component": "mirror",
+            "key": key, "start_time": start, "end_time": start + 0.5, "status": "ok", "error": "",
+            "attributes": {"xdc.route": "camera", "n": 3}, "links": ["t0:s0"]}
+
+
+def test_traces_by_key_newest_first_anchors_and_retention(state: State) -> None:
+    tr = state.traces
+    tr.record([_span("t1", "s1", "b/k", 10.0), _span("t1", "s2", None, 10.1, "s3.put", "s1"),
+               _span("t2", "s3", "b/k", 20.0, "ingest.object"), _span("t3", "s4", "b/other", 30.0)],
+              retention_s=1e9, max_spans=100, now=40.0)
+    tr.record([_span("t1", "s1", "b/k", 10.0)], retention_s=1e9, max_spans=100, now=40.0)  # exported twice: kept once
+    assert tr.count() == 4
+    assert tr.trace_ids(["b/k"]) == ["t2", "t1"]
+    got = tr.spans(["t1"])
+    assert [s["span_id"] for s in got] == ["s1", "s2"]
+    assert got[0]["attributes"] == {"xdc.route": "camera", "n": 3} and got[0]["links"] == ["t0:s0"]
+    assert got[1]["parent_id"] == "s1" and got[1]["key"] is None
+    assert tr.anchors(["b/k", "b/none"], ["mirror.apply", "ingest.object"]) == {"b/k": ("t2", "s3")}
+    assert tr.anchors(["b/k"], ["mirror.apply"]) == {"b/k": ("t1", "s1")}
+    assert [r["key"] for r in tr.recent_keys(5)] == ["b/other", "b/k"]
+    # the first write of a series trims: spans older than the retention go
+    fresh = type(tr)(tr.db)  # type: ignore[call-arg]
+    fresh.record([_span("t4", "s5", "b/k", 100.0)], retention_s=50.0, max_spans=100, now=100.0)
+    assert sorted(s["span_id"] for s in tr.spans(["t1", "t2", "t3", "t4"])) == ["s5"]
+
+
+def test_traces_keep_at_most_max_spans(state: State) -> None:
+    state.traces.record([_span("t", f"s{i:02d}", "b/k", float(i)) for i in range(30)], retention_s=1e9,
+                        max_spans=10, now=100.0)
+    assert sorted(s["span_id"] for s in state.traces.spans(["t"])) == [f"s{i:02d}" for i in range(20, 30)]
+
+
+def test_config_history_versions_processes_and_bodies(state: State) -> None:
+    cf = state.configs
+    p1 = cf.record_start(config_hash="aa11", body={"v": 1}, component="mirror", host="h1", pid=10, dc="B", now=1.0)
+    p2 = cf.record_start(config_hash="aa11", body={"v": "ignored"}, component="resize", host="h2", pid=11, dc="B",
+                         now=2.0)
+    p3 = cf.record_start(config_hash="bb22", body={"v": 2}, component="mirror", host="h1", pid=12, dc="B", now=3.0)
+    cf.heartbeat(p1, now=5.0)
+    cf.record_stop(p2, now=6.0)
+    assert [(v["hash"], v["processes"], v["open_processes"]) for v in cf.versions()] == [("bb22", 1, 1), ("aa11", 2, 1)]
+    assert cf.body("aa") == ("aa11", {"v": 1}) and cf.body("cc") is None
+    with pytest.raises(ValueError):
+        cf.body("")  # names both
+    procs = cf.processes()
+    assert [p["id"] for p in procs] == [p3, p2, p1]
+    assert procs[1]["stopped_at"] == 6.0 and procs[2]["last_seen"] == 5.0
+    assert [p["id"] for p in cf.processes(since=4.0)] == [p2, p1]
+
+
+def test_problems_add_counts_keep_the_first_example_and_first_seen(state: State) -> None:
+    row = {"component": "mirror", "signature": "s1", "level": "WARNING", "logger": "x", "template": "t <n>",
+           "first_seen": 10.0, "last_seen": 12.0, "hits": 2, "example": "t 1"}
+    assert state.problems.record([row]) == {"s1": 10.0}
+    assert state.problems.record([{**row, "first_seen": 20.0, "last_seen": 25.0, "hits": 3, "example": "t 9"},
+                                  {**row, "signature": "s2", "first_seen": 30.0, "last_seen": 30.0, "hits": 1}]) \
+        == {"s1": 10.0, "s2": 30.0}
+    got = state.problems.recent()
+    assert [(r["signature"], r["hits"], r["first_seen"], r["last_seen"], r["example"]) for r in got] == \
+        [("s2", 1, 30.0, 30.0, "t 1"), ("s1", 5, 10.0, 25.0, "t 1")]
+    assert [r["signature"] for r in state.problems.recent(since=15.0)] == ["s2"]

@@ -7,6 +7,9 @@
      +-- verify     VerifyHistory   verify runs per route (source vs target listings)
      +-- prewarm    PrewarmRecords  warm bandwidth, dataset registrations, staged lists, progress
      +-- releases   ReleaseLedger   every dataset release seen here and what became of it
+     +-- traces     Traces          recent spans of sampled traces (the built-in sink of xdc.trace)
+     +-- configs    ConfigHistory   config versions and the processes that ran them
+     +-- problems   ProblemLog      log signatures: first/last seen, count, one example
 
 Every write that must be durable before a Kafka commit goes through one transaction
 (`ObjectCatalog.commit_batch`). No module outside `xdc.io.state` writes SQL.
@@ -65,6 +68,7 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()  # e.g. traceparent
 
 
 @dataclass(frozen=True)
@@ -362,6 +366,77 @@ class ReleaseLedger(ABC):
         """Entries (only those in `states`), oldest first."""
 
 
+class Traces(ABC):
+    """Recent spans of sampled traces, as `xdc.trace.span_row` dicts (the built-in sink)."""
+
+    @abstractmethod
+    def record(self, spans: Sequence[Mapping[str, Any]], *, retention_s: float, max_spans: int,
+               now: float | None = None) -> None:
+        """Keep these spans (a span seen twice is kept once); drop spans older than retention_s
+        and, beyond max_spans, the oldest."""
+
+    @abstractmethod
+    def trace_ids(self, keys: Iterable[str], limit: int = 20) -> list[str]:
+        """Traces with a span naming one of these "bucket/key"s, the most recent first."""
+
+    @abstractmethod
+    def spans(self, trace_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Every kept span of these traces, by start time."""
+
+    @abstractmethod
+    def anchors(self, keys: Sequence[str], names: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """bucket_key -> (trace_id, span_id) of the most recent span named one of `names` for it."""
+
+    @abstractmethod
+    def recent_keys(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recently traced keys: key, trace_id, last (end time)."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+
+class ConfigHistory(ABC):
+    """Which config each long-running process ran with (the config centre's history)."""
+
+    @abstractmethod
+    def record_start(self, *, config_hash: str, body: Mapping[str, Any], component: str, host: str, pid: int,
+                     dc: str, now: float | None = None) -> int:
+        """Keep the config version (once per hash) and a row for the process; returns its id."""
+
+    @abstractmethod
+    def heartbeat(self, process_id: int, now: float | None = None) -> None: ...
+
+    @abstractmethod
+    def record_stop(self, process_id: int, now: float | None = None) -> None: ...
+
+    @abstractmethod
+    def versions(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Config versions, newest first: hash, first_seen, last_seen (by its processes), processes."""
+
+    @abstractmethod
+    def body(self, hash_prefix: str) -> tuple[str, dict[str, Any]] | None:
+        """(full hash, masked body) of the version whose hash starts with hash_prefix; None if none.
+        ValueError when the prefix names several."""
+
+    @abstractmethod
+    def processes(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Process rows (component, host, pid, dc, config_hash, started_at, last_seen, stopped_at),
+        newest first; `since`: only those seen since then."""
+
+
+class ProblemLog(ABC):
+    """Log signatures (xdc.problems) of one datacenter's processes."""
+
+    @abstractmethod
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Add counts: {component, signature, level, logger, template, first_seen, last_seen, hits,
+        example}; the first example is kept. Returns signature -> first_seen as kept."""
+
+    @abstractmethod
+    def recent(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
+        """Signatures, the most recently first seen first (`since`: first seen since then)."""
+
+
 class State(ABC):
     """One datacenter's state: its roles over one database."""
 
@@ -371,6 +446,9 @@ class State(ABC):
     verify: VerifyHistory
     prewarm: PrewarmRecords
     releases: ReleaseLedger
+    traces: Traces
+    configs: ConfigHistory
+    problems: ProblemLog
     backend: str = ""
     #: several processes may write (mirror replicas): only on a server database
     supports_replicas: bool = False

@@ -31,9 +31,12 @@ from xdc.io.state.sql import (
     SqlCatalog,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
     SqlVerifyHistory,
     SqlReleaseLedger,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
     entry_of,
@@ -79,9 +82,12 @@ class _PgTx:
 class PostgresDb(Db):
     dialect = "postgres"
     greatest = "GREATEST"
+    least = "LEAST"
 
-    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10,
+                 durable: bool = True) -> None:
         self.url = url
+        self.durable = durable
         self._password = password
         self._timeout = connect_timeout_s
         self._conns = ThreadConnections(self._connect)
@@ -91,7 +97,10 @@ class PostgresDb(Db):
         if self._password is not None:
             kw["password"] = self._password
         try:
-            return psycopg.connect(self.url, **kw)
+            conn = psycopg.connect(self.url, **kw)
+            if not self.durable:  # telemetry writes: no wait for the WAL flush
+                conn.execute("SET synchronous_commit = off")
+            return conn
         except psycopg.Error as exc:
             # the message names host, port and database, never the password
             raise TransientStateError(f"connect to {masked_url(self.url)}: {str(exc).strip()}") from exc
@@ -170,9 +179,9 @@ class PostgresState(State):
     backend = "postgres"
     supports_replicas = True
 
-    def __init__(self, url: str, *, password: str | None = None) -> None:
+    def __init__(self, url: str, *, password: str | None = None, durable: bool = True) -> None:
         self.url = url
-        self.db = PostgresDb(url, password=password)
+        self.db = PostgresDb(url, password=password, durable=durable)
         self._version = self.db.migrate()
         self.catalog = PostgresCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
@@ -180,6 +189,9 @@ class PostgresState(State):
         self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
         self.releases = SqlReleaseLedger(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def schema_version(self) -> int:
         return self._version

@@ -145,4 +145,34 @@ CREATE INDEX IF NOT EXISTS prewarm_datasets_retired ON prewarm_datasets (state, 
 """),
 )
 
+MIGRATIONS += (
+    Migration(6, "outbox headers, spans, config history, problems", """
+ALTER TABLE outbox ADD COLUMN headers {blob};
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id {text} NOT NULL, span_id {text} NOT NULL, parent_id {text},
+    name {text} NOT NULL, dc {text} NOT NULL, component {text} NOT NULL, key {text},
+    start_time {float} NOT NULL, end_time {float} NOT NULL,
+    status {text} NOT NULL, error {text}, attributes {text} NOT NULL, links {text} NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS spans_key ON spans (key, start_time);
+CREATE INDEX IF NOT EXISTS spans_start ON spans (start_time);
+CREATE TABLE IF NOT EXISTS config_versions (
+    hash {text} NOT NULL PRIMARY KEY, body {text} NOT NULL, first_seen {float} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processes (
+    id {serial}, component {text} NOT NULL, host {text} NOT NULL, pid INTEGER NOT NULL, dc {text} NOT NULL,
+    config_hash {text} NOT NULL, started_at {float} NOT NULL, last_seen {float} NOT NULL, stopped_at {float}
+);
+CREATE INDEX IF NOT EXISTS processes_seen ON processes (last_seen);
+CREATE TABLE IF NOT EXISTS problems (
+    component {text} NOT NULL, signature {text} NOT NULL, level {text} NOT NULL, logger {text} NOT NULL,
+    template {text} NOT NULL, first_seen {float} NOT NULL, last_seen {float} NOT NULL, hits BIGINT NOT NULL,
+    example {text} NOT NULL,
+    PRIMARY KEY (component, signature)
+)
+"""),
+)
+
+# branches append their migrations with numbers of their own; gaps are fine, order is by number
 LATEST = max(m.version for m in MIGRATIONS)

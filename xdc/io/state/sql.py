@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from xdc.io.state.base import (
     CatalogEntry,
+    ConfigHistory,
     Conflict,
     Gap,
     IncidentKind,
@@ -30,9 +31,11 @@ from xdc.io.state.base import (
     Offsets,
     Outgoing,
     PrewarmRecords,
+    ProblemLog,
     Registration,
     ReleaseLedger,
     VerifyHistory,
+    Traces,
 )
 from xdc.io.state.schema import MIGRATIONS
 
@@ -58,6 +61,7 @@ class Db(ABC):
 
     dialect: str
     greatest: str  # the two-argument maximum function
+    least: str  # and minimum
 
     @abstractmethod
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]: ...
@@ -89,7 +93,6 @@ class Db(ABC):
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
             done = {r["version"] for r in tx.rows("SELECT version FROM schema_migrations")}
-            # by version, not tuple order: branches append their own numbers, gaps are fine
             for m in sorted(MIGRATIONS, key=lambda m: m.version):
                 if m.version in done:
                     continue
@@ -220,8 +223,8 @@ class SqlCatalog(ObjectCatalog):
             for m in meta:  # after the content: a put of this batch resets the tags it replaces
                 tx.execute(f"UPDATE objects SET {m.kind}=? WHERE bucket=? AND key=? AND deleted=0",
                            (m.value, m.bucket, m.key))
-            tx.executemany("INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)",
-                           [(o.topic, o.key, o.value) for o in outbox(applied)])
+            tx.executemany("INSERT INTO outbox (topic, key, value, headers) VALUES (?, ?, ?, ?)",
+                           [(o.topic, o.key, o.value, _pack_headers(o.headers)) for o in outbox(applied)])
             tx.executemany(
                 "INSERT INTO offsets (grp, topic, part, next_offset) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (grp, topic, part) DO UPDATE SET "
@@ -257,9 +260,10 @@ class SqlCatalog(ObjectCatalog):
             yield []
             return
         with self.db.transaction() as tx:
-            rows = tx.rows(f"SELECT id, topic, key, value FROM outbox ORDER BY id LIMIT ?{self.claim_suffix}",
+            rows = tx.rows(f"SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT ?{self.claim_suffix}",
                            (limit,))
-            claimed = [(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b""))
+            claimed = [(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b"",
+                                               _unpack_headers(_bytes(r["headers"]))))
                        for r in rows]
             yield claimed
             ids = [i for i, _ in claimed]
@@ -344,6 +348,14 @@ def _finite(v: float | None) -> float | None:
 
 def _bytes(v: Any) -> bytes | None:
     return None if v is None else bytes(v)
+
+
+def _pack_headers(headers: Sequence[tuple[str, bytes]]) -> bytes | None:
+    return json.dumps([[k, v.decode("latin-1")] for k, v in headers]).encode() if headers else None
+
+
+def _unpack_headers(raw: bytes | None) -> tuple[tuple[str, bytes], ...]:
+    return tuple((k, v.encode("latin-1")) for k, v in json.loads(raw)) if raw else ()
 
 
 # -- incidents, lag -----------------------------------------------------------------------------
@@ -659,3 +671,160 @@ class SqlReleaseLedger(ReleaseLedger):
             sql += f" WHERE state IN ({','.join('?' * len(states))})"
             params = list(states)
         return [_ledger_entry(r) for r in self.db.rows(sql + " ORDER BY first_seen, dataset, version", params)]
+
+
+# -- traces, config history, problems -----------------------------------------------------------
+SPAN_COLUMNS = ("trace_id", "span_id", "parent_id", "name", "dc", "component", "key", "start_time", "end_time",
+                "status", "error", "attributes", "links")
+TRIM_EVERY = 50  # writes between two trims of the span table to max_spans
+
+
+class SqlTraces(Traces):
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self._writes = 0
+
+    def record(self, spans: Sequence[Mapping[str, Any]], *, retention_s: float, max_spans: int,
+               now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        rows = [(s["trace_id"], s["span_id"], s.get("parent_id"), s["name"], s.get("dc") or "",
+                 s.get("component") or "", s.get("key"), float(s["start_time"]), float(s["end_time"]),
+                 s.get("status") or "ok", (s.get("error") or "")[:DETAIL_MAX],
+                 json.dumps(s.get("attributes") or {}, default=str), json.dumps(s.get("links") or []))
+                for s in spans]
+        self._writes += 1
+        with self.db.transaction() as tx:
+            tx.executemany(f"INSERT INTO spans ({', '.join(SPAN_COLUMNS)}) VALUES ({', '.join('?' * len(SPAN_COLUMNS))}) "
+                           "ON CONFLICT (trace_id, span_id) DO NOTHING", rows)
+            if self._writes % TRIM_EVERY == 1:
+                tx.execute("DELETE FROM spans WHERE start_time < ?", (now - retention_s,))
+                tx.execute("DELETE FROM spans WHERE start_time < (SELECT start_time FROM spans "
+                           "ORDER BY start_time DESC LIMIT 1 OFFSET ?)", (max_spans - 1,))
+
+    def trace_ids(self, keys: Iterable[str], limit: int = 20) -> list[str]:
+        wanted = list(dict.fromkeys(keys))
+        best: dict[str, float] = {}
+        for i in range(0, len(wanted), 400):
+            chunk = wanted[i:i + 400]
+            for r in self.db.rows(f"SELECT trace_id, MAX(end_time) AS last FROM spans WHERE key IN "
+                                  f"({','.join('?' * len(chunk))}) GROUP BY trace_id", chunk):
+                best[r["trace_id"]] = max(best.get(r["trace_id"], 0.0), float(r["last"]))
+        return sorted(best, key=lambda t: -best[t])[:limit]
+
+    def spans(self, trace_ids: Iterable[str]) -> list[dict[str, Any]]:
+        ids = list(dict.fromkeys(trace_ids))
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(ids), 400):
+            chunk = ids[i:i + 400]
+            out.extend(self.db.rows(f"SELECT * FROM spans WHERE trace_id IN ({','.join('?' * len(chunk))})", chunk))
+        for r in out:
+            r["attributes"] = json.loads(r["attributes"] or "{}")
+            r["links"] = json.loads(r["links"] or "[]")
+        return sorted(out, key=lambda r: (r["start_time"], r["end_time"]))
+
+    def anchors(self, keys: Sequence[str], names: Sequence[str]) -> dict[str, tuple[str, str]]:
+        wanted = set(keys)
+        if not wanted or not names:
+            return {}
+        out: dict[str, tuple[str, str, float]] = {}
+        # Only sampled objects have spans: list the (few) anchored keys rather than ask per key.
+        for r in self.db.rows("SELECT key, trace_id, span_id, start_time FROM spans WHERE key IS NOT NULL AND "
+                              f"name IN ({','.join('?' * len(names))})", list(names)):
+            k = r["key"]
+            if k in wanted and (k not in out or r["start_time"] > out[k][2]):
+                out[k] = (r["trace_id"], r["span_id"], float(r["start_time"]))
+        return {k: (t, s) for k, (t, s, _) in out.items()}
+
+    def recent_keys(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.db.rows("SELECT key, trace_id, MAX(end_time) AS last FROM spans WHERE key IS NOT NULL "
+                            "GROUP BY key, trace_id ORDER BY last DESC LIMIT ?", (limit * 4,))
+        seen: set[str] = set()
+        out = []
+        for r in rows:
+            if r["key"] not in seen:
+                seen.add(r["key"])
+                out.append({"key": r["key"], "trace_id": r["trace_id"], "last": float(r["last"])})
+        return out[:limit]
+
+    def count(self) -> int:
+        return int(self.db.rows("SELECT COUNT(*) AS n FROM spans")[0]["n"])
+
+
+class SqlConfigHistory(ConfigHistory):
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def record_start(self, *, config_hash: str, body: Mapping[str, Any], component: str, host: str, pid: int,
+                     dc: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO config_versions (hash, body, first_seen) VALUES (?, ?, ?) "
+                       "ON CONFLICT (hash) DO NOTHING", (config_hash, json.dumps(body, sort_keys=True), now))
+            got = tx.rows("INSERT INTO processes (component, host, pid, dc, config_hash, started_at, last_seen) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id", (component, host, pid, dc, config_hash, now, now))
+        return int(got[0]["id"])
+
+    def heartbeat(self, process_id: int, now: float | None = None) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE processes SET last_seen=? WHERE id=?", (time.time() if now is None else now, process_id))
+
+    def record_stop(self, process_id: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE processes SET last_seen=?, stopped_at=? WHERE id=?", (now, now, process_id))
+
+    def versions(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.db.rows(
+            "SELECT v.hash, v.first_seen, MAX(p.last_seen) AS last_seen, COUNT(p.id) AS processes, "
+            "SUM(CASE WHEN p.stopped_at IS NULL THEN 1 ELSE 0 END) AS open_processes "
+            "FROM config_versions v LEFT JOIN processes p ON p.config_hash = v.hash "
+            "GROUP BY v.hash, v.first_seen ORDER BY v.first_seen DESC LIMIT ?", (limit,))
+
+    def body(self, hash_prefix: str) -> tuple[str, dict[str, Any]] | None:
+        end = prefix_end(hash_prefix)
+        sql, params = "SELECT hash, body FROM config_versions WHERE hash >= ?", [hash_prefix]
+        if end is not None:
+            sql += " AND hash < ?"
+            params.append(end)
+        rows = self.db.rows(sql + " ORDER BY hash LIMIT 2", params)
+        if not rows:
+            return None
+        if len(rows) > 1:
+            raise ValueError(f"config hash {hash_prefix!r} is ambiguous: {rows[0]['hash'][:12]}, {rows[1]['hash'][:12]}, ...")
+        return rows[0]["hash"], json.loads(rows[0]["body"])
+
+    def processes(self, since: float | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM processes", []
+        if since is not None:
+            sql += " WHERE last_seen >= ?"
+            params.append(since)
+        return self.db.rows(sql + " ORDER BY started_at DESC, id DESC LIMIT 500", params)
+
+
+class SqlProblemLog(ProblemLog):
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        if not rows:
+            return {}
+        g, lo = self.db.greatest, self.db.least
+        with self.db.transaction() as tx:
+            tx.executemany(
+                "INSERT INTO problems (component, signature, level, logger, template, first_seen, last_seen, hits, "
+                "example) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (component, signature) DO UPDATE SET "
+                f"hits = problems.hits + excluded.hits, last_seen = {g}(problems.last_seen, excluded.last_seen), "
+                f"first_seen = {lo}(problems.first_seen, excluded.first_seen)",
+                [(r["component"], r["signature"], r["level"], r["logger"], r["template"], r["first_seen"],
+                  r["last_seen"], int(r["hits"]), (r.get("example") or "")[:DETAIL_MAX]) for r in rows])
+            sigs = sorted({r["signature"] for r in rows})
+            got = tx.rows(f"SELECT signature, MIN(first_seen) AS first FROM problems WHERE signature IN "
+                          f"({','.join('?' * len(sigs))}) GROUP BY signature", sigs)
+        return {r["signature"]: float(r["first"]) for r in got}
+
+    def recent(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM problems", []
+        if since is not None:
+            sql += " WHERE first_seen >= ?"
+            params.append(since)
+        return self.db.rows(sql + " ORDER BY first_seen DESC, signature LIMIT ?", [*params, limit])
