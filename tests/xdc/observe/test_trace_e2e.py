@@ -5,6 +5,11 @@ Each step runs as its own `xdc` process, one after the other; the test notes the
 of each. Then `xdc trace` (another process, reading the spans the processes left in both
 datacenters' states) must show every step, in the order they happened, each inside the window of
 the process that did it, and their durations must add up within the end-to-end time.
+
+The stores here are the S3 gateways themselves, without the notifying proxy (`s3.notifications:
+false`): xdc announces each write (ingest, the resize's derivative) with the trace's `traceparent`,
+so one trace runs from the upload to the warm. A store's own notification carries no trace context;
+then the mirror and the resize start the object's trace where its event arrives.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from devtools import stack
 from devtools.samples import make_frame
 from tests.mirror.chaos_support import child_env, write_config
 from tests.support import site
@@ -43,7 +49,11 @@ def one(steps: list[dict[str, Any]], name: str, **attrs: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_one_frame_from_ingest_in_a_to_a_warm_cache_node_in_b(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
-    cfg_file = write_config(xcfg, tmp_path / "xdc.yaml", {"tracing": {"sample_ratio": 1.0, "export_interval_ms": 200}})
+    quiet = {dc: {"s3": {"internal_url": stack.gateway_url(xcfg.base_dir, dc),
+                         "external_url": stack.gateway_url(xcfg.base_dir, dc), "notifications": False}}
+             for dc in ("A", "B")}  # xdc announces the writes, traceparent and all
+    cfg_file = write_config(xcfg, tmp_path / "xdc.yaml", {"tracing": {"sample_ratio": 1.0, "export_interval_ms": 200},
+                                                          "datacenters": quiet})
     c = ["--config", str(cfg_file)]
     frames = tmp_path / "frames"
     frames.mkdir()
