@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from devtools import stack
 from mirror.march import march
 from tests.support import brokers, site
 from xdc.config import XdcConfig, parse_config
@@ -47,6 +48,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def variant(cfg: XdcConfig, overrides: dict[str, Any]) -> XdcConfig:
     """A copy of `cfg` with nested overrides (e.g. an S3 URL pointed at a fault proxy)."""
     return parse_config(_merge(config_data(cfg), overrides), base_dir=cfg.base_dir)
+
+
+def stores_without_notifications(cfg: XdcConfig) -> dict[str, Any]:
+    """Overrides pointing every datacenter at its S3 gateway itself, without the notifying proxy
+    (`s3.notifications: false`): xdc announces each write (and carries its traceparent)."""
+    return {"datacenters": {dc: {"s3": {"internal_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "external_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "notifications": False}} for dc in cfg.datacenters}}
 
 
 def write_config(cfg: XdcConfig, path: Path, overrides: dict[str, Any] | None = None) -> Path:

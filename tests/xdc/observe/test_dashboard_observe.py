@@ -20,7 +20,7 @@ import pytest
 from cache_client.prewarm.pipeline import Request, run_prewarm
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from tests.mirror.chaos_support import variant
+from tests.mirror.chaos_support import stores_without_notifications, variant
 from tests.support import site, topo
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
@@ -36,7 +36,9 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 @pytest.fixture
 def traced(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
-    cfg = variant(xcfg, {"tracing": {"sample_ratio": 1.0, "export_interval_ms": 100}})
+    # xdc announces the writes (no notifying proxy): one trace from the upload in A to the warm in B
+    cfg = variant(xcfg, {"tracing": {"sample_ratio": 1.0, "export_interval_ms": 100},
+                         **stores_without_notifications(xcfg)})
     src = tmp_path / "src"
     for i in range(2):
         p = src / tag / f"f{i}.bin"

@@ -22,9 +22,12 @@ from typing import Any
 
 import pytest
 
-from devtools import stack
 from devtools.samples import make_frame
-from tests.mirror.chaos_support import child_env, write_config
+from tests.mirror.chaos_support import (
+    child_env,
+    stores_without_notifications,
+    write_config,
+)
 from tests.support import site
 from xdc.config import XdcConfig
 
@@ -49,11 +52,8 @@ def one(steps: list[dict[str, Any]], name: str, **attrs: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_one_frame_from_ingest_in_a_to_a_warm_cache_node_in_b(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
-    quiet = {dc: {"s3": {"internal_url": stack.gateway_url(xcfg.base_dir, dc),
-                         "external_url": stack.gateway_url(xcfg.base_dir, dc), "notifications": False}}
-             for dc in ("A", "B")}  # xdc announces the writes, traceparent and all
     cfg_file = write_config(xcfg, tmp_path / "xdc.yaml", {"tracing": {"sample_ratio": 1.0, "export_interval_ms": 200},
-                                                          "datacenters": quiet})
+                                                          **stores_without_notifications(xcfg)})
     c = ["--config", str(cfg_file)]
     frames = tmp_path / "frames"
     frames.mkdir()
