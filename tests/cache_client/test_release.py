@@ -15,7 +15,11 @@ from kafka import KafkaConsumer
 
 from cache_client.prewarm.pipeline import Request, check_list, run_prewarm
 from cache_client.prewarm.reconcile import reconcile
-from cache_client.prewarm.release import ReleaseFollower, follow_releases, publish_release
+from cache_client.prewarm.release import (
+    ReleaseFollower,
+    follow_releases,
+    publish_release,
+)
 from cache_client.selectors import roots_from_args
 from devtools.faultproxy import FaultPlan, FaultProxy, Rule
 from mirror.dlq import read_letters
@@ -26,13 +30,32 @@ from tests.mirror.chaos_support import committed_offsets, variant, write_config
 from tests.support import brokers, produce, read_topic, site, topo
 from xdc.app.cli import main as cli_main
 from xdc.config import XdcConfig
-from xdc.events import ReleaseEvent
-from xdc.io.kafka import client_kwargs
+from xdc.events import ReadyEvent, ReleaseEvent, parse_message
+from xdc.io.kafka import Record, client_kwargs
 from xdc.metrics import Metrics, new_registry
 
 SRC, DST = "idca-drive", "idcb-drive"
 pytestmark = pytest.mark.both_backends
 
+
+
+def _consumed(cfg: XdcConfig, dc: str, group: str, topic: str) -> list[Record]:
+    """The messages of `topic` below the group's committed offsets."""
+    done = committed_offsets(cfg, dc, group)
+    return [r for r in read_topic(cfg, dc, topic) if r.offset < done.get((topic, r.partition), 0)]
+
+
+def _ready(records: list[Record], dataset: str) -> list[Record]:
+    """Those of `records` that are the dataset.ready event of `dataset`."""
+    out = []
+    for r in records:
+        try:
+            evs = parse_message(r.value)
+        except Exception:  # noqa: BLE001 - a malformed message is not a ready event
+            continue
+        if len(evs) == 1 and isinstance(evs[0], ReadyEvent) and evs[0].dataset == dataset:
+            out.append(r)
+    return out
 
 def _mirrored_files(cfg: XdcConfig, tmp_path: Path, tag: str, n: int = 4) -> list[str]:
     """n files ingested into A and mirrored into B; their keys as a file list names them."""
@@ -119,7 +142,10 @@ def test_list_unreadable_twice_ends_warm_and_the_offset_moves_on_only_after(
     while_retrying = [c for t, c in samples if t < third]
     assert while_retrying, "no sample of the committed offset was taken while the follower retried"
     assert all(c is None or c <= rec.offset for c in while_retrying), (rec.offset, while_retrying)
-    assert committed_offsets(cfg, "B", group)[tp] == rec.offset + 1
+    # moved past the release; whatever else it passed is the dataset.ready the warm published
+    past = [r for r in _consumed(cfg, "B", group, topic) if r.partition == rec.partition and r.offset > rec.offset]
+    assert committed_offsets(cfg, "B", group)[tp] == rec.offset + 1 + len(_ready(past, dataset)) \
+        and len(_ready(past, dataset)) == len(past), [r.value[:80] for r in past]
     entry = site(xcfg, "B").state.releases.get(dataset, "v1")
     assert entry is not None and (entry.state, entry.attempts) == ("warm", 3), entry
     assert check_list(site(xcfg, "B"), Request(uri)).cached_ratio == 1.0
@@ -147,7 +173,10 @@ def test_malformed_and_permanently_failing_releases_are_dead_lettered_once(
     gone = ledger.get(f"gone-{tag}", "v1")
     assert gone is not None and gone.state == "dead_lettered" and "missing.txt" in gone.detail
     group = f"{xcfg.prewarm.group_id}.B"
-    assert sum(committed_offsets(xcfg, "B", group).values()) == 3
+    # past all three; beyond them only the dataset.ready the warm published (same topic), if read
+    got = _consumed(xcfg, "B", group, topic)
+    releases = [r for r in got if r.value == bad or isinstance(parse_message(r.value)[0], ReleaseEvent)]
+    assert len(releases) == 3 and len(got) == 3 + len(_ready(got, f"ok-{tag}")), [r.value[:80] for r in got]
 
 
 def test_reconciler_drives_again_a_release_whose_offset_was_committed_before_it_was_stored(
