@@ -3,6 +3,7 @@ lists from dump and info, capacity from the node's cache size, the check at scal
 backend shares (plan, prewarm, check, free, reference-counted free) are in test_backends.py."""
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -12,19 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from cache_client.base import CacheFile
+from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
-from cache_client.placement import BalancedPlacement
 from cache_client.prewarm import pipeline
 from cache_client.prewarm.pipeline import (
     Request,
+    check_list,
     plan_prewarm,
+    run_prewarm,
     to_cache_file,
 )
+from cache_client.prewarm.progress import Progress
+from tests.mirror.chaos_support import write_config
 from tests.support import site
 from xdc.app.cli import main as cli_main
 from xdc.config import CacheConfig, XdcConfig, parse_config
-from xdc.errors import CapacityError, NotReadyError
+from xdc.errors import CapacityError
 
 MakeFiles = Callable[[str, dict[str, int]], list[str]]
 MakeConfig = Callable[..., XdcConfig]
