@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
+import yaml
 
-from devtools import stack  # noqa: E402
-from xdc.io.store import S3Store  # noqa: E402
+from devtools import stack
+from xdc.io.store import S3Store
 
 SRC, DST, PREFIX = "idca-drive", "idcb-drive", "bench/verify/"
 
