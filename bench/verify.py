@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="bytes per object")
     ap.add_argument("--run-dir", default=None)
     args = ap.parse_args()
+    # a SIGTERM (timeout, Ctrl-C from a supervisor) must still stop the stack in `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run = Path(args.run_dir or tempfile.mkdtemp(prefix="xdc-bench-verify-"))
     cfg = stack.up(run, nodes=0)
     try:
