@@ -34,6 +34,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_cached_ratio": ("gauge", {"dataset", "dc"}),
     "xdc_dataset_ready": ("gauge", {"dataset", "dc"}),
     "xdc_last_apply_timestamp_seconds": ("gauge", {"route"}),
+    "xdc_verify_drift_objects": ("gauge", {"route"}),
+    "xdc_verify_last_run_timestamp_seconds": ("gauge", {"route"}),
 }
 
 
