@@ -98,19 +98,6 @@ class Metrics:
             "xdc_verify_last_run_timestamp_seconds",
             "Unix time the last verify of the route finished.",
             ["route"], registry=r)
-        self.event_gaps_total = Counter(
-            "xdc_event_gaps_total",
-            "Partitions found with a gap before consuming: the group's committed offset is below the log "
-            "start (events expired unread), or the group has no committed offset on a partition that holds data.",
-            ["group", "topic"], registry=r)
-        self.event_gap_messages_total = Counter(
-            "xdc_event_gap_messages_total",
-            "Messages that expired from the log before the group read them (where the committed offset is known).",
-            ["group", "topic"], registry=r)
-        self.conflicts_total = Counter(
-            "xdc_conflicts_total",
-            "Concurrent writes of one key in both datacenters of a two-way route, settled by the policy.",
-            ["route", "resolution"], registry=r)
 
         # --- resize worker --------------------------------------------------------------------
         self.resize_frames_total = Counter(

@@ -36,9 +36,6 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_last_apply_timestamp_seconds": ("gauge", {"route"}),
     "xdc_verify_drift_objects": ("gauge", {"route"}),
     "xdc_verify_last_run_timestamp_seconds": ("gauge", {"route"}),
-    "xdc_event_gaps": ("counter", {"group", "topic"}),
-    "xdc_event_gap_messages": ("counter", {"group", "topic"}),
-    "xdc_conflicts": ("counter", {"route", "resolution"}),
     "xdc_log_problems": ("counter", {"component", "signature"}),
     "xdc_problem_first_seen_timestamp_seconds": ("gauge", {"component", "signature"}),
 }
