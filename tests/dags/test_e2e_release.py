@@ -77,7 +77,7 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     assert {t["task_id"] for t in tis} == {"releases", "reconcile", "units", "resolve", "ready", "warm_units", "plan",
                                          "node_jobs", "warm", "check", "fluid_units", "emit", "report"}
     assert sum(t["task_id"] == "warm" for t in tis) == 4  # mapped over 2 datacenters x 2 cache nodes
-    busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration']:.1f}s" for t in tis)
+    busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration'] or 0:.1f}s" for t in tis)
     print(f"\ntask durations: {busy}")
     print(f"airflow healthy after {started_s:.1f}s; release on Kafka -> prewarm run done in {release_s:.1f}s; "
           f"test wall {time.monotonic() - t0:.1f}s")
