@@ -16,7 +16,6 @@ Compared with the live config and the live state of every datacenter:
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from xdc.config import CacheConfig, Route, XdcConfig, bucket_collisions
 from xdc.errors import XdcError
 from xdc.io.state import CatalogEntry
 from xdc.observe.configs import config_hash, short
+from xdc.observe.http import is_loopback
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -369,22 +369,13 @@ def _host(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def endpoint_mistakes(cfg: XdcConfig) -> list[str]:
     """Internal/external endpoints that point at the wrong place (the config loads fine with them)."""
     out = []
     dcs = cfg.datacenters
     for name, d in dcs.items():
         ep = d.s3
-        if _loopback(_host(ep.external_url)) and not _loopback(_host(ep.internal_url)):
+        if is_loopback(_host(ep.external_url)) and not is_loopback(_host(ep.internal_url)):
             out.append(f"{name}: s3.external_url {ep.external_url} is a loopback address: the other datacenter "
                        "cannot reach it")
         for other, o in dcs.items():
