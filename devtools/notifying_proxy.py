@@ -8,7 +8,8 @@ as AWS, MinIO and Ceph do with notifications configured.
                               ObjectTagging:Put|Delete, ObjectAcl:Put
 
 Each event is a native S3 record (URL-encoded key, size, ETag, an S3-shaped sequencer that grows
-per proxy, `userIdentity.principalId` = the request's access key), keyed by bucket/key so one
+per proxy, `userIdentity.principalId` = an opaque id of the requester, derived from its access key
+but never the key itself: events land in Kafka's logs), keyed by bucket/key so one
 object's events stay in order, and published before the write's answer goes back (AWS publishes
 within seconds; tests need no wait). A failed publish is logged and counted, like a lost
 notification.
@@ -23,6 +24,7 @@ Run by the local stack as a process (`python -m devtools.notifying_proxy ...`), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import json
 import logging
@@ -221,6 +223,11 @@ def _acl_xml(acl: str | None) -> bytes:
             f"</Owner><AccessControlList>{grants}</AccessControlList></AccessControlPolicy>").encode()
 
 
+def principal_id(access_key: str) -> str:
+    """A stable, opaque requester id (as AWS puts an IAM principal's id there, not a credential)."""
+    return "AWS:XDC" + hashlib.sha256(access_key.encode()).hexdigest()[:17].upper()
+
+
 def _handler_for(proxy: NotifyingProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -243,7 +250,7 @@ def _handler_for(proxy: NotifyingProxy) -> type[BaseHTTPRequestHandler]:
             bucket, _, key = unquote(parts.path).lstrip("/").partition("/")
             body = read_body(self)
             m = _CREDENTIAL.search(self.headers.get("Authorization", ""))
-            who = {"principal": m.group(1) if m else "", "source_ip": self.client_address[0]}
+            who = {"principal": principal_id(m.group(1)) if m else "", "source_ip": self.client_address[0]}
             method = self.command
             if key and ("tagging" in query or "acl" in query):
                 self._object_meta(method, bucket, key, query, body, who)
