@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import pytest
+from playwright.sync_api import expect
 
 from mirror.ingest import ingest
 from mirror.runner import Mirror
@@ -208,9 +209,9 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
         static.close()
 
         _mirror(cfg)  # the backlog is applied: the open page picks it up on its own
-        page.wait_for_function(
-            f"document.querySelector('[data-k=\"total-objects\"]').dataset.value == '{truth['objects'] + 7}'",
-            timeout=30_000)
+        # a locator wait (Playwright's own isolated world): the page's CSP forbids eval of a predicate
+        expect(page.locator('[data-k="total-objects"]').first).to_have_attribute(
+            "data-value", str(truth["objects"] + 7), timeout=30_000)
         page.close()
 
 
