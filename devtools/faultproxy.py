@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import unquote
 
-from devtools.httpforward import Upstream, forward, read_body, relay, relay_head, s3_error
+from devtools.httpforward import ServedInThread, Upstream, forward, read_body, relay, relay_head, s3_error
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +87,18 @@ class FaultProxy:
         self._rule_hits: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._served = ServedInThread(ThreadingHTTPServer((host, port), _handler_for(self)), "faultproxy")
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._served.url
 
     def start(self) -> FaultProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._served.stop()
 
     def __enter__(self) -> FaultProxy:
         return self.start()

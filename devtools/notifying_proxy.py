@@ -44,7 +44,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from kafka import KafkaProducer
 
-from devtools.httpforward import Answer, Upstream, forward, read_body, relay, s3_error
+from devtools.httpforward import Answer, ServedInThread, Upstream, forward, read_body, relay, s3_error
 from xdc.config import Brokers
 from xdc.events import encode_notification, message_key, s3_record
 from xdc.io.kafka import make_producer
@@ -117,24 +117,18 @@ class NotifyingProxy:
         self._last_seq = 0
         self._parts: dict[str, dict[int, int]] = {}  # uploadId -> part number -> size
         self._upload_tags: dict[str, dict[str, str]] = {}
-        self._server = _QuietServer((host, port), _handler_for(self))
-        self._thread: threading.Thread | None = None
+        self._served = ServedInThread(_QuietServer((host, port), _handler_for(self)), "notifying-proxy")
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._served.url
 
     def start(self) -> NotifyingProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="notifying-proxy", daemon=True)
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._served.stop()
         if self._own_producer:
             self.producer.close(timeout=5)
         self.meta.close()
@@ -147,7 +141,7 @@ class NotifyingProxy:
 
     def serve_forever(self) -> None:
         try:
-            self._server.serve_forever()
+            self._served.server.serve_forever()
         finally:
             self.stop()
 
