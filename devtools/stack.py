@@ -239,7 +239,7 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             if cache is None:
                 continue
             for node in cache.nodes:
-                mount_node(cache.meta_url, node)
+                mount_node(cache.meta_url, node, ca_bundle=cache.storage_ca_bundle)
                 stk.mounts.append({"dc": dc, "node": node.name, "mount": str(node.mount)})
                 stk.save()
         stk.save()

@@ -33,7 +33,7 @@ from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag, kafka_errors
 from xdc.io.state import CatalogEntry, Outgoing
-from xdc.io.store import META_SOURCE_SEQUENCER
+from xdc.io.store import META_SOURCE_SEQUENCER, CopyJob, CopyResult, ObjectInfo
 from xdc.metrics import METRICS, Metrics
 from xdc.stats import percentile
 from xdc.topology import Topology
@@ -49,6 +49,7 @@ class MirrorStats:
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
+    etag_changed: int = 0  # objects copied with another ETag than the source's (state: etag_changes)
     lags: list[float] = field(default_factory=list)
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
@@ -56,7 +57,7 @@ class MirrorStats:
     def to_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "records": self.records, "applied": self.applied,
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
-                "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
+                "bytes_copied": self.bytes_copied, "etag_changed": self.etag_changed, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
                 "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
                 "lag_max_s": max(self.lags) if self.lags else None}
@@ -89,6 +90,7 @@ class Mirror:
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
+        self._swept_at = float("-inf")  # the first batch with copies sweeps
         sources = []
         for src in sorted({r.source.dc for r in self.routes}):
             site = topology.site(src)
@@ -201,46 +203,85 @@ class Mirror:
 
     def _copy(self, todo: list[Routed], letters: list[Letter]
               ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
-        """Copy or delete object data for data routes (metadata routes pass through). Returns the
-        entries to record and the items whose endpoint was unreachable."""
+        """Copy or delete object data for data routes (metadata routes pass through). The batch's
+        copies run together on the async copy engine (same parts, same ETag; metadata and tags kept),
+        its deletes meanwhile on the pool. Returns the entries to record and the items whose
+        endpoint was unreachable."""
         entries: list[tuple[Routed, CatalogEntry]] = []
-        futures = []
+        puts: dict[str, list[Routed]] = {}
+        deletes = []
         for it in todo:
             if it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
+            elif it.event.op == "delete":
+                deletes.append((it, self._pool.submit(self._delete, it)))
             else:
-                futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one, it)))
-        unavailable: list[tuple[Routed, StoreError]] = []
-        for it, fut in futures:
+                puts.setdefault(it.route.source.dc, []).append(it)
+        if puts:
+            self._sweep_uploads()
+        outcomes: list[tuple[Routed, CopyResult | StoreError]] = []
+        for src_dc, items in puts.items():
+            jobs = [CopyJob(it.event.bucket, it.event.key, it.target_bucket, it.target_key,
+                            expect_etag=it.event.etag or None,
+                            metadata={META_SOURCE_SEQUENCER: it.event.sequencer.rstrip("0") or "0"}) for it in items]
+            outcomes.extend(zip(items, self.topology.site(src_dc).store.copy_many(self.target, jobs)))
+        for it, fut in deletes:
             try:
-                size, etag = fut.result()
-            except SupersededError as exc:
-                self.stats.ignored["superseded"] += 1
-                log.info("%s", exc)
+                fut.result()
+                outcomes.append((it, CopyResult(ObjectInfo(it.target_bucket, it.target_key, 0, ""), "")))
+            except StoreError as exc:
+                outcomes.append((it, exc))
+        unavailable: list[tuple[Routed, StoreError]] = []
+        for it, res in outcomes:
+            if isinstance(res, StoreError):
+                exc = res
+                if exc.fatal:  # e.g. an untrusted TLS certificate: no event is at fault, stop
+                    raise exc
+                if isinstance(exc, ObjectNotFound):  # the source object is gone: a newer event says so
+                    exc = SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source")
+                if isinstance(exc, SupersededError):
+                    self.stats.ignored["superseded"] += 1
+                    log.info("%s", exc)
+                elif isinstance(exc, UnavailableError):
+                    unavailable.append((it, exc))
+                else:  # permanent, or still failing after the copy's retries
+                    reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
+                    letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
+                    self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
                 continue
-            except UnavailableError as exc:
-                unavailable.append((it, exc))
-                continue
-            except StoreError as exc:  # permanent, or still failing after the copy's retries
-                reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
-                letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
-                self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
-                continue
-            entries.append((it, entry_for(it, applied_time=time.time(), size=size, etag=etag)))
+            landed = res.landed
+            entries.append((it, entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag)))
             if it.event.op == "put":
-                self.stats.bytes_copied += size
-                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(size)
+                self.stats.bytes_copied += landed.size
+                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(landed.size)
+                if not res.etag_kept:
+                    self._etag_changed(it, res)
         return entries, unavailable
 
-    def _copy_one(self, it: Routed) -> tuple[int, str]:
-        src = self.topology.site(it.route.source.dc).store
-        meta = {META_SOURCE_SEQUENCER: it.event.sequencer.rstrip("0") or "0"}
-        try:
-            landed = src.copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket, it.target_key,
-                                 expect_etag=it.event.etag or None, metadata=meta)
-        except ObjectNotFound as exc:
-            raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
-        return landed.size, landed.etag
+    def _etag_changed(self, it: Routed, res: CopyResult) -> None:
+        """Say durably why the target's ETag differs from the source's (the catalog holds both)."""
+        self.stats.etag_changed += 1
+        self.metrics.copies_etag_changed_total.labels(route=it.route.name).inc()
+        log.warning("%s/%s copied with ETag %s (source %s): %s", it.target_bucket, it.target_key, res.landed.etag,
+                    res.source_etag, res.note)
+        self.site.state.incidents.record_etag_change(it.target_bucket, it.target_key, res.source_etag,
+                                                     res.landed.etag, res.layout, res.note)
+
+    def _sweep_uploads(self) -> None:
+        """Every `upload_sweep_minutes`, abort multipart uploads under the data routes' target
+        prefixes older than `abandoned_upload_minutes` (a copier killed mid-copy left them)."""
+        now = time.monotonic()
+        if now - self._swept_at < self.settings.upload_sweep_minutes * 60:
+            return
+        self._swept_at = now
+        for r in self.routes:
+            if r.mode != "data":
+                continue
+            try:
+                self.target.sweep_uploads(r.target.bucket, r.target.prefix,
+                                          older_than_s=self.settings.abandoned_upload_minutes * 60)
+            except StoreError as exc:  # the sweep is housekeeping: the copies go on
+                log.warning("sweep of uploads under %s/%s: %s", r.target.bucket, r.target.prefix, exc)
 
     def _delete(self, it: Routed) -> tuple[int, str]:
         try:

@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
+    Migration(2, "etag changes", """
+CREATE TABLE IF NOT EXISTS etag_changes (
+    id {serial}, time {float} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    source_etag {text} NOT NULL, etag {text} NOT NULL, layout {text} NOT NULL, reason {text} NOT NULL
+)
+"""),
 )
 
 LATEST = MIGRATIONS[-1].version
