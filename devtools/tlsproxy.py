@@ -50,6 +50,7 @@ class TlsProxy:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(asyncio.start_server(
@@ -65,9 +66,11 @@ class TlsProxy:
             loop.run_forever()
             self._server.close()
             loop.run_until_complete(self._server.wait_closed())
-            for t in asyncio.all_tasks(loop):
+            pending = asyncio.all_tasks(loop)
+            for t in pending:
                 t.cancel()
-            loop.run_until_complete(asyncio.gather(*asyncio.all_tasks(loop), return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=5))
             loop.close()
 
         self._thread = threading.Thread(target=run, name=f"tlsproxy-{self.upstream[1]}", daemon=True)

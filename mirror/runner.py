@@ -281,6 +281,8 @@ class Mirror:
                 self.target.sweep_uploads(r.target.bucket, r.target.prefix,
                                           older_than_s=self.settings.abandoned_upload_minutes * 60)
             except StoreError as exc:  # the sweep is housekeeping: the copies go on
+                if exc.fatal:
+                    raise
                 log.warning("sweep of uploads under %s/%s: %s", r.target.bucket, r.target.prefix, exc)
 
     def _delete(self, it: Routed) -> tuple[int, str]:

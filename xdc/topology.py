@@ -59,7 +59,7 @@ class Site:
         ca = self.config.s3.ca_bundle
         if ca is None:
             return None
-        return str(ca if ca.is_absolute() else self.topology.config.base_dir / ca)
+        return os.path.normpath(ca if ca.is_absolute() else self.topology.config.base_dir / ca)
 
     @cached_property
     def store(self) -> S3Store:
@@ -150,7 +150,8 @@ class Site:
         if cache is None:
             raise CacheError(f"datacenter {self.name} has no cache cluster configured")
         ca = cache.storage_ca_bundle
-        ca_path = str(ca if ca.is_absolute() else self.topology.config.base_dir / ca) if ca else self.s3_ca_bundle
+        ca_path = os.path.normpath(ca if ca.is_absolute() else self.topology.config.base_dir / ca) if ca \
+            else self.s3_ca_bundle
         return cache.model_copy(update={"storage_ca_bundle": ca_path and Path(ca_path)})
 
     @cached_property

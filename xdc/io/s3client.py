@@ -129,13 +129,18 @@ def _is_tls_failure(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (SSLError, ssl.SSLError, ssl.CertificateError)):
             return True
-        e = e.__cause__ or e.__context__ or _wrapped(e)
+        e = _wrapped(e) or e.__cause__ or e.__context__
     return False
 
 
 def _wrapped(exc: BaseException) -> BaseException | None:
-    inner = getattr(exc, "kwargs", {}).get("error") if hasattr(exc, "kwargs") else None
-    return inner if isinstance(inner, BaseException) else None
+    """The error a botocore or aiohttp error wraps (botocore: kwargs["error"]; aiohttp: the
+    certificate or OS error of a failed connection)."""
+    for inner in ((getattr(exc, "kwargs", None) or {}).get("error"), getattr(exc, "certificate_error", None),
+                  getattr(exc, "os_error", None)):
+        if isinstance(inner, BaseException) and inner is not exc:
+            return inner
+    return None
 
 
 def _root(exc: BaseException) -> str:
@@ -145,10 +150,11 @@ def _root(exc: BaseException) -> str:
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
-            return f"certificate verify failed: {e.verify_message}"
+        verify = getattr(e, "verify_message", None)
+        if isinstance(e, ssl.SSLCertVerificationError) and verify:
+            return f"certificate verify failed: {verify}"
         msgs.append(str(e))
-        e = e.__cause__ or e.__context__ or _wrapped(e)
+        e = _wrapped(e) or e.__cause__ or e.__context__
     return msgs[-1] if msgs else repr(exc)
 
 

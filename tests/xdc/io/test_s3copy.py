@@ -17,7 +17,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from devtools.faultproxy import FaultPlan, FaultProxy
-from tests.support import site
+from tests.support import blob as _blob
+from tests.support import put_multipart, s3_multipart_etag, site
 from xdc.config import XdcConfig
 from xdc.errors import SupersededError
 from xdc.io.objects import CopyJob
@@ -29,33 +30,6 @@ from xdc.retry import RetryPolicy
 MIB = 2**20
 SRC, DST = "idca-drive", "idcb-drive"
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def _blob(n: int, seed: int) -> bytes:
-    """Incompressible-looking bytes, cheap to make (a repeated random MiB shifted by the seed)."""
-    unit = os.urandom(MIB)
-    out = bytearray()
-    while len(out) < n:
-        out += unit[seed % MIB:] + unit[:seed % MIB]
-        seed += 7919
-    return bytes(out[:n])
-
-
-def put_multipart(store: S3Store, bucket: str, key: str, parts: list[bytes], **extra: object) -> str:
-    """Upload `parts` as one multipart object (as any SDK does); returns the ETag the endpoint gave."""
-    c = store.client
-    up = c.create_multipart_upload(Bucket=bucket, Key=key, **extra)
-    done = []
-    for i, p in enumerate(parts, 1):
-        r = c.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=i, Body=p)
-        done.append({"ETag": r["ETag"], "PartNumber": i})
-    r = c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done})
-    return str(r["ETag"]).strip('"')
-
-
-def s3_multipart_etag(parts: list[bytes]) -> str:
-    """S3's documented multipart ETag, computed here from the bytes."""
-    return hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + f"-{len(parts)}"
 
 
 def open_uploads(store: S3Store, bucket: str, prefix: str) -> list[str]:
