@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ from xdc.errors import (
     ObjectNotFound,
     StoreError,
     SupersededError,
+    TransientStoreError,
     XdcError,
 )
 from xdc.io.objects import META_SOURCE_ETAG, CopyJob, CopyResult, Layout, ObjectInfo
@@ -238,6 +240,8 @@ class CopyEngine:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(self._tracked(coro), loop)  # type: ignore[arg-type]
         try:
             return fut.result()
+        except FutureCancelled as exc:  # close() from another thread: nothing copied is vouched for
+            raise TransientStoreError("copies cancelled: the copy engine was closed") from exc
         except BaseException:
             fut.cancel()  # e.g. KeyboardInterrupt in the caller: the copies stop, their uploads abort
             raise
@@ -355,7 +359,7 @@ class CopyEngine:
         size = int(head["ContentLength"])
         if job.expect_etag and etag != job.expect_etag.strip('"'):
             raise SupersededError(f"{job.source}: source ETag {etag} != event's {job.expect_etag}")
-        tags = await self._source_tags(src, cs, job)
+        tags = await self._source_tags(src, cs, job, head)
         args = _put_args(head, job, etag, tags)
         n = parts_in_etag(etag)
         if n is None and size <= MAX_SINGLE_PUT:
@@ -669,9 +673,11 @@ class CopyEngine:
         caps.attributes = True
         return sizes if len(sizes) == n and sum(sizes) == size else None
 
-    async def _source_tags(self, src: S3Connection, cs: Any, job: CopyJob) -> dict[str, str]:
+    async def _source_tags(self, src: S3Connection, cs: Any, job: CopyJob, head: dict[str, Any]) -> dict[str, str]:
+        """The source's tags; asked only when its HEAD counts some (x-amz-tagging-count), so an
+        untagged object costs no call."""
         caps = self._cap(src)
-        if caps.tagging is False:
+        if caps.tagging is False or not int(head.get("TagCount") or 0):
             return {}
         try:
             r = await cs.get_object_tagging(Bucket=job.bucket, Key=job.key)
