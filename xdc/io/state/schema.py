@@ -84,7 +84,11 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
-    Migration(2, "etag changes", """
+)
+
+# Later migrations, one block each (numbers may leave gaps: they are applied in version order).
+MIGRATIONS += (
+    Migration(7, "etag changes", """
 CREATE TABLE IF NOT EXISTS etag_changes (
     id {serial}, time {float} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
     source_etag {text} NOT NULL, etag {text} NOT NULL, layout {text} NOT NULL, reason {text} NOT NULL
@@ -92,4 +96,4 @@ CREATE TABLE IF NOT EXISTS etag_changes (
 """),
 )
 
-LATEST = MIGRATIONS[-1].version
+LATEST = max(m.version for m in MIGRATIONS)
