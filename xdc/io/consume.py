@@ -25,7 +25,6 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -125,14 +124,15 @@ class ConsumeLoop:
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
                  max_broker_failures: int = 30, name: str = "consume") -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
-        error (0: until it works); after that its records are dead-lettered with the reason."""
+        error (0: until it works); after that its records are dead-lettered with the reason.
+        `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop."""
         self.sources = list(sources)
         self.handler = handler
         self.dead_letters = dead_letters
         self.max_records = max_records
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
         self.retry = retry
-        self.max_broker_failures = max_broker_failures
+        self.broker_retry = RetryPolicy(max_attempts=max_broker_failures, base_s=0.1, cap_s=5.0)
         self.name = name
         self.stats = LoopStats()
         self.alive = True  # for /healthz
@@ -191,8 +191,7 @@ class ConsumeLoop:
                         else:
                             rewind(src.consumer, records)
                             st.retries += 1
-                            delay = min(self.retry.cap_s, self.retry.base_s * 2 ** handler_failures) \
-                                * random.uniform(0.5, 1.0)
+                            delay = self.retry.delay(handler_failures)
                             log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name,
                                         len(records), src.name, exc, delay)
                             self._sleep(delay, stop)
@@ -270,10 +269,10 @@ class ConsumeLoop:
         if not exc.retriable:
             raise exc  # e.g. authentication or authorization: waiting will not help
         failures += 1
-        if failures > self.max_broker_failures:
+        if failures > self.broker_retry.max_attempts:
             raise exc
-        delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
-        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.max_broker_failures, delay)
+        delay = self.broker_retry.delay(failures)
+        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.broker_retry.max_attempts, delay)
         time.sleep(delay)
         return failures
 
