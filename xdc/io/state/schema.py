@@ -145,4 +145,13 @@ CREATE INDEX IF NOT EXISTS prewarm_datasets_retired ON prewarm_datasets (state, 
 """),
 )
 
+MIGRATIONS += (
+    Migration(7, "etag changes", """
+CREATE TABLE IF NOT EXISTS etag_changes (
+    id {serial}, time {float} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    source_etag {text} NOT NULL, etag {text} NOT NULL, layout {text} NOT NULL, reason {text} NOT NULL
+)
+"""),
+)
+
 LATEST = max(m.version for m in MIGRATIONS)
