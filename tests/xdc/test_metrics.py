@@ -35,6 +35,11 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_cached_ratio": ("gauge", {"dataset", "dc"}),
     "xdc_dataset_ready": ("gauge", {"dataset", "dc"}),
     "xdc_last_apply_timestamp_seconds": ("gauge", {"route"}),
+    "xdc_verify_drift_objects": ("gauge", {"route"}),
+    "xdc_verify_last_run_timestamp_seconds": ("gauge", {"route"}),
+    "xdc_event_gaps": ("counter", {"group", "topic"}),
+    "xdc_event_gap_messages": ("counter", {"group", "topic"}),
+    "xdc_conflicts": ("counter", {"route", "resolution"}),
 }
 
 
