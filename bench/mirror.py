@@ -48,7 +48,7 @@ def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-
     last: list[float] = []
     SPLIT.clear()
     SPLIT.update(batches=0, handler_s=0.0, copy_s=0.0)
-    inner, inner_copy = m.handle, m._copy
+    inner, inner_copy = m.handle, m._apply_content
 
     def handle(batch):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
@@ -60,14 +60,14 @@ def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-
         SPLIT["handler_s"] += last[0] - t0
         return r
 
-    def copy(todo, letters):  # type: ignore[no-untyped-def]
+    def copy(todo, current, letters):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         try:
-            return inner_copy(todo, letters)
+            return inner_copy(todo, current, letters)
         finally:
             SPLIT["copy_s"] += time.perf_counter() - t0
     m.handle = handle  # type: ignore[method-assign]
-    m._copy = copy  # type: ignore[method-assign]
+    m._apply_content = copy  # type: ignore[method-assign]
     try:
         st = m.run(once=True)
     finally:
