@@ -89,11 +89,16 @@ def _tail(text: str, n: int = 5) -> str:
     return " | ".join(lines[-n:])
 
 
-def run_juicefs(args: Sequence[str], *, timeout: float = 600, what: str = "") -> subprocess.CompletedProcess[str]:
-    """Run juicefs; a non-zero exit or a timeout becomes CacheError with the stderr tail."""
+def run_juicefs(args: Sequence[str], *, timeout: float = 600, what: str = "",
+                ca_bundle: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run juicefs; a non-zero exit or a timeout becomes CacheError with the stderr tail.
+
+    `ca_bundle`: a CA for the volume's object storage (an https endpoint signed by a private CA),
+    given as SSL_CERT_FILE, which Go adds to the system's certificate directories."""
     cmd = [juicefs_bin(), *args]
+    env = {**os.environ, "SSL_CERT_FILE": str(ca_bundle)} if ca_bundle else None
     try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired as exc:
         raise CacheError(f"{what or args[0]}: juicefs timed out after {timeout:.0f}s") from exc
     if cp.returncode != 0:
@@ -113,9 +118,11 @@ def is_mounted(mount: str | Path) -> bool:
     return os.path.ismount(mount) and Path(mount, ".config").exists()
 
 
-def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30, extra_args: Sequence[str] = ()) -> None:
+def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30, extra_args: Sequence[str] = (),
+               ca_bundle: str | Path | None = None) -> None:
     """Mount the volume for one node (daemon), wait until it serves; no-op if already mounted.
-    `extra_args`: more `juicefs mount` options (the bench's --download-limit)."""
+    `extra_args`: more `juicefs mount` options (the bench's --download-limit); `ca_bundle`: the CA
+    of the volume's object storage when it is https with a private CA."""
     if is_mounted(node.mount):
         return
     Path(node.mount).mkdir(parents=True, exist_ok=True)
@@ -125,7 +132,7 @@ def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30, extra_arg
         args += ["--metrics", node.metrics]
     args += ["--cache-dir", str(node.cache_dir), "--cache-size", str(node.cache_size_mib),
              "--free-space-ratio", str(FREE_SPACE_RATIO), *extra_args, meta_url, str(node.mount)]
-    run_juicefs(args, what=f"mount {node.name}", timeout=timeout)
+    run_juicefs(args, what=f"mount {node.name}", timeout=timeout, ca_bundle=ca_bundle)
     deadline = time.monotonic() + timeout
     while not is_mounted(node.mount):
         if time.monotonic() > deadline:

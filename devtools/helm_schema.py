@@ -133,6 +133,13 @@ def chart_keys() -> dict[str, Any]:
             "grafanaDashboard": _closed({"enabled": _BOOL, "labels": _OBJ, "annotations": _OBJ}),
         }),
         "dags": _closed({"configMap": _closed({"enabled": _BOOL})}),
+        "caBundles": {
+            "type": "array",
+            "description": "CA bundles (PEM) from ConfigMaps, mounted read-only as files into every xdc pod; "
+                           "point config.datacenters.<dc>.s3.ca_bundle (or kafka.security.ca_file) at mountPath.",
+            "items": _closed({"configMap": _STR, "key": _STR, "mountPath": _STR},
+                             required=["configMap", "key", "mountPath"]),
+        },
         "podSecurityContext": _OBJ,
         "securityContext": _OBJ,
         "commonLabels": _OBJ,

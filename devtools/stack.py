@@ -300,7 +300,7 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             if dc_cache is None or dc_cache.backend != "juicefs":
                 continue
             for node in dc_cache.nodes:
-                mount_node(dc_cache.meta_url, node)
+                mount_node(dc_cache.meta_url, node, ca_bundle=dc_cache.storage_ca_bundle)
                 stk.mounts.append({"dc": dc, "node": node.name, "mount": str(node.mount)})
                 stk.save()
         stk.save()

@@ -43,6 +43,8 @@ from xdc.io.store import (
     META_SOURCE_DC,
     META_SOURCE_ETAG,
     META_SOURCE_SEQUENCER,
+    CopyJob,
+    CopyResult,
     ObjectInfo,
     S3Store,
     tags_json,
@@ -64,6 +66,7 @@ class MirrorStats:
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
+    etag_changed: int = 0  # objects copied with another ETag than the source's (state: etag_changes)
     lags: list[float] = field(default_factory=list)
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
@@ -72,7 +75,7 @@ class MirrorStats:
         return {"batches": self.batches, "records": self.records, "applied": self.applied,
                 "meta_applied": self.meta_applied,
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
-                "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
+                "bytes_copied": self.bytes_copied, "etag_changed": self.etag_changed, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
                 "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
                 "lag_max_s": max(self.lags) if self.lags else None}
@@ -106,6 +109,7 @@ class Mirror:
         self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
         self._verify_observed_at = -1e9
+        self._swept_at = float("-inf")  # the first batch with copies sweeps
         sources = []
         for src in sorted({r.source.dc for r in self.routes}):
             site = topology.site(src)
@@ -254,10 +258,13 @@ class Mirror:
                        letters: list[Letter]
                        ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
         """Copy, delete or reconcile each key (metadata routes record the event, or what a
-        reconciliation read at the source). Returns the entries to record and the items whose
-        endpoint was unreachable."""
+        reconciliation read at the source). The batch's plain copies run together on the async copy
+        engine (same parts, same ETag; metadata and tags kept), one `copy_many` per source
+        datacenter; deletes and reconciliations meanwhile on the pool. Returns the entries to
+        record and the items whose endpoint was unreachable."""
         entries: list[tuple[Routed, CatalogEntry]] = []
         futures = []
+        puts: dict[str, list[Routed]] = {}
         for it, w in todo:
             cur = current.get((it.target_bucket, it.target_key))
             if it.event.reconcile:
@@ -265,21 +272,38 @@ class Mirror:
                 futures.append((it, self._pool.submit(self._trace.bound(it, reconcile), it)))
             elif it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
+            elif it.event.op == "delete":
+                futures.append((it, self._pool.submit(self._trace.bound(it, self._delete), it)))
             else:
-                fn = self._delete if it.event.op == "delete" else self._copy_one
-                futures.append((it, self._pool.submit(self._trace.bound(it, fn), it)))
-        unavailable: list[tuple[Routed, StoreError]] = []
+                puts.setdefault(it.route.source.dc, []).append(it)
+        outcomes: list[tuple[Routed, tuple[CatalogEntry, int] | StoreError]] = []
+        if puts:
+            self._sweep_uploads()
+        for src_dc, items in puts.items():
+            jobs = [CopyJob(it.event.bucket, it.event.key, it.target_bucket, it.target_key,
+                            expect_etag=it.event.etag or None, metadata=self._copy_meta(it))
+                    for it in items]
+            results = self.topology.site(src_dc).store.copy_many(self.target, jobs)
+            outcomes.extend((it, self._copied(it, res)) for it, res in zip(items, results))
         for it, fut in futures:
             try:
-                entry, copied = fut.result()
-            except SupersededError as exc:
-                self._ignore(it.route.name, "superseded")
-                log.info("%s", exc)
-                continue
-            except UnavailableError as exc:
-                unavailable.append((it, exc))
-                continue
-            except StoreError as exc:  # permanent, or still failing after the copy's retries
+                outcomes.append((it, fut.result()))
+            except StoreError as exc:
+                outcomes.append((it, exc))
+        unavailable: list[tuple[Routed, StoreError]] = []
+        for it, res in outcomes:
+            if isinstance(res, StoreError):
+                exc = res
+                if exc.fatal:  # e.g. an untrusted TLS certificate: no event is at fault, stop
+                    raise exc
+                if isinstance(exc, SupersededError):
+                    self._ignore(it.route.name, "superseded")
+                    log.info("%s", exc)
+                    continue
+                if isinstance(exc, UnavailableError):
+                    unavailable.append((it, exc))
+                    continue
+                # permanent, or still failing after the copy's retries
                 away = self._endpoint_away(it) if exc.retriable else None
                 if away is not None:  # not the object's fault: the batch waits for the endpoint
                     unavailable.append((it, away))
@@ -288,11 +312,51 @@ class Mirror:
                 letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
                 self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
                 continue
+            entry, copied = res
             entries.append((it, entry))
             if copied:
                 self.stats.bytes_copied += copied
                 self.metrics.bytes_copied_total.labels(route=it.route.name).inc(copied)
         return entries, unavailable
+
+    def _copied(self, it: Routed, res: CopyResult | StoreError) -> tuple[CatalogEntry, int] | StoreError:
+        """One copy's outcome as the entry to record (an ETag that changed is said durably)."""
+        if isinstance(res, ObjectNotFound):  # the source object is gone: a newer event says so
+            return SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source")
+        if isinstance(res, StoreError):
+            return res
+        landed = res.landed
+        if not res.etag_kept:
+            self._etag_changed(it, res)
+        return entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag,
+                         tags=tags_json(landed.tags)), landed.size
+
+    def _etag_changed(self, it: Routed, res: CopyResult) -> None:
+        """Say durably why the target's ETag differs from the source's (the catalog holds both)."""
+        self.stats.etag_changed += 1
+        self.metrics.copies_etag_changed_total.labels(route=it.route.name).inc()
+        log.warning("%s/%s copied with ETag %s (source %s): %s", it.target_bucket, it.target_key, res.landed.etag,
+                    res.source_etag, res.note)
+        self.site.state.incidents.record_etag_change(it.target_bucket, it.target_key, res.source_etag,
+                                                     res.landed.etag, res.layout, res.note)
+
+    def _sweep_uploads(self) -> None:
+        """Every `upload_sweep_minutes`, abort multipart uploads under the data routes' target
+        prefixes older than `abandoned_upload_minutes` (a copier killed mid-copy left them)."""
+        now = time.monotonic()
+        if now - self._swept_at < self.settings.upload_sweep_minutes * 60:
+            return
+        self._swept_at = now
+        for r in self.routes:
+            if r.mode != "data":
+                continue
+            try:
+                self.target.sweep_uploads(r.target.bucket, r.target.prefix,
+                                          older_than_s=self.settings.abandoned_upload_minutes * 60)
+            except StoreError as exc:  # the sweep is housekeeping: the copies go on
+                if exc.fatal:
+                    raise
+                log.warning("sweep of uploads under %s/%s: %s", r.target.bucket, r.target.prefix, exc)
 
     def _endpoint_away(self, it: Routed) -> StoreError | None:
         """After a copy's retries are spent on errors that may pass (timeouts, resets, 5xx): is
@@ -303,6 +367,8 @@ class Mirror:
             try:
                 store.ping(bucket)
             except StoreError as exc:
+                if exc.fatal:
+                    raise
                 if exc.retriable:
                     return exc
         return None
@@ -315,16 +381,6 @@ class Mirror:
         if it.event.sequencer:
             meta[META_SOURCE_SEQUENCER] = it.event.sequencer.rstrip("0") or "0"
         return meta
-
-    def _copy_one(self, it: Routed) -> tuple[CatalogEntry, int]:
-        try:
-            landed = self._source(it).copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket,
-                                              it.target_key, expect_etag=it.event.etag or None,
-                                              metadata=self._copy_meta(it))
-        except ObjectNotFound as exc:
-            raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
-        return entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag,
-                         tags=tags_json(landed.tags)), landed.size
 
     def _delete(self, it: Routed) -> tuple[CatalogEntry, int]:
         try:
@@ -389,6 +445,8 @@ class Mirror:
                 unavailable.append((it, exc))
                 continue
             except StoreError as exc:
+                if exc.fatal:  # a misconfiguration: no event is at fault, stop
+                    raise
                 reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
                 letters.append(Letter(it.record, reason, f"{it.event.event_name} {it.event.bucket}/{it.event.key}: {exc}"))
                 self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()

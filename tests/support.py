@@ -1,7 +1,9 @@
 """Test helpers that talk to the real local servers (no mocks)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from xdc.events import encode_notification, iso, message_key, s3_record
 from xdc.io.kafka import Record, client_kwargs, make_producer, to_records
 from xdc.io.store import S3Store
 from xdc.topology import Site, Topology
+
+MIB = 2**20
 
 _OPEN: dict[tuple[int, str], Topology] = {}  # closed after each test by the autouse fixture in conftest
 
@@ -139,3 +143,30 @@ def make_tls(d: Path) -> dict[str, Path]:
         files[f"{name}.crt"].write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
     trustme.CA().cert_pem.write_to_path(str(files["other-ca.pem"]))
     return files
+
+
+def blob(n: int, seed: int) -> bytes:
+    """Incompressible-looking bytes, cheap to make (a repeated random MiB shifted by the seed)."""
+    unit = os.urandom(MIB)
+    out = bytearray()
+    while len(out) < n:
+        out += unit[seed % MIB:] + unit[:seed % MIB]
+        seed += 7919
+    return bytes(out[:n])
+
+
+def put_multipart(store: S3Store, bucket: str, key: str, parts: list[bytes], **extra: object) -> str:
+    """Upload `parts` as one multipart object (as any SDK does); returns the ETag the endpoint gave."""
+    c = store.client
+    up = c.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+    done = []
+    for i, p in enumerate(parts, 1):
+        r = c.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=i, Body=p)
+        done.append({"ETag": r["ETag"], "PartNumber": i})
+    r = c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done})
+    return str(r["ETag"]).strip('"')
+
+
+def s3_multipart_etag(parts: list[bytes]) -> str:
+    """S3's documented multipart ETag, computed here from the bytes."""
+    return hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + f"-{len(parts)}"

@@ -70,6 +70,9 @@ def _airflow_login(conn_id: str) -> tuple[str, str]:
 
 
 class S3Endpoint(_Model):
+    """A datacenter's S3 endpoint, as every S3 client of the project reaches it (the sync store, the
+    async copy engine, and the cache nodes' JuiceFS mounts where their volume lives on it)."""
+
     internal_url: str  # used by processes running in this datacenter
     external_url: str  # used from the other datacenter
     region: str = "us-east-1"
@@ -78,6 +81,11 @@ class S3Endpoint(_Model):
     # topic (AWS, MinIO, Ceph with notifications configured): the project's writers then announce
     # nothing themselves. False: ingest and the resize worker announce their writes.
     notifications: bool = False
+    # PEM file of the CA(s) that signed an https endpoint's certificate (a company's private CA);
+    # relative to the config file. Default: the system's CA certificates.
+    ca_bundle: Path | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"  # virtual: https://bucket.host/key
+    signature_version: Literal["s3v4", "s3"] = "s3v4"  # "s3": legacy SigV2, for old gateways only
 
     @field_validator("internal_url", "external_url")
     @classmethod
@@ -261,6 +269,9 @@ class CacheConfig(_Model):
     # the node under `low_watermark` (default: the high one), and frees them when asked (make room).
     high_watermark: float = Field(1.0, gt=0, le=1)
     low_watermark: float | None = Field(None, gt=0, le=1)
+    # CA of the volume's object storage, for mounts made by the project (juicefs gets it as
+    # SSL_CERT_FILE); default: the datacenter's s3.ca_bundle (the volume usually lives there)
+    storage_ca_bundle: Path | None = None
 
     def watermarks(self, node: str) -> tuple[float, float]:
         """(high, low) of a node: its own, else the cluster's; low defaults to high."""
@@ -368,7 +379,10 @@ class MirrorSettings(_Model):
     batch_max_seconds: float = Field(1.0, gt=0)
     copy_concurrency: int = Field(16, ge=1)
     multipart_threshold_mib: int = Field(16, ge=5)
-    multipart_chunk_mib: int = Field(8, ge=5)
+    multipart_chunk_mib: int = Field(8, ge=5)  # part size of a copy whose source layout is unknown
+    copy_buffer_mib: int = Field(256, ge=8)  # part buffers of the copy engine in memory at once
+    upload_sweep_minutes: float = Field(10.0, gt=0)  # how often abandoned multipart uploads are swept
+    abandoned_upload_minutes: float = Field(60.0, ge=0)  # an upload this old under a target prefix is abandoned
     max_attempts: int = Field(5, ge=1)  # per S3 call, with capped exponential backoff and jitter
     max_key_bytes: int = Field(1024, ge=1)  # S3's own limit
     max_message_bytes: int = Field(1_048_576, ge=1024)

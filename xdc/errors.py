@@ -8,6 +8,7 @@
      |    |    +-- UnavailableError      the endpoint cannot be reached at all
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
      |    +-- SupersededError       the source changed after the event
+     |    +-- StoreTrustError       endpoint not trusted (TLS) or credentials refused (fatal)
      +-- KafkaError             broker I/O (retriable as the client says)
      |    +-- RebalancedError       a commit refused after the group moved the partitions
      |    +-- KafkaAuthError        credentials refused or broker not trusted (never retriable)
@@ -31,9 +32,14 @@ from __future__ import annotations
 
 
 class XdcError(Exception):
-    """Base of every error xdc-mirror raises on purpose."""
+    """Base of every error xdc-mirror raises on purpose.
+
+    `retriable`: trying again later may succeed. `fatal`: no input is at fault and no retry helps
+    (a misconfiguration): a consume loop stops at once instead of dead-lettering its records.
+    """
 
     retriable: bool = False
+    fatal: bool = False
 
 
 class ConfigError(XdcError):
@@ -62,6 +68,13 @@ class IntegrityError(StoreError):
 
 class SupersededError(StoreError):
     """The source object changed or vanished after the event: a newer event carries the truth."""
+
+
+class StoreTrustError(StoreError):
+    """An endpoint whose TLS certificate is not trusted, or that refuses the credentials: the
+    message names the endpoint, the CA bundle in use and what to fix."""
+
+    fatal = True
 
 
 class ReasonedError(XdcError):

@@ -81,6 +81,11 @@ class Metrics:
             "xdc_bytes_copied_total",
             "Object bytes copied into the target datacenter.",
             ["route"], registry=r)
+        self.copies_etag_changed_total = Counter(
+            "xdc_copies_etag_changed_total",
+            "Objects copied into the target datacenter with another ETag than the source's (their part "
+            "layout could not be reproduced; the reason is kept in the state's etag_changes).",
+            ["route"], registry=r)
         self.dead_letters_total = Counter(
             "xdc_dead_letters_total",
             "Messages written to a dead-letter topic, by the topic they came from and reason.",

@@ -21,6 +21,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_events_ignored": ("counter", {"route", "reason"}),
     "xdc_bytes_copied": ("counter", {"route"}),
     "xdc_dead_letters": ("counter", {"topic", "reason"}),
+    "xdc_copies_etag_changed": ("counter", {"route"}),
     "xdc_resize_frames": ("counter", {"result"}),
     "xdc_resize_seconds": ("histogram", set()),
     "xdc_resize_bytes_in": ("counter", set()),

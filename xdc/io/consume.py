@@ -13,6 +13,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   with `retry.max_attempts` set, a batch that failed that often is dead-lettered with the reason
   (tries are counted per batch, by its first record); the handler's `on_letters` hears of every
   letter once it is flushed, before the commit;
+- a fatal error (`XdcError.fatal`: a misconfiguration such as an untrusted TLS certificate) ends
+  the loop at once, nothing dead-lettered or committed;
 - any other error is a poison message somewhere in the batch: the records are handled one by one
   and the one that fails is dead-lettered with the reason (`ReasonedError.reason`, else
   `unexpected_error`), while the rest proceeds;
@@ -265,7 +267,7 @@ class ConsumeLoop:
         try:
             return list(self.handler.handle(batch))
         except XdcError as exc:
-            if exc.retriable:
+            if exc.retriable or exc.fatal:  # fatal: a misconfiguration, no record is at fault
                 raise
             err: BaseException = exc
         except Exception as exc:  # noqa: BLE001 - a bug on one message must not stop the partition

@@ -1,36 +1,30 @@
 """The object store interface and its S3 backend.
 
-`Store` has few primitives (list, head, open, put, delete); `copy_to` is derived in the base: it
-streams, verifies size and checksum, and returns what landed (rclone's copy-then-verify). Errors are
-translated once, at `_translate`. Retries follow the one policy (`xdc.retry`) at one level: each
-single call is retried by the store; a copy is retried whole, and the calls inside it are not.
+`Store` has few primitives (list, head, open, put, delete); `copy_to` and `copy_many` are derived in
+the base: they stream, verify size and checksum, and return what landed (rclone's copy-then-verify).
+`S3Store` is the synchronous boto3 backend; between two S3 stores `copy_many` runs on the async copy
+engine (`xdc.io.s3copy`: same part layout, same ETag, metadata and tags kept) when the store was
+given one. Errors are translated once (`xdc.io.s3client.translate`). Retries follow the one policy
+(`xdc.retry`) at one level: each single call is retried by the store; a copy is retried whole (its
+calls are not), or for a multipart copy part by part.
 """
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from urllib.parse import urlencode
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, BinaryIO, TypeVar
+from urllib.parse import urlencode
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from s3transfer.utils import ChunksizeAdjuster
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    ResponseStreamingError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from xdc import trace
 from xdc.errors import (
@@ -38,46 +32,39 @@ from xdc.errors import (
     ObjectNotFound,
     StoreError,
     SupersededError,
-    TransientStoreError,
-    UnavailableError,
     XdcError,
 )
+from xdc.io.objects import (
+    META_SOURCE_DC,
+    META_SOURCE_ETAG,
+    META_SOURCE_MTIME,
+    META_SOURCE_SEQUENCER,
+    CopyJob,
+    CopyResult,
+    ObjectInfo,
+)
+from xdc.io.parts import plain_md5_etag
+from xdc.io.s3client import (
+    AddressingStyle,
+    S3Connection,
+    SignatureVersion,
+    add_content_md5,
+    content_md5,
+    translate,
+)
+from xdc.io.s3copy import CopyEngine
 from xdc.retry import NO_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-META_SOURCE_ETAG = "xdc-source-etag"
-META_SOURCE_SEQUENCER = "xdc-source-sequencer"
-META_SOURCE_DC = "xdc-source-dc"  # the datacenter whose object this is a copy of (echo detection)
-META_SOURCE_MTIME = "xdc-source-mtime"  # the source's last-modified (two-way conflict policy)
+__all__ = ["CANNED_ACLS", "META_SOURCE_DC", "META_SOURCE_ETAG", "META_SOURCE_MTIME", "META_SOURCE_SEQUENCER",
+           "CopyJob", "CopyResult", "ObjectInfo", "S3Store", "Store", "canned_acl", "plain_md5_etag", "tags_json",
+           "translate"]
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read")
 _ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
 _AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
-
-_RETRIABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504",
-                    # the body was damaged on the way (the server checked our Content-MD5): send it again
-                    "BadDigest", "XAmzContentSHA256Mismatch", "IncompleteBody"}
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    bucket: str
-    key: str
-    size: int
-    etag: str  # without quotes
-    metadata: dict[str, str] = field(default_factory=dict)
-    last_modified: float = 0.0
-    tag_count: int = 0  # x-amz-tagging-count of a GET/HEAD (0: none, or not reported)
-    tags: dict[str, str] | None = None  # the tags a copy carried (None: not read)
-
-
-def plain_md5_etag(etag: str) -> bool:
-    """A single-part upload's ETag is the MD5 of the bytes; a multipart one has a '-N' suffix."""
-    return len(etag) == 32 and "-" not in etag
 
 
 def tags_json(tags: Mapping[str, str] | None) -> str | None:
@@ -191,6 +178,26 @@ class Store(ABC):
             lambda: src._copy_once(tgt, bucket, key, dst_bucket, dst_key, expect_etag, metadata, guard),
             what=f"copy {bucket}/{key}")
 
+    def copy_many(self, dst: Store, jobs: Sequence[CopyJob]) -> list[CopyResult | StoreError]:
+        """Copy every job into dst; each result is what landed or the StoreError it ended with.
+        Here one after the other through `copy_to`; S3 stores with a copy engine run them at once."""
+        out: list[CopyResult | StoreError] = []
+        for j in jobs:
+            try:
+                landed = self.copy_to(dst, j.bucket, j.key, j.dst_bucket, j.dst_key, expect_etag=j.expect_etag,
+                                      metadata=dict(j.metadata))
+                src_etag = landed.metadata.get(META_SOURCE_ETAG, landed.etag)
+                note = "" if landed.etag == src_etag else "copied in one stream: the source's part layout is not kept"
+                out.append(CopyResult(landed, src_etag, "single" if landed.etag == src_etag else "rechunked", 1, note))
+            except StoreError as exc:
+                out.append(exc)
+        return out
+
+    def sweep_uploads(self, bucket: str, prefix: str, *, older_than_s: float) -> list[str]:
+        """Abort multipart uploads under bucket/prefix older than `older_than_s` (left by a killed
+        copier). Returns the keys whose uploads were aborted; stores without uploads have none."""
+        return []
+
     def _copy_once(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str,
                    expect_etag: str | None, metadata: dict[str, str] | None,
                    guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
@@ -230,7 +237,7 @@ class Store(ABC):
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed {landed.size} bytes, expected {info.size}")
             if plain_md5_etag(landed.etag) and landed.etag != md5:
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed ETag {landed.etag} != MD5 {md5}")
-            return dataclasses.replace(landed, tags=tags or {})
+            return dataclasses.replace(landed, metadata={**landed.metadata, **meta}, tags=tags or {})
         finally:
             body.close()
 
@@ -280,54 +287,69 @@ class _HashingReader:
         return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
-def _translate(exc: Exception, what: str) -> XdcError:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _NOT_FOUND_CODES or status == 404:
-            return ObjectNotFound(f"{what}: not found")
-        if code in _RETRIABLE_CODES or status >= 500:
-            return TransientStoreError(f"{what}: {code or status} {err.get('Message', '')}".strip())
-        return StoreError(f"{what}: {code} {err.get('Message', '')}".strip())
-    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionRefusedError)):
-        return UnavailableError(f"{what}: {exc}")
-    if isinstance(exc, (BotoConnectionError, ResponseStreamingError, ConnectionError, TimeoutError)):
-        return TransientStoreError(f"{what}: {exc}")
-    if isinstance(exc, BotoCoreError):
-        return TransientStoreError(f"{what}: {exc}")
-    return StoreError(f"{what}: {exc!r}")
-
-
 class S3Store(Store):
+    """The synchronous boto3 backend; copies into another S3 store go through `engine` when given."""
+
     name = "s3"
 
     def __init__(self, endpoint_url: str, access_key: str, secret_key: str, *, region: str = "us-east-1",
                  retry: RetryPolicy | None = None, multipart_threshold: int = 16 * 2**20,
-                 multipart_chunk: int = 8 * 2**20, max_pool: int = 32) -> None:
+                 multipart_chunk: int = 8 * 2**20, max_pool: int = 32, ca_bundle: str | None = None,
+                 addressing_style: AddressingStyle = "path", signature_version: SignatureVersion = "s3v4",
+                 engine: CopyEngine | None = None) -> None:
+        self.conn = S3Connection(endpoint_url, access_key, secret_key, region=region, ca_bundle=ca_bundle,
+                                 addressing_style=addressing_style, signature_version=signature_version)
         self.endpoint_url = endpoint_url
         self.retry = retry or RetryPolicy()
         self.single_put_max = multipart_threshold
+        self.engine = engine
         self._client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-            region_name=region,
-            config=BotoConfig(
-                # payload signing hashes every byte in Python; TLS protects the body where used
-                s3={"addressing_style": "path", "payload_signing_enabled": False},
-                # our own retry wrapper decides; botocore's would hide faults from it. (Its
-                # `max_attempts` counts retries, not tries: 1 there meant a hidden second try.)
-                retries={"mode": "standard", "total_max_attempts": 1},
-                max_pool_connections=max_pool,
-                connect_timeout=5, read_timeout=30,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+            "s3", config=BotoConfig(**self.conn.botocore_config(max_pool=max_pool)), **self.conn.client_kwargs())
         # JuiceFS' gateway wants Content-MD5 on DeleteObjects (facts/components.md)
-        self._client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+        self._client.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold,
                                         multipart_chunksize=multipart_chunk, max_concurrency=4,
                                         use_threads=True)
+
+    def copy_many(self, dst: Store, jobs: Sequence[CopyJob]) -> list[CopyResult | StoreError]:
+        if self.engine is None or not isinstance(dst, S3Store):
+            return super().copy_many(dst, jobs)
+        return self.engine.copy_many(self.conn, dst.conn, jobs)
+
+    def copy_to(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str, *,
+                expect_etag: str | None = None, metadata: dict[str, str] | None = None,
+                guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
+        # a guard looks at the source before a byte is written: the streaming copy does that
+        if self.engine is None or not isinstance(dst, S3Store) or guard is not None:
+            return super().copy_to(dst, bucket, key, dst_bucket, dst_key, expect_etag=expect_etag, metadata=metadata,
+                                   guard=guard)
+        job = CopyJob(bucket, key, dst_bucket, dst_key, expect_etag, dict(metadata or {}))
+        return self.engine.copy(self.conn, dst.conn, job).landed
+
+    def sweep_uploads(self, bucket: str, prefix: str, *, older_than_s: float) -> list[str]:
+        now = datetime.now(timezone.utc)
+        aborted: list[str] = []
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        open_here = set(self.engine.open_uploads) if self.engine else set()
+        while True:
+            page = self._call(f"list uploads {bucket}/{prefix}", lambda: self._client.list_multipart_uploads(**kw))
+            for u in page.get("Uploads", []):
+                started = u.get("Initiated")
+                if u["UploadId"] in open_here or (
+                        isinstance(started, datetime) and (now - started).total_seconds() < older_than_s):
+                    continue
+                try:
+                    self._call(f"abort upload {bucket}/{u['Key']}", lambda u=u: self._client.abort_multipart_upload(
+                        Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]))
+                    aborted.append(u["Key"])
+                except ObjectNotFound:
+                    pass  # completed or aborted meanwhile
+            if not page.get("IsTruncated"):
+                break
+            kw["KeyMarker"], kw["UploadIdMarker"] = page.get("NextKeyMarker", ""), page.get("NextUploadIdMarker", "")
+        if aborted:
+            log.info("swept %d abandoned multipart uploads under %s/%s", len(aborted), bucket, prefix)
+        return aborted
 
     def __repr__(self) -> str:
         return f"S3Store({self.endpoint_url})"
@@ -343,7 +365,7 @@ class S3Store(Store):
             except XdcError:
                 raise
             except Exception as exc:  # noqa: BLE001 - translated at this one boundary
-                raise _translate(exc, what) from exc
+                raise translate(exc, what, self.conn) from exc
         return self.retry.call(once, what=what)
 
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -380,8 +402,7 @@ class S3Store(Store):
             extra["Tagging"] = urlencode(sorted(tags.items()))
         if isinstance(body, (bytes, bytearray, memoryview)):
             data = bytes(body)
-            # Content-MD5: the server refuses a body damaged on the way
-            md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+            md5 = content_md5(data)  # the server refuses a body damaged on the way
             r = self._call(what, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=md5,
                                                                  **extra))
             return ObjectInfo(bucket, key, len(data), r.get("ETag", "").strip('"'), meta)
@@ -392,7 +413,7 @@ class S3Store(Store):
             raise
         except Exception as exc:  # noqa: BLE001
             cause = exc.__cause__ if isinstance(exc.__cause__, XdcError) else None
-            raise (cause or _translate(exc, what)) from exc
+            raise (cause or translate(exc, what, self.conn)) from exc
         return ObjectInfo(bucket, key, size if size is not None else -1, "", meta)
 
     def delete(self, bucket: str, key: str) -> None:
@@ -423,7 +444,7 @@ class S3Store(Store):
         try:
             self._client.head_bucket(Bucket=bucket)
         except Exception as exc:  # noqa: BLE001 - translated at this one boundary
-            raise _translate(exc, f"head bucket {bucket} at {self.endpoint_url}") from exc
+            raise translate(exc, f"head bucket {bucket} at {self.endpoint_url}", self.conn) from exc
 
     def part_size(self, size: int) -> int:
         # what s3transfer will use: the configured chunk, raised if the parts would exceed 10,000
@@ -458,14 +479,7 @@ class _TranslatingBody:
         try:
             return self._raw.read(n if n is not None and n >= 0 else None)
         except Exception as exc:  # noqa: BLE001
-            raise _translate(exc, self._what) from exc
+            raise translate(exc, self._what) from exc
 
     def close(self) -> None:
         self._raw.close()
-
-
-def _add_content_md5(request: Any, **_: Any) -> None:
-    body = request.body if isinstance(request.body, bytes) else (request.body or b"")
-    if isinstance(body, str):
-        body = body.encode()
-    request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()

@@ -119,6 +119,14 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- range $i, $ca := .Values.caBundles }}
+- name: ca-{{ $i }}
+  configMap:
+    name: {{ $ca.configMap }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+{{- end }}
 {{- end -}}
 
 {{- define "xdc.volumeMounts" -}}
@@ -129,6 +137,12 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
   mountPath: {{ .Values.persistence.mountPath }}
 - name: tmp
   mountPath: /tmp
+{{- range $i, $ca := .Values.caBundles }}
+- name: ca-{{ $i }}
+  mountPath: {{ $ca.mountPath }}
+  subPath: {{ $ca.key }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "xdc.probes" -}}

@@ -277,6 +277,12 @@ def test_incidents_keep_the_newest_first(state: State) -> None:
     rows = state.incidents.recent("dead_letters", 2)
     assert [r["part"] for r in rows] == [2, 1] and len(rows[0]["detail"]) == 2000 and rows[0]["offset"] == 12
     assert state.incidents.recent("quarantine")[0]["key"] == "k.jpg"
+    state.incidents.record_etag_change("b", "big.bin", "a" * 32 + "-3", "c" * 32 + "-2", "rechunked",
+                                       "source part layout unknown")
+    (row,) = state.incidents.recent("etag_changes")
+    assert (row["key"], row["source_etag"], row["etag"], row["layout"]) == ("big.bin", "a" * 32 + "-3",
+                                                                             "c" * 32 + "-2", "rechunked")
+    assert row["reason"] == "source part layout unknown"
 
 
 def test_lag_history_latest_and_retention(state: State) -> None:

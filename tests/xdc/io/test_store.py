@@ -22,7 +22,8 @@ from xdc.errors import (
     UnavailableError,
     XdcError,
 )
-from xdc.io.store import ObjectInfo, S3Store, Store, _HashingReader, _translate, plain_md5_etag
+from xdc.io.s3client import translate as _translate
+from xdc.io.store import ObjectInfo, S3Store, Store, _HashingReader, plain_md5_etag
 from xdc.retry import RetryPolicy
 
 

@@ -144,7 +144,7 @@ class ObjectCatalog(ABC):
         """applied_time - event_time of the entries applied since `since`."""
 
 
-IncidentKind = Literal["dead_letters", "quarantine", "gaps", "conflicts"]
+IncidentKind = Literal["dead_letters", "quarantine", "gaps", "conflicts", "etag_changes"]
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,12 @@ class Incidents(ABC):
 
     @abstractmethod
     def record_conflict(self, conflict: Conflict) -> None: ...
+
+    @abstractmethod
+    def record_etag_change(self, bucket: str, key: str, source_etag: str, etag: str, layout: str,
+                           reason: str) -> None:
+        """An object copied with another ETag than its source's (its part layout could not be
+        reproduced), and why; the catalog holds both ETags."""
 
     @abstractmethod
     def recent(self, kind: IncidentKind, limit: int = 50) -> list[dict[str, Any]]: ...

@@ -174,5 +174,14 @@ CREATE TABLE IF NOT EXISTS problems (
 """),
 )
 
+MIGRATIONS += (
+    Migration(7, "etag changes", """
+CREATE TABLE IF NOT EXISTS etag_changes (
+    id {serial}, time {float} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    source_etag {text} NOT NULL, etag {text} NOT NULL, layout {text} NOT NULL, reason {text} NOT NULL
+)
+"""),
+)
+
 # branches append their migrations with numbers of their own; gaps are fine, order is by number
 LATEST = max(m.version for m in MIGRATIONS)

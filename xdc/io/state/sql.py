@@ -389,8 +389,15 @@ class SqlIncidents(Incidents):
                        (time.time(), c.route, c.bucket, c.key, c.winner_dc, c.winner_etag, c.loser_dc, c.loser_etag,
                         c.kept_key, c.resolution, c.detail[:DETAIL_MAX]))
 
+    def record_etag_change(self, bucket: str, key: str, source_etag: str, etag: str, layout: str,
+                           reason: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO etag_changes (time, bucket, key, source_etag, etag, layout, reason) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (time.time(), bucket, key, source_etag, etag, layout, reason[:DETAIL_MAX]))
+
     def recent(self, kind: IncidentKind, limit: int = 50) -> list[dict[str, Any]]:
-        if kind not in ("dead_letters", "quarantine", "gaps", "conflicts"):
+        if kind not in ("dead_letters", "quarantine", "gaps", "conflicts", "etag_changes"):
             raise ValueError(kind)
         return self.db.rows(f"SELECT * FROM {kind} ORDER BY id DESC LIMIT ?", (limit,))
 
