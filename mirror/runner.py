@@ -281,8 +281,8 @@ class Mirror:
             self._sweep_uploads()
         for src_dc, items in puts.items():
             jobs = [CopyJob(it.event.bucket, it.event.key, it.target_bucket, it.target_key,
-                            expect_etag=it.event.etag or None, metadata=self._copy_meta(it))
-                    for it in items]
+                            expect_etag=it.event.etag or None, metadata=self._copy_meta(it),
+                            trace=self._trace.parent(it)) for it in items]
             results = self.topology.site(src_dc).store.copy_many(self.target, jobs)
             outcomes.extend((it, self._copied(it, res)) for it, res in zip(items, results))
         for it, fut in futures:

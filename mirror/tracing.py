@@ -3,8 +3,9 @@
 Per batch a `mirror.batch` span (links to the traced objects in it). Per object whose event carries
 a sampled trace (or, with no traceparent at all, one sampled here): `mirror.apply`, a child of the
 event's `kafka.publish`, from the moment the batch was consumed to its applied event published,
-with the steps under it: `mirror.copy` (the store adds `s3.source_read`, `s3.transfer`,
-`s3.target_write`), `state.commit` (the batch's transaction) and `applied.publish` (the outbox
+with the steps under it: `mirror.copy` with `s3.source_read`, `s3.transfer`, `s3.target_write`
+under it (opened by the copy engine for the batch's copies, whose jobs carry the `mirror.apply`
+span as their parent; by `bound` and the store for deletes and reconciliations), `state.commit` (the batch's transaction) and `applied.publish` (the outbox
 flush). The applied message carries each object's context (`xdc.trace.keyed_headers`).
 """
 from __future__ import annotations
@@ -53,6 +54,10 @@ class BatchTrace:
                            **{"messaging.kafka.partition": it.record.partition,
                               "messaging.kafka.offset": it.record.offset})
 
+    def parent(self, it: Routed) -> Any:
+        """The item's `mirror.apply` span, the parent of its copy on the copy engine (None: not traced)."""
+        return self.spans.get(id(it))
+
     def bound(self, it: Routed, fn: Callable[[Routed], T]) -> Callable[[Routed], T]:
         """`fn` (a copy or delete, run in a pool thread) as the `mirror.copy` step of the item."""
         span = self.spans.get(id(it))
@@ -60,7 +65,7 @@ class BatchTrace:
             return fn
 
         def run(item: Routed) -> T:
-            with trace.use(span), trace.step("mirror.copy", dc=self.dc, key=self.keys[id(it)]):
+            with trace.use(span), trace.step(trace.COPY, dc=self.dc, key=self.keys[id(it)]):
                 return fn(item)
         return run
 

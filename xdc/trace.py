@@ -53,6 +53,10 @@ TRACEPARENT = "traceparent"
 DC, KEY, COMPONENT, NODE = "xdc.dc", "xdc.key", "xdc.component", "xdc.node"
 # Spans that stand for an object arriving in a datacenter: later steps there (prewarm) hang off them
 ANCHORS = ("ingest.object", "scan.object", "resize.publish", "mirror.apply")
+# The steps of one object's copy, whoever copies it (the sync store, the async copy engine):
+# COPY around the whole copy, then reading the source (its headers), moving the bytes, writing
+# the target (a PUT, or completing a multipart upload; a streamed copy writes inside TRANSFER).
+COPY, SOURCE_READ, TRANSFER, TARGET_WRITE = "mirror.copy", "s3.source_read", "s3.transfer", "s3.target_write"
 
 
 class _Current:

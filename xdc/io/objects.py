@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 # The mirror's own user-metadata keys on the objects it writes: namespaced, so that the source's
 # own user metadata travels unchanged beside them.
@@ -39,6 +39,9 @@ class CopyJob:
     # changed since, and the copy raises SupersededError so that the newer event carries the bytes
     expect_etag: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)  # the caller's own (xdc-*) keys
+    # the span the copy is a step of (an xdc.trace parent: Span or SpanContext; None: not traced).
+    # Explicit, because the copy may run on another thread's event loop, outside the caller's context
+    trace: Any = field(default=None, compare=False, repr=False)
 
     @property
     def source(self) -> str:

@@ -25,6 +25,11 @@ complete) on its own, never the whole object. Errors are translated once (xdc.io
 A multipart upload the engine started is aborted when its copy fails or is cancelled (also by
 `close()`); `open_uploads` names those in flight, which `S3Store.sweep_uploads` (the sweep of
 uploads a killed process left behind) never touches.
+
+Tracing: a job whose `trace` is a sampled span gets the steps of xdc.trace under it, as the sync
+store opens them: COPY around the object, SOURCE_READ (its HEAD and tags), TRANSFER (the bytes;
+a streamed copy writes inside it) and TARGET_WRITE (a PUT of bytes read whole, or completing a
+multipart upload). Each copy runs in a task of its own, so its spans nest in that task's context.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
+from xdc import trace
 from xdc.errors import (
     IntegrityError,
     ObjectNotFound,
@@ -210,7 +216,9 @@ class CopyEngine:
         return self._run(self._copy_all(src, dst, list(jobs)))
 
     def copy(self, src: S3Connection, dst: S3Connection, job: CopyJob) -> CopyResult:
-        res = self.copy_many(src, dst, [job])[0]
+        """One copy for a synchronous caller whose own span (`job.trace`) is the copy's step: the
+        engine adds the steps inside it, not another COPY."""
+        res = self._run(self._copy_all(src, dst, [job], own_step=False))[0]
         if isinstance(res, BaseException):
             raise res
         return res
@@ -335,13 +343,17 @@ class CopyEngine:
         return await self.settings.retry.acall(once, what=what)
 
     # -- copies --------------------------------------------------------------------------------
-    async def _copy_all(self, src: S3Connection, dst: S3Connection, jobs: list[CopyJob]
+    async def _copy_all(self, src: S3Connection, dst: S3Connection, jobs: list[CopyJob], *, own_step: bool = True
                         ) -> list[CopyResult | StoreError]:
-        return list(await asyncio.gather(*(self._copy_caught(src, dst, j) for j in jobs)))
+        return list(await asyncio.gather(*(self._copy_caught(src, dst, j, own_step) for j in jobs)))
 
-    async def _copy_caught(self, src: S3Connection, dst: S3Connection, job: CopyJob) -> CopyResult | StoreError:
+    async def _copy_caught(self, src: S3Connection, dst: S3Connection, job: CopyJob, own_step: bool = True
+                           ) -> CopyResult | StoreError:
         try:
-            return await self.copy_async(src, dst, job)
+            # the job's span (or a COPY step under it) is the current parent in this copy's task
+            with (trace.step(trace.COPY, job.trace, key=f"{job.dst_bucket}/{job.dst_key}") if own_step
+                  else trace.use(job.trace)):
+                return await self.copy_async(src, dst, job)
         except StoreError as exc:
             return exc
         except XdcError as exc:
@@ -355,12 +367,13 @@ class CopyEngine:
     async def copy_async(self, src: S3Connection, dst: S3Connection, job: CopyJob) -> CopyResult:
         """Copy one object (on the engine's loop)."""
         cs = await self._client(src)
-        head = await self._call(src, f"head {job.source}", lambda: cs.head_object(Bucket=job.bucket, Key=job.key))
-        etag = str(head.get("ETag", "")).strip('"')
-        size = int(head["ContentLength"])
-        if job.expect_etag and etag != job.expect_etag.strip('"'):
-            raise SupersededError(f"{job.source}: source ETag {etag} != event's {job.expect_etag}")
-        tags = await self._source_tags(src, cs, job, head)
+        with trace.step(trace.SOURCE_READ, store="s3"):
+            head = await self._call(src, f"head {job.source}", lambda: cs.head_object(Bucket=job.bucket, Key=job.key))
+            etag = str(head.get("ETag", "")).strip('"')
+            size = int(head["ContentLength"])
+            if job.expect_etag and etag != job.expect_etag.strip('"'):
+                raise SupersededError(f"{job.source}: source ETag {etag} != event's {job.expect_etag}")
+            tags = await self._source_tags(src, cs, job, head)
         args = _put_args(head, job, etag, tags)
         n = parts_in_etag(etag)
         if n is None and size <= MAX_SINGLE_PUT:
@@ -380,7 +393,10 @@ class CopyEngine:
         kw = dict(args)
         if plain_md5_etag(etag):  # the target checks the bytes against the source's MD5
             kw["ContentMD5"] = base64.b64encode(bytes.fromhex(etag)).decode()
-        async with streams:
+        small = size <= self.settings.small_bytes
+        async with streams, contextlib.AsyncExitStack() as moving:
+            # TRANSFER: the GET and its bytes; a streamed copy's PUT too (read and write interleave)
+            moving.enter_context(trace.step(trace.TRANSFER, bytes=size, streamed=None if small else True))
             got = await self._call(src, f"get {job.source}", lambda: cs.get_object(
                 Bucket=job.bucket, Key=job.key, **_if_match(etag)), retry=False, side="source")
             body = got["Body"]
@@ -388,10 +404,12 @@ class CopyEngine:
                 if int(got["ContentLength"]) != size:
                     raise SupersededError(f"{job.source}: changed during the copy")
                 payload: Any
-                if size <= self.settings.small_bytes:
+                if small:
                     payload = await self._call(src, f"read {job.source}", lambda: body.read(), retry=False)
                     if len(payload) != size:
                         raise IntegrityError(f"{job.source}: read {len(payload)} bytes, source says {size}")
+                    await moving.aclose()  # read whole: its PUT is the TARGET_WRITE step
+                    moving.enter_context(trace.step(trace.TARGET_WRITE, store="s3", bytes=size))
                 else:
                     payload = _StreamBody(body, size, self.settings.chunk, f"read {job.source}")
                 try:
@@ -464,7 +482,9 @@ class CopyEngine:
         self.open_uploads[upload_id] = (dst.endpoint_url, job.dst_bucket, job.dst_key)
         completed = False
         try:
-            digests, other_etags, part_etags = await self._upload_parts(src, dst, job, etag, upload_id, layout, others)
+            with trace.step(trace.TRANSFER, bytes=sum(layout), parts=len(layout), streamed=True):
+                digests, other_etags, part_etags = await self._upload_parts(src, dst, job, etag, upload_id, layout,
+                                                                            others)
             got = multipart_etag(digests) if len(layout) > 0 else ""
             if want is not None and got != want:
                 for cand, e in zip(others, other_etags):
@@ -478,7 +498,8 @@ class CopyEngine:
                         f"copied in {len(layout)} parts of {layout[0]} bytes")
             elif want is not None and kind == "inferred":
                 self._learned[(src.endpoint_url, job.bucket)] = layout[0]
-            landed = await self._complete(dst, job, upload_id, part_etags, got)
+            with trace.step(trace.TARGET_WRITE, store="s3", bytes=sum(layout), parts=len(layout)):
+                landed = await self._complete(dst, job, upload_id, part_etags, got)
             completed = True
             if landed != got and parts_in_etag(landed) is not None:
                 raise IntegrityError(f"{dst_key}: completed with ETag {landed}, its parts give {got}")

@@ -184,8 +184,9 @@ class Store(ABC):
         out: list[CopyResult | StoreError] = []
         for j in jobs:
             try:
-                landed = self.copy_to(dst, j.bucket, j.key, j.dst_bucket, j.dst_key, expect_etag=j.expect_etag,
-                                      metadata=dict(j.metadata))
+                with trace.step(trace.COPY, j.trace, key=f"{j.dst_bucket}/{j.dst_key}"):  # as the engine does
+                    landed = self.copy_to(dst, j.bucket, j.key, j.dst_bucket, j.dst_key, expect_etag=j.expect_etag,
+                                          metadata=dict(j.metadata))
                 src_etag = landed.metadata.get(META_SOURCE_ETAG, landed.etag)
                 note = "" if landed.etag == src_etag else "copied in one stream: the source's part layout is not kept"
                 out.append(CopyResult(landed, src_etag, "single" if landed.etag == src_etag else "rechunked", 1, note))
@@ -202,7 +203,7 @@ class Store(ABC):
                    expect_etag: str | None, metadata: dict[str, str] | None,
                    guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
         # steps of a traced copy (children of the caller's current span; no-ops otherwise)
-        with trace.step("s3.source_read", store=self.name):
+        with trace.step(trace.SOURCE_READ, store=self.name):
             info, body = self.open(bucket, key)
         try:
             if expect_etag and info.etag != expect_etag.strip('"'):
@@ -215,15 +216,15 @@ class Store(ABC):
             tags = self.get_tags(bucket, key) if info.tag_count else None
             if info.size <= dst.single_put_max:
                 # small enough for one PUT: read it whole and check it before anything is written
-                with trace.step("s3.transfer", bytes=info.size):
+                with trace.step(trace.TRANSFER, bytes=info.size):
                     data = body.read()
                 md5, size = hashlib.md5(data, usedforsecurity=False).hexdigest(), len(data)
                 _check_read(bucket, key, info, size, md5)
-                with trace.step("s3.target_write", store=dst.name, bytes=size):
+                with trace.step(trace.TARGET_WRITE, store=dst.name, bytes=size):
                     landed = dst.put(dst_bucket, dst_key, data, metadata=meta, tags=tags)
             else:
                 reader = _HashingReader(body, dst.part_size(info.size))
-                with trace.step("s3.transfer", bytes=info.size, streamed=True):  # read and write interleave
+                with trace.step(trace.TRANSFER, bytes=info.size, streamed=True):  # read and write interleave
                     dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size, tags=tags)
                 md5 = reader.md5.hexdigest()
                 _check_read(bucket, key, info, reader.size, md5)
@@ -323,7 +324,8 @@ class S3Store(Store):
         if self.engine is None or not isinstance(dst, S3Store) or guard is not None:
             return super().copy_to(dst, bucket, key, dst_bucket, dst_key, expect_etag=expect_etag, metadata=metadata,
                                    guard=guard)
-        job = CopyJob(bucket, key, dst_bucket, dst_key, expect_etag, dict(metadata or {}))
+        # the engine's loop runs in another thread: the caller's current span goes along explicitly
+        job = CopyJob(bucket, key, dst_bucket, dst_key, expect_etag, dict(metadata or {}), trace=trace.current())
         return self.engine.copy(self.conn, dst.conn, job).landed
 
     def sweep_uploads(self, bucket: str, prefix: str, *, older_than_s: float) -> list[str]:

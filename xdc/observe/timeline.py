@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from xdc import trace
 from xdc.config import XdcConfig
 from xdc.errors import ConfigError
 from xdc.topology import Topology
@@ -24,8 +25,8 @@ from xdc.topology import Topology
 LABELS = {
     "ingest.object": "ingest", "scan.object": "scan (missed event)", "s3.put": "S3 put",
     "kafka.publish": "event published", "mirror.apply": "mirror: consumed -> applied",
-    "mirror.copy": "copy", "s3.source_read": "source read", "s3.transfer": "transfer",
-    "s3.target_write": "target write", "state.commit": "state commit", "applied.publish": "applied event published",
+    trace.COPY: "copy", trace.SOURCE_READ: "source read", trace.TRANSFER: "transfer",
+    trace.TARGET_WRITE: "target write", "state.commit": "state commit", "applied.publish": "applied event published",
     "resize.frame": "resize worker", "s3.get": "S3 get", "resize": "resize", "resize.publish": "derivative published",
     "cache.warm_file": "warm on cache node", "cache.read_store": "read from the store",
     "cache.write_cache": "write to the cache", "cache.check_file": "checked",

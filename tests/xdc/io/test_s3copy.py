@@ -19,7 +19,8 @@ from moto.server import ThreadedMotoServer
 from devtools.faultproxy import FaultPlan, FaultProxy
 from tests.support import blob as _blob
 from tests.support import put_multipart, s3_multipart_etag, site
-from xdc.config import XdcConfig
+from xdc import trace
+from xdc.config import TracingSettings, XdcConfig
 from xdc.errors import SupersededError
 from xdc.io.objects import CopyJob
 from xdc.io.s3client import S3Connection
@@ -256,3 +257,88 @@ print(json.dumps({{"etag": r.landed.etag, "layout": r.layout, "seconds": secs, "
     assert b.head(DST, key).etag == etag
     a.delete(SRC, key)
     b.delete(DST, key)
+
+
+class _Spans:
+    """The built-in sink's rows, kept in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def __call__(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+
+    def under(self, parent: dict) -> dict[str, dict]:
+        kids = [r for r in self.rows if r["parent_id"] == parent["span_id"] and r["trace_id"] == parent["trace_id"]]
+        assert len({r["name"] for r in kids}) == len(kids), kids  # one of each step
+        return {r["name"]: r for r in kids}
+
+
+@pytest.fixture
+def spans() -> Iterator[_Spans]:
+    sink = _Spans()
+    trace.configure(TracingSettings(sample_ratio=1.0, export_interval_ms=10), component="mirror", dc="B",
+                    exporters=[trace.RowExporter(sink)])
+    try:
+        yield sink
+    finally:
+        trace.shutdown()
+
+
+def test_traced_jobs_get_the_copy_steps_under_their_own_span(stack_cfg: XdcConfig, engine: CopyEngine,
+                                                              spans: _Spans, tag: str) -> None:
+    """Concurrent jobs, each with its event's span as parent: every sampled one gets COPY and the
+    steps inside it (source read, transfer, target write), in order and within the copy; a job with
+    an unsampled or no parent records nothing; a failed copy's steps say so."""
+    a, b = _stores(stack_cfg)
+    parts = [_blob(5 * MIB, 61), _blob(5 * MIB, 62), _blob(2 * MIB, 63)]
+    multi, small, plain, gone = (f"camera/{tag}/{n}" for n in ("multi.bin", "small.bin", "plain.bin", "gone.bin"))
+    put_multipart(a, SRC, multi, parts)
+    a.put(SRC, small, b"tiny frame")
+    a.put(SRC, plain, b"not traced")
+    roots = {k: trace.root("mirror.apply", always=True, attributes=trace.attrs(dc="B", key=f"{DST}/{k}"))
+             for k in (multi, small, gone)}
+    unsampled = trace.parse_traceparent(f"00-{'1' * 32}-{'2' * 16}-00")
+    jobs = [CopyJob(SRC, multi, DST, multi, trace=roots[multi]), CopyJob(SRC, small, DST, small, trace=roots[small]),
+            CopyJob(SRC, plain, DST, plain, trace=unsampled), CopyJob(SRC, plain, DST, plain + ".2"),
+            CopyJob(SRC, gone, DST, gone, trace=roots[gone])]
+    results = engine.copy_many(a.conn, b.conn, jobs)
+    assert [type(r).__name__ for r in results] == ["CopyResult"] * 4 + ["ObjectNotFound"]
+    for r in roots.values():
+        trace.end(r)
+    trace.flush()
+    rows = {(r["name"], r["span_id"]): r for r in spans.rows}
+    assert sum(1 for name, _ in rows if name == trace.COPY) == 3  # the traced ones only
+    for key, writes in ((multi, 3), (small, None)):
+        root = next(r for r in spans.rows if r["span_id"] == f"{trace.context_of(roots[key]).span_id:016x}")
+        (copy,) = spans.under(root).values()
+        assert copy["name"] == trace.COPY and copy["key"] == f"{DST}/{key}" and copy["dc"] == "B"
+        steps = spans.under(copy)
+        order = [steps[n] for n in (trace.SOURCE_READ, trace.TRANSFER, trace.TARGET_WRITE)]
+        assert len(steps) == 3, steps.keys()
+        for prev, nxt in zip(order, order[1:]):
+            assert prev["end_time"] <= nxt["start_time"] + 1e-6, (prev["name"], nxt["name"])
+        assert all(copy["start_time"] <= s["start_time"] <= s["end_time"] <= copy["end_time"] for s in order)
+        assert all(s["status"] == "ok" and s["dc"] == "B" for s in order)
+        assert order[2]["attributes"].get("xdc.parts") == writes  # a multipart upload completed, or one PUT
+    failed = next(r for r in spans.rows if r["span_id"] == f"{trace.context_of(roots[gone]).span_id:016x}")
+    (copy,) = spans.under(failed).values()
+    assert copy["status"] == "error" and spans.under(copy)[trace.SOURCE_READ]["status"] == "error"
+
+
+def test_a_copy_through_the_store_is_a_step_of_the_callers_span(stack_cfg: XdcConfig, engine: CopyEngine,
+                                                                spans: _Spans, tag: str) -> None:
+    """`S3Store.copy_to` (reconciliations) hands the caller's current span to the engine's thread:
+    the steps land under it, with no second COPY."""
+    a, b = _stores(stack_cfg)
+    a = S3Store(a.endpoint_url, a.conn.access_key, a.conn.secret_key, engine=engine)
+    key = f"camera/{tag}/reconciled.bin"
+    a.put(SRC, key, b"reconciled")
+    root = trace.root("mirror.apply", always=True, attributes=trace.attrs(dc="B"))
+    with trace.use(root), trace.step(trace.COPY) as copy_span:
+        a.copy_to(b, SRC, key, DST, key)
+    trace.end(root)
+    trace.flush()
+    copy = next(r for r in spans.rows if r["span_id"] == f"{trace.context_of(copy_span).span_id:016x}")
+    assert set(spans.under(copy)) == {trace.SOURCE_READ, trace.TRANSFER, trace.TARGET_WRITE}
+    assert sum(1 for r in spans.rows if r["name"] == trace.COPY) == 1
