@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mirror.twoway import Version, conflict_key, is_echo, mark_key, newer, settle_delete, settle_put
+from mirror.twoway import (
+    Version,
+    conflict_key,
+    is_echo,
+    mark_key,
+    newer,
+    settle_delete,
+    settle_put,
+)
 from xdc.config import parse_config
 from xdc.errors import ConfigError
 
@@ -51,13 +59,13 @@ def test_conflict_key_names_the_loser() -> None:
 
 
 def _cfg(two_way: dict | None) -> dict:
-    loc = lambda dc, b: {"dc": dc, "bucket": b, "prefix": "camera/"}  # noqa: E731
+    loc = lambda dc, b: {"dc": dc, "bucket": b, "prefix": "camera/"}
     routes = [{"name": "ab", "source": loc("A", "idca-drive"), "target": loc("B", "idcb-drive"), "mode": "data"},
               {"name": "ba", "source": loc("B", "idcb-drive"), "target": loc("A", "idca-drive"), "mode": "data"}]
     if two_way is not None:
         for r in routes:
             r["two_way"] = two_way
-    dc = lambda n: {"s3": {"internal_url": "http://127.0.0.1:1", "external_url": "http://127.0.0.1:1", "credentials": {  # noqa: E731
+    dc = lambda n: {"s3": {"internal_url": "http://127.0.0.1:1", "external_url": "http://127.0.0.1:1", "credentials": {
         "access_key_env": "K", "secret_key_env": "S"}}, "kafka": {"bootstrap_servers": ["127.0.0.1:9"]},
         "state_url": f"sqlite:///{n}.db"}
     return {"datacenters": {"A": dc("A"), "B": dc("B")}, "routes": routes}
