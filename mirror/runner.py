@@ -24,36 +24,16 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any
 
 from kafka import KafkaConsumer
 
 from mirror.apply import KeyWork, decide, entry_for, plan_batch
 from mirror.tracing import BatchTrace
-from mirror.twoway import (
-    CalledOff,
-    Version,
-    conflict_key,
-    mark_key,
-    settle_delete,
-    settle_put,
-)
+from mirror.twoway import CalledOff, Version, conflict_key, mark_key, settle_delete, settle_put
 from xdc.config import Route
-from xdc.errors import (
-    EventError,
-    ObjectNotFound,
-    StoreError,
-    SupersededError,
-    UnavailableError,
-    XdcError,
-)
-from xdc.events import (
-    AppliedEvent,
-    IgnoredEvent,
-    ObjectEvent,
-    encode_applied,
-    parse_message,
-)
+from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
+from xdc.events import AppliedEvent, IgnoredEvent, ObjectEvent, encode_applied, parse_message
 from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
@@ -160,7 +140,7 @@ class Mirror:
         self.loop.close()
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Mirror:
         return self
 
     def __exit__(self, *exc: object) -> None:
