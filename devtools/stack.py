@@ -7,6 +7,13 @@ N cache nodes (FUSE mounts of the same volume, each with its own cache dir). `up
 writes `xdc.yaml` and `secrets.env` into the run directory and records every process it started in
 `stack.json`; `down` stops exactly those (pid and start time must still match) and unmounts its
 mounts. A datacenter's broker can listen with TLS + SASL (`up(kafka_security={...})`).
+
+WAN mode (`up(wan_rate="200mbit")`, root only): each datacenter's S3 gateway and broker run in a
+network namespace of their own, joined to the other's by one rate-limited link (devtools/netns.py);
+the config names each datacenter's internal address (its own processes, and this machine's root
+namespace) and its external one (the other datacenter, across the link). `wan(run)` gives the link
+to cut and restore; `run_in(run, dc, cmd)` is the prefix that runs a process inside a datacenter;
+`down` removes the namespaces. State stays SQLite in this mode.
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ import yaml
 from cache_client import juicefs
 from cache_client.juicefs import juicefs_bin, mount_node
 from devtools import kafka_broker, postgres
-from devtools.kafka_broker import SecureListener
+from devtools.kafka_broker import Addresses, SecureListener
+from devtools.netns import Wan
 from devtools.procs import (
     Proc,
     StackError,
@@ -58,6 +66,7 @@ class StackState:
     run_dir: str
     procs: list[Proc] = field(default_factory=list)
     mounts: list[dict[str, str]] = field(default_factory=list)  # dc, node, mount
+    wan: str | None = None  # the WAN mode's namespaces (netns.Wan as JSON), removed by `down`
 
     def save(self) -> None:
         Path(self.run_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -68,32 +77,38 @@ class StackState:
         if not p.exists():
             return None
         d = json.loads(p.read_text())
-        return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []))
+        return cls(d["run_dir"], [Proc(**x) for x in d["procs"]], d.get("mounts", []), d.get("wan"))
 
 
 # -- servers ----------------------------------------------------------------------------------
 def start_broker(run_dir: Path, dc: str, *, secure: SecureListener | None = None,
-                 users: dict[str, str] | None = None, timeout: float = 90.0) -> Proc:
+                 users: dict[str, str] | None = None, timeout: float = 90.0, wan: Wan | None = None) -> Proc:
     """An Apache Kafka node for `dc` in run_dir/<dc>/kafka, on free ports; ready when it logged
     that it started and its port answers. A directory formatted before keeps its data, ports and
-    settings (`secure`/`users` then do not change anything)."""
+    settings (`secure`/`users` then do not change anything). With `wan`: inside the datacenter's
+    namespace, on its internal and external addresses."""
     bdir = run_dir / dc / "kafka"
-    port, controller = kafka_broker.ports(bdir) or (free_port(), free_port())
+    addresses = Addresses(wan.internal(dc), wan.external(dc)) if wan else None
+    port, controller = (addresses.port, addresses.controller_port) if addresses else \
+        kafka_broker.ports(bdir) or (free_port(), free_port())
     t0 = time.monotonic()
-    kafka_broker.prepare(bdir, port, controller, secure=secure, users=users)
-    p = _start_kafka(f"broker-{dc}", kafka_broker.command(bdir), run_dir / "logs" / f"broker-{dc}.log", port,
-                     timeout)
+    kafka_broker.prepare(bdir, port, controller, secure=secure, users=users, addresses=addresses)
+    p = _start_kafka(f"broker-{dc}", (wan.exec_prefix(dc) if wan else []) + kafka_broker.command(bdir),
+                     run_dir / "logs" / f"broker-{dc}.log", port, timeout,
+                     host=addresses.internal if addresses else "127.0.0.1")
     p.ready_s = round(time.monotonic() - t0, 2)
     log.info("broker %s ready in %.1fs (port %d, RSS %.0f MiB)", dc, p.ready_s, port, rss_mib(p.pid))
     return p
 
 
-def _start_kafka(name: str, cmd: list[str], log_path: Path, port: int, timeout: float) -> Proc:
+def _start_kafka(name: str, cmd: list[str], log_path: Path, port: int, timeout: float,
+                 host: str = "127.0.0.1") -> Proc:
     offset = log_path.stat().st_size if log_path.exists() else 0
     t0 = time.monotonic()
     p = spawn(name, cmd, log_path, port=port)
     try:
-        wait_ready(lambda: kafka_broker.started_since(log_path, offset) and tcp_ready(port), f"Kafka {name}", p, timeout)
+        wait_ready(lambda: kafka_broker.started_since(log_path, offset) and tcp_ready(port, host), f"Kafka {name}", p,
+                   timeout)
     except BaseException:
         stop_proc(p)
         raise
@@ -109,17 +124,23 @@ def format_volume(dc_dir: Path, name: str) -> str:
     return meta
 
 
+WAN_S3_PORT = 9000  # inside a datacenter's namespace every port is free
+
+
 def start_gateway(run_dir: Path, dc: str, meta: str, access_key: str, secret_key: str, *,
-                  port: int | None = None) -> Proc:
-    port = port or free_port()
+                  port: int | None = None, wan: Wan | None = None) -> Proc:
+    """The datacenter's S3 endpoint; with `wan`, inside its namespace on every address it has there
+    (internal and external)."""
+    port = port or (WAN_S3_PORT if wan else free_port())
     dc_dir = run_dir / dc
     env = {"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key}
-    p = spawn(f"s3-{dc}", [juicefs_bin(), "gateway", "--no-agent", "--no-usage-report", "--multi-buckets",
-                            "--keep-etag", "--object-meta", "--cache-dir", str(dc_dir / "gateway-cache"),
-                            "--cache-size", "256", "--metrics", f"127.0.0.1:{free_port()}", meta,
-                            f"127.0.0.1:{port}"],
-               run_dir / "logs" / f"s3-{dc}.log", env, port)
-    wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/minio/health/live"), f"S3 gateway {dc}", p)
+    bind, reach = (f"0.0.0.0:{port}", wan.internal(dc)) if wan else (f"127.0.0.1:{port}", "127.0.0.1")
+    metrics = f"127.0.0.1:{9567 if wan else free_port()}"
+    p = spawn(f"s3-{dc}", (wan.exec_prefix(dc) if wan else []) + [
+        juicefs_bin(), "gateway", "--no-agent", "--no-usage-report", "--multi-buckets", "--keep-etag",
+        "--object-meta", "--cache-dir", str(dc_dir / "gateway-cache"), "--cache-size", "256", "--metrics", metrics,
+        meta, bind], run_dir / "logs" / f"s3-{dc}.log", env, port)
+    wait_ready(lambda: http_ok(f"http://{reach}:{port}/minio/health/live"), f"S3 gateway {dc}", p)
     return p
 
 
@@ -127,17 +148,19 @@ def start_gateway(run_dir: Path, dc: str, meta: str, access_key: str, secret_key
 def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[str, str], *,
                  nodes: int, cache_size_mib: int, dcs: tuple[str, ...] = DEFAULT_DCS,
                  kafka_security: dict[str, SecureListener] | None = None,
-                 state_urls: dict[str, str] | None = None) -> dict[str, Any]:
-    """The config the stack writes: one datacenter per name, routes A -> B."""
+                 state_urls: dict[str, str] | None = None, wan: Wan | None = None) -> dict[str, Any]:
+    """The config the stack writes: one datacenter per name, routes A -> B. With `wan`, each
+    datacenter's internal and external addresses are its namespace's (netns.Wan)."""
     datacenters: dict[str, Any] = {}
     for dc in dcs:
         d = dc.lower()
-        url = f"http://127.0.0.1:{ports[dc]['s3']}"
+        inside, outside = (wan.internal(dc), wan.external(dc)) if wan else ("127.0.0.1", "127.0.0.1")
         dc_dir = run_dir / dc
         datacenters[dc] = {
-            "s3": {"internal_url": url, "external_url": url,
+            "s3": {"internal_url": f"http://{inside}:{ports[dc]['s3']}",
+                   "external_url": f"http://{outside}:{ports[dc]['s3']}",
                    "credentials": {"access_key_env": f"XDC_{dc}_ACCESS_KEY", "secret_key_env": f"XDC_{dc}_SECRET_KEY"}},
-            "kafka": {"bootstrap_servers": [f"127.0.0.1:{ports[dc]['kafka']}"], "partitions": 4},
+            "kafka": {"bootstrap_servers": [f"{inside}:{ports[dc]['kafka']}"], "partitions": 4},
             "state_url": (state_urls or {}).get(dc, f"sqlite:///{dc}/state.db"),
             "buckets": [f"idc{d}-datasets"],
             "cache": {
@@ -148,6 +171,9 @@ def stack_config(run_dir: Path, ports: dict[str, dict[str, int]], metas: dict[st
         }
         if not nodes:
             del datacenters[dc]["cache"]
+        if wan:
+            ext = Addresses(inside, outside).external_port
+            datacenters[dc]["kafka"]["external_bootstrap_servers"] = [f"{outside}:{ext}"]
         if kafka_security and dc in kafka_security:
             datacenters[dc]["kafka"]["security"] = client_security(dc, kafka_security[dc])
     src, dst = dcs[0], dcs[1]
@@ -180,13 +206,15 @@ def client_security(dc: str, sec: SecureListener) -> dict[str, Any]:
 
 def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: tuple[str, ...] = DEFAULT_DCS,
        config_overrides: dict[str, Any] | None = None,
-       kafka_security: dict[str, SecureListener] | None = None, state: str = "sqlite") -> XdcConfig:
+       kafka_security: dict[str, SecureListener] | None = None, state: str = "sqlite",
+       wan_rate: str | None = None) -> XdcConfig:
     """Start the stack (or return the running one's config). Returns the loaded config.
 
     `kafka_security`: datacenters whose broker listens with TLS (+ SASL); the stack makes one SASL
     user per such datacenter and writes the client settings into the config.
     `state`: "sqlite" (a file per datacenter) or "postgres" (one PostgreSQL server for the stack,
-    a database per datacenter)."""
+    a database per datacenter).
+    `wan_rate`: the WAN mode (see the module doc), the link limited to this tc rate ("200mbit")."""
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     old = StackState.load(run)
@@ -194,9 +222,16 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
         return open_config(run)
     if old:
         down(run)
+    if wan_rate and (kafka_security or state != "sqlite"):
+        raise StackError("the WAN mode runs plaintext brokers and SQLite state")
     stk = StackState(str(run))
     creds: dict[str, str] = {}
+    wan: Wan | None = None
     try:
+        if wan_rate:
+            wan = Wan.create(dcs, rate=wan_rate)
+            stk.wan = wan.to_json()
+            stk.save()
         ports: dict[str, dict[str, int]] = {}
         metas: dict[str, str] = {}
         state_urls: dict[str, str] = {}
@@ -211,7 +246,7 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
             key, secret = f"xdc{dc.lower()}{secrets.token_hex(4)}", secrets.token_urlsafe(24)
             creds[f"XDC_{dc}_ACCESS_KEY"], creds[f"XDC_{dc}_SECRET_KEY"] = key, secret
             metas[dc] = format_volume(run / dc, f"idc{dc.lower()}")
-            gw = start_gateway(run, dc, metas[dc], key, secret)
+            gw = start_gateway(run, dc, metas[dc], key, secret, wan=wan)
             stk.procs.append(gw)
             stk.save()
             ports[dc] = {"s3": gw.port or 0}
@@ -221,13 +256,13 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
                 user, password = f"xdc-{dc.lower()}", secrets.token_urlsafe(18)
                 creds[f"XDC_{dc}_KAFKA_USER"], creds[f"XDC_{dc}_KAFKA_PASSWORD"] = user, password
                 users[dc] = {user: password}
-        for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users).items():
+        for dc, br in _start_brokers(run, dcs, stk, kafka_security or {}, users, wan).items():
             ports[dc]["kafka"] = br.port or 0
         secrets_path = run / SECRETS_FILE
         secrets_path.write_text("".join(f"{k}={v}\n" for k, v in creds.items()))
         secrets_path.chmod(0o600)
         data = stack_config(run, ports, metas, nodes=nodes, cache_size_mib=cache_size_mib, dcs=dcs,
-                            kafka_security=kafka_security, state_urls=state_urls)
+                            kafka_security=kafka_security, state_urls=state_urls, wan=wan)
         data = _merge(data, config_overrides or {})
         os.environ.update(creds)
         cfg = parse_config(data, base_dir=run)
@@ -251,13 +286,13 @@ def up(run_dir: str | Path, *, nodes: int = 2, cache_size_mib: int = 512, dcs: t
 
 
 def _start_brokers(run: Path, dcs: tuple[str, ...], state: StackState, security: dict[str, SecureListener],
-                   users: dict[str, dict[str, str]]) -> dict[str, Proc]:
+                   users: dict[str, dict[str, str]], wan: Wan | None = None) -> dict[str, Proc]:
     """One broker per datacenter, started side by side (a JVM start is mostly waiting on one core);
     each is recorded in the state as soon as it runs, so `down` stops it whatever fails later."""
     kafka_broker.ensure_jars()  # once, before the threads
     started: dict[str, Proc] = {}
     with ThreadPoolExecutor(len(dcs), thread_name_prefix="broker") as pool:
-        futures = {dc: pool.submit(start_broker, run, dc, secure=security.get(dc), users=users.get(dc))
+        futures = {dc: pool.submit(start_broker, run, dc, secure=security.get(dc), users=users.get(dc), wan=wan)
                    for dc in dcs}
         errors = []
         for dc, fut in futures.items():
@@ -333,9 +368,19 @@ def down(run_dir: str | Path) -> int:
         if alive(p):
             stop_proc(p)
             n += 1
-    state.procs, state.mounts = [], []
+    if state.wan:
+        Wan.from_json(state.wan).destroy()
+    state.procs, state.mounts, state.wan = [], [], None
     state.save()
     return n
+
+
+def wan(run_dir: str | Path) -> Wan:
+    """The WAN link of a stack started in WAN mode (cut, restore, addresses, exec prefixes)."""
+    state = StackState.load(Path(run_dir))
+    if state is None or not state.wan:
+        raise StackError(f"no stack in WAN mode in {run_dir}")
+    return Wan.from_json(state.wan)
 
 
 def _umount(mount: str) -> None:
