@@ -11,6 +11,11 @@ A backend (JuiceFS, the in-memory fake) implements five node-level primitives, l
 
 `plan`, `warm`, `check` and `free` over the whole cluster (placement, capacity, progress, per-file
 status) are built on them in this class, so every backend reports the same way.
+
+Tracing: `warm` runs each node's share as a `cache.warm_node` span; files of a traced object (the
+`traced` contexts) are warmed first, one by one, each a `cache.warm_file` span in the object's own
+trace. `warm_file_timed` says how long reading from the store and writing to the cache took where
+the backend can tell (JuiceFS from its mount's counters); the default only times the whole file.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
 
-from cache_client.placement import HashRing
+import numpy as np
+
+from cache_client.placement import BalancedPlacement, key_hashes
 from cache_client.plan import Bandwidth, NodeCapacity, Plan, make_plan
+from xdc import trace
 from xdc.errors import CacheError
 
 Placement = Literal["replicate", "shard"]
@@ -211,21 +219,25 @@ class ProgressSink(Protocol):
 
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
+Traced = Mapping[str, Any]  # bucket_key -> SpanContext of the object's trace in this datacenter
 
 
 class CacheCluster(ABC):
     """A datacenter's cache cluster: nodes that cache files of one volume."""
 
     name: str = ""
+    dc: str = ""  # the datacenter it serves (set by the topology; names its spans)
 
     def __init__(self, nodes: Sequence[str], *, placement: Placement = "replicate", virtual_nodes: int = 64,
-                 threads_per_node: int = 8) -> None:
+                 threads_per_node: int = 8, watermarks: Mapping[str, tuple[float, float]] | None = None) -> None:
         if not nodes:
             raise CacheError("a cache cluster needs at least one node")
         self.nodes = list(nodes)
         self.placement: Placement = placement
         self.virtual_nodes = virtual_nodes
         self.threads_per_node = threads_per_node
+        # node -> (high, low) shares of its cache size; a node not named may be filled completely
+        self.watermarks: dict[str, tuple[float, float]] = dict(watermarks or {})
 
     # -- primitives ---------------------------------------------------------------------------
     @abstractmethod
@@ -248,41 +260,109 @@ class CacheCluster(ABC):
     def usage(self, node: str) -> tuple[int, int]:
         """(used, capacity) bytes of this node's cache."""
 
+    def warm_file_timed(self, node: str, f: CacheFile, on_progress: ProgressFn) -> dict[str, float]:
+        """Warm one file on one node; returns how many seconds reading it from the object store
+        (`read_store_s`) and writing it into the cache (`write_cache_s`) took, where the backend
+        can tell ({} otherwise: only the whole is timed)."""
+        self.warm_node(node, [f], 1, on_progress)
+        return {}
+
+    def warm_share(self, node: str, files: Sequence[CacheFile], threads: int, on_progress: ProgressFn,
+                   traced: Traced | None = None) -> None:
+        """`warm_node` as a traced step: the files of traced objects first, each timed in its own
+        trace (at most tracing.traced_files_per_node), then the rest in one go."""
+        with trace.step("cache.warm_node", dc=self.dc or None, node=node, files=len(files)) as node_span:
+            limit = getattr(trace.settings(), "traced_files_per_node", 0)
+            picked = [f for f in files if f.bucket_key in traced][:limit] if traced and limit else []
+            for f in picked:
+                self._warm_traced(node, f, traced[f.bucket_key], node_span, on_progress)  # type: ignore[index]
+            done = {f.path for f in picked}
+            rest = [f for f in files if f.path not in done] if done else files
+            if rest:
+                self.warm_node(node, rest, threads, on_progress)
+
+    def _warm_traced(self, node: str, f: CacheFile, ctx: Any, node_span: Any, on_progress: ProgressFn) -> None:
+        t0 = time.time()
+        span = trace.child("cache.warm_file", ctx, start_time=t0, links=[c for c in [trace.context_of(node_span)] if c],
+                           attributes=trace.attrs(dc=self.dc or None, key=f.bucket_key, node=node, bytes=f.size))
+        try:
+            phases = self.warm_file_timed(node, f, on_progress)
+        except BaseException as exc:
+            trace.end(span, error=exc)
+            raise
+        t1 = time.time()
+        # The backend gives durations, not instants: reading comes first, writing last.
+        if "read_store_s" in phases:
+            trace.record("cache.read_store", span, t0, min(t1, t0 + phases["read_store_s"]),
+                         attributes=trace.attrs(dc=self.dc or None, node=node, position="from start"))
+        if "write_cache_s" in phases:
+            trace.record("cache.write_cache", span, max(t0, t1 - phases["write_cache_s"]), t1,
+                         attributes=trace.attrs(dc=self.dc or None, node=node, position="to end"))
+        trace.end(span, end_time=t1, attributes={f"xdc.{k}": v for k, v in phases.items()})
+
     # -- derived ------------------------------------------------------------------------------
-    def owners(self, files: Sequence[CacheFile]) -> dict[str, list[CacheFile]]:
-        """node -> the files it should hold, by the cluster's placement."""
+    def owners(self, files: Sequence[CacheFile], *, scope: Sequence[CacheFile] | None = None) -> dict[str, list[CacheFile]]:
+        """node -> the files it should hold, by the cluster's placement.
+
+        `shard` balances by bytes over the whole list (cache_client.placement), so a part of a
+        list (stragglers to re-warm) must be placed within it: pass the full list as `scope`.
+        """
         if self.placement == "replicate" or len(self.nodes) == 1:
             return {n: list(files) for n in self.nodes}
-        ring = HashRing(self.nodes, self.virtual_nodes)
+        pool = list(files)
+        if scope is not None:
+            inside = {f.path for f in scope}
+            pool = list(scope) + [f for f in files if f.path not in inside]
+        sizes = np.fromiter((-1 if f.size is None else f.size for f in pool), dtype=np.int64, count=len(pool))
+        index = BalancedPlacement(self.nodes).assign_hashes(key_hashes(f.bucket_key for f in pool), sizes).tolist()
         out: dict[str, list[CacheFile]] = {n: [] for n in self.nodes}
-        for f in files:
-            out[ring.node_for(f.bucket_key)].append(f)
+        if scope is None:
+            for f, j in zip(files, index):
+                out[self.nodes[j]].append(f)
+        else:
+            node_of = {f.path: j for f, j in zip(pool, index)}
+            for f in files:
+                out[self.nodes[node_of[f.path]]].append(f)
         return out
 
-    def _survey(self, files: Sequence[CacheFile]) -> tuple[list[CacheFile], list[CacheFile], dict[str, dict[str, int]]]:
+    def cached_bytes_nodes(self, shares: Mapping[str, Sequence[CacheFile]]) -> dict[str, dict[str, int]]:
+        """node -> path -> cached bytes, for each node's files (backends may do all nodes at once)."""
+        return self._per_node(lambda n: self.cached_bytes(n, shares[n]) if shares.get(n) else {})
+
+    def _survey(self, files: Sequence[CacheFile], scope: Sequence[CacheFile] | None = None,
+                ) -> tuple[list[CacheFile], list[CacheFile], dict[str, dict[str, int]]]:
         """(present files with sizes, missing files, node -> path -> cached bytes of its share)."""
         sizes = self.stat(files)
         present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
         missing = [f for f in files if sizes.get(f.path) is None]
-        shares = self.owners(present)
-        cached = self._per_node(lambda n: self.cached_bytes(n, shares[n]) if shares[n] else {})
+        shares = self.owners(present, scope=scope)
+        cached = self.cached_bytes_nodes(shares)
         return present, missing, cached
 
-    def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False) -> Plan:
-        """What warming these files would take: sizes, what is cached, per-node shares, ETA.
-
-        Raises CapacityError when a node's share does not fit its free cache, unless trim=True.
-        """
-        present, missing, cached = self._survey(files)
-        shares = self.owners(present)
-        caps = {}
+    def capacities(self) -> dict[str, NodeCapacity]:
+        """Every node's cache usage now, with its watermarks."""
+        out = {}
         for n in self.nodes:
             used, capacity = self.usage(n)
-            caps[n] = NodeCapacity(used=used, capacity=capacity)
-        return make_plan(present, missing, shares, cached, caps, bandwidth or Bandwidth(), trim=trim)
+            high, low = self.watermarks.get(n, (1.0, 1.0))
+            out[n] = NodeCapacity(used=used, capacity=capacity, high=high, low=low)
+        return out
 
-    def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
-        """Warm each node's share of the plan, the nodes in parallel."""
+    def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False,
+             scope: Sequence[CacheFile] | None = None, enforce: bool = True) -> Plan:
+        """What warming these files would take: sizes, what is cached, per-node shares, ETA.
+
+        Raises CapacityError when a node's share does not fit under its high watermark, unless
+        trim=True (or enforce=False: the caller fits the plan, `Plan.fit`, after making room).
+        `scope`: the full list these files are part of (placement is computed over it).
+        """
+        present, missing, cached = self._survey(files, scope)
+        shares = self.owners(present, scope=scope)
+        return make_plan(present, missing, shares, cached, self.capacities(), bandwidth or Bandwidth(), trim=trim,
+                         enforce=enforce)
+
+    def warm(self, plan: Plan, progress: ProgressSink | None = None, *, traced: Traced | None = None) -> WarmReport:
+        """Warm each node's share of the plan, the nodes in parallel (`traced`: see warm_share)."""
         lock = threading.Lock()
 
         def on_progress(files: int, nbytes: int) -> None:
@@ -293,6 +373,7 @@ class CacheCluster(ABC):
         if progress is not None:
             progress.start(plan.warm_files, plan.warm_bytes)
         t0 = time.monotonic()
+        parent = trace.current()  # the node threads' spans hang off the caller's
 
         def one(node: str) -> NodeWarmResult:
             share = plan.shares[node]
@@ -300,7 +381,8 @@ class CacheCluster(ABC):
             if not share.files:
                 return NodeWarmResult(node, 0, 0, 0.0)
             try:
-                self.warm_node(node, share.files, self.threads_per_node, on_progress)
+                with trace.use(parent):
+                    self.warm_share(node, share.files, self.threads_per_node, on_progress, traced)
                 err = None
             except CacheError as exc:
                 err = str(exc)
@@ -338,19 +420,18 @@ class CacheCluster(ABC):
         sizes = self.stat(files)
         present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
 
-        def one(node: str) -> tuple[int, int]:
-            if not present:
-                return 0, 0
-            before = sum(self.cached_bytes(node, present).values())
-            self.evict_node(node, present)
-            after = sum(self.cached_bytes(node, present).values())
-            return before - after, after
-
-        res = self._per_node(one)
+        everyone = {n: present for n in self.nodes}
+        # all nodes' cached bytes in one pass before and after (one metadata scan, not one a node)
+        before = self.cached_bytes_nodes(everyone) if present else {}
+        if present:
+            self._per_node(lambda n: self.evict_node(n, present))
+        after = self.cached_bytes_nodes(everyone) if present else {}
+        was = {n: sum(before.get(n, {}).values()) for n in self.nodes}
+        left = {n: sum(after.get(n, {}).values()) for n in self.nodes}
         return FreeReport(
             files=len(present),
-            freed_bytes={n: r[0] for n, r in res.items()},
-            left_bytes={n: r[1] for n, r in res.items()},
+            freed_bytes={n: was[n] - left[n] for n in self.nodes},
+            left_bytes=left,
             missing=len(files) - len(present),
         )
 
@@ -375,6 +456,7 @@ def status_of(size: int, cached: Iterable[int]) -> FileStatus:
 # -- backend registry (by name, lazily imported, like fsspec's) ---------------------------------
 _REGISTRY: dict[str, str] = {
     "juicefs": "cache_client.juicefs:JuiceFSCluster",
+    "alluxio": "cache_client.alluxio:AlluxioCluster",
     "fake": "cache_client.fake:FakeCluster",
 }
 

@@ -1,6 +1,7 @@
 """The dev tools' commands, plugged into `xdc` (entry point group `xdc.commands`): `stack`, `demo`.
 
-    xdc stack up [--nodes N] [--state sqlite|postgres] [--run-dir DIR]; xdc stack status|down
+    xdc stack up [--nodes N] [--cache juicefs|alluxio] [--state sqlite|postgres] [--run-dir DIR]
+    xdc stack status|down
     xdc demo [--frames N] [--out DIR] [--keep]
 
 `stack up` prints the two variables that point the other commands at the stack
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,12 @@ DEFAULT_RUN_DIR = ".xdc/stack"
 
 def cmd_stack(args: argparse.Namespace) -> int:
     if args.action == "up":
-        cfg = stack.up(args.run_dir, nodes=args.nodes, state=args.state)
+        t0 = time.monotonic()
+        cfg = stack.up(args.run_dir, nodes=args.nodes, state=args.state, cache=args.cache,
+                       cache_size_mib=args.cache_size_mib)
         run = Path(args.run_dir).resolve()
-        print(f"stack up: {', '.join(cfg.datacenters)} (state: {args.state})")
+        print(f"stack up in {time.monotonic() - t0:.0f}s: {', '.join(cfg.datacenters)} "
+              f"(cache: {args.cache}, state: {args.state})")
         print(f"export XDC_CONFIG={run / stack.CONFIG_FILE} XDC_ENV_FILE={run / stack.SECRETS_FILE}")
         return 0
     if args.action == "status":
@@ -45,7 +50,10 @@ def register(sub: Any) -> None:
     sp.set_defaults(fn=cmd_stack)
     sp.add_argument("action", choices=["up", "status", "down"])
     sp.add_argument("--run-dir", default=os.environ.get("XDC_RUN_DIR", DEFAULT_RUN_DIR))
-    sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter")
+    sp.add_argument("--nodes", type=int, default=2, help="cache nodes per datacenter (Alluxio: workers)")
+    sp.add_argument("--cache", choices=stack.CACHES, default="juicefs",
+                    help="cache cluster per datacenter: JuiceFS mounts, or an Alluxio 2.9 cluster (~1 GiB RSS each)")
+    sp.add_argument("--cache-size-mib", type=int, default=512, help="cache space per node")
     sp.add_argument("--state", choices=["sqlite", "postgres"], default="sqlite", help="state backend")
 
     sp = sub.add_parser("demo", help="the whole flow on the local stack, with a report (dev tools)")

@@ -10,12 +10,10 @@ bytes are sent, then the connection is closed). Rules make a fault happen for ma
 always or for the first N of them (e.g. 403 AccessDenied on one key, 500 on a file list's first two
 reads). Every injection is counted, and every request is logged with its time and fate (`log`).
 
-The Host header is forwarded unchanged, so SigV4 signatures made for the proxy's address verify
-upstream. Bodies are buffered whole: this is a test tool for small objects, not a production proxy.
+Forwarding is `devtools.httpforward` (Host header unchanged, bodies buffered whole: a test tool).
 """
 from __future__ import annotations
 
-import http.client
 import logging
 import random
 import socket
@@ -26,7 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+from devtools.httpforward import ServedInThread, Upstream, forward, read_body, relay, relay_head, s3_error
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +80,25 @@ class FaultProxy:
     """`with FaultProxy(upstream, FaultPlan(...)) as p: ... p.url ... p.counts`"""
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        u = urlsplit(upstream)
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
-        self.upstream_host, self.upstream_port = u.hostname, u.port or 80
+        self.upstream = Upstream.parse(upstream)
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()  # injected faults by kind, plus "requests"
         self.log: list[tuple[float, str, str, str]] = []  # (time, method, path, fault or "ok") per request
         self._rule_hits: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._served = ServedInThread(ThreadingHTTPServer((host, port), _handler_for(self)), "faultproxy")
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._served.url
 
     def start(self) -> FaultProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._served.stop()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -174,30 +164,12 @@ class FaultProxy:
             return [x for x in self.log if path_contains in x[2] and (method is None or x[1] == method)]
 
 
-_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-        "expect"}  # botocore never signs Expect; the proxy answers 100-continue itself
-
-
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like a real S3 endpoint
 
         def log_message(self, fmt: str, *args: object) -> None:  # quiet; counts tell the story
             log.debug("faultproxy: " + fmt, *args)
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return bytes(out)
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
 
         def _reset(self) -> None:
             # SO_LINGER 0: close() sends RST, the client sees "connection reset by peer"
@@ -207,19 +179,12 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, fault: Fault) -> None:
             status, code, msg = _ERRORS[fault]
-            body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message>'
-                    f"<Resource>{self.path.split('?')[0]}</Resource><RequestId>faultproxy</RequestId></Error>").encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            s3_error(self, status, code, msg, request_id="faultproxy")
 
         def _handle(self) -> None:
             proxy._count("requests")
             method, path = self.command, unquote(self.path.split("?")[0])
-            body = self._body()
+            body = read_body(self)
             fault = proxy.decide_before(method, path, len(body))
             proxy._logged(method, path, fault or "ok")
             if fault == "reset":
@@ -237,42 +202,19 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if proxy._roll(proxy.plan.latency, method):
                 proxy._count("latency")
                 time.sleep(proxy.plan.latency_s)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-            if body or method in ("PUT", "POST"):
-                headers["Content-Length"] = str(len(body))
-            conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
-            try:
-                conn.putrequest(method, self.path, skip_host=True, skip_accept_encoding=True)
-                for k, v in headers.items():
-                    conn.putheader(k, v)
-                conn.endheaders(body or None)
-                resp = conn.getresponse()
-                data = resp.read()
-                status, reason, rheaders = resp.status, resp.reason, resp.getheaders()
-            finally:
-                conn.close()
+            ans = forward(proxy.upstream, method, self.path, self.headers.items(), body)
             if fault == "reset_after":  # applied upstream; the client never hears of it
                 proxy._count("reset_after")
                 self._reset()
                 return
-            truncate = proxy.decide_truncate(method, path, len(data))
-            self.send_response(status, reason)
-            for k, v in rheaders:
-                # a HEAD's Content-Length is the object's size: pass it on as it is
-                if k.lower() not in _HOP and (method == "HEAD" or k.lower() != "content-length"):
-                    self.send_header(k, v)
-            if method != "HEAD":
-                self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if method == "HEAD":
+            if not proxy.decide_truncate(method, path, len(ans.body)):
+                relay(self, ans)
                 return
-            if truncate:
-                proxy._count("truncate")
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                self._reset()
-                return
-            self.wfile.write(data)
+            proxy._count("truncate")
+            relay_head(self, ans)
+            self.wfile.write(ans.body[: len(ans.body) // 2])
+            self.wfile.flush()
+            self._reset()
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
 

@@ -90,6 +90,11 @@ def chart_keys() -> dict[str, Any]:
                     "items": _secret_ref(),
                 },
                 "extraEnv": {"type": "array", "items": _secret_ref()},
+                "metricsToken": {
+                    **_closed({"secretName": _SECRET_NAME, "key": _STR}, ["secretName", "key"]),
+                    "description": "The Secret and key holding the token of config.metrics.token_env "
+                                   "(the metrics scrape and the dashboard).",
+                },
             }),
             "description": "Names of existing Secrets and their keys; never secret values.",
         },

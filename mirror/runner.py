@@ -2,11 +2,13 @@
 
     event -> validate -> route -> decide -> copy -> state -> applied event -> commit
 
-Per batch: parse and validate each message (a bad one becomes a dead letter with its reason) ->
-route each object event to the route that covers it -> collapse to the newest event per key and
-decide against the state (stale and duplicate events are dropped) -> copy or delete object data on
-data routes -> one state transaction with the entries, the applied events owed (outbox) and the
-consumed offsets -> publish the outbox -> the loop commits the Kafka offsets.
+Per batch: parse and validate each message (a bad one becomes a dead letter with its reason; a
+family ignored by design is counted) -> route each object event to the route that covers it ->
+group by key: the newest S3 event, a reconciliation, tag / ACL changes (`mirror.apply`) -> decide
+against the state (stale and duplicate S3 events are dropped; reconciliations always apply) ->
+copy, delete or reconcile object data on data routes -> tags and ACL -> one state transaction with
+the entries, the tag / ACL changes, the applied events owed (outbox) and the consumed offsets ->
+publish the outbox -> the loop commits the Kafka offsets.
 
 At-least-once delivery with idempotent apply: a batch delivered again finds its sequencers in the
 state and is ignored; the outbox guarantees the applied events of a committed batch go out even
@@ -14,27 +16,39 @@ when the process dies between the state commit and the publish.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaConsumer
 
-from mirror.apply import collapse, decide, entry_for
-from xdc.routing import Routed, route_event
+from mirror.apply import KeyWork, decide, entry_for, plan_batch
+from mirror.tracing import BatchTrace
+from xdc.config import Route
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
-from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
+from xdc.events import AppliedEvent, IgnoredEvent, ObjectEvent, encode_applied, parse_message
 from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag, kafka_errors
-from xdc.io.state import CatalogEntry, Outgoing
-from xdc.io.store import META_SOURCE_SEQUENCER
+from xdc.io.state import CatalogEntry, MetaChange, Outgoing
+from xdc.io.store import (
+    CANNED_ACLS,
+    META_SOURCE_DC,
+    META_SOURCE_ETAG,
+    META_SOURCE_SEQUENCER,
+    ObjectInfo,
+    S3Store,
+    tags_json,
+)
 from xdc.metrics import METRICS, Metrics
+from xdc.routing import Routed, route_event
 from xdc.stats import percentile
 from xdc.topology import Topology
 
@@ -46,6 +60,7 @@ class MirrorStats:
     batches: int = 0
     records: int = 0
     applied: int = 0
+    meta_applied: int = 0  # tag and ACL changes
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
@@ -55,6 +70,7 @@ class MirrorStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batches": self.batches, "records": self.records, "applied": self.applied,
+                "meta_applied": self.meta_applied,
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
                 "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
@@ -89,6 +105,7 @@ class Mirror:
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
+        self._verify_observed_at = -1e9
         sources = []
         for src in sorted({r.source.dc for r in self.routes}):
             site = topology.site(src)
@@ -133,21 +150,26 @@ class Mirror:
 
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
+        tr = self._trace = BatchTrace(self.dc, batch)  # spans of the traced objects (mirror/tracing.py)
         letters: list[Letter] = []
-        routed = self._validate_and_route(batch, letters)
-        items = collapse(routed)  # decide
-        self.stats.ignored["superseded_in_batch"] += len(routed) - len(items)
-        current = self.catalog.get_many((it.target_bucket, it.target_key) for it in items)
-        todo: list[Routed] = []
-        for it in items:
-            d = decide(it, current.get((it.target_bucket, it.target_key)))
+        work = plan_batch(self._validate_and_route(batch, letters))  # decide
+        self.stats.ignored["superseded_in_batch"] += sum(w.superseded for w in work.values())
+        current = self.catalog.get_many(work)
+        todo: list[tuple[Routed, KeyWork]] = []
+        for k, w in work.items():
+            it = w.content
+            if it is None:
+                continue
+            d = decide(it, current.get(k))
             if d == "apply":
-                todo.append(it)
+                todo.append((it, w))
             else:
-                self.stats.ignored[d] += 1
-                self.metrics.events_ignored_total.labels(route=it.route.name, reason=d).inc()
+                self._ignore(it.route.name, d)
 
-        done, unavailable = self._copy(todo, letters)  # copy / delete where the route says data
+        tr.begin([it for it, _ in todo])
+        done, unavailable = self._apply_content(todo, current, letters)  # copy / delete / reconcile
+        meta, meta_unavailable = self._apply_meta([m for w in work.values() for m in w.meta.values()], letters)
+        unavailable += meta_unavailable
         crash_point("mirror.after_copy")
         offsets: dict[tuple[str, str, int], int] = {}
         if not unavailable:  # a batch that waits for an endpoint records no offsets yet
@@ -155,16 +177,24 @@ class Mirror:
                 k = (self.group_id, rec.topic, rec.partition)
                 offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
         routed_of = {id(e): it for it, e in done}
-        applied = self.catalog.commit_batch(  # durable: entries + outbox + offsets in one transaction
+        t_commit = time.time()
+        applied = self.catalog.commit_batch(  # durable: entries + tags/ACL + outbox + offsets in one transaction
             [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok]),
-            offsets)
+            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok], tr.headers),
+            offsets, meta=[m for _, m in meta])
         crash_point("mirror.after_state_commit")
+        t_committed = time.time()
         self.flush_outbox()
+        tr.finish(done, applied, t_commit, t_committed, time.time(),
+                  error="endpoint unreachable: the batch is retried" if unavailable else None)
         crash_point("mirror.after_applied_publish")
         self._observe_applied(applied)
+        for it, m in meta:
+            self.metrics.events_applied_total.labels(it.route.name, m.kind).inc()
         self.stats.applied += len(applied)
+        self.stats.meta_applied += len(meta)
         self._observe_consumer_lag(batch.source)
+        self._observe_verify()
         if unavailable:
             it, exc = unavailable[0]
             raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
@@ -173,6 +203,10 @@ class Mirror:
 
     def on_revoked(self, source: str, partitions: list[Any]) -> None:
         self.flush_outbox()  # before another replica takes the partitions
+
+    def _ignore(self, route: str, reason: str, n: int = 1) -> None:
+        self.stats.ignored[reason] += n
+        self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
 
     def on_applied_through(self, source: str, at: float) -> None:
         """Every event `source` published before `at` is applied here (the consume loop's probe)."""
@@ -188,7 +222,11 @@ class Mirror:
             try:
                 events = parse_message(rec.value, max_bytes=m.max_message_bytes, max_key_bytes=m.max_key_bytes)
                 mine = []
+                ignored: list[tuple[str, str]] = []
                 for ev in events:
+                    if isinstance(ev, IgnoredEvent):  # restore, replication, transition, ...: by design
+                        ignored.append((self._route_name(ev.bucket, ev.key, routes), ev.reason))
+                        continue
                     if not isinstance(ev, ObjectEvent):
                         self.stats.ignored["not_object_event"] += 1
                         continue
@@ -202,26 +240,40 @@ class Mirror:
                             exc.detail[:200])
                 letters.append(Letter(rec, exc.reason, exc.detail))
                 continue
+            for route, reason in ignored:
+                self._ignore(route, reason)
             routed.extend(mine)
         return routed
 
-    def _copy(self, todo: list[Routed], letters: list[Letter]
-              ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
-        """Copy or delete object data for data routes (metadata routes pass through). Returns the
-        entries to record and the items whose endpoint was unreachable."""
+    @staticmethod
+    def _route_name(bucket: str, key: str, routes: list[Route]) -> str:
+        return next((r.name for r in routes if bucket and r.source.covers(bucket, key)), "")
+
+    # -- content: put, delete, reconciliation --------------------------------------------------
+    def _apply_content(self, todo: list[tuple[Routed, KeyWork]], current: dict[tuple[str, str], CatalogEntry],
+                       letters: list[Letter]
+                       ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
+        """Copy, delete or reconcile each key (metadata routes record the event, or what a
+        reconciliation read at the source). Returns the entries to record and the items whose
+        endpoint was unreachable."""
         entries: list[tuple[Routed, CatalogEntry]] = []
         futures = []
-        for it in todo:
-            if it.route.mode == "metadata":
+        for it, w in todo:
+            cur = current.get((it.target_bucket, it.target_key))
+            if it.event.reconcile:
+                reconcile = functools.partial(self._reconcile, current=cur, floor=w.floor)
+                futures.append((it, self._pool.submit(self._trace.bound(it, reconcile), it)))
+            elif it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
             else:
-                futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one, it)))
+                fn = self._delete if it.event.op == "delete" else self._copy_one
+                futures.append((it, self._pool.submit(self._trace.bound(it, fn), it)))
         unavailable: list[tuple[Routed, StoreError]] = []
         for it, fut in futures:
             try:
-                size, etag = fut.result()
+                entry, copied = fut.result()
             except SupersededError as exc:
-                self.stats.ignored["superseded"] += 1
+                self._ignore(it.route.name, "superseded")
                 log.info("%s", exc)
                 continue
             except UnavailableError as exc:
@@ -236,10 +288,10 @@ class Mirror:
                 letters.append(Letter(it.record, reason, f"{it.event.bucket}/{it.event.key}: {exc}"))
                 self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
                 continue
-            entries.append((it, entry_for(it, applied_time=time.time(), size=size, etag=etag)))
-            if it.event.op == "put":
-                self.stats.bytes_copied += size
-                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(size)
+            entries.append((it, entry))
+            if copied:
+                self.stats.bytes_copied += copied
+                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(copied)
         return entries, unavailable
 
     def _endpoint_away(self, it: Routed) -> StoreError | None:
@@ -247,8 +299,7 @@ class Mirror:
         an endpoint down, or is it this object? One HEAD bucket each way, not retried: an error
         there (a link cut mid-copy shows as read timeouts first, then as unreachable) means the
         endpoint, and the batch waits instead of dead-lettering the object."""
-        src = self.topology.site(it.route.source.dc).store
-        for store, bucket in ((src, it.event.bucket), (self.target, it.target_bucket)):
+        for store, bucket in ((self._source(it), it.event.bucket), (self.target, it.target_bucket)):
             try:
                 store.ping(bucket)
             except StoreError as exc:
@@ -256,22 +307,109 @@ class Mirror:
                     return exc
         return None
 
-    def _copy_one(self, it: Routed) -> tuple[int, str]:
-        src = self.topology.site(it.route.source.dc).store
-        meta = {META_SOURCE_SEQUENCER: it.event.sequencer.rstrip("0") or "0"}
+    def _source(self, it: Routed) -> S3Store:
+        return self.topology.site(it.route.source.dc).store
+
+    def _copy_meta(self, it: Routed) -> dict[str, str]:
+        meta = {META_SOURCE_DC: it.route.source.dc}
+        if it.event.sequencer:
+            meta[META_SOURCE_SEQUENCER] = it.event.sequencer.rstrip("0") or "0"
+        return meta
+
+    def _copy_one(self, it: Routed) -> tuple[CatalogEntry, int]:
         try:
-            landed = src.copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket, it.target_key,
-                                 expect_etag=it.event.etag or None, metadata=meta)
+            landed = self._source(it).copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket,
+                                              it.target_key, expect_etag=it.event.etag or None,
+                                              metadata=self._copy_meta(it))
         except ObjectNotFound as exc:
             raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
-        return landed.size, landed.etag
+        return entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag,
+                         tags=tags_json(landed.tags)), landed.size
 
-    def _delete(self, it: Routed) -> tuple[int, str]:
+    def _delete(self, it: Routed) -> tuple[CatalogEntry, int]:
         try:
             self.target.delete(it.target_bucket, it.target_key)
         except ObjectNotFound:
             pass  # already gone: deletes are idempotent
-        return 0, ""
+        return entry_for(it, applied_time=time.time(), size=0, etag=""), 0
+
+    def _reconcile(self, it: Routed, current: CatalogEntry | None, floor: str) -> tuple[CatalogEntry, int]:
+        """Make the target match the source's current state of the key (HEAD: ETag, size,
+        last-modified), whatever the event said; keep the newest S3 sequencer seen (`floor`, or
+        the state's), so the S3 events that follow are ordered as before."""
+        seq = max(current.sequencer if current else "", floor)
+        src = self._source(it)
+        for _ in range(3):  # the source may change between our HEAD and our GET: look again
+            try:
+                info: ObjectInfo | None = src.head(it.event.bucket, it.event.key)
+            except ObjectNotFound:
+                info = None
+            now = time.time()
+            if info is None:
+                if it.route.mode == "data":
+                    self._delete(it)
+                return entry_for(it, applied_time=now, size=0, etag="", deleted=True, source_etag="",
+                                 sequencer=seq, origin="reconcile"), 0
+            if it.route.mode == "metadata":
+                return entry_for(it, applied_time=now, size=info.size, etag=info.etag, deleted=False,
+                                 source_etag=info.etag, sequencer=seq, origin="reconcile"), 0
+            try:
+                have = self.target.head(it.target_bucket, it.target_key)
+            except ObjectNotFound:
+                have = None
+            if have is not None and have.size == info.size and info.etag in (
+                    have.etag, have.metadata.get(META_SOURCE_ETAG)):
+                return entry_for(it, applied_time=now, size=have.size, etag=have.etag, deleted=False,
+                                 source_etag=info.etag, sequencer=seq, origin="reconcile"), 0
+            try:
+                landed = src.copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket, it.target_key,
+                                     expect_etag=info.etag, metadata=self._copy_meta(it))
+            except (SupersededError, ObjectNotFound):
+                continue
+            return entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag, deleted=False,
+                             source_etag=info.etag, sequencer=seq, origin="reconcile",
+                             tags=tags_json(landed.tags)), landed.size
+        raise SupersededError(f"{it.event.bucket}/{it.event.key} keeps changing at the source: the next event repairs it")
+
+    # -- tags and ACL ----------------------------------------------------------------------------
+    def _apply_meta(self, items: list[Routed], letters: list[Letter]
+                    ) -> tuple[list[tuple[Routed, MetaChange]], list[tuple[Routed, StoreError]]]:
+        """Tag / ACL events: read the source's current tags / ACL, put them on the target object
+        (data routes), and record them in the state (both modes)."""
+        futures = [(it, self._pool.submit(self._meta_one, it)) for it in items]
+        out: list[tuple[Routed, MetaChange]] = []
+        unavailable: list[tuple[Routed, StoreError]] = []
+        for it, fut in futures:
+            try:
+                change = fut.result()
+            except ObjectNotFound:
+                self._ignore(it.route.name, "no_object")  # gone meanwhile: its delete follows
+                continue
+            except UnavailableError as exc:
+                unavailable.append((it, exc))
+                continue
+            except StoreError as exc:
+                reason = "copy_failed_after_retries" if exc.retriable else "copy_failed"
+                letters.append(Letter(it.record, reason, f"{it.event.event_name} {it.event.bucket}/{it.event.key}: {exc}"))
+                self.metrics.events_failed_total.labels(route=it.route.name, reason=reason).inc()
+                continue
+            out.append((it, change))
+        return out, unavailable
+
+    def _meta_one(self, it: Routed) -> MetaChange:
+        src, ev = self._source(it), it.event
+        if ev.op == "tags":
+            tags = src.get_tags(ev.bucket, ev.key)
+            if it.route.mode == "data":
+                self.target.put_tags(it.target_bucket, it.target_key, tags)
+            return MetaChange(it.target_bucket, it.target_key, "tags", tags_json(tags))
+        acl = src.get_acl(ev.bucket, ev.key)
+        if it.route.mode == "data":
+            if acl in CANNED_ACLS:
+                self.target.put_acl(it.target_bucket, it.target_key, acl)
+            else:  # grants that name accounts of the source mean nothing here: recorded only
+                self._ignore(it.route.name, "acl_not_canned")
+        return MetaChange(it.target_bucket, it.target_key, "acl", acl)
 
     def flush_outbox(self) -> int:
         """Publish the applied events the state owes; each row is published by one replica."""
@@ -280,7 +418,7 @@ class Mirror:
                 return 0
             with kafka_errors("publish applied events"):
                 for _, o in rows:
-                    self.producer.send(o.topic, key=o.key, value=o.value)
+                    self.producer.send(o.topic, key=o.key, value=o.value, headers=list(o.headers) or None)
                 self.producer.flush(timeout=30)
             crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
             return len(rows)
@@ -305,6 +443,23 @@ class Mirror:
                 m.events_applied_total.labels(route, "put").inc(len(es) - deletes)
             m.last_apply_timestamp_seconds.labels(route).set(max(e.applied_time for e in es))
 
+    def on_idle(self) -> None:
+        self._observe_verify()
+
+    def _observe_verify(self) -> None:
+        """Each route's last verify (recorded in this datacenter's state by whoever ran it: the CLI,
+        the DAG) as the drift gauge of this long-running, scraped process, once a minute."""
+        now = time.monotonic()
+        if now - self._verify_observed_at < 60.0:
+            return
+        self._verify_observed_at = now
+        latest = self.site.state.verify.latest()
+        for r in self.routes:
+            run = latest.get(r.name)
+            if run is not None:
+                self.metrics.verify_drift_objects.labels(r.name).set(run["missing"] + run["extra"] + run["differ"])
+                self.metrics.verify_last_run_timestamp_seconds.labels(r.name).set(run["finished"])
+
     def _observe_consumer_lag(self, source: str) -> None:
         # committed() is a broker round trip per partition: once every few seconds is plenty
         now = time.monotonic()
@@ -315,20 +470,24 @@ class Mirror:
             self.metrics.consumer_lag_messages.labels(self.group_id, tp.topic, str(tp.partition)).set(lag)
 
 
-def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> list[Outgoing]:
+def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]],
+                      headers: Callable[[list[Routed]], list[tuple[str, bytes]]] = lambda _: []) -> list[Outgoing]:
     """One applied message per source partition per batch, holding that partition's objects in order.
 
     Keyed by the source partition, so one object's applied events always share a partition and stay
     in order; batching cut the publish cost per object by the batch size.
     """
     by_part: dict[int, list[dict[str, Any]]] = {}
+    routed: dict[int, list[Routed]] = {}
     for it, e in done:
+        routed.setdefault(it.record.partition, []).append(it)
         by_part.setdefault(it.record.partition, []).append(AppliedEvent(
             route=e.route, op="delete" if e.deleted else "put", bucket=e.bucket, key=e.key, size=e.size,
             etag=e.etag, sequencer=e.sequencer, event_time=e.event_time, applied_time=e.applied_time,
             source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
         ).to_dict())
-    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items)) for part, items in sorted(by_part.items())]
+    return [Outgoing(topic, f"p{part}".encode(), encode_applied(items), tuple(headers(routed[part])))
+            for part, items in sorted(by_part.items())]
 
 
 __all__ = ["Mirror", "MirrorStats", "Record"]

@@ -15,7 +15,8 @@
      |    +-- TransientStateError   (retriable: lost connection, lock timeout, serialization)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout
-     |    +-- CapacityError         plan larger than the cluster's free cache
+     |    +-- CapacityError         plan larger than the cluster's free cache (under the high watermark)
+     |         +-- RoomError            ... and retired datasets could make room: `.room` names them
      +-- FileListError          a file list that cannot be read at all
      +-- ReasonedError          one bad input, with a machine-readable reason and a detail
      |    +-- EventError            a message that fails validation (-> dead-letter topic)
@@ -113,6 +114,15 @@ class NotReadyError(CacheError):
 
 class CapacityError(CacheError):
     pass
+
+
+class RoomError(CapacityError):
+    """A plan that would pass a node's high watermark, refused without make-room; `.room` holds
+    which retired datasets would go (cache_client.watermarks.RoomPlan.to_dict())."""
+
+    def __init__(self, message: str, room: dict | None = None) -> None:
+        super().__init__(message)
+        self.room = room or {}
 
 
 class ResizeError(ReasonedError):

@@ -66,7 +66,7 @@ class Metrics:
             ["route"], registry=r)
         self.events_applied_total = Counter(
             "xdc_events_applied_total",
-            "Change events applied to the target datacenter, by operation (put or delete).",
+            "Change events applied to the target datacenter, by operation (put, delete, tags, acl).",
             ["route", "op"], registry=r)
         self.events_failed_total = Counter(
             "xdc_events_failed_total",
@@ -74,7 +74,8 @@ class Metrics:
             ["route", "reason"], registry=r)
         self.events_ignored_total = Counter(
             "xdc_events_ignored_total",
-            "Change events consumed but deliberately not applied, by reason (stale, duplicate, unrouted).",
+            "Change events consumed but deliberately not applied, by reason: stale, duplicate, superseded, "
+            "echo, families ignored by design (restore, replication, transition, tiering, accessed).",
             ["route", "reason"], registry=r)
         self.bytes_copied_total = Counter(
             "xdc_bytes_copied_total",
@@ -87,6 +88,15 @@ class Metrics:
         self.last_apply_timestamp_seconds = Gauge(
             "xdc_last_apply_timestamp_seconds",
             "Unix time of the last change event applied on the route.",
+            ["route"], registry=r)
+        self.verify_drift_objects = Gauge(
+            "xdc_verify_drift_objects",
+            "Objects the last verify of the route found missing, extra or different in the target "
+            "(source listing vs target listing).",
+            ["route"], registry=r)
+        self.verify_last_run_timestamp_seconds = Gauge(
+            "xdc_verify_last_run_timestamp_seconds",
+            "Unix time the last verify of the route finished.",
             ["route"], registry=r)
 
         # --- resize worker --------------------------------------------------------------------
@@ -133,6 +143,17 @@ class Metrics:
             "xdc_dataset_ready",
             "1 when the dataset is mirrored and warm in the DC (ready for training), else 0.",
             pw, registry=r)
+
+        # --- new problems (xdc.problems) ---------------------------------------------------------
+        self.log_problems_total = Counter(
+            "xdc_log_problems_total",
+            "Log records at WARNING and above, by the component that logged them and their signature "
+            "(the message template with its variable parts removed; `xdc problems` lists them).",
+            ["component", "signature"], registry=r)
+        self.problem_first_seen = Gauge(
+            "xdc_problem_first_seen_timestamp_seconds",
+            "Unix time a log signature was first seen by any process of the datacenter (from the state).",
+            ["component", "signature"], registry=r)
 
     # Helpers so callers set related series together and with the same label values.
 
@@ -185,7 +206,7 @@ class Metrics:
 
     def init_route(self, route: str) -> None:
         """Create a route's counters at 0 so dashboards show it and increase() sees the first event."""
-        for op in ("put", "delete"):
+        for op in ("put", "delete", "tags", "acl"):
             self.events_applied_total.labels(route, op)
         self.bytes_copied_total.labels(route)
 

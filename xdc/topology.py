@@ -111,7 +111,8 @@ class Site:
             pw = os.environ.get(self.config.state_password_env)
             if pw is None:
                 raise ConfigError(f"{self.name}: environment variable {self.config.state_password_env} not set")
-        return open_state(self.config.state_url, base_dir=self.topology.config.base_dir, password=pw)
+        return open_state(self.config.state_url, base_dir=self.topology.config.base_dir, password=pw,
+                          durable=self.topology.durable_state)
 
     @property
     def state_location(self) -> str:
@@ -126,7 +127,12 @@ class Site:
     def cache(self) -> CacheCluster:
         if self.config.cache is None:
             raise CacheError(f"datacenter {self.name} has no cache cluster configured")
-        return cluster_from_config(self.config.cache)
+        if not self.config.cache.nodes:
+            raise CacheError(f"datacenter {self.name}'s cache is run by Fluid (cache.mode: fluid) and lists no nodes: "
+                             "xdc cannot reach it")
+        cluster = cluster_from_config(self.config.cache)
+        cluster.dc = self.name
+        return cluster
 
     @cached_property
     def keys(self) -> KeyMapper:
@@ -161,8 +167,11 @@ class Site:
 class Topology:
     """Every datacenter of a config, seen from `here` (the datacenter this process runs in)."""
 
-    def __init__(self, config: XdcConfig, here: str | None = None) -> None:
+    def __init__(self, config: XdcConfig, here: str | None = None, *, durable_state: bool = True) -> None:
+        """`durable_state=False`: its states' commits are not fsynced one by one (telemetry sinks:
+        `xdc.io.state.open_state`)."""
         self.config = config
+        self.durable_state = durable_state
         name = here or config.local_dc
         if name is not None:
             config.dc(name)  # ConfigError for an unknown datacenter

@@ -10,6 +10,7 @@ tries, or at once for a permanent reason (a malformed release, a list that canno
 release goes to the dead-letter topic with the reason. The offset is committed only after one of
 the two, and the ledger holds the outcome (warm, incomplete, dead_lettered) before the commit.
 What has no outcome is found and driven again by the reconciler (`reconcile.py`).
+`dataset.ready` events share the releases topics: the follower reads them and does nothing.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import threading
 from collections.abc import Sequence
 
 from cache_client.prewarm.pipeline import PrewarmReport, Request, run_prewarm
+from xdc import trace
 from xdc.errors import EventError, XdcError
 from xdc.events import ReleaseEvent, parse_message
 from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, kafka_errors
+from xdc.io.kafka import Record, kafka_errors, send_step
 from xdc.metrics import METRICS
 from xdc.retry import RetryPolicy
 from xdc.topology import Site, Topology
@@ -32,9 +34,13 @@ log = logging.getLogger(__name__)
 
 
 def publish_release(site: Site, release: ReleaseEvent) -> None:
-    """Publish a release on the site's releases topic."""
+    """Publish a release on the site's releases topic (a trace of its own: releases are few)."""
+    attrs = trace.attrs(dc=site.name, dataset=release.dataset, version=release.version)
+    span = trace.root("release", always=True, attributes=attrs)
     with kafka_errors("publish release"):
-        site.producer.send(site.topics.releases, key=release.dataset.encode(), value=release.to_json())
+        send_step(site.producer, site.topics.releases, key=release.dataset.encode(), value=release.to_json(),
+                  parent=span, attributes=attrs)
+        trace.end(span)
         site.producer.flush(timeout=30)
 
 
@@ -45,7 +51,8 @@ def wants(site: Site, release: ReleaseEvent) -> bool:
 
 
 def request_of(release: ReleaseEvent) -> Request:
-    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline)
+    return Request(release.manifest, release.dataset, release.version, release.prefix, release.deadline,
+                   select=release.select, root=release.root, make_room=release.make_room)
 
 
 def origin_of(source: str, rec: Record) -> str:
@@ -53,13 +60,14 @@ def origin_of(source: str, rec: Record) -> str:
     return f"{source}:{rec.topic}[{rec.partition}]@{rec.offset}"
 
 
-def prewarm_release(site: Site, release: ReleaseEvent) -> PrewarmReport:
+def prewarm_release(site: Site, release: ReleaseEvent, *, trace_parent: trace.Parent = None) -> PrewarmReport:
     """One try at a release the ledger holds as pending: counted, its error noted, its outcome
-    recorded (warm or incomplete). Errors are raised as they are: the caller decides on retries."""
+    recorded (warm or incomplete). Errors are raised as they are: the caller decides on retries.
+    `trace_parent`: the release message's trace context (the reconciler's re-drives have none)."""
     ledger = site.state.releases
     ledger.attempt(release.dataset, release.version)
     try:
-        report = run_prewarm(site, request_of(release))
+        report = run_prewarm(site, request_of(release), publish_ready="must", trace_parent=trace_parent)
     except XdcError as exc:
         ledger.note(release.dataset, release.version, f"{type(exc).__name__}: {exc}")
         raise
@@ -99,7 +107,7 @@ class ReleaseFollower:
                 if entry.has_result:  # done before a crash kept the offset from being committed
                     log.info("release %s@%s at %s is %s here already", ev.dataset, ev.version, origin, entry.state)
                     continue
-                self.reports.append(prewarm_release(self.site, ev))
+                self.reports.append(prewarm_release(self.site, ev, trace_parent=trace.from_headers(rec.headers)))
         return []
 
     def on_letters(self, source: str, letters: Sequence[Letter]) -> None:

@@ -1,9 +1,11 @@
 """Dataset releases on Kafka: the follower prewarms each datacenter a release names, retries what
 may pass, dead-letters the rest, records every release in the ledger, and commits only after one of
-the two; the reconciler drives again what has no result (`xdc prewarm follow`, `xdc prewarm reconcile`)."""
+the two; the reconciler drives again what has no result (`xdc prewarm follow`, `xdc prewarm reconcile`). The first
+runs on each cache backend: the JuiceFS stack and the Alluxio stack (tests/conftest.py `cache_backend`)."""
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -13,21 +15,47 @@ from kafka import KafkaConsumer
 
 from cache_client.prewarm.pipeline import Request, check_list, run_prewarm
 from cache_client.prewarm.reconcile import reconcile
-from cache_client.prewarm.release import ReleaseFollower, follow_releases, publish_release
+from cache_client.prewarm.release import (
+    ReleaseFollower,
+    follow_releases,
+    publish_release,
+)
+from cache_client.selectors import roots_from_args
 from devtools.faultproxy import FaultPlan, FaultProxy, Rule
 from mirror.dlq import read_letters
 from mirror.ingest import ingest
 from mirror.runner import Mirror
-from tests.mirror.chaos_support import committed_offsets, variant
+from tests.cache_client.indexes import CAMS, nuscenes_v2_infos, under
+from tests.mirror.chaos_support import committed_offsets, variant, write_config
 from tests.support import brokers, produce, read_topic, site, topo
+from xdc.app.cli import main as cli_main
 from xdc.config import XdcConfig
-from xdc.events import ReleaseEvent
-from xdc.io.kafka import client_kwargs
+from xdc.events import ReadyEvent, ReleaseEvent, parse_message
+from xdc.io.kafka import Record, client_kwargs
 from xdc.metrics import Metrics, new_registry
 
 SRC, DST = "idca-drive", "idcb-drive"
 pytestmark = pytest.mark.both_backends
 
+
+
+def _consumed(cfg: XdcConfig, dc: str, group: str, topic: str) -> list[Record]:
+    """The messages of `topic` below the group's committed offsets."""
+    done = committed_offsets(cfg, dc, group)
+    return [r for r in read_topic(cfg, dc, topic) if r.offset < done.get((topic, r.partition), 0)]
+
+
+def _ready(records: list[Record], dataset: str) -> list[Record]:
+    """Those of `records` that are the dataset.ready event of `dataset`."""
+    out = []
+    for r in records:
+        try:
+            evs = parse_message(r.value)
+        except Exception:  # noqa: BLE001 - a malformed message is not a ready event
+            continue
+        if len(evs) == 1 and isinstance(evs[0], ReadyEvent) and evs[0].dataset == dataset:
+            out.append(r)
+    return out
 
 def _mirrored_files(cfg: XdcConfig, tmp_path: Path, tag: str, n: int = 4) -> list[str]:
     """n files ingested into A and mirrored into B; their keys as a file list names them."""
@@ -47,7 +75,8 @@ def _list(tmp_path: Path, keys: list[str], name: str = "release.txt") -> Path:
     return p
 
 
-def test_release_event_prewarms_every_named_datacenter(xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+def test_release_event_prewarms_every_named_datacenter(cache_xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
+    xcfg = cache_xcfg
     keys = _mirrored_files(xcfg, tmp_path, tag)
     manifest = tmp_path / "release.txt"
     manifest.write_text("".join(k + "\n" for k in keys) + "\n" + keys[0] + "\n")
@@ -113,7 +142,10 @@ def test_list_unreadable_twice_ends_warm_and_the_offset_moves_on_only_after(
     while_retrying = [c for t, c in samples if t < third]
     assert while_retrying, "no sample of the committed offset was taken while the follower retried"
     assert all(c is None or c <= rec.offset for c in while_retrying), (rec.offset, while_retrying)
-    assert committed_offsets(cfg, "B", group)[tp] == rec.offset + 1
+    # moved past the release; whatever else it passed is the dataset.ready the warm published
+    past = [r for r in _consumed(cfg, "B", group, topic) if r.partition == rec.partition and r.offset > rec.offset]
+    assert committed_offsets(cfg, "B", group)[tp] == rec.offset + 1 + len(_ready(past, dataset)) \
+        and len(_ready(past, dataset)) == len(past), [r.value[:80] for r in past]
     entry = site(xcfg, "B").state.releases.get(dataset, "v1")
     assert entry is not None and (entry.state, entry.attempts) == ("warm", 3), entry
     assert check_list(site(xcfg, "B"), Request(uri)).cached_ratio == 1.0
@@ -141,7 +173,10 @@ def test_malformed_and_permanently_failing_releases_are_dead_lettered_once(
     gone = ledger.get(f"gone-{tag}", "v1")
     assert gone is not None and gone.state == "dead_lettered" and "missing.txt" in gone.detail
     group = f"{xcfg.prewarm.group_id}.B"
-    assert sum(committed_offsets(xcfg, "B", group).values()) == 3
+    # past all three; beyond them only the dataset.ready the warm published (same topic), if read
+    got = _consumed(xcfg, "B", group, topic)
+    releases = [r for r in got if r.value == bad or isinstance(parse_message(r.value)[0], ReleaseEvent)]
+    assert len(releases) == 3 and len(got) == 3 + len(_ready(got, f"ok-{tag}")), [r.value[:80] for r in got]
 
 
 def test_reconciler_drives_again_a_release_whose_offset_was_committed_before_it_was_stored(
@@ -192,3 +227,57 @@ def test_reconciler_drives_again_a_release_whose_offset_was_committed_before_it_
     # the follower, given the same deliveries later, finds the reconciled ones' result and does not
     # warm them again; the one warmed by hand has no ledger entry for its delivery: warmed (cheaply)
     assert [r.dataset for r in follow_releases(topo(xcfg, "B"), once=True)] == [f"byhand-{tag}"]
+
+
+def _nuscenes_release(xcfg: XdcConfig, tmp_path: Path, tag: str) -> tuple[str, list[str], list[str]]:
+    """A nuScenes v2 index (relative file names, numpy inside) and its files, ingested into IDC-A
+    under camera/<tag>/ and mirrored into IDC-B. Returns (index URI, --root args, keys in A)."""
+    doc, placed = nuscenes_v2_infos(2, sweeps=1)
+    data = tmp_path / "data"
+    for d, names in placed.items():
+        for name in names:
+            p = data / "nuscenes" / d / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(name.encode() * 500)
+    (data / "idx").mkdir()
+    (data / "idx" / "infos_train.pkl").write_bytes(pickle.dumps(doc, protocol=4))
+    ingest(site(xcfg, "A"), data, SRC, f"camera/{tag}/")
+    with Mirror(topo(xcfg, "B"), metrics=Metrics(new_registry())) as m:
+        m.run(once=True)
+    roots = [f"s3://{SRC}/camera/{tag}/nuscenes", "pts=samples/LIDAR_TOP", "sweeps=sweeps/LIDAR_TOP",
+             *[f"{c}=samples/{c}" for c in CAMS]]
+    return f"s3://{SRC}/camera/{tag}/idx/infos_train.pkl", roots, under(f"{SRC}/camera/{tag}/nuscenes", placed)
+
+
+def test_an_index_with_roots_from_the_cli_and_in_a_release(xcfg: XdcConfig, tmp_path: Path, tag: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`xdc prewarm plan --list s3://.../infos_train.pkl --root ...` in IDC-B (the index is read from
+    B's own store, where it was mirrored), then `xdc release` with the same roots: both datacenters
+    warm every file; each says `dataset.ready` once on its releases topic, which the follower ignores."""
+    index, roots, keys = _nuscenes_release(xcfg, tmp_path, tag)
+    cfg_file = write_config(xcfg, tmp_path / "xdc.yaml")
+    root_args = [a for r in roots for a in ("--root", r)]
+    assert cli_main(["--config", str(cfg_file), "--dc", "B", "prewarm", "plan", "--list", index, *root_args]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["list"]["shape"] == "mmdet3d-v2" and plan["list"]["root"]["pts"].endswith("/nuscenes/samples/LIDAR_TOP")
+    assert (plan["files"], plan["present_files"], plan["rejected_count"]) == (len(keys), len(keys), 0)
+    assert plan["warm_files"] == 2 * len(keys)  # two nodes, replicate
+
+    assert cli_main(["--config", str(cfg_file), "release", "--dataset", f"nusc-{tag}", "--version", "v2",
+                     "--manifest", index, "--datacenters", "A", "B", *root_args]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    assert sent["root"][""] == roots[0] and sent["root"]["CAM_BACK"] == "samples/CAM_BACK" and "select" not in sent
+    for dc in ("A", "B"):
+        (report,) = follow_releases(topo(xcfg, dc), once=True)
+        assert report.complete and len(report.check.files) == len(keys), report.summary()
+        assert report.ready_event is not None and report.ready_event.dc == dc
+        mapped = check_list(site(xcfg, dc), Request(index, root=roots_from_args(root_args[1::2])))
+        assert mapped.cached_ratio == 1.0 and len(mapped.files) == len(keys)
+    # the ready events went out on A's and B's releases topics; a follower reading them does nothing
+    for dc in ("A", "B"):
+        ready = [json.loads(r.value) for r in read_topic(xcfg, dc, xcfg.dc(dc).kafka.topics.releases)]
+        assert [(m["type"], m.get("dc")) for m in ready] == ([("dataset.released", None)] if dc == "A" else []) + [
+            ("dataset.ready", dc)]
+    assert follow_releases(topo(xcfg, "B"), once=True) == []
+    assert read_topic(xcfg, "B", xcfg.dc("B").kafka.topics.dead_letter) == []
+    assert [(r["dataset"], r["ready"]) for r in site(xcfg, "B").state.prewarm.readiness()] == [(f"nusc-{tag}", True)]

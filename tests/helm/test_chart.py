@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from devtools import helm_schema
+from tests.helm.conftest import require
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.errors import ConfigError
 from xdc.topology import Topology
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
 
 # prometheus-operator CRDs: no bundled schema; checked for shape below instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}

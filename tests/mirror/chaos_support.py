@@ -13,17 +13,14 @@ from typing import Any
 
 import yaml
 
+from devtools import stack
 from mirror.march import march
 from tests.support import brokers, site
 from xdc.config import XdcConfig, parse_config
 from xdc.events import (
     AppliedEvent,
-    encode_notification,
-    message_key,
-    new_sequencer,
-    s3_record,
 )
-from xdc.io.kafka import Record, group_offsets, make_producer
+from xdc.io.kafka import Record, group_offsets
 from xdc.io.state import sqlite_path
 from xdc.io.store import ObjectInfo, Store
 
@@ -53,6 +50,14 @@ def variant(cfg: XdcConfig, overrides: dict[str, Any]) -> XdcConfig:
     return parse_config(_merge(config_data(cfg), overrides), base_dir=cfg.base_dir)
 
 
+def stores_without_notifications(cfg: XdcConfig) -> dict[str, Any]:
+    """Overrides pointing every datacenter at its S3 gateway itself, without the notifying proxy
+    (`s3.notifications: false`): xdc announces each write (and carries its traceparent)."""
+    return {"datacenters": {dc: {"s3": {"internal_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "external_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "notifications": False}} for dc in cfg.datacenters}}
+
+
 def write_config(cfg: XdcConfig, path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Dump `cfg` to a YAML file a subprocess can load (secrets stay in the environment)."""
     path.write_text(yaml.safe_dump(_merge(config_data(cfg), overrides or {}), sort_keys=False))
@@ -65,8 +70,8 @@ def blob(rng: random.Random, size: int) -> bytes:
 
 @dataclass
 class Workload:
-    """Writes real objects into the source and publishes the events a bucket notification would,
-    one key's events in order: puts (some keys overwritten), deletes, metadata-route puts."""
+    """Writes real objects into the source, whose store announces each write (one key's events in
+    order): puts (some keys overwritten), deletes, metadata-route puts."""
 
     cfg: XdcConfig
     tag: str
@@ -80,25 +85,19 @@ class Workload:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.store: Store = site(self.cfg, "A").store
-        self.producer = make_producer(brokers(self.cfg, "A"))
-        self.topic = self.cfg.dc("A").kafka.topics.events
+        assert self.cfg.dc("A").s3.notifications, "the workload relies on a store that announces its writes"
 
     def close(self) -> None:
-        self.producer.flush(timeout=30)
-        self.producer.close(timeout=5)
-
-    def _publish(self, rec: dict[str, Any], key: str) -> None:
-        self.producer.send(self.topic, key=message_key(SRC_BUCKET, key), value=encode_notification([rec]))
-        self.published += 1
+        pass
 
     def step(self) -> None:
         r = self.rng.random()
         keys = sorted(self.live)
         if r < 0.12 and keys:  # delete
             key = self.rng.choice(keys)
-            self.store.delete(SRC_BUCKET, key)
+            self.store.delete(SRC_BUCKET, key)  # announced by the store
             del self.live[key]
-            self._publish(s3_record("delete", SRC_BUCKET, key, sequencer=new_sequencer()), key)
+            self.published += 1
             self.deletes += 1
             return
         if r < 0.3 and keys:  # overwrite an existing key with new bytes
@@ -108,13 +107,12 @@ class Workload:
         else:
             key = f"{self.data_prefix}{self.tag}/d{self.published}.bin"
         data = blob(self.rng, self.rng.randint(1, 48_000))
-        info = self.store.put(SRC_BUCKET, key, data)
+        self.store.put(SRC_BUCKET, key, data)  # announced by the store
         self.live[key] = len(data)
-        self._publish(s3_record("put", SRC_BUCKET, key, size=info.size, etag=info.etag, sequencer=new_sequencer()),
-                      key)
+        self.published += 1
 
     def flush(self) -> None:
-        self.producer.flush(timeout=30)
+        pass  # the store's notification is out when its write returns
 
 
 @dataclass

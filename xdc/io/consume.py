@@ -31,7 +31,6 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -141,14 +140,15 @@ class ConsumeLoop:
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
                  max_broker_failures: int = 30, name: str = "consume", probe_interval_s: float = 1.0) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
-        error (0: until it works); after that its records are dead-lettered with the reason."""
+        error (0: until it works); after that its records are dead-lettered with the reason.
+        `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop."""
         self.sources = list(sources)
         self.handler = handler
         self.dead_letters = dead_letters
         self.max_records = max_records
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
         self.retry = retry
-        self.max_broker_failures = max_broker_failures
+        self.broker_retry = RetryPolicy(max_attempts=max_broker_failures, base_s=0.1, cap_s=5.0)
         self.name = name
         self.stats = LoopStats()
         self.alive = True  # for /healthz
@@ -160,6 +160,11 @@ class ConsumeLoop:
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
+                    # Topic metadata first: a group joined before it is known gets an empty first
+                    # assignment and rejoins at once; kafka-python 3.0.12 sometimes stops
+                    # heartbeating after that second join and never notices it was dropped.
+                    for t in s.topics:
+                        s.consumer.partitions_for_topic(t)
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
@@ -211,7 +216,7 @@ class ConsumeLoop:
                         else:
                             rewind(src.consumer, records)
                             st.retries += 1
-                            delay = min(self.retry.cap_s, self.retry.base_s * 2 ** tries) * random.uniform(0.5, 1.0)
+                            delay = self.retry.delay(tries)
                             log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name,
                                         len(records), src.name, exc, delay)
                             self._sleep(delay, stop)
@@ -293,10 +298,10 @@ class ConsumeLoop:
         if not exc.retriable:
             raise exc  # e.g. authentication or authorization: waiting will not help
         failures += 1
-        if failures > self.max_broker_failures:
+        if failures > self.broker_retry.max_attempts:
             raise exc
-        delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
-        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.max_broker_failures, delay)
+        delay = self.broker_retry.delay(failures)
+        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.broker_retry.max_attempts, delay)
         time.sleep(delay)
         return failures
 

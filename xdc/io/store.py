@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import hashlib
+import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 from typing import Any, BinaryIO, TypeVar
 
 import boto3
@@ -29,6 +32,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from xdc import trace
 from xdc.errors import (
     IntegrityError,
     ObjectNotFound,
@@ -45,6 +49,12 @@ T = TypeVar("T")
 
 META_SOURCE_ETAG = "xdc-source-etag"
 META_SOURCE_SEQUENCER = "xdc-source-sequencer"
+META_SOURCE_DC = "xdc-source-dc"  # the datacenter whose object this is a copy of (echo detection)
+META_SOURCE_MTIME = "xdc-source-mtime"  # the source's last-modified (two-way conflict policy)
+
+CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read")
+_ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
+_AUTH_USERS = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers"
 
 _RETRIABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504",
@@ -61,11 +71,36 @@ class ObjectInfo:
     etag: str  # without quotes
     metadata: dict[str, str] = field(default_factory=dict)
     last_modified: float = 0.0
+    tag_count: int = 0  # x-amz-tagging-count of a GET/HEAD (0: none, or not reported)
+    tags: dict[str, str] | None = None  # the tags a copy carried (None: not read)
 
 
 def plain_md5_etag(etag: str) -> bool:
     """A single-part upload's ETag is the MD5 of the bytes; a multipart one has a '-N' suffix."""
     return len(etag) == 32 and "-" not in etag
+
+
+def tags_json(tags: Mapping[str, str] | None) -> str | None:
+    """Tags as the state records them: a JSON object with sorted keys, None for no tags."""
+    return json.dumps(dict(sorted(tags.items())), separators=(",", ":")) if tags else None
+
+
+def canned_acl(grants: list[dict[str, Any]]) -> str:
+    """The canned ACL a grant list stands for, or "custom:<json>" (grants naming accounts of one
+    datacenter mean nothing in another, so only canned ACLs are mirrored onto objects)."""
+    other = set()
+    for g in grants:
+        grantee = g.get("Grantee") or {}
+        uri = grantee.get("URI")
+        perm = g.get("Permission")
+        if uri in (_ALL_USERS, _AUTH_USERS):
+            other.add(("all" if uri == _ALL_USERS else "auth", perm))
+        elif perm != "FULL_CONTROL":
+            other.add((grantee.get("ID") or grantee.get("EmailAddress") or "?", perm))
+    canned = {frozenset(): "private", frozenset({("all", "READ")}): "public-read",
+              frozenset({("all", "READ"), ("all", "WRITE")}): "public-read-write",
+              frozenset({("auth", "READ")}): "authenticated-read"}.get(frozenset(other))
+    return canned or "custom:" + json.dumps(sorted(other))
 
 
 class Store(ABC):
@@ -93,8 +128,8 @@ class Store(ABC):
         """A streaming body and what it is (size, etag, metadata)."""
 
     @abstractmethod
-    def put(self, bucket: str, key: str, body: BinaryIO | bytes, *,
-            metadata: dict[str, str] | None = None, size: int | None = None) -> ObjectInfo: ...
+    def put(self, bucket: str, key: str, body: BinaryIO | bytes, *, metadata: dict[str, str] | None = None,
+            size: int | None = None, tags: Mapping[str, str] | None = None) -> ObjectInfo: ...
 
     @abstractmethod
     def delete(self, bucket: str, key: str) -> None: ...
@@ -102,6 +137,19 @@ class Store(ABC):
     @abstractmethod
     def ensure_bucket(self, bucket: str) -> None: ...
 
+    # -- optional capabilities (object tags and ACL): a store without them says so ----------------
+    def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        raise StoreError(f"{self.name}: object tags are not supported")
+
+    def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        raise StoreError(f"{self.name}: object tags are not supported")
+
+    def get_acl(self, bucket: str, key: str) -> str:
+        """The object's ACL as a canned ACL name (`canned_acl`)."""
+        raise StoreError(f"{self.name}: object ACLs are not supported")
+
+    def put_acl(self, bucket: str, key: str, canned: str) -> None:
+        raise StoreError(f"{self.name}: object ACLs are not supported")
     @abstractmethod
     def ping(self, bucket: str) -> None:
         """One cheap call (HEAD bucket), not retried: raises the store's error if it cannot be
@@ -127,35 +175,49 @@ class Store(ABC):
             return False
 
     def copy_to(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str, *,
-                expect_etag: str | None = None, metadata: dict[str, str] | None = None) -> ObjectInfo:
+                expect_etag: str | None = None, metadata: dict[str, str] | None = None,
+                guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
         """Stream bucket/key into dst, then verify size and checksum of what landed; the whole copy
         is retried by this store's policy (a torn read or a reset redoes it from the start).
 
         `expect_etag`: the ETag the caller expects at the source (the event's); a different one
         means the source changed since, and SupersededError is raised so that the newer event
-        carries the newer bytes.
+        carries the newer bytes. `guard` sees the source's info (metadata included) before a byte
+        is written and may raise to call the copy off (echoes, conflicts). The source's tags
+        travel with the copy (read when the source reports some).
         """
         src, tgt = self.without_retry(), dst.without_retry()
-        return self.retry.call(lambda: src._copy_once(tgt, bucket, key, dst_bucket, dst_key, expect_etag, metadata),
-                               what=f"copy {bucket}/{key}")
+        return self.retry.call(
+            lambda: src._copy_once(tgt, bucket, key, dst_bucket, dst_key, expect_etag, metadata, guard),
+            what=f"copy {bucket}/{key}")
 
     def _copy_once(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str,
-                   expect_etag: str | None, metadata: dict[str, str] | None) -> ObjectInfo:
-        info, body = self.open(bucket, key)
+                   expect_etag: str | None, metadata: dict[str, str] | None,
+                   guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
+        # steps of a traced copy (children of the caller's current span; no-ops otherwise)
+        with trace.step("s3.source_read", store=self.name):
+            info, body = self.open(bucket, key)
         try:
             if expect_etag and info.etag != expect_etag.strip('"'):
                 raise SupersededError(f"{bucket}/{key}: source ETag {info.etag} != event's {expect_etag}")
+            if guard is not None:
+                guard(info)
             meta = dict(metadata or {})
             meta[META_SOURCE_ETAG] = info.etag
+            meta[META_SOURCE_MTIME] = repr(info.last_modified)
+            tags = self.get_tags(bucket, key) if info.tag_count else None
             if info.size <= dst.single_put_max:
                 # small enough for one PUT: read it whole and check it before anything is written
-                data = body.read()
+                with trace.step("s3.transfer", bytes=info.size):
+                    data = body.read()
                 md5, size = hashlib.md5(data, usedforsecurity=False).hexdigest(), len(data)
                 _check_read(bucket, key, info, size, md5)
-                landed = dst.put(dst_bucket, dst_key, data, metadata=meta)
+                with trace.step("s3.target_write", store=dst.name, bytes=size):
+                    landed = dst.put(dst_bucket, dst_key, data, metadata=meta, tags=tags)
             else:
                 reader = _HashingReader(body, dst.part_size(info.size))
-                dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size)
+                with trace.step("s3.transfer", bytes=info.size, streamed=True):  # read and write interleave
+                    dst.put(dst_bucket, dst_key, reader, metadata=meta, size=info.size, tags=tags)
                 md5 = reader.md5.hexdigest()
                 _check_read(bucket, key, info, reader.size, md5)
                 landed = dst.head(dst_bucket, dst_key)
@@ -168,7 +230,7 @@ class Store(ABC):
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed {landed.size} bytes, expected {info.size}")
             if plain_md5_etag(landed.etag) and landed.etag != md5:
                 raise IntegrityError(f"{dst_bucket}/{dst_key}: landed ETag {landed.etag} != MD5 {md5}")
-            return landed
+            return dataclasses.replace(landed, tags=tags or {})
         finally:
             body.close()
 
@@ -301,28 +363,31 @@ class S3Store(Store):
     def head(self, bucket: str, key: str) -> ObjectInfo:
         r = self._call(f"head {bucket}/{key}", lambda: self._client.head_object(Bucket=bucket, Key=key))
         return ObjectInfo(bucket, key, int(r["ContentLength"]), r.get("ETag", "").strip('"'),
-                          dict(r.get("Metadata") or {}), r["LastModified"].timestamp())
+                          dict(r.get("Metadata") or {}), r["LastModified"].timestamp(), _tag_count(r))
 
     def open(self, bucket: str, key: str) -> tuple[ObjectInfo, BinaryIO]:
         r = self._call(f"get {bucket}/{key}", lambda: self._client.get_object(Bucket=bucket, Key=key))
         info = ObjectInfo(bucket, key, int(r["ContentLength"]), r.get("ETag", "").strip('"'),
-                          dict(r.get("Metadata") or {}), r["LastModified"].timestamp())
+                          dict(r.get("Metadata") or {}), r["LastModified"].timestamp(), _tag_count(r))
         return info, _TranslatingBody(r["Body"], f"read {bucket}/{key}")
 
-    def put(self, bucket: str, key: str, body: BinaryIO | bytes, *,
-            metadata: dict[str, str] | None = None, size: int | None = None) -> ObjectInfo:
+    def put(self, bucket: str, key: str, body: BinaryIO | bytes, *, metadata: dict[str, str] | None = None,
+            size: int | None = None, tags: Mapping[str, str] | None = None) -> ObjectInfo:
         what = f"put {bucket}/{key}"
         meta = dict(metadata or {})
+        extra: dict[str, Any] = {"Metadata": meta}
+        if tags:
+            extra["Tagging"] = urlencode(sorted(tags.items()))
         if isinstance(body, (bytes, bytearray, memoryview)):
             data = bytes(body)
             # Content-MD5: the server refuses a body damaged on the way
             md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-            r = self._call(what, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta,
-                                                                 ContentMD5=md5))
+            r = self._call(what, lambda: self._client.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=md5,
+                                                                 **extra))
             return ObjectInfo(bucket, key, len(data), r.get("ETag", "").strip('"'), meta)
         # A stream can be read once: no retry here; the caller retries the whole copy.
         try:
-            self._client.upload_fileobj(body, bucket, key, ExtraArgs={"Metadata": meta}, Config=self._transfer)
+            self._client.upload_fileobj(body, bucket, key, ExtraArgs=extra, Config=self._transfer)
         except XdcError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -333,6 +398,27 @@ class S3Store(Store):
     def delete(self, bucket: str, key: str) -> None:
         self._call(f"delete {bucket}/{key}", lambda: self._client.delete_object(Bucket=bucket, Key=key))
 
+    def get_tags(self, bucket: str, key: str) -> dict[str, str]:
+        r = self._call(f"get tags {bucket}/{key}", lambda: self._client.get_object_tagging(Bucket=bucket, Key=key))
+        return {t["Key"]: t["Value"] for t in r.get("TagSet", [])}
+
+    def put_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        if not tags:
+            self._call(f"delete tags {bucket}/{key}",
+                       lambda: self._client.delete_object_tagging(Bucket=bucket, Key=key))
+            return
+        tag_set = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+        self._call(f"put tags {bucket}/{key}", lambda: self._client.put_object_tagging(
+            Bucket=bucket, Key=key, Tagging={"TagSet": tag_set}))
+
+    def get_acl(self, bucket: str, key: str) -> str:
+        r = self._call(f"get acl {bucket}/{key}", lambda: self._client.get_object_acl(Bucket=bucket, Key=key))
+        return canned_acl(r.get("Grants", []))
+
+    def put_acl(self, bucket: str, key: str, canned: str) -> None:
+        if canned not in CANNED_ACLS:
+            raise StoreError(f"put acl {bucket}/{key}: {canned[:80]!r} is not a canned ACL")
+        self._call(f"put acl {bucket}/{key}", lambda: self._client.put_object_acl(Bucket=bucket, Key=key, ACL=canned))
     def ping(self, bucket: str) -> None:
         try:
             self._client.head_bucket(Bucket=bucket)
@@ -352,6 +438,13 @@ class S3Store(Store):
             except StoreError as exc:
                 if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
                     raise
+
+
+def _tag_count(r: Mapping[str, Any]) -> int:
+    try:
+        return int(r.get("TagCount") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 class _TranslatingBody:

@@ -51,6 +51,9 @@ Checks the values cannot express in values.schema.json, so a bad release fails a
 {{- if eq (toString ($m.host | default "127.0.0.1")) "127.0.0.1" -}}
 {{- fail "config.metrics.host must be 0.0.0.0 (or the pod IP) in Kubernetes: probes cannot reach 127.0.0.1" -}}
 {{- end -}}
+{{- if not $m.token_env -}}
+{{- fail "config.metrics.token_env: off loopback, /metrics and the dashboard need a token (an env var filled from secrets.metricsToken)" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "xdc.metricsPort" -}}
@@ -84,6 +87,14 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
       name: {{ $secretName }}
       key: {{ required (printf "secrets.s3.%s.secretKeyKey" $dcName) $sec.secretKeyKey }}
 {{- end }}
+{{- end }}
+{{- with .Values.config.metrics.token_env }}
+{{- $tok := $.Values.secrets.metricsToken | default dict }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secrets.metricsToken.secretName: the Secret with the metrics and dashboard token" $tok.secretName }}
+      key: {{ required "secrets.metricsToken.key" $tok.key }}
 {{- end }}
 {{- range concat (.Values.secrets.kafka | default list) (.Values.secrets.extraEnv | default list) }}
 - name: {{ .env }}

@@ -6,7 +6,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -99,7 +99,7 @@ class MemStore(Store):
         return info, io.BytesIO(d[: len(d) // 2] if self.short else d)
 
     def put(self, bucket: str, key: str, body: BinaryIO | bytes, *, metadata: dict[str, str] | None = None,
-            size: int | None = None) -> ObjectInfo:
+            size: int | None = None, tags: Any = None) -> ObjectInfo:
         self.objs[(bucket, key)] = body if isinstance(body, bytes) else body.read()
         return self._info(bucket, key)
 

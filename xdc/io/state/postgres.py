@@ -31,11 +31,16 @@ from xdc.io.state.sql import (
     SqlCatalog,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
+    SqlVerifyHistory,
     SqlReleaseLedger,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
     entry_of,
+    if_reconciled,
     row_of,
 )
 
@@ -43,7 +48,7 @@ _SCHEMA_LOCK = 0x78646373  # "xdcs": pg_advisory_xact_lock key for migrations
 _TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
               pg_errors.QueryCanceled, pg_errors.AdminShutdown)
 _OBJECT_TYPES = ("text", "text", "bigint", "text", "text", "int", "float8", "float8",
-                 "text", "text", "text", "text", "text", "text")
+                 "text", "text", "text", "text", "text", "text", "text", "text", "text")
 
 
 @functools.lru_cache(maxsize=512)
@@ -77,9 +82,12 @@ class _PgTx:
 class PostgresDb(Db):
     dialect = "postgres"
     greatest = "GREATEST"
+    least = "LEAST"
 
-    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10,
+                 durable: bool = True) -> None:
         self.url = url
+        self.durable = durable
         self._password = password
         self._timeout = connect_timeout_s
         self._conns = ThreadConnections(self._connect)
@@ -89,7 +97,10 @@ class PostgresDb(Db):
         if self._password is not None:
             kw["password"] = self._password
         try:
-            return psycopg.connect(self.url, **kw)
+            conn = psycopg.connect(self.url, **kw)
+            if not self.durable:  # telemetry writes: no wait for the WAL flush
+                conn.execute("SET synchronous_commit = off")
+            return conn
         except psycopg.Error as exc:
             # the message names host, port and database, never the password
             raise TransientStateError(f"connect to {masked_url(self.url)}: {str(exc).strip()}") from exc
@@ -153,12 +164,13 @@ class PostgresCatalog(SqlCatalog):
             out[(e.bucket, e.key)] = e
         return out
 
-    def _upsert(self, tx: Tx, entries: list[CatalogEntry]) -> list[CatalogEntry]:
+    def _upsert(self, tx: Tx, entries: list[CatalogEntry], always: bool = False) -> list[CatalogEntry]:
         if not entries:
             return []
         columns = [list(c) for c in zip(*(row_of(e) for e in entries))]
         arrays = ", ".join(f"?::{t}[]" for t in _OBJECT_TYPES)
-        sql = f"{INSERT_OBJECTS} SELECT * FROM unnest({arrays}) {IF_NEWER} RETURNING bucket, key"
+        clause = if_reconciled(self.db.greatest) if always else IF_NEWER
+        sql = f"{INSERT_OBJECTS} SELECT * FROM unnest({arrays}) {clause} RETURNING bucket, key"
         got = {(r["bucket"], r["key"]) for r in tx.rows(sql, columns)}
         return [e for e in entries if (e.bucket, e.key) in got]
 
@@ -167,15 +179,19 @@ class PostgresState(State):
     backend = "postgres"
     supports_replicas = True
 
-    def __init__(self, url: str, *, password: str | None = None) -> None:
+    def __init__(self, url: str, *, password: str | None = None, durable: bool = True) -> None:
         self.url = url
-        self.db = PostgresDb(url, password=password)
+        self.db = PostgresDb(url, password=password, durable=durable)
         self._version = self.db.migrate()
         self.catalog = PostgresCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
+        self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
         self.releases = SqlReleaseLedger(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def schema_version(self) -> int:
         return self._version
