@@ -10,8 +10,10 @@ gateway, Kafka broker) and the processes that run there in a network namespace o
       external 10.213.<n+2>.1  <====== veth WAN pair, tc tbf both ways ======>  external 10.213.<n+2>.2
 
 A datacenter reaches its own servers by their internal address and the other datacenter's by its
-external one, exactly as the config says; the root namespace has no route to the WAN subnet and
-does not forward (net.ipv4.ip_forward=0 there), so the WAN pair is the only way between the two.
+external one, exactly as the config says. The namespaces have no default route, and the root
+namespace gets an `unreachable` route for the WAN subnet (without it, its default route would send
+packets for the external addresses off the machine); it does not forward between the LAN links
+(the test checks net.ipv4.ip_forward=0), so the WAN pair is the only way between the two.
 `cut()` takes the WAN link down at one end (the other end keeps its address and route, so packets
 to the far side vanish, as on a real cut line: connections time out rather than being refused);
 `restore()` brings it back. The link is rate-limited with `tc ... tbf` (this kernel has no netem).
@@ -50,7 +52,9 @@ def _tc(*args: str) -> None:
 
 
 def _free_block() -> int:
-    """A third octet n such that 10.213.n..n+2 appear in no address or route of the root namespace."""
+    """A third octet n such that 10.213.n..n+2 appear in no address or route of the root namespace,
+    claimed by routing its WAN subnet (n+2) to `unreachable` here: from then on no packet of the
+    root namespace for the link can leave the machine by the default route."""
     used = set()
     text = _ip("-4", "-o", "addr").stdout + _ip("-4", "route", "show", "table", "all").stdout
     for m in re.finditer(rf"{re.escape(PREFIX)}\.(\d+)\.", text):
@@ -60,7 +64,11 @@ def _free_block() -> int:
         for m in re.finditer(rf"{re.escape(PREFIX)}\.(\d+)\.", r.stdout):
             used.add(int(m.group(1)))
     for n in range(16, 250, 4):
-        if not {n, n + 1, n + 2} & used:
+        if {n, n + 1, n + 2} & used:
+            continue
+        # the claim: the root namespace's unreachable route for the WAN subnet; a stack starting at
+        # the same moment that took this block first makes it fail, and the next block is tried
+        if _ip("route", "add", "unreachable", f"{PREFIX}.{n + 2}.0/24", check=False).returncode == 0:
             return n
     raise NetnsError(f"no free block of {PREFIX}.x.0/24 subnets")
 
@@ -97,6 +105,10 @@ class Wan:
     def _lan_dc(self, dc: str) -> str:
         return f"{self.name}L{dc.lower()}"[:15]
 
+    @property
+    def wan_subnet(self) -> str:
+        return f"{PREFIX}.{self.block + 2}.0/24"
+
     def _wan_if(self, dc: str) -> str:
         return f"{self.name}w{dc.lower()}"[:15]
 
@@ -111,7 +123,7 @@ class Wan:
             raise NetnsError("the WAN mode joins exactly two datacenters")
         if os.geteuid() != 0:
             raise NetnsError("the WAN mode needs root (ip netns)")
-        wan = cls(name or f"x{uuid.uuid4().hex[:5]}", (dcs[0], dcs[1]), _free_block(), rate)
+        wan = cls(name or f"x{os.getpid()}{uuid.uuid4().hex[:2]}", (dcs[0], dcs[1]), _free_block(), rate)
         try:
             wan._build()
         except BaseException:
@@ -148,6 +160,11 @@ class Wan:
         for dc in self.dcs:
             _ip("link", "del", self._lan_root(dc), check=False)
             _ip("netns", "del", self.ns(dc), check=False)
+        _ip("route", "del", "unreachable", self.wan_subnet, check=False)
+
+    def root_routes(self, address: str) -> bool:
+        """Whether the root namespace has a route to `address` (`ip route get`; sends nothing)."""
+        return _ip("route", "get", address, check=False).returncode == 0
 
     def exists(self) -> bool:
         return all(self.ns(dc) in _ip("netns", "list").stdout.split() for dc in self.dcs)

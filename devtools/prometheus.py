@@ -38,6 +38,16 @@ class Prometheus:
             raise StackError(f"prometheus query {expr!r}: {doc}")
         return list(doc["data"]["result"])
 
+    def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict[str, Any]]:
+        """A range query: [{"metric": {...}, "values": [[t, "v"], ...]}, ...]."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s}"}
+        with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}",  # noqa: S310
+                                    timeout=30) as r:
+            doc = json.loads(r.read())
+        if doc.get("status") != "success":
+            raise StackError(f"prometheus query_range {expr!r}: {doc}")
+        return list(doc["data"]["result"])
+
     def value(self, expr: str) -> float | None:
         """The largest value an instant query returns now (None: no series)."""
         got = [float(x["value"][1]) for x in self.query(expr)]
