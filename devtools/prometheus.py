@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-from devtools.procs import Proc, StackError, free_port, http_ok, spawn, stop_proc, wait_ready
+from devtools.procs import (
+    Proc,
+    StackError,
+    free_port,
+    http_ok,
+    spawn,
+    stop_proc,
+    wait_ready,
+)
 
 
 class Prometheus:
@@ -64,13 +72,13 @@ def running_prometheus(data_dir: Path, targets: Sequence[str], *, interval_s: fl
     if binary is None:
         raise StackError("no `prometheus` on PATH: install Debian's prometheus (scripts/setup.sh does)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    scrape: dict[str, Any] = {"job_name": job, "scrape_interval": f"{interval_s}s",
-                              "scrape_timeout": f"{interval_s}s", "static_configs": [{"targets": list(targets)}]}
+    every = f"{round(interval_s * 1000)}ms"  # Prometheus durations take no fractions ("1.0s" is refused)
+    scrape: dict[str, Any] = {"job_name": job, "scrape_interval": every,
+                              "scrape_timeout": every, "static_configs": [{"targets": list(targets)}]}
     if token_file is not None:
         scrape["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
     cfg = data_dir / "prometheus.yml"
-    cfg.write_text(yaml.safe_dump({"global": {"scrape_interval": f"{interval_s}s",
-                                              "evaluation_interval": f"{interval_s}s"},
+    cfg.write_text(yaml.safe_dump({"global": {"scrape_interval": every, "evaluation_interval": every},
                                    "scrape_configs": [scrape]}))
     port = free_port()
     proc = spawn("prometheus", [binary, f"--config.file={cfg}", f"--storage.tsdb.path={data_dir / 'tsdb'}",

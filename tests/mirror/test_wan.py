@@ -31,7 +31,14 @@ import yaml
 from devtools import stack
 from devtools.netns import Wan
 from devtools.prometheus import Prometheus, running_prometheus
-from tests.mirror.chaos_support import DST_BUCKET, SRC_BUCKET, Workload, child_env, md5, write_config
+from tests.mirror.chaos_support import (
+    DST_BUCKET,
+    SRC_BUCKET,
+    Workload,
+    child_env,
+    md5,
+    write_config,
+)
 from tests.support import site
 from xdc.config import XdcConfig
 
@@ -300,7 +307,7 @@ def test_wan_cut_30s_under_load_mirror_resumes_by_itself_and_loses_nothing(
                 published_in_cut = sum(1 for t in load.steps if t_cut <= t < t_restore)
                 # catch-up: every event published before the restore is applied in B
                 catch_up_s = _wait("the mirror caught up after the restore (applied-through past the restore)",
-                                   lambda: (prom.value(APPLIED_THROUGH) or 0) >= t_restore, 180)
+                                   lambda: (prom.value(APPLIED_THROUGH) or 0) >= t_restore, 120)
                 time.sleep(10)  # the load goes on after the catch-up
             assert not load.errors, load.errors
             t_load_end = time.time()
