@@ -11,6 +11,7 @@ from typing import Any, Literal
 META_SOURCE_ETAG = "xdc-source-etag"
 META_SOURCE_SEQUENCER = "xdc-source-sequencer"
 META_SOURCE_DC = "xdc-source-dc"  # the datacenter whose object this is a copy of (echo detection)
+META_SOURCE_KEY = "xdc-source-key"  # the key it is a copy of, URL-quoted (echo detection)
 META_SOURCE_MTIME = "xdc-source-mtime"  # the source's last-modified (two-way conflict policy)
 META_ETAG_NOTE = "xdc-etag-note"  # why the target's ETag differs from the source's, when it does
 

@@ -37,6 +37,7 @@ from xdc.errors import (
 from xdc.io.objects import (
     META_SOURCE_DC,
     META_SOURCE_ETAG,
+    META_SOURCE_KEY,
     META_SOURCE_MTIME,
     META_SOURCE_SEQUENCER,
     CopyJob,
@@ -58,9 +59,9 @@ from xdc.retry import NO_RETRY, RetryPolicy
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = ["CANNED_ACLS", "META_SOURCE_DC", "META_SOURCE_ETAG", "META_SOURCE_MTIME", "META_SOURCE_SEQUENCER",
-           "CopyJob", "CopyResult", "ObjectInfo", "S3Store", "Store", "canned_acl", "plain_md5_etag", "tags_json",
-           "translate"]
+__all__ = ["CANNED_ACLS", "META_SOURCE_DC", "META_SOURCE_ETAG", "META_SOURCE_KEY", "META_SOURCE_MTIME",
+           "META_SOURCE_SEQUENCER", "CopyJob", "CopyResult", "ObjectInfo", "S3Store", "Store", "canned_acl",
+           "plain_md5_etag", "tags_json", "translate"]
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read")
 _ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
