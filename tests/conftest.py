@@ -36,7 +36,9 @@ OUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--stress", action="store_true", help="run long fault-injection tests at full size")
+    parser.addoption("--stress", action="store_true",
+                     help="the full run: long fault-injection tests at full size, and every both_backends test "
+                          "on PostgreSQL too (CI runs those marked postgres='stress' on SQLite only)")
 
 
 SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx", "secure_kafka",
@@ -47,14 +49,22 @@ ALLUXIO_BLOCK_MIB = 1  # so a few MiB make a file of several blocks
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "both_backends: run each test on SQLite and on PostgreSQL state")
+    config.addinivalue_line("markers", "both_backends(postgres='always'|'stress'): run each test on SQLite and on "
+                                       "PostgreSQL state; with postgres='stress' the PostgreSQL run only with --stress")
     config.addinivalue_line("markers", "servers: needs real servers (`make test-fast` leaves these out)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "state_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
-        metafunc.parametrize("state_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.servers)],
-                             indirect=True)
+    marker = metafunc.definition.get_closest_marker("both_backends")
+    if "state_backend" not in metafunc.fixturenames or marker is None:
+        return
+    # The state SQL is tested on both backends by tests/xdc/io/; a flow's tests add little on the
+    # second one but their run time, so modules may keep their PostgreSQL run for --stress.
+    if marker.kwargs.get("postgres", "always") == "stress" and not metafunc.config.getoption("--stress"):
+        metafunc.parametrize("state_backend", ["sqlite"], indirect=True)
+        return
+    metafunc.parametrize("state_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.servers)],
+                         indirect=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -35,7 +35,7 @@ from xdc.io.kafka import Record, client_kwargs
 from xdc.metrics import Metrics, new_registry
 
 SRC, DST = "idca-drive", "idcb-drive"
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 
 
@@ -179,6 +179,7 @@ def test_malformed_and_permanently_failing_releases_are_dead_lettered_once(
     assert len(releases) == 3 and len(got) == 3 + len(_ready(got, f"ok-{tag}")), [r.value[:80] for r in got]
 
 
+@pytest.mark.both_backends  # on PostgreSQL in CI too (the module's other tests: with --stress)
 def test_reconciler_drives_again_a_release_whose_offset_was_committed_before_it_was_stored(
         xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:
     """The Airflow trigger commits a release's offset before the asset event is stored: a crash in

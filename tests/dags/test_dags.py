@@ -18,7 +18,7 @@ from mirror.runner import Mirror
 from tests.support import silent_store, site, topo
 from xdc.config import XdcConfig, load_config
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 SRC, DST = "idca-drive", "idcb-drive"
 DAG_IDS = {"xdc_mirror", "xdc_resize", "xdc_prewarm", "xdc_free", "xdc_lag_monitor", "xdc_verify"}
@@ -65,6 +65,7 @@ def test_dags_import_with_and_without_config(airflow_home: Path, config_file: Pa
     assert [t.task_id for t in bare.dags["xdc_mirror"].tasks] == ["no_routes"]
 
 
+@pytest.mark.both_backends  # on PostgreSQL in CI too (the module's other tests: with --stress)
 def test_mirror_dag_then_lag_monitor(run_dag: Callable[..., Any], dag_xcom: Callable[..., Any], config_file: Path,
                                      config_writer: Callable[..., Path], file_maker: Callable[..., dict[str, bytes]],
                                      xcfg: XdcConfig, tmp_path: Path, tag: str) -> None:

@@ -31,7 +31,7 @@ from tests.mirror.chaos_support import (
 from tests.support import read_topic, site
 from xdc.config import XdcConfig
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 ROOT = Path(__file__).resolve().parents[2]
 # short session: a killed member leaves the group fast, so the restarted one is assigned quickly
@@ -141,6 +141,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
     print("CRASH POINT REPORT " + json.dumps(report, sort_keys=True))
 
 
+@pytest.mark.both_backends  # on PostgreSQL in CI too (the module's other tests: with --stress)
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing_and_applies_once(
         xcfg: XdcConfig, tag: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:

@@ -19,7 +19,7 @@ from xdc.config import XdcConfig
 from xdc.events import encode_notification, message_key, s3_record
 from xdc.metrics import Metrics, new_registry
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 SRC, DST = "idca-drive", "idcb-drive"
 
@@ -138,6 +138,7 @@ def test_eventbridge_sns_and_sqs_wrapped_puts_each_mirror_the_object(xcfg: XdcCo
         assert dst.get(DST, f"camera/{tag}/{how} frame.jpg") == how.encode() * 1000
 
 
+@pytest.mark.both_backends  # on PostgreSQL in CI too (the module's other tests: with --stress)
 def test_scan_repairs_a_lost_notification_and_later_s3_events_still_apply(xcfg: XdcConfig, tag: str) -> None:
     """The issue's case: a key mirrored from an S3-shaped event, then changed with its notification
     lost. A repair must not lose against the S3 sequencer (it used to be dropped as stale), and must

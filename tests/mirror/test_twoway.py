@@ -13,7 +13,7 @@ from tests.support import read_topic, site, topo
 from xdc.config import XdcConfig, parse_config
 from xdc.metrics import Metrics, new_registry
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 BUCKET = {"A": "idca-drive", "B": "idcb-drive"}
 

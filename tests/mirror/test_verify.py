@@ -16,7 +16,7 @@ from tests.support import silent_store, site, topo
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
 
-pytestmark = pytest.mark.both_backends
+pytestmark = pytest.mark.both_backends(postgres="stress")
 
 SRC, DST = "idca-drive", "idcb-drive"
 ROOT = Path(__file__).resolve().parents[2]
