@@ -26,7 +26,16 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   has passed a probe's ends, every record appended before that probe was handled: `applied_through`
   (wall-clock seconds, per source) moves to the probe's time, and the handler's
   `on_applied_through` hears of it. While a source cannot be reached no probe succeeds, so
-  now - applied_through bounds the lag of everything still pending and keeps growing.
+  now - applied_through bounds the lag of everything still pending and keeps growing;
+- before a newly assigned partition is read, its committed offset is compared with the log's start
+  and end (`xdc.io.offset_gaps`: the rule): when the group will never see some of its records
+  (retention removed them unread, or the group has no offset and the log no longer starts at 0),
+  the handler's `on_gaps(source, gaps)` records them (durably, before it returns), then the log
+  start is committed for those partitions, so a restart does not find the same gap again. The
+  check is a broker round trip, so it does not run in the rebalance listener (kafka-python calls
+  it on its event loop, where a blocking call would stall heartbeats): the listener pauses the
+  new partitions and the loop checks and resumes them before its next poll of that source. A
+  check that fails (broker away, state down) leaves them paused and is tried again.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ from kafka.errors import KafkaError as _ClientError
 from xdc.errors import KafkaError, ReasonedError, RebalancedError, XdcError
 from xdc.faults import crash_point
 from xdc.io.deadletter import DeadLetterSink
+from xdc.io.offset_gaps import OffsetGap, find_gaps
 from xdc.io.kafka import (
     Record,
     commit,
@@ -87,7 +97,8 @@ class Letter:
 class Handler(Protocol):
     """Optional hooks, called when defined: `on_letters(source, letters)` once letters are flushed,
     `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)`,
-    `on_assigned(source, partitions, consumer)`."""
+    `on_assigned(source, partitions, consumer)`, `on_gaps(source, gaps)` (records them durably;
+    the partitions are read on once it returns)."""
 
     def handle(self, batch: Batch) -> Sequence[Letter]:
         """Do the batch's work durably; return the records to dead-letter."""
@@ -124,11 +135,16 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.loop._unchecked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        if assigned and getattr(self.loop.handler, "on_gaps", None) is not None:
+            # no broker call here (kafka-python's event loop runs this): pause, the loop checks
+            self.source.consumer.pause(*assigned)
+            self.loop._unchecked.setdefault(self.source.name, set()).update(assigned)
         hook = getattr(self.loop.handler, "on_assigned", None)
         if hook is not None and assigned:
             hook(self.source.name, list(assigned), self.source.consumer)
@@ -157,6 +173,8 @@ class ConsumeLoop:
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
         self._probes: dict[str, list[_Probe]] = {}
         self._last_probe: dict[str, float] = {}
+        self._unchecked: dict[str, set[TopicPartition]] = {}  # source -> assigned, not yet checked for gaps
+        self.gaps: list[OffsetGap] = []  # every gap found, for the caller's report
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
@@ -189,6 +207,8 @@ class ConsumeLoop:
                     break
                 progressed = False
                 for src in self.sources:
+                    if self._unchecked.get(src.name):
+                        self._check_gaps(src)
                     try:
                         with kafka_errors(f"poll {src.name}"):
                             polled = src.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
@@ -259,6 +279,42 @@ class ConsumeLoop:
         finally:
             st.seconds += time.monotonic() - t0
         return st
+
+    def _check_gaps(self, src: Source) -> None:
+        """Compare the paused new partitions' committed offsets with their logs; hand the gaps to
+        the handler, acknowledge them (commit the log start), resume the partitions."""
+        consumer = src.consumer
+        parts = sorted(self._unchecked[src.name] & set(consumer.assignment()))
+        if not parts:
+            self._unchecked[src.name].clear()
+            return
+        try:
+            with kafka_errors(f"offsets of {src.name} {parts}"):
+                starts = consumer.beginning_offsets(parts, timeout_ms=10_000)
+                ends = consumer.end_offsets(parts, timeout_ms=10_000)
+                committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in parts}
+            gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
+                             {(tp.topic, tp.partition): s for tp, s in starts.items()},
+                             {(tp.topic, tp.partition): e for tp, e in ends.items()})
+            if gaps:
+                for g in gaps:
+                    log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
+                                self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
+                                "unknown" if g.lost is None else g.lost)
+                self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
+                self.gaps.extend(gaps)
+        except Exception as exc:  # noqa: BLE001 - broker or state away: the partitions stay paused
+            log.warning("%s: gap check of %s failed (%r); the partitions wait and it is tried again",
+                        self.name, src.name, exc)
+            self._sleep(1.0, None)
+            return
+        if gaps:
+            try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
+                commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
+            except KafkaError as exc:  # found again after the next assignment; the handler dedupes
+                log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
+        self._unchecked[src.name].difference_update(parts)
+        consumer.resume(*parts)
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""
