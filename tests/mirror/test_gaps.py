@@ -22,6 +22,7 @@ from xdc.config import XdcConfig
 from xdc.io.kafka import TopicPartition, group_offsets, make_admin, make_consumer
 from xdc.io.state import Gap
 from xdc.metrics import Metrics, new_registry
+from xdc.observe.dashboard import dc_state
 
 pytestmark = pytest.mark.both_backends
 
@@ -110,6 +111,8 @@ def test_events_deleted_by_retention_unseen_are_reported_and_repaired(xcfg: XdcC
     assert all(r["grp"] == group and r["topic"] == events and r["status"] == "repaired" for r in rows)
     assert all(set(r["routes"].split(",")) == {x.name for x in cfg.routes if x.source.dc == "A"} for r in rows)
     assert all("camera: 10 missing, 1 extra, 1 differ" in r["repair"] for r in rows), rows[0]["repair"]
+    shown = dc_state(site(cfg, "B"), time.time())["gaps"]  # what the dashboard's gaps panel lists
+    assert [(g["part"], g["status"]) for g in shown] == [(r["part"], "repaired") for r in rows]
     assert metrics.registry.get_sample_value("xdc_event_gaps_total", {"topic": events}) == len(expected)
     assert metrics.registry.get_sample_value("xdc_event_gap_lost_offsets_total", {"topic": events}) == \
         sum(lost for _, _, lost in expected.values())
