@@ -63,6 +63,17 @@ class GapHealer:
                     self.metrics.event_gap_lost_offsets_total.labels(g.topic).inc(g.lost)
         self.drive()
 
+    def resume(self) -> None:
+        """At start: drive the pending gaps a previous process left (no thread when there are none)."""
+        try:
+            pending = bool(self.incidents.open_gaps(self.group))
+        except Exception as exc:  # noqa: BLE001 - the state away at start: on_idle tries again
+            log.warning("pending gaps of group %s unknown (%r); looked at again in %.0fs", self.group, exc, self.retry_s)
+            self._failed_at = time.monotonic()
+            return
+        if pending:
+            self.drive()
+
     def drive(self) -> None:
         """Repair the group's pending gaps in the background, unless a repair runs already."""
         with self._lock:
@@ -91,7 +102,7 @@ class GapHealer:
         while True:
             try:
                 self._repair_once()
-            except Exception:  # noqa: BLE001 - the rows stay pending: tried again later
+            except Exception:  # the rows stay pending: tried again later
                 log.exception("gap repair of group %s failed; tried again in %.0fs", self.group, self.retry_s)
                 self._failed_at = time.monotonic()
             with self._lock:

@@ -106,7 +106,7 @@ class Mirror:
         self.stats = MirrorStats()
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
-        self.gaps = GapHealer(topology, self.group_id, self.routes, self.metrics)
+        self.gap_healer = GapHealer(topology, self.group_id, self.routes, self.metrics)
         self._lag_observed_at = 0.0
         self._verify_observed_at = -1e9
         sources = []
@@ -131,7 +131,7 @@ class Mirror:
 
     def close(self) -> None:
         self.loop.close()
-        if not self.gaps.wait(30.0):  # a huge route: left to the next start (its gaps stay pending)
+        if not self.gap_healer.wait(30.0):  # a huge route: left to the next start (its gaps stay pending)
             log.warning("gap repair still running at close; the next start drives it again")
         self._pool.shutdown(wait=True)
 
@@ -148,13 +148,13 @@ class Mirror:
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> MirrorStats:
         """Apply events until stopped (`once`: until every assigned partition is at its end)."""
         self.flush_outbox()  # what a previous process committed but did not publish
-        published = self.gaps.repairs_published
-        self.gaps.drive()  # gaps a previous process recorded and did not finish repairing
+        published = self.gap_healer.repairs_published
+        self.gap_healer.resume()  # gaps a previous process recorded and did not finish repairing
         ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
         # `once` means caught up, gap repairs included: what a repair published is applied too
-        while once and not (stop and stop.is_set()) and self.gaps.wait(max_seconds) and \
-                self.gaps.repairs_published > published:
-            published = self.gaps.repairs_published
+        while once and not (stop and stop.is_set()) and self.gap_healer.wait(max_seconds) and \
+                self.gap_healer.repairs_published > published:
+            published = self.gap_healer.repairs_published
             ls = self.loop.run(once=True, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
         st = self.stats
         st.batches, st.records, st.dead_letters = ls.batches, ls.records, ls.dead_letters
@@ -217,7 +217,7 @@ class Mirror:
     def on_gaps(self, source: str, gaps: list[OffsetGap]) -> None:
         """The consume loop found events of `source` this group will never read: record them and
         repair the routes they feed (mirror/gaps.py)."""
-        self.gaps.record(source, gaps)
+        self.gap_healer.record(source, gaps)
 
     def on_revoked(self, source: str, partitions: list[Any]) -> None:
         self.flush_outbox()  # before another replica takes the partitions
@@ -463,7 +463,7 @@ class Mirror:
 
     def on_idle(self) -> None:
         self._observe_verify()
-        self.gaps.on_idle()
+        self.gap_healer.on_idle()
 
     def _observe_verify(self) -> None:
         """Each route's last verify (recorded in this datacenter's state by whoever ran it: the CLI,

@@ -88,7 +88,7 @@ def test_events_deleted_by_retention_unseen_are_reported_and_repaired(xcfg: XdcC
     _, written = _log_bounds(cfg, events, nparts)
     deadline = time.monotonic() + 90
     while True:  # the broker's retention (checked every second) moves each log start to its end
-        starts, ends = _log_bounds(cfg, events, nparts)
+        starts, _ = _log_bounds(cfg, events, nparts)
         if all(starts[p] >= written[p] for p in range(nparts)):
             break
         assert time.monotonic() < deadline, f"retention did not delete the events: starts {starts}, ends {written}"

@@ -53,7 +53,6 @@ from kafka.errors import KafkaError as _ClientError
 from xdc.errors import KafkaError, ReasonedError, RebalancedError, XdcError
 from xdc.faults import crash_point
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.offset_gaps import OffsetGap, find_gaps
 from xdc.io.kafka import (
     Record,
     commit,
@@ -62,6 +61,7 @@ from xdc.io.kafka import (
     rewind,
     to_records,
 )
+from xdc.io.offset_gaps import OffsetGap, find_gaps
 from xdc.retry import RetryPolicy
 
 log = logging.getLogger(__name__)

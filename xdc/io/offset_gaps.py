@@ -48,7 +48,7 @@ def find_gaps(committed: Mapping[Partition, int | None], starts: Mapping[Partiti
         c = committed.get((topic, part))
         end = ends.get((topic, part), start)
         if c is None:
-            lost: int | None = start if start > 0 else 0
+            lost: int | None = start  # 0 when the log still starts at its first record
         elif c < start:
             lost = start - c
         elif c > end:
