@@ -135,16 +135,20 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        self.loop._unchecked.get(self.source.name, set()).difference_update(revoked)
+        with self.loop._gap_lock:
+            self.loop._unchecked.get(self.source.name, set()).difference_update(revoked)
+            self.loop._assignments[self.source.name] = self.loop._assignments.get(self.source.name, 0) + 1
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         if assigned and getattr(self.loop.handler, "on_gaps", None) is not None:
-            # no broker call here (kafka-python's event loop runs this): pause, the loop checks
-            self.source.consumer.pause(*assigned)
-            self.loop._unchecked.setdefault(self.source.name, set()).update(assigned)
+            # no broker call here (kafka-python's IO thread may run this): pause, the loop checks
+            with self.loop._gap_lock:
+                self.source.consumer.pause(*assigned)
+                self.loop._unchecked.setdefault(self.source.name, set()).update(assigned)
+                self.loop._assignments[self.source.name] = self.loop._assignments.get(self.source.name, 0) + 1
         hook = getattr(self.loop.handler, "on_assigned", None)
         if hook is not None and assigned:
             hook(self.source.name, list(assigned), self.source.consumer)
@@ -173,7 +177,11 @@ class ConsumeLoop:
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
         self._probes: dict[str, list[_Probe]] = {}
         self._last_probe: dict[str, float] = {}
-        self._unchecked: dict[str, set[TopicPartition]] = {}  # source -> assigned, not yet checked for gaps
+        # source -> assigned, not yet checked for gaps; the rebalance listener may run on kafka-python's
+        # IO thread, so these change under the lock, and a check that a rebalance overtook is redone
+        self._unchecked: dict[str, set[TopicPartition]] = {}
+        self._assignments: dict[str, int] = {}  # source -> rebalance callbacks seen
+        self._gap_lock = threading.Lock()
         self.gaps: list[OffsetGap] = []  # every gap found, for the caller's report
         for s in self.sources:
             if s.group is not None and s.topics:
@@ -284,9 +292,10 @@ class ConsumeLoop:
         """Compare the paused new partitions' committed offsets with their logs; hand the gaps to
         the handler, acknowledge them (commit the log start), resume the partitions."""
         consumer = src.consumer
-        parts = sorted(self._unchecked[src.name] & set(consumer.assignment()))
-        if not parts:
-            self._unchecked[src.name].clear()
+        with self._gap_lock:
+            generation = self._assignments.get(src.name, 0)
+            parts = sorted(self._unchecked[src.name] & set(consumer.assignment()))
+        if not parts:  # not (yet) visible in the assignment: looked at again before the next poll
             return
         try:
             with kafka_errors(f"offsets of {src.name} {parts}"):
@@ -303,7 +312,9 @@ class ConsumeLoop:
                                 "unknown" if g.lost is None else g.lost)
                 self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
                 self.gaps.extend(gaps)
-        except Exception as exc:  # noqa: BLE001 - broker or state away: the partitions stay paused
+        except XdcError as exc:  # broker or state away: the partitions stay paused
+            if not exc.retriable:
+                raise  # refused rights, a broken state schema...: waiting will not help
             log.warning("%s: gap check of %s failed (%r); the partitions wait and it is tried again",
                         self.name, src.name, exc)
             self._sleep(1.0, None)
@@ -313,8 +324,11 @@ class ConsumeLoop:
                 commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
             except KafkaError as exc:  # found again after the next assignment; the handler dedupes
                 log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
-        self._unchecked[src.name].difference_update(parts)
-        consumer.resume(*parts)
+        with self._gap_lock:
+            if self._assignments.get(src.name, 0) != generation:
+                return  # a rebalance came meanwhile: its partitions are checked again
+            self._unchecked[src.name].difference_update(parts)
+            consumer.resume(*parts)
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""
