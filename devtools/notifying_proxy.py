@@ -355,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--dc", required=True)
     p.add_argument("--upstream", required=True, help="the gateway, http://127.0.0.1:PORT")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--meta", help="SQLite file for tags and ACLs")
     p.add_argument("--env-file")
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     site = topo.here
     proxy = NotifyingProxy(args.upstream, site.brokers, site.topics.events,
                            credentials=site.config.s3.credentials.resolve(), region=site.config.s3.region,
-                           meta_path=Path(args.meta) if args.meta else None, port=args.port)
+                           meta_path=Path(args.meta) if args.meta else None, host=args.host, port=args.port)
     log.info("notifying proxy for %s on %s -> %s, events on %s", args.dc, proxy.url, args.upstream, site.topics.events)
     proxy.serve_forever()
     return 0

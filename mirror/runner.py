@@ -31,6 +31,7 @@ from kafka import KafkaConsumer
 from mirror.apply import KeyWork, decide, entry_for, plan_batch
 from mirror.gaps import GapHealer
 from mirror.tracing import BatchTrace
+from mirror.twoway import CalledOff, Version, conflict_key, mark_key, settle_delete, settle_put
 from xdc.config import Route
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, IgnoredEvent, ObjectEvent, encode_applied, parse_message
@@ -39,11 +40,12 @@ from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag, kafka_errors
 from xdc.io.offset_gaps import OffsetGap
-from xdc.io.state import CatalogEntry, MetaChange, Outgoing
+from xdc.io.state import CatalogEntry, Conflict, MetaChange, Outgoing
 from xdc.io.store import (
     CANNED_ACLS,
     META_SOURCE_DC,
     META_SOURCE_ETAG,
+    META_SOURCE_KEY,
     META_SOURCE_SEQUENCER,
     ObjectInfo,
     S3Store,
@@ -84,6 +86,15 @@ class TargetUnavailable(XdcError):
     """Some copies found an endpoint unreachable: the batch waits for it (nothing is dead-lettered)."""
 
     retriable = True
+
+
+class Skipped(Exception):
+    """A two-way rule left the target as it is (echo, same content, a local write that wins):
+    counted by `reason`; `entry` (an acknowledgment) is recorded when there is one."""
+
+    def __init__(self, reason: str, entry: CatalogEntry | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.entry = reason, entry
 
 
 class Mirror:
@@ -193,8 +204,10 @@ class Mirror:
         t_commit = time.time()
         applied = self.catalog.commit_batch(  # durable: entries + tags/ACL + outbox + offsets in one transaction
             [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok], tr.headers),
+            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok if e.origin != "echo"],
+                                         tr.headers),
             offsets, meta=[m for _, m in meta])
+        applied = [e for e in applied if e.origin != "echo"]  # acknowledgments (two-way) changed no object
         crash_point("mirror.after_state_commit")
         t_committed = time.time()
         self.flush_outbox()
@@ -284,7 +297,7 @@ class Mirror:
             elif it.route.mode == "metadata":
                 entries.append((it, entry_for(it, applied_time=time.time())))
             else:
-                fn = self._delete if it.event.op == "delete" else self._copy_one
+                fn = functools.partial(self._delete if it.event.op == "delete" else self._copy_one, current=cur)
                 futures.append((it, self._pool.submit(self._trace.bound(it, fn), it)))
         unavailable: list[tuple[Routed, StoreError]] = []
         for it, fut in futures:
@@ -293,6 +306,11 @@ class Mirror:
             except SupersededError as exc:
                 self._ignore(it.route.name, "superseded")
                 log.info("%s", exc)
+                continue
+            except Skipped as skip:
+                self._ignore(it.route.name, skip.reason)
+                if skip.entry is not None:
+                    entries.append((it, skip.entry))
                 continue
             except UnavailableError as exc:
                 unavailable.append((it, exc))
@@ -329,22 +347,86 @@ class Mirror:
         return self.topology.site(it.route.source.dc).store
 
     def _copy_meta(self, it: Routed) -> dict[str, str]:
-        meta = {META_SOURCE_DC: it.route.source.dc}
+        meta = {META_SOURCE_DC: it.route.source.dc, META_SOURCE_KEY: mark_key(it.event.key)}
         if it.event.sequencer:
             meta[META_SOURCE_SEQUENCER] = it.event.sequencer.rstrip("0") or "0"
         return meta
 
-    def _copy_one(self, it: Routed) -> tuple[CatalogEntry, int]:
+    def _copy_one(self, it: Routed, current: CatalogEntry | None = None) -> tuple[CatalogEntry, int]:
+        guard, outcome = self._two_way_guard(it, current) if it.route.two_way else (None, {})
         try:
             landed = self._source(it).copy_to(self.target, it.event.bucket, it.event.key, it.target_bucket,
                                               it.target_key, expect_etag=it.event.etag or None,
-                                              metadata=self._copy_meta(it))
+                                              metadata=self._copy_meta(it), guard=guard)
         except ObjectNotFound as exc:
             raise SupersededError(f"{it.event.bucket}/{it.event.key} is gone from the source") from exc
+        except CalledOff as off:
+            raise self._called_off(it, off) from None
+        if "conflict" in outcome:
+            self._report_conflict(outcome["conflict"])
         return entry_for(it, applied_time=time.time(), size=landed.size, etag=landed.etag,
                          tags=tags_json(landed.tags)), landed.size
 
-    def _delete(self, it: Routed) -> tuple[CatalogEntry, int]:
+    # -- two-way routes: echoes and concurrent writes (rules in mirror/twoway.py) ---------------
+    def _local_version(self, it: Routed) -> Version | None:
+        # A HEAD of the target: a write made in this datacenter is announced only to the other
+        # direction's mirror, so neither the event nor this state can tell whether the key holds one.
+        try:
+            return Version.of(self.dc, self.target.head(it.target_bucket, it.target_key))
+        except ObjectNotFound:
+            return None
+
+    @staticmethod
+    def _acked(current: CatalogEntry | None) -> str | None:
+        """The local version the source is known to hold (its echo came back), if any."""
+        return current.etag if current is not None and current.origin == "echo" and not current.deleted else None
+
+    def _two_way_guard(self, it: Routed, current: CatalogEntry | None
+                       ) -> tuple[Callable[[ObjectInfo], None], dict[str, Conflict]]:
+        """A guard for the copy: it sees the source's GET answer (metadata, Last-Modified) before a
+        byte is written, so an echo costs no request of its own; the target's HEAD is made only
+        when the source is not an echo."""
+        outcome: dict[str, Conflict] = {}
+
+        def guard(info: ObjectInfo) -> None:
+            src = Version.of(it.route.source.dc, info)
+            local = None if src.mark_dc == self.dc else self._local_version(it)
+            verdict = settle_put(src, local, target_dc=self.dc, target_key=it.target_key,
+                                 acked_etag=self._acked(current))
+            if verdict in ("echo", "same", "keep_local"):
+                raise CalledOff(verdict, src, local)
+            if verdict == "overwrite_local" and local is not None:
+                kept = conflict_key(it.target_key, local)
+                self.target.copy_to(self.target, it.target_bucket, it.target_key, it.target_bucket, kept,
+                                    expect_etag=local.etag)
+                outcome["conflict"] = Conflict(it.route.name, it.target_bucket, it.target_key, src.dc, src.etag,
+                                               local.dc, local.etag, kept, "last_writer_wins",
+                                               f"Last-Modified {src.mtime} ({src.dc}) > {local.mtime} ({local.dc})")
+        return guard, outcome
+
+    def _called_off(self, it: Routed, off: CalledOff) -> Skipped:
+        if off.verdict == "keep_local":  # the other side's mirror overwrites and reports
+            return Skipped("conflict_lost")
+        # echo / same: the target holds the version; acknowledge it (origin "echo", its ETag)
+        held = off.local.etag if off.verdict == "same" and off.local is not None else off.src.mark_etag or off.src.etag
+        return Skipped(off.verdict, entry_for(it, applied_time=time.time(), size=it.event.size, etag=held,
+                                              origin="echo", source_etag=off.src.etag))
+
+    def _report_conflict(self, c: Conflict) -> None:
+        log.warning("two-way conflict on %s %s/%s: %s wins over %s (%s kept at %s)", c.route, c.bucket, c.key,
+                    c.winner_dc, c.loser_dc, c.loser_etag, c.kept_key)
+        self.site.state.incidents.record_conflict(c)
+        self.metrics.conflicts_total.labels(route=c.route).inc()
+
+    def _delete(self, it: Routed, current: CatalogEntry | None = None) -> tuple[CatalogEntry, int]:
+        if it.route.two_way:
+            local = self._local_version(it)
+            if settle_delete(local, source_dc=it.route.source.dc, acked_etag=self._acked(current)) != "delete":
+                assert local is not None
+                self._report_conflict(Conflict(it.route.name, it.target_bucket, it.target_key, local.dc, local.etag,
+                                               it.route.source.dc, "", None, "write_beats_delete",
+                                               "a delete met a write the source had not seen"))
+                raise Skipped("write_beats_delete")
         try:
             self.target.delete(it.target_bucket, it.target_key)
         except ObjectNotFound:

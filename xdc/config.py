@@ -344,11 +344,21 @@ class Location(_Model):
         return bucket == self.bucket and key.startswith(self.prefix)
 
 
+class TwoWay(_Model):
+    """How a route that has a mirror image (B->A over the same data as A->B) settles concurrent
+    writes of one key in both datacenters (README "Guarantees", two-way routes)."""
+
+    # the newer version by the store's Last-Modified wins, ties to the datacenter whose name sorts
+    # last; the other version is kept beside the key and reported as a conflict
+    conflict: Literal["last_writer_wins"]
+
+
 class Route(_Model):
     name: str = ""
     source: Location
     target: Location
     mode: Literal["metadata", "data"] = "metadata"
+    two_way: TwoWay | None = None  # required when a route in the other direction covers the same data
 
     @model_validator(mode="after")
     def _name(self) -> Route:
@@ -360,6 +370,18 @@ class Route(_Model):
 
     def target_key(self, source_key: str) -> str:
         return self.target.prefix + source_key[len(self.source.prefix):]
+
+    def mirrors(self, other: Route) -> bool:
+        """`other` runs the other way over data this route also covers (a two-way pair): its
+        target is this route's source datacenter and bucket, with overlapping prefixes."""
+        return (other.source.dc == self.target.dc and other.target.dc == self.source.dc
+                and other.source.bucket == self.target.bucket and other.target.bucket == self.source.bucket
+                and _overlap(other.target.prefix, self.source.prefix)
+                and _overlap(other.source.prefix, self.target.prefix))
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a.startswith(b) or b.startswith(a)
 
 
 class MirrorSettings(_Model):
@@ -493,6 +515,13 @@ class XdcConfig(_Model):
                     raise ValueError(f"route {r.name}: unknown datacenter {end.dc!r} (known: {sorted(dcs)})")
         if len({r.name for r in self.routes}) != len(self.routes):
             raise ValueError("route names must be unique")
+        for r in self.routes:
+            other = next((o for o in self.routes if r.mirrors(o)), None)
+            if other is not None and r.two_way is None:
+                raise ValueError(
+                    f"routes {r.name} and {other.name} mirror the same data both ways: give both "
+                    "`two_way: {conflict: last_writer_wins}` (how concurrent writes of one key in both "
+                    "datacenters are settled; see README, Guarantees)")
         for dc in self.prewarm.datacenters:
             if dc not in dcs:
                 raise ValueError(f"prewarm.datacenters: unknown datacenter {dc!r}")

@@ -77,6 +77,12 @@ class Metrics:
             "Change events consumed but deliberately not applied, by reason: stale, duplicate, superseded, "
             "echo, families ignored by design (restore, replication, transition, tiering, accessed).",
             ["route", "reason"], registry=r)
+        self.conflicts_total = Counter(
+            "xdc_conflicts_total",
+            "Concurrent writes of one key in both datacenters of a two-way route, settled by the route's "
+            "conflict policy (the losing version is kept beside the key), counted by the mirror that "
+            "replaced its local version.",
+            ["route"], registry=r)
         self.bytes_copied_total = Counter(
             "xdc_bytes_copied_total",
             "Object bytes copied into the target datacenter.",
@@ -218,6 +224,7 @@ class Metrics:
         for op in ("put", "delete", "tags", "acl"):
             self.events_applied_total.labels(route, op)
         self.bytes_copied_total.labels(route)
+        self.conflicts_total.labels(route)
 
 
 REGISTRY: CollectorRegistry = new_registry()

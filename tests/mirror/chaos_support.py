@@ -79,6 +79,7 @@ class Workload:
     data_prefix: str = "camera/"
     meta_prefix: str = "lidar/"
     live: dict[str, int] = field(default_factory=dict)  # key -> size, what the source should hold
+    written: dict[str, str] = field(default_factory=dict)  # key -> MD5 of the bytes last written (live keys)
     published: int = 0
     deletes: int = 0
 
@@ -97,6 +98,7 @@ class Workload:
             key = self.rng.choice(keys)
             self.store.delete(SRC_BUCKET, key)  # announced by the store
             del self.live[key]
+            del self.written[key]
             self.published += 1
             self.deletes += 1
             return
@@ -109,6 +111,7 @@ class Workload:
         data = blob(self.rng, self.rng.randint(1, 48_000))
         self.store.put(SRC_BUCKET, key, data)  # announced by the store
         self.live[key] = len(data)
+        self.written[key] = md5(data)
         self.published += 1
 
     def flush(self) -> None:

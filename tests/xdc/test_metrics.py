@@ -37,6 +37,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_dataset_ready": ("gauge", {"dataset", "dc"}),
     "xdc_last_apply_timestamp_seconds": ("gauge", {"route"}),
     "xdc_verify_drift_objects": ("gauge", {"route"}),
+    "xdc_conflicts": ("counter", {"route"}),
     "xdc_verify_last_run_timestamp_seconds": ("gauge", {"route"}),
     "xdc_log_problems": ("counter", {"component", "signature"}),
     "xdc_problem_first_seen_timestamp_seconds": ("gauge", {"component", "signature"}),

@@ -50,6 +50,7 @@ T = TypeVar("T")
 META_SOURCE_ETAG = "xdc-source-etag"
 META_SOURCE_SEQUENCER = "xdc-source-sequencer"
 META_SOURCE_DC = "xdc-source-dc"  # the datacenter whose object this is a copy of (echo detection)
+META_SOURCE_KEY = "xdc-source-key"  # the key it is a copy of, URL-quoted (echo detection)
 META_SOURCE_MTIME = "xdc-source-mtime"  # the source's last-modified (two-way conflict policy)
 
 CANNED_ACLS = ("private", "public-read", "public-read-write", "authenticated-read")
