@@ -33,9 +33,10 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   the handler's `on_gaps(source, gaps)` records them (durably, before it returns), then the log
   start is committed for those partitions, so a restart does not find the same gap again. The
   check is a broker round trip, so it does not run in the rebalance listener (kafka-python calls
-  it on its event loop, where a blocking call would stall heartbeats): the listener pauses the
-  new partitions and the loop checks and resumes them before its next poll of that source. A
-  check that fails (broker away, state down) leaves them paused and is tried again.
+  it on its event loop, where a blocking call would stall heartbeats): the listener only forgets
+  revoked partitions, and the loop checks a partition it has not checked since it was assigned
+  before handling its first batch, and when idle (a log that retention emptied brings no batch).
+  A check that fails (broker away, state down) rewinds that batch and is tried again.
 """
 from __future__ import annotations
 
@@ -135,20 +136,13 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        with self.loop._gap_lock:
-            self.loop._unchecked.get(self.source.name, set()).difference_update(revoked)
-            self.loop._assignments[self.source.name] = self.loop._assignments.get(self.source.name, 0) + 1
+        with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
+            self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        if assigned and getattr(self.loop.handler, "on_gaps", None) is not None:
-            # no broker call here (kafka-python's IO thread may run this): pause, the loop checks
-            with self.loop._gap_lock:
-                self.source.consumer.pause(*assigned)
-                self.loop._unchecked.setdefault(self.source.name, set()).update(assigned)
-                self.loop._assignments[self.source.name] = self.loop._assignments.get(self.source.name, 0) + 1
         hook = getattr(self.loop.handler, "on_assigned", None)
         if hook is not None and assigned:
             hook(self.source.name, list(assigned), self.source.consumer)
@@ -177,10 +171,9 @@ class ConsumeLoop:
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
         self._probes: dict[str, list[_Probe]] = {}
         self._last_probe: dict[str, float] = {}
-        # source -> assigned, not yet checked for gaps; the rebalance listener may run on kafka-python's
-        # IO thread, so these change under the lock, and a check that a rebalance overtook is redone
-        self._unchecked: dict[str, set[TopicPartition]] = {}
-        self._assignments: dict[str, int] = {}  # source -> rebalance callbacks seen
+        # source -> partitions checked for gaps since they were assigned; the rebalance listener runs
+        # on kafka-python's IO thread and removes revoked ones, hence the lock
+        self._checked: dict[str, set[TopicPartition]] = {}
         self._gap_lock = threading.Lock()
         self.gaps: list[OffsetGap] = []  # every gap found, for the caller's report
         for s in self.sources:
@@ -215,8 +208,6 @@ class ConsumeLoop:
                     break
                 progressed = False
                 for src in self.sources:
-                    if self._unchecked.get(src.name):
-                        self._check_gaps(src)
                     try:
                         with kafka_errors(f"poll {src.name}"):
                             polled = src.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
@@ -231,6 +222,7 @@ class ConsumeLoop:
                     batch = Batch(src.name, records)
                     ident = (src.name, records[0].topic, records[0].partition, records[0].offset)
                     try:
+                        self._check_gaps(src, {TopicPartition(r.topic, r.partition) for r in records})
                         letters = self._handle(batch)
                         self._send_letters(letters, src.name)
                     except XdcError as exc:
@@ -271,6 +263,13 @@ class ConsumeLoop:
                 if progressed:
                     idle = 0
                     continue
+                for src in self.sources:
+                    try:
+                        self._check_gaps(src, set(src.consumer.assignment()))
+                    except XdcError as exc:
+                        if not exc.retriable:
+                            raise
+                        log.warning("%s: gap check of %s failed (%r); tried again", self.name, src.name, exc)
                 on_idle = getattr(self.handler, "on_idle", None)
                 if on_idle is not None:
                     on_idle()
@@ -288,47 +287,37 @@ class ConsumeLoop:
             st.seconds += time.monotonic() - t0
         return st
 
-    def _check_gaps(self, src: Source) -> None:
-        """Compare the paused new partitions' committed offsets with their logs; hand the gaps to
-        the handler, acknowledge them (commit the log start), resume the partitions."""
-        consumer = src.consumer
+    def _check_gaps(self, src: Source, parts: set[TopicPartition]) -> None:
+        """Compare the committed offsets of those of `parts` not checked since their assignment with
+        their logs; hand the gaps to the handler (durably recorded when it returns) and acknowledge
+        them (commit the log start). Raises a retriable XdcError when the broker or state is away."""
+        if getattr(self.handler, "on_gaps", None) is None or src.group is None:
+            return
         with self._gap_lock:
-            generation = self._assignments.get(src.name, 0)
-            parts = sorted(self._unchecked[src.name] & set(consumer.assignment()))
-        if not parts:  # not (yet) visible in the assignment: looked at again before the next poll
+            todo = sorted(parts - self._checked.get(src.name, set()))
+        if not todo:
             return
-        try:
-            with kafka_errors(f"offsets of {src.name} {parts}"):
-                starts = consumer.beginning_offsets(parts, timeout_ms=10_000)
-                ends = consumer.end_offsets(parts, timeout_ms=10_000)
-                committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in parts}
-            gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
-                             {(tp.topic, tp.partition): s for tp, s in starts.items()},
-                             {(tp.topic, tp.partition): e for tp, e in ends.items()})
-            if gaps:
-                for g in gaps:
-                    log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
-                                self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
-                                "unknown" if g.lost is None else g.lost)
-                self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
-                self.gaps.extend(gaps)
-        except XdcError as exc:  # broker or state away: the partitions stay paused
-            if not exc.retriable:
-                raise  # refused rights, a broken state schema...: waiting will not help
-            log.warning("%s: gap check of %s failed (%r); the partitions wait and it is tried again",
-                        self.name, src.name, exc)
-            self._sleep(1.0, None)
-            return
+        consumer = src.consumer
+        with kafka_errors(f"offsets of {src.name} {todo}"):
+            starts = consumer.beginning_offsets(todo, timeout_ms=10_000)
+            ends = consumer.end_offsets(todo, timeout_ms=10_000)
+            committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in todo}
+        gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
+                         {(tp.topic, tp.partition): s for tp, s in starts.items()},
+                         {(tp.topic, tp.partition): e for tp, e in ends.items()})
         if gaps:
+            for g in gaps:
+                log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
+                            self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
+                            "unknown" if g.lost is None else g.lost)
+            self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
+            self.gaps.extend(gaps)
             try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
                 commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
             except KafkaError as exc:  # found again after the next assignment; the handler dedupes
                 log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
         with self._gap_lock:
-            if self._assignments.get(src.name, 0) != generation:
-                return  # a rebalance came meanwhile: its partitions are checked again
-            self._unchecked[src.name].difference_update(parts)
-            consumer.resume(*parts)
+            self._checked.setdefault(src.name, set()).update(tp for tp in todo if tp in consumer.assignment())
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""
