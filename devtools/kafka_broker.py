@@ -267,6 +267,11 @@ def _properties(broker_dir: Path, port: int, controller_port: int, secure: Secur
         # after a kill -9 the restarted node waits for its old registration's session to expire
         # (9 s by default) before it serves again: keep that short, with frequent heartbeats
         "broker.session.timeout.ms=4000",
+        # retention is applied every second (Kafka: every 5 minutes, after a 30 s start delay), so a
+        # topic given a short retention.ms loses its old events in seconds, as a production topic
+        # does in days (the offset-gap tests); topics with the default retention are not affected
+        "log.retention.check.interval.ms=1000",
+        "log.initial.task.delay.ms=0",
         "broker.heartbeat.interval.ms=500",
         "num.network.threads=2",
         "num.io.threads=4",

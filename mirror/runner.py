@@ -29,6 +29,7 @@ from typing import Any
 from kafka import KafkaConsumer
 
 from mirror.apply import KeyWork, decide, entry_for, plan_batch
+from mirror.gaps import GapHealer
 from mirror.tracing import BatchTrace
 from mirror.twoway import CalledOff, Version, conflict_key, mark_key, settle_delete, settle_put
 from xdc.config import Route
@@ -38,6 +39,7 @@ from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag, kafka_errors
+from xdc.io.offset_gaps import OffsetGap
 from xdc.io.state import CatalogEntry, Conflict, MetaChange, Outgoing
 from xdc.io.store import (
     CANNED_ACLS,
@@ -118,6 +120,7 @@ class Mirror:
         self.stats = MirrorStats()
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
+        self.gap_healer = GapHealer(topology, self.group_id, self.routes, self.metrics)
         self._lag_observed_at = 0.0
         self._verify_observed_at = -1e9
         self._swept_at = float("-inf")  # the first batch with copies sweeps
@@ -126,6 +129,7 @@ class Mirror:
             site = topology.site(src)
             self._consumers[src] = site.consumer(self.group_id)
             sources.append(Source(src, self._consumers[src], self.group_id, (site.topics.events,)))
+            self.metrics.event_gaps_total.labels(site.topics.events)  # zero series for increase()
         self.loop = ConsumeLoop(
             sources, self, name="mirror", max_records=self.settings.batch_max_records,
             poll_timeout_s=self.settings.batch_max_seconds,
@@ -142,6 +146,8 @@ class Mirror:
 
     def close(self) -> None:
         self.loop.close()
+        if not self.gap_healer.wait(30.0):  # a huge route: left to the next start (its gaps stay pending)
+            log.warning("gap repair still running at close; the next start drives it again")
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Mirror:
@@ -157,7 +163,14 @@ class Mirror:
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> MirrorStats:
         """Apply events until stopped (`once`: until every assigned partition is at its end)."""
         self.flush_outbox()  # what a previous process committed but did not publish
+        published = self.gap_healer.repairs_published
+        self.gap_healer.resume()  # gaps a previous process recorded and did not finish repairing
         ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        # `once` means caught up, gap repairs included: what a repair published is applied too
+        while once and not (stop and stop.is_set()) and self.gap_healer.wait(max_seconds) and \
+                self.gap_healer.repairs_published > published:
+            published = self.gap_healer.repairs_published
+            ls = self.loop.run(once=True, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
         st = self.stats
         st.batches, st.records, st.dead_letters = ls.batches, ls.records, ls.dead_letters
         st.seconds, st.busy_seconds = ls.seconds, ls.busy_seconds
@@ -217,6 +230,11 @@ class Mirror:
             raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
                                     f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
         return letters
+
+    def on_gaps(self, source: str, gaps: list[OffsetGap]) -> None:
+        """The consume loop found events of `source` this group will never read: record them and
+        repair the routes they feed (mirror/gaps.py)."""
+        self.gap_healer.record(source, gaps)
 
     def on_revoked(self, source: str, partitions: list[Any]) -> None:
         self.flush_outbox()  # before another replica takes the partitions
@@ -598,6 +616,7 @@ class Mirror:
 
     def on_idle(self) -> None:
         self._observe_verify()
+        self.gap_healer.on_idle()
 
     def _observe_verify(self) -> None:
         """Each route's last verify (recorded in this datacenter's state by whoever ran it: the CLI,

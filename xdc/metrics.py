@@ -96,6 +96,15 @@ class Metrics:
             "xdc_dead_letters_total",
             "Messages written to a dead-letter topic, by the topic they came from and reason.",
             ["topic", "reason"], registry=r)
+        self.event_gaps_total = Counter(
+            "xdc_event_gaps_total",
+            "Offset gaps found before consuming: partitions of the topic whose committed offset was behind the "
+            "log start (retention removed events unread), or with no offset on a log that no longer starts at 0.",
+            ["topic"], registry=r)
+        self.event_gap_lost_offsets_total = Counter(
+            "xdc_event_gap_lost_offsets_total",
+            "Offsets (at most one event each) removed from the topic before the group read them, over all gaps.",
+            ["topic"], registry=r)
         self.last_apply_timestamp_seconds = Gauge(
             "xdc_last_apply_timestamp_seconds",
             "Unix time of the last change event applied on the route.",

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm" / "xdc-mirror" / "files" / "alerts.rules.yaml"
 RULE_TESTS = Path(__file__).with_name("alerts.test.yaml")
 ALERTS = {"XdcReplicationLagHigh", "XdcConsumerLagGrowing", "XdcDeadLettersRising",
-          "XdcPrewarmPastDeadline", "XdcDatasetNotReady", "XdcVerifyDrift", "XdcNewProblem", "XdcTwoWayConflicts"}
+          "XdcPrewarmPastDeadline", "XdcDatasetNotReady", "XdcVerifyDrift", "XdcNewProblem", "XdcEventGap",
+          "XdcTwoWayConflicts"}
 
 METRIC_RE = re.compile(r"\bxdc_[a-z0-9_]+\b")
 SELECTOR_RE = re.compile(r"\b(xdc_[a-z0-9_]+)\s*\{([^}]*)\}")

@@ -22,6 +22,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_bytes_copied": ("counter", {"route"}),
     "xdc_dead_letters": ("counter", {"topic", "reason"}),
     "xdc_copies_etag_changed": ("counter", {"route"}),
+    "xdc_event_gaps": ("counter", {"topic"}),
+    "xdc_event_gap_lost_offsets": ("counter", {"topic"}),
     "xdc_resize_frames": ("counter", {"result"}),
     "xdc_resize_seconds": ("histogram", set()),
     "xdc_resize_bytes_in": ("counter", set()),

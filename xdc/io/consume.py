@@ -28,7 +28,17 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   has passed a probe's ends, every record appended before that probe was handled: `applied_through`
   (wall-clock seconds, per source) moves to the probe's time, and the handler's
   `on_applied_through` hears of it. While a source cannot be reached no probe succeeds, so
-  now - applied_through bounds the lag of everything still pending and keeps growing.
+  now - applied_through bounds the lag of everything still pending and keeps growing;
+- before a newly assigned partition is read, its committed offset is compared with the log's start
+  and end (`xdc.io.offset_gaps`: the rule): when the group will never see some of its records
+  (retention removed them unread, or the group has no offset and the log no longer starts at 0),
+  the handler's `on_gaps(source, gaps)` records them (durably, before it returns), then the log
+  start is committed for those partitions, so a restart does not find the same gap again. The
+  check is a broker round trip, so it does not run in the rebalance listener (kafka-python calls
+  it on its event loop, where a blocking call would stall heartbeats): the listener only forgets
+  revoked partitions, and the loop checks a partition it has not checked since it was assigned
+  before handling its first batch, and when idle (a log that retention emptied brings no batch).
+  A check that fails (broker away, state down) rewinds that batch and is tried again.
 """
 from __future__ import annotations
 
@@ -54,6 +64,7 @@ from xdc.io.kafka import (
     rewind,
     to_records,
 )
+from xdc.io.offset_gaps import OffsetGap, find_gaps
 from xdc.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -89,7 +100,8 @@ class Letter:
 class Handler(Protocol):
     """Optional hooks, called when defined: `on_letters(source, letters)` once letters are flushed,
     `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)`,
-    `on_assigned(source, partitions, consumer)`."""
+    `on_assigned(source, partitions, consumer)`, `on_gaps(source, gaps)` (records them durably;
+    the partitions are read on once it returns)."""
 
     def handle(self, batch: Batch) -> Sequence[Letter]:
         """Do the batch's work durably; return the records to dead-letter."""
@@ -126,6 +138,8 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
+            self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
@@ -159,6 +173,11 @@ class ConsumeLoop:
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
         self._probes: dict[str, list[_Probe]] = {}
         self._last_probe: dict[str, float] = {}
+        # source -> partitions checked for gaps since they were assigned; the rebalance listener runs
+        # on kafka-python's IO thread and removes revoked ones, hence the lock
+        self._checked: dict[str, set[TopicPartition]] = {}
+        self._gap_lock = threading.Lock()
+        self.gaps: list[OffsetGap] = []  # every gap found, for the caller's report
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
@@ -205,6 +224,7 @@ class ConsumeLoop:
                     batch = Batch(src.name, records)
                     ident = (src.name, records[0].topic, records[0].partition, records[0].offset)
                     try:
+                        self._check_gaps(src, {TopicPartition(r.topic, r.partition) for r in records})
                         letters = self._handle(batch)
                         self._send_letters(letters, src.name)
                     except XdcError as exc:
@@ -245,6 +265,13 @@ class ConsumeLoop:
                 if progressed:
                     idle = 0
                     continue
+                for src in self.sources:
+                    try:
+                        self._check_gaps(src, set(src.consumer.assignment()))
+                    except XdcError as exc:
+                        if not exc.retriable:
+                            raise
+                        log.warning("%s: gap check of %s failed (%r); tried again", self.name, src.name, exc)
                 on_idle = getattr(self.handler, "on_idle", None)
                 if on_idle is not None:
                     on_idle()
@@ -261,6 +288,38 @@ class ConsumeLoop:
         finally:
             st.seconds += time.monotonic() - t0
         return st
+
+    def _check_gaps(self, src: Source, parts: set[TopicPartition]) -> None:
+        """Compare the committed offsets of those of `parts` not checked since their assignment with
+        their logs; hand the gaps to the handler (durably recorded when it returns) and acknowledge
+        them (commit the log start). Raises a retriable XdcError when the broker or state is away."""
+        if getattr(self.handler, "on_gaps", None) is None or src.group is None:
+            return
+        with self._gap_lock:
+            todo = sorted(parts - self._checked.get(src.name, set()))
+        if not todo:
+            return
+        consumer = src.consumer
+        with kafka_errors(f"offsets of {src.name} {todo}"):
+            starts = consumer.beginning_offsets(todo, timeout_ms=10_000)
+            ends = consumer.end_offsets(todo, timeout_ms=10_000)
+            committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in todo}
+        gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
+                         {(tp.topic, tp.partition): s for tp, s in starts.items()},
+                         {(tp.topic, tp.partition): e for tp, e in ends.items()})
+        if gaps:
+            for g in gaps:
+                log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
+                            self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
+                            "unknown" if g.lost is None else g.lost)
+            self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
+            self.gaps.extend(gaps)
+            try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
+                commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
+            except KafkaError as exc:  # found again after the next assignment; the handler dedupes
+                log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
+        with self._gap_lock:
+            self._checked.setdefault(src.name, set()).update(tp for tp in todo if tp in consumer.assignment())
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""

@@ -75,7 +75,8 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
         b.verify.record({"route": route, "started": now - 5, "finished": now - 4, "trigger": "schedule",
                          "source_listed": 60, "target_listed": 59, "missing": missing, "extra": 0, "differ": differ,
                          "matched": 60 - missing - differ, "errors": 0, "repaired": 0, "sample": []})
-    b.incidents.record_gap(Gap(f"{tag}-mirror.B", f"{tag}.events", 2, 10, 40, 30, ("camera", "lidar"),
+    # a gap of another group (this test's mirror would repair a gap of its own at its next start)
+    b.incidents.record_gap(Gap(f"{tag}-old-mirror.B", f"{tag}.events", 2, 10, 40, 30, ("camera", "lidar"),
                                "verify --repair started"))
     b.incidents.record_conflict(Conflict("camera", "idcb-drive", f"camera/{tag}/both.jpg", "A", "a" * 32, "B",
                                          "b" * 32, f"camera/{tag}/both.jpg.xdc-conflict-B-bbbbbbbbbbbb",
@@ -160,7 +161,8 @@ def _check_page(page: Any, truth: dict[str, Any]) -> None:
     assert int(_shown(page, "route-verify-drift.B.camera")) == 2 and int(_shown(page, "route-verify-drift.B.lidar")) == 0
     assert "2 differ (1 missing, 0 extra, 1 changed)" in b.locator("tr[data-route='camera'] td.verify").inner_text()
     assert "in sync" in b.locator("tr[data-route='lidar'] td.verify").inner_text()
-    assert "40" in b.locator("table.gaps").inner_text() and "verify --repair started" in b.locator("table.gaps").inner_text()
+    gaps = b.locator("table.gaps").inner_text()
+    assert "40" in gaps and "verify --repair started" in gaps and "pending" in gaps
     assert "xdc-conflict-B" in b.locator("table.conflicts").inner_text()
     assert re.search(r"\b[56] m \d+ s ago", b.locator("tr[data-dataset='drive-2026-11']").inner_text())  # ready since
     for node, used, fill in (("b0", 950 * MIB, 0.95), ("b1", 300 * MIB, 0.3)):

@@ -188,7 +188,18 @@ class Incidents(ABC):
     def record_quarantine(self, bucket: str, key: str, reason: str, detail: str) -> None: ...
 
     @abstractmethod
-    def record_gap(self, gap: Gap) -> None: ...
+    def record_gap(self, gap: Gap) -> bool:
+        """Record a gap with repair status "pending"; False (nothing recorded) when the same gap
+        (group, topic, partition, committed offset) is already recorded and not yet repaired (a
+        process that died before acknowledging it finds it again)."""
+
+    @abstractmethod
+    def open_gaps(self, group: str) -> list[dict[str, Any]]:
+        """The group's gaps whose repair has not finished (status "pending"), oldest first."""
+
+    @abstractmethod
+    def finish_gap(self, gap_id: int, status: str, repair: str) -> None:
+        """Set a gap's repair status ("repaired", "failed") and what was done."""
 
     @abstractmethod
     def record_conflict(self, conflict: Conflict) -> None: ...

@@ -183,5 +183,15 @@ CREATE TABLE IF NOT EXISTS etag_changes (
 """),
 )
 
+MIGRATIONS += (
+    # a gap's repair (a verify with repair of the routes it feeds) is re-driven until it finished;
+    # rows from before have no repair of this kind to drive
+    Migration(10, "gap repair status", """
+ALTER TABLE gaps ADD COLUMN status {text} NOT NULL DEFAULT 'recorded';
+ALTER TABLE gaps ADD COLUMN repaired_at {float};
+CREATE INDEX IF NOT EXISTS gaps_open ON gaps (grp, status)
+"""),
+)
+
 # branches append their migrations with numbers of their own; gaps are fine, order is by number
 LATEST = max(m.version for m in MIGRATIONS)

@@ -375,12 +375,25 @@ class SqlIncidents(Incidents):
             tx.execute("INSERT INTO quarantine (time, bucket, key, reason, detail) VALUES (?, ?, ?, ?, ?)",
                        (time.time(), bucket, key, reason, detail[:DETAIL_MAX]))
 
-    def record_gap(self, gap: Gap) -> None:
+    def record_gap(self, gap: Gap) -> bool:
         with self.db.transaction() as tx:
-            tx.execute("INSERT INTO gaps (time, grp, topic, part, committed, log_start, lost, routes, repair) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            same = tx.rows("SELECT committed FROM gaps WHERE grp = ? AND topic = ? AND part = ? "
+                           "AND status = 'pending'", (gap.group, gap.topic, gap.partition))
+            if any(row["committed"] == gap.committed for row in same):
+                return False
+            tx.execute("INSERT INTO gaps (time, grp, topic, part, committed, log_start, lost, routes, repair, status) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')",
                        (time.time(), gap.group, gap.topic, gap.partition, gap.committed, gap.log_start, gap.lost,
                         ",".join(gap.routes), gap.repair[:DETAIL_MAX]))
+            return True
+
+    def open_gaps(self, group: str) -> list[dict[str, Any]]:
+        return self.db.rows("SELECT * FROM gaps WHERE grp = ? AND status = 'pending' ORDER BY id", (group,))
+
+    def finish_gap(self, gap_id: int, status: str, repair: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE gaps SET status = ?, repair = ?, repaired_at = ? WHERE id = ?",
+                       (status, repair[:DETAIL_MAX], time.time(), gap_id))
 
     def record_conflict(self, c: Conflict) -> None:
         with self.db.transaction() as tx:
