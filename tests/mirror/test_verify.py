@@ -14,6 +14,7 @@ from mirror.verify import verify_route
 from tests.mirror.chaos_support import child_env, variant, write_config
 from tests.support import silent_store, site, topo
 from xdc.config import XdcConfig
+from xdc.io.store import META_SOURCE_ETAG
 from xdc.metrics import Metrics, new_registry
 
 pytestmark = pytest.mark.both_backends(postgres="stress")
@@ -96,7 +97,12 @@ def test_multipart_etags_are_compared_through_the_recorded_source_etag(xcfg: Xdc
         "Parts": [{"PartNumber": n + 1, "ETag": p["ETag"]} for n, p in enumerate(parts)]})
     assert _mirror(cfg) == 1  # the store announced CompleteMultipartUpload
     s, t = site(cfg, "A").store.head(SRC, key), site(cfg, "B").store.head(DST, key)
-    assert s.etag.endswith("-2") and "-" not in t.etag  # copied in one PUT: the ETags differ ...
+    assert s.etag.endswith("-2") and t.etag == s.etag  # the copy kept the part layout
+    rep = verify_route(topo(cfg, "A"), "camera")
+    assert (rep.matched, rep.drift) == (1, 0)
+    # a copy that could not keep the layout writes it in one PUT and records the source's ETag
+    silent_store(cfg, "B").put(DST, key, b"a" * 5 * 2**20 + b"b" * 1000, metadata={META_SOURCE_ETAG: s.etag})
+    assert "-" not in site(cfg, "B").store.head(DST, key).etag  # the ETags differ ...
     rep = verify_route(topo(cfg, "A"), "camera")
     assert (rep.matched, rep.drift) == (1, 0)  # ... and still match
     silent_store(cfg, "B").put(DST, key, b"c" * (5 * 2**20 + 1000))  # same size, other bytes
