@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,26 +23,14 @@ import pytest
 from cache_client.prewarm.pipeline import Request, check_list
 from cache_client.prewarm.release import publish_release
 from tests.cache_client.test_release import _list, _mirrored_files, _ready
-from tests.mirror.chaos_support import child_env, committed_offsets, write_config
+from tests.mirror.chaos_support import committed_offsets, spawn_xdc, write_config
 from tests.support import read_topic, site
 from xdc.config import XdcConfig
 from xdc.events import ReleaseEvent
 
 pytestmark = [pytest.mark.both_backends(postgres="stress"), pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 RELEASE_POINTS = ("releases.after_warm", "releases.before_commit")
-
-
-def _spawn(cfg_file: Path, log: Path, *args: str, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = child_env()
-    env.pop("XDC_CRASH_AT", None)
-    if crash_at:
-        env["XDC_CRASH_AT"] = crash_at
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B",
-                                 "prewarm", "follow", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -70,7 +57,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
     cfg_file = write_config(xcfg, tmp_path / "xdc.yaml")
     log = tmp_path / "follow.log"
 
-    rc = _wait(_spawn(cfg_file, log, crash_at=point), timeout=180)
+    rc = _wait(spawn_xdc(cfg_file, "B", ["prewarm", "follow"], log, crash_at=point), timeout=180)
     text = log.read_text(errors="replace")
     assert rc == -signal.SIGKILL and f"crash point {point} reached (hit 1)" in text, (rc, text[-3000:])
 
@@ -85,7 +72,8 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
         assert (entry.state, entry.has_result) == ("warm", True), entry
 
     # -- restart, drain: one outcome, warm, the offset past the release only now -------------------
-    assert _wait(_spawn(cfg_file, log, "--once"), timeout=180) == 0, log.read_text(errors="replace")[-3000:]
+    rc = _wait(spawn_xdc(cfg_file, "B", ["prewarm", "follow", "--once"], log), timeout=180)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
     entries = [e for e in b.state.releases.entries() if e.dataset == dataset]
     assert [(e.version, e.state) for e in entries] == [("v1", "warm")], entries
     # after_warm: warmed again (no outcome was recorded); before_commit: the outcome found, no second warm

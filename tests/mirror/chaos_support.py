@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,3 +188,27 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def crash_seed() -> int:
+    """The seed of a random kill schedule, printed so a failure can be replayed (XDC_CRASH_SEED)."""
+    seed = int(os.environ.get("XDC_CRASH_SEED") or random.randrange(1, 2**32))
+    print(f"\nrandom schedule seed {seed} (replay with XDC_CRASH_SEED={seed})")
+    return seed
+
+
+def spawn_xdc(cfg_file: Path, dc: str, command: Sequence[str], log: Path,
+              crash_at: str | None = None) -> subprocess.Popen[bytes]:
+    """`xdc --config CFG --dc DC COMMAND...` in a session of its own (killed as a group), its output
+    appended to `log`; `crash_at` arms a named crash point (XDC_CRASH_AT=NAME[:N], xdc/faults.py)."""
+    env = child_env()
+    env.pop("XDC_CRASH_AT", None)
+    if crash_at:
+        env["XDC_CRASH_AT"] = crash_at
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", dc,
+                                 *command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)

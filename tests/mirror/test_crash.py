@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +21,11 @@ import pytest
 from tests.mirror.chaos_support import (
     Workload,
     applied_events,
-    child_env,
     committed_offsets,
     compare_data,
     compare_metadata,
+    crash_seed,
+    spawn_xdc,
     write_config,
 )
 from tests.support import read_topic, site
@@ -33,26 +33,8 @@ from xdc.config import XdcConfig
 
 pytestmark = pytest.mark.both_backends(postgres="stress")
 
-ROOT = Path(__file__).resolve().parents[2]
 # short session: a killed member leaves the group fast, so the restarted one is assigned quickly
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 300}
-
-
-def _spawn(cfg_file: Path, mode: str, log: Path, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = child_env()
-    env.pop("XDC_CRASH_AT", None)
-    if crash_at:
-        env["XDC_CRASH_AT"] = crash_at
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B",
-                                 "mirror", "run", mode], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _seed() -> int:
-    seed = int(os.environ.get("XDC_CRASH_SEED") or random.randrange(1, 2**32))
-    print(f"\nrandom schedule seed {seed} (replay with XDC_CRASH_SEED={seed})")
-    return seed
 
 
 # Every named point of the mirror's path (xdc/faults.py), in the order a batch passes them.
@@ -104,7 +86,7 @@ def _verify(xcfg: XdcConfig, tag: str, group: str) -> dict[str, Any]:
 def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str, tmp_path: Path) -> None:
     """The process kills itself at `point` in its N-th batch (N from the seed). Right after the kill
     the state shows the window it died in; a restart then loses nothing and applies nothing twice."""
-    rng = random.Random(_seed())
+    rng = random.Random(crash_seed())
     nth = rng.randint(1, 3)
     # the default 6 s session: the restart comes long after the dead member left, and a 2 s session
     # can expire under load while a fresh process imports its libraries
@@ -115,7 +97,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
         work.step()
     work.close()
     log = tmp_path / "mirror.log"
-    proc = _spawn(cfg_file, "--follow", log, crash_at=f"{point}:{nth}")
+    proc = spawn_xdc(cfg_file, "B", ["mirror", "run", "--follow"], log, crash_at=f"{point}:{nth}")
     try:
         rc = proc.wait(timeout=180)
     finally:
@@ -134,7 +116,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
         assert state > committed, (state, committed)  # durable in the state, not committed in Kafka
     if point in ("mirror.after_state_commit", "mirror.in_outbox_flush"):
         assert cat.outbox_size() > 0  # applied events owed: the restart publishes them
-    proc = _spawn(cfg_file, "--once", log)
+    proc = spawn_xdc(cfg_file, "B", ["mirror", "run", "--once"], log)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     report = {"point": point, "hit": nth, "events": work.published, "state_ahead_at_kill": state - committed,
               **_verify(xcfg, tag, group)}
@@ -149,7 +131,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_once(
     in a random batch (chosen by the seed); 5 kills, 20 with --stress."""
     stress = request.config.getoption("--stress")
     kills = 20 if stress else 5
-    rng = random.Random(_seed())
+    rng = random.Random(crash_seed())
     dcs = {dc: {"kafka": FAST_GROUP} for dc in xcfg.datacenters}
     cfg_file = write_config(xcfg, tmp_path / "xdc.yaml", {
         "datacenters": dcs, "mirror": {"batch_max_records": 25, "batch_max_seconds": 0.2, "max_attempts": 8}})
@@ -182,7 +164,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_once(
             nth = rng.randint(1, 4)
             before = _progress(xcfg, group)
             offset = log.stat().st_size if log.exists() else 0
-            proc = _spawn(cfg_file, "--follow", log, crash_at=None if point == "random moment" else f"{point}:{nth}")
+            proc = spawn_xdc(cfg_file, "B", ["mirror", "run", "--follow"], log,
+                             crash_at=None if point == "random moment" else f"{point}:{nth}")
             if point == "random moment":
                 deadline = time.monotonic() + 30
                 while _progress(xcfg, group) == before and time.monotonic() < deadline and proc.poll() is None:
@@ -206,7 +189,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_once(
         producer.join(timeout=60)
         assert not errors, errors
         # drain: one process, --once, as an operator would after an outage
-        proc = _spawn(cfg_file, "--once", log)
+        proc = spawn_xdc(cfg_file, "B", ["mirror", "run", "--once"], log)
         assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
         stop.set()

@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from PIL import Image
 
 from devtools.samples import make_frame
 from mirror.ingest import ingest
-from tests.mirror.chaos_support import child_env, committed_offsets, write_config
+from tests.mirror.chaos_support import committed_offsets, crash_seed, spawn_xdc, write_config
 from tests.support import read_topic, site
 from xdc.config import XdcConfig
 from xdc.events import ObjectEvent, parse_message
@@ -38,28 +37,10 @@ from xdc.io.kafka import Record
 
 pytestmark = [pytest.mark.both_backends(postgres="stress"), pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "idca-drive"
 FRAMES = 3  # the fewest that leave frames on both sides of an after_upload kill
 # Every named point of the worker's path, in the order a batch passes them (xdc/faults.py).
 RESIZE_POINTS = ("resize.after_upload", "resize.after_publish", "resize.before_commit")
-
-
-def _seed() -> int:
-    seed = int(os.environ.get("XDC_CRASH_SEED") or random.randrange(1, 2**32))
-    print(f"\nrandom schedule seed {seed} (replay with XDC_CRASH_SEED={seed})")
-    return seed
-
-
-def _spawn(cfg_file: Path, mode: str, log: Path, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = child_env()
-    env.pop("XDC_CRASH_AT", None)
-    if crash_at:
-        env["XDC_CRASH_AT"] = crash_at
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "A",
-                                 "resize", "run", mode], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -118,7 +99,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
     """Killed at `point`: the window shows right after the kill; a restart then leaves exactly one
     derivative per frame (none written twice), each announced at least once, the bad frame (and only
     it) quarantined, and the offsets committed past every frame."""
-    rng = random.Random(_seed())
+    rng = random.Random(crash_seed())
     nth = rng.randint(1, FRAMES) if point == "resize.after_upload" else 1  # batch points: the frames' batch
     frames = tmp_path / "in"
     frames.mkdir()
@@ -136,7 +117,8 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
         "datacenters": {"A": {"s3": {"notifications": False}}}, "resize": {"workers": 1}})
     log = tmp_path / "resize.log"
 
-    rc = _wait_killed(_spawn(cfg_file, "--follow", log, crash_at=f"{point}:{nth}"), timeout=180)
+    rc = _wait_killed(spawn_xdc(cfg_file, "A", ["resize", "run", "--follow"], log, crash_at=f"{point}:{nth}"),
+                      timeout=180)
     text = log.read_text(errors="replace")
     assert rc == -signal.SIGKILL and f"crash point {point} reached (hit {nth})" in text, (rc, text[-3000:])
 
@@ -157,7 +139,7 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
     letters_at_kill = len(read_topic(xcfg, "A", xcfg.dc("A").kafka.topics.dead_letter))
 
     # -- restart, drain, verify against the store, the topic and Pillow ----------------------------
-    proc = _spawn(cfg_file, "--once", log)
+    proc = spawn_xdc(cfg_file, "A", ["resize", "run", "--once"], log)
     assert _wait_killed(proc, timeout=180) == 0, log.read_text(errors="replace")[-3000:]
     after = {o.key.removeprefix(derived): o for o in a.list(BUCKET, derived)}
     assert set(after) == set(good), sorted(after)
