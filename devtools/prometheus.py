@@ -39,21 +39,19 @@ class Prometheus:
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """An instant query: [{"metric": {...}, "value": [t, "v"]}, ...]."""
         params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}",  # noqa: S310
-                                    timeout=10) as r:
-            doc = json.loads(r.read())
-        if doc.get("status") != "success":
-            raise StackError(f"prometheus query {expr!r}: {doc}")
-        return list(doc["data"]["result"])
+        return self._api("query", params, timeout=10)
 
     def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict[str, Any]]:
         """A range query: [{"metric": {...}, "values": [[t, "v"], ...]}, ...]."""
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s}"}
-        with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{urllib.parse.urlencode(params)}",  # noqa: S310
-                                    timeout=30) as r:
+        return self._api("query_range", params, timeout=30)
+
+    def _api(self, path: str, params: dict[str, str], timeout: float) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}",  # noqa: S310
+                                    timeout=timeout) as r:
             doc = json.loads(r.read())
         if doc.get("status") != "success":
-            raise StackError(f"prometheus query_range {expr!r}: {doc}")
+            raise StackError(f"prometheus {path} {params['query']!r}: {doc}")
         return list(doc["data"]["result"])
 
     def value(self, expr: str) -> float | None:

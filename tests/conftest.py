@@ -25,7 +25,7 @@ from devtools import postgres, stack
 from devtools.kafka_broker import SecureListener
 from devtools.notifying_proxy import NotifyingProxy
 from devtools.procs import stop_proc
-from tests.support import close_open_topologies, make_tls
+from tests.support import close_open_topologies, make_tls, restore_env
 from xdc.config import XdcConfig, parse_config
 from xdc.io.kafka import ensure_topics
 from xdc.topology import Topology
@@ -137,10 +137,10 @@ def cache_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         cfg = stack.up(run, nodes=2, cache_size_mib=ALLUXIO_WORKER_MIB, cache="alluxio",
                        alluxio_block_mib=ALLUXIO_BLOCK_MIB)
         creds = {k: os.environ[k] for k in names}
-        _put_back(saved)
+        restore_env(saved)
         yield BackendStack("alluxio", run, cfg, creds)
     finally:
-        _put_back(saved)
+        restore_env(saved)
         if not reuse:
             stack.down(run)
 
@@ -234,19 +234,11 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
     try:
         cfg = stack.up(run, nodes=0, kafka_security=sec)
         creds = {k: os.environ[k] for k in names}
-        _put_back(saved)
+        restore_env(saved)
         yield SecureStack(run, cfg, creds, tls)
     finally:
-        _put_back(saved)
+        restore_env(saved)
         stack.down(run)
-
-
-def _put_back(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture

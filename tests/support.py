@@ -170,3 +170,12 @@ def put_multipart(store: S3Store, bucket: str, key: str, parts: list[bytes], **e
 def s3_multipart_etag(parts: list[bytes]) -> str:
     """S3's documented multipart ETag, computed here from the bytes."""
     return hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + f"-{len(parts)}"
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put environment variables back as they were (None: it was not set)."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -28,7 +28,7 @@ from tests.mirror.chaos_support import (
     compare_metadata,
     variant,
 )
-from tests.support import site, topo
+from tests.support import restore_env, site, topo
 from xdc.config import XdcConfig
 from xdc.metrics import Metrics, new_registry
 
@@ -117,19 +117,11 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     try:
         cfg = stack.up(run, nodes=0, config_overrides={"mirror": {"batch_max_records": 20, "batch_max_seconds": 0.2}})
         creds = {k: os.environ[k] for k in CRED_VARS}
-        _restore(saved)
+        restore_env(saved)
         yield run, cfg, creds
     finally:
-        _restore(saved)
+        restore_env(saved)
         stack.down(run)
-
-
-def _restore(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.slow

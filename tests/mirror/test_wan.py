@@ -39,7 +39,7 @@ from tests.mirror.chaos_support import (
     md5,
     write_config,
 )
-from tests.support import site
+from tests.support import restore_env, site
 from xdc.config import XdcConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,10 +77,10 @@ def wan_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WanStack]:
         cfg = stack.up(run, nodes=0, wan_rate=WAN_RATE,
                        config_overrides={"mirror": {"batch_max_records": 50, "batch_max_seconds": 0.2}})
         creds = {k: os.environ[k] for k in CRED_VARS}
-        _restore(saved)
+        restore_env(saved)
         yield WanStack(run, cfg, creds, stack.wan(run))
     finally:
-        _restore(saved)
+        restore_env(saved)
         stack.down(run)
     assert not _namespaces_left(run), "the stack's namespaces are still there after `down`"
 
@@ -89,14 +89,6 @@ def _namespaces_left(run: Path) -> list[str]:
     state = stack.StackState.load(run)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     return [line for line in names.splitlines() if state and state.wan and json.loads(state.wan)["name"] in line]
-
-
-def _restore(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture
