@@ -42,7 +42,7 @@ def _t(iso: str) -> float:
 @pytest.mark.slow
 def test_training_dag_runs_only_after_its_dataset_is_cached_in_its_datacenter(
         xcfg: XdcConfig, tmp_path: Path, tag: str, config_writer: Callable[..., Path],
-        file_maker: Callable[..., dict[str, bytes]]) -> None:
+        file_maker: Callable[..., dict[str, bytes]], airflow_db: str) -> None:
     files = file_maker(tmp_path / "src", tag, 4)
     ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
     with Mirror(topo(xcfg, "B"), group_id=f"{tag}-lib-mirror") as m:
@@ -62,7 +62,7 @@ def test_training_dag_runs_only_after_its_dataset_is_cached_in_its_datacenter(
            "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none"}
     env |= {k: v for k, v in os.environ.items() if k.startswith("XDC_") and k.endswith(("_ACCESS_KEY", "_SECRET_KEY"))}
     conf = {"dataset": dataset, "version": "v1", "manifest": str(listing)}
-    with running_airflow(tmp_path / "airflow", dags, extra_env=env) as af:
+    with running_airflow(tmp_path / "airflow", dags, extra_env=env, database_url=airflow_db) as af:
         af.wait_dag("xdc_prewarm")
         af.wait_dag("train_on_ready")
 

@@ -27,7 +27,8 @@ SRC = "idca-drive"
 @pytest.mark.slow
 def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, tag: str,
                                                 config_writer: Callable[..., Path],
-                                                file_maker: Callable[..., dict[str, bytes]]) -> None:
+                                                file_maker: Callable[..., dict[str, bytes]],
+                                                airflow_db: str) -> None:
     t0 = time.monotonic()
     files = file_maker(tmp_path / "src", tag, 4)
     ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
@@ -53,7 +54,8 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
            "XDC_RECONCILE_SCHEDULE": "none"}
     env |= {k: v for k, v in os.environ.items() if k.startswith("XDC_") and k.endswith(("_ACCESS_KEY", "_SECRET_KEY"))}
     try:
-        with running_airflow(tmp_path / "airflow", ROOT / "dags", extra_env=env) as af:
+        with running_airflow(tmp_path / "airflow", ROOT / "dags", extra_env=env,
+                             database_url=airflow_db) as af:
             started_s = af.started_s
             mirror_thread.join(timeout=120)
             assert mirrored == [4], f"the mirror into IDC-B applied {mirrored}, not [4]"
