@@ -42,7 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx", "secure_kafka",
-                   "secure_stack"}
+                   "secure_stack", "wan_stack", "own_stack"}
 CACHE_BACKENDS = ("juicefs", "alluxio")
 ALLUXIO_WORKER_MIB = 64  # storage per worker of the test stack's Alluxio
 ALLUXIO_BLOCK_MIB = 1  # so a few MiB make a file of several blocks
