@@ -1,8 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both set up on first use.
 VENV ?= .venv
 PYTEST_ARGS ?=
-# Two pytest workers (pytest-xdist), one test module each at a time: most of the suite waits on
-# servers, so two modules at once on the 2-core CI machine take ~2/3 of the serial time.
+# Two pytest workers (pytest-xdist), one test module each at a time (--dist loadfile):
+# most of the suite waits on servers, so two at once on the 2-core CI machine take ~2/3 of the time.
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint clean

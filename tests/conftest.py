@@ -14,12 +14,15 @@ reuses (and leaves running) a stack started there before, to save its start-up w
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 from devtools import postgres, stack
 from devtools.kafka_broker import SecureListener
@@ -71,6 +74,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.servers)
+
+
+ALLUXIO_PARAM = re.compile(r"\[(?:[^\]]*-)?alluxio(?:-[^\]]*)?\]$")
+
+
+class ModuleScheduling(LoadFileScheduling):
+    """`--dist loadfile` (a module's tests on one worker, so module fixtures start once) where every
+    module with tests on the Alluxio stack is one unit: that session stack takes ~60 s to start."""
+
+    _alluxio: set[str] | None = None
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        if self._alluxio is None:  # the whole collection is known before the first split
+            self._alluxio = {n.split("::", 1)[0] for n in self.collection or () if ALLUXIO_PARAM.search(n)}
+        return "alluxio-stack" if module in self._alluxio else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> ModuleScheduling | None:
+    return ModuleScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture
