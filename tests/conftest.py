@@ -79,11 +79,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 ALLUXIO_PARAM = re.compile(r"\[(?:[^\]]*-)?alluxio(?:-[^\]]*)?\]$")
 
 
+# Modules of one or two tests that run for minutes: handed out first (longest first), so that the
+# run does not end with one worker on a long test and the other idle. Others go by test count.
+LONG_MODULES = ("tests/dags/test_e2e_ready.py", "tests/mirror/test_wan.py", "tests/dags/test_e2e_release.py",
+                "tests/dags/test_harness.py", "tests/devtools/test_demo.py", "tests/xdc/test_secrets.py")
+
+
 class ModuleScheduling(LoadFileScheduling):
     """`--dist loadfile` (a module's tests on one worker, so module fixtures start once) where every
     module with tests on the Alluxio stack is one unit: that session stack takes ~60 s to start."""
 
     _alluxio: set[str] | None = None
+
+    def _assign_work_unit(self, node: Any) -> None:
+        for scope in reversed(LONG_MODULES):
+            if scope in self.workqueue:
+                self.workqueue.move_to_end(scope, last=False)
+        super()._assign_work_unit(node)
 
     def _split_scope(self, nodeid: str) -> str:
         module = nodeid.split("::", 1)[0]
