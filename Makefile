@@ -18,7 +18,7 @@ demo: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# The edit loop: the layer contracts and the tests that need no server (about a minute).
+# The edit loop: the layer contracts and the tests that need no server (a couple of minutes).
 test-fast: setup lint
 	$(VENV)/bin/python -m pytest -m "not servers" $(PYTEST_ARGS)
 

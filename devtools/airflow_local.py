@@ -4,7 +4,7 @@ Never `airflow standalone`: it binds serve-logs on 0.0.0.0:8793/8794. Here each 
 in its own process group (api-server, scheduler, dag-processor, triggerer) with AIRFLOW_HOME in a
 directory of the caller, and every process group is killed on exit, even on error. The metadata
 database is SQLite by default; the end-to-end tests give a PostgreSQL database, as production
-does: four processes writing one SQLite file under load meet "database is locked" (HTTP 500).
+does: four processes writing one SQLite file under CI load once answered with HTTP 500.
 
 Also a one-broker context manager (devtools.stack's Apache Kafka) for tests that need only Kafka.
 """
