@@ -11,7 +11,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import islice
 from typing import Any, Protocol
 
@@ -23,6 +23,8 @@ from xdc.io.state.base import (
     ObjectCatalog,
     Offsets,
     Outgoing,
+    OutboxClaim,
+    OutboxRow,
     PrewarmRecords,
     Registration,
 )
@@ -175,11 +177,32 @@ IF_NEWER = ("ON CONFLICT (bucket, key) DO UPDATE SET "
             + " WHERE excluded.sequencer > objects.sequencer")
 
 
-class SqlCatalog(ObjectCatalog):
-    claim_suffix = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
-
-    def __init__(self, db: Db) -> None:
+class SqlClaim(OutboxClaim):
+    def __init__(self, db: Db, rows: list[OutboxRow]) -> None:
         self.db = db
+        self.rows = rows
+
+    def mark_tried(self, where: Mapping[int, tuple[int, int]]) -> None:
+        if where:
+            with self.db.transaction() as tx:  # committed before anything is sent
+                tx.executemany("INSERT INTO outbox_tries (id, part, from_offset) VALUES (?, ?, ?) "
+                               "ON CONFLICT (id) DO NOTHING", [(i, p, o) for i, (p, o) in where.items()])
+
+
+def outbox_row(r: Mapping[str, Any]) -> OutboxRow:
+    tried = None if r["part"] is None else (int(r["part"]), int(r["from_offset"]))
+    return OutboxRow(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b""), tried)
+
+
+# an outbox row with its send mark; a backend may add columns between the two
+OUTBOX_COLUMNS = "SELECT o.id, o.topic, o.key, o.value, t.part, t.from_offset"
+OUTBOX_FROM = "FROM outbox o LEFT JOIN outbox_tries t ON t.id = o.id"
+
+
+class SqlCatalog(ObjectCatalog):
+    def __init__(self, db: Db, *, publisher: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        self.db = db
+        self._publisher = publisher  # held while claimed rows are published: one publisher at a time
 
     def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], CatalogEntry]:
         out: dict[tuple[str, str], CatalogEntry] = {}
@@ -208,16 +231,11 @@ class SqlCatalog(ObjectCatalog):
         return applied
 
     def _upsert(self, tx: Tx, entries: list[CatalogEntry]) -> list[CatalogEntry]:
-        """Upsert where newer; returns the entries that now hold their sequencer."""
+        """Upsert where newer; returns the entries applied. Here (SQLite) the transaction holds the
+        database's one write lock, so the sequencers read inside it decide exactly which entries
+        win; a backend with several writers decides in the statement itself (PostgreSQL)."""
         if not entries:
             return []
-        before = tx.rows("SELECT total_changes() AS n")[0]["n"]
-        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {IF_NEWER}",
-                       [row_of(e) for e in entries])
-        if tx.rows("SELECT total_changes() AS n")[0]["n"] - before == len(entries):
-            return list(entries)
-        # The guard kept some newer rows (another writer got there first): only the rows that now
-        # hold our sequencer were applied by us.
         held: dict[tuple[str, str], str] = {}
         for i in range(0, len(entries), 400):
             chunk = entries[i:i + 400]
@@ -225,23 +243,30 @@ class SqlCatalog(ObjectCatalog):
             for r in tx.rows(f"SELECT bucket, key, sequencer FROM objects WHERE {where}",
                              [x for e in chunk for x in (e.bucket, e.key)]):
                 held[(r["bucket"], r["key"])] = r["sequencer"]
-        return [e for e in entries if held.get((e.bucket, e.key)) == e.sequencer]
+        newer = [e for e in entries if (e.bucket, e.key) not in held or e.sequencer > held[(e.bucket, e.key)]]
+        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {IF_NEWER}",
+                       [row_of(e) for e in newer])
+        return newer
 
     @contextmanager
-    def claim_outbox(self, limit: int = 10_000) -> Iterator[list[tuple[int, Outgoing]]]:
-        if not self.db.rows("SELECT 1 AS x FROM outbox LIMIT 1"):  # the common case: no write lock taken
-            yield []
+    def claim_outbox(self, limit: int = 10_000) -> Iterator[OutboxClaim]:
+        if not self.db.rows("SELECT 1 AS x FROM outbox LIMIT 1"):  # the common case: no lock taken
+            yield SqlClaim(self.db, [])
             return
+        with self._publisher():  # no transaction stays open while the rows are published
+            rows = [outbox_row(r) for r in self.db.rows(f"{OUTBOX_COLUMNS} {OUTBOX_FROM} ORDER BY o.id LIMIT ?",
+                                                        (limit,))]
+            yield SqlClaim(self.db, rows)
+            self._delete_outbox([r.id for r in rows])
+
+    def _delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget published rows and their marks."""
         with self.db.transaction() as tx:
-            rows = tx.rows(f"SELECT id, topic, key, value FROM outbox ORDER BY id LIMIT ?{self.claim_suffix}",
-                           (limit,))
-            claimed = [(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b""))
-                       for r in rows]
-            yield claimed
-            ids = [i for i, _ in claimed]
             for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                tx.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                chunk = list(ids[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                tx.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                tx.execute(f"DELETE FROM outbox_tries WHERE id IN ({marks})", chunk)
 
     def outbox_size(self) -> int:
         return int(self.db.rows("SELECT COUNT(*) AS n FROM outbox")[0]["n"])
