@@ -31,11 +31,12 @@ from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
 from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, consumer_lag, kafka_errors
+from xdc.io.kafka import Record, consumer_lag
+from xdc.io.outbox import OutboxPublisher
 from xdc.io.state import CatalogEntry, Outgoing
 from xdc.io.store import META_SOURCE_SEQUENCER
-from xdc.metrics import METRICS, Metrics
-from xdc.stats import percentile
+from xdc.metrics import METRICS, Metrics, observe_many
+from xdc.stats import Reservoir
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class MirrorStats:
     ignored: Counter[str] = field(default_factory=Counter)
     dead_letters: int = 0
     bytes_copied: int = 0
-    lags: list[float] = field(default_factory=list)
+    lags: Reservoir = field(default_factory=Reservoir)  # bounded: a --follow process runs for months
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
 
@@ -58,8 +59,8 @@ class MirrorStats:
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
                 "bytes_copied": self.bytes_copied, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
-                "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
-                "lag_max_s": max(self.lags) if self.lags else None}
+                "lag_p50_s": self.lags.percentile(50), "lag_p99_s": self.lags.percentile(99),
+                "lag_max_s": self.lags.max}
 
 
 class TargetUnavailable(XdcError):
@@ -86,6 +87,9 @@ class Mirror:
         self.producer = self.site.producer
         self.applied_topic = self.site.topics.applied
         self.stats = MirrorStats()
+        # applied events leave through the outbox: exactly once, in order per source partition
+        self.outbox = OutboxPublisher(self.catalog, self.producer, lambda: self.site.consumer(None), name="mirror",
+                                      tag=f"{self.dc}:")
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self._lag_observed_at = 0.0
@@ -110,6 +114,7 @@ class Mirror:
 
     def close(self) -> None:
         self.loop.close()
+        self.outbox.close()
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Mirror:
@@ -123,9 +128,11 @@ class Mirror:
 
     def run(self, *, once: bool = False, max_seconds: float | None = None,
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> MirrorStats:
-        """Apply events until stopped (`once`: until every assigned partition is at its end)."""
-        self.flush_outbox()  # what a previous process committed but did not publish
-        ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        """Apply events until stopped (`once`: until every assigned partition is at its end).
+        On a state that takes one mirror process (SQLite), a second one is refused (ReplicaRefused)."""
+        with self.site.state.lease("mirror"):
+            self.flush_outbox()  # what a previous process committed but did not publish
+            ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
         st = self.stats
         st.batches, st.records, st.dead_letters = ls.batches, ls.records, ls.dead_letters
         st.seconds, st.busy_seconds = ls.seconds, ls.busy_seconds
@@ -134,18 +141,21 @@ class Mirror:
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
         letters: list[Letter] = []
+        ignored: Counter[tuple[str, str]] = Counter()  # (route, reason): metrics once per batch
         routed = self._validate_and_route(batch, letters)
         items = collapse(routed)  # decide
         self.stats.ignored["superseded_in_batch"] += len(routed) - len(items)
-        current = self.catalog.get_many((it.target_bucket, it.target_key) for it in items)
-        todo: list[Routed] = []
-        for it in items:
+        # Data routes are decided against the state before copying (no copy of a stale event);
+        # metadata routes are decided by the upsert's own guard (one round trip less per batch).
+        data = [it for it in items if it.route.mode != "metadata"]
+        current = self.catalog.get_many((it.target_bucket, it.target_key) for it in data) if data else {}
+        todo: list[Routed] = [it for it in items if it.route.mode == "metadata"]
+        for it in data:
             d = decide(it, current.get((it.target_bucket, it.target_key)))
             if d == "apply":
                 todo.append(it)
             else:
-                self.stats.ignored[d] += 1
-                self.metrics.events_ignored_total.labels(route=it.route.name, reason=d).inc()
+                ignored[(it.route.name, d)] += 1
 
         done, unavailable = self._copy(todo, letters)  # copy / delete where the route says data
         crash_point("mirror.after_copy")
@@ -153,7 +163,8 @@ class Mirror:
         if not unavailable:  # a batch that waits for an endpoint records no offsets yet
             for rec in batch.records:
                 k = (self.group_id, rec.topic, rec.partition)
-                offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
+                if rec.offset >= offsets.get(k, 0):
+                    offsets[k] = rec.offset + 1
         routed_of = {id(e): it for it, e in done}
         applied = self.catalog.commit_batch(  # durable: entries + outbox + offsets in one transaction
             [e for _, e in done],
@@ -162,7 +173,10 @@ class Mirror:
         crash_point("mirror.after_state_commit")
         self.flush_outbox()
         crash_point("mirror.after_applied_publish")
+        if len(applied) < len(done):  # the guard kept newer or equal rows: say which
+            self._classify_refused([e for _, e in done], applied, ignored)
         self._observe_applied(applied)
+        self._count_ignored(ignored)
         self.stats.applied += len(applied)
         self._observe_consumer_lag(batch.source)
         if unavailable:
@@ -171,24 +185,56 @@ class Mirror:
                                     f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
         return letters
 
+    def _classify_refused(self, tried: list[CatalogEntry], applied: list[CatalogEntry],
+                          ignored: Counter[tuple[str, str]]) -> None:
+        """Entries the state refused are duplicates (it holds their sequencer) or stale (newer)."""
+        ok = {(e.bucket, e.key) for e in applied}
+        refused = [e for e in tried if (e.bucket, e.key) not in ok]
+        now = self.catalog.get_many((e.bucket, e.key) for e in refused)
+        for e in refused:
+            cur = now.get((e.bucket, e.key))
+            ignored[(e.route, "duplicate" if cur is not None and cur.sequencer == e.sequencer else "stale")] += 1
+
+    def _count_ignored(self, ignored: Counter[tuple[str, str]]) -> None:
+        for (route, reason), n in ignored.items():
+            self.stats.ignored[reason] += n
+            self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
+
     def on_revoked(self, source: str, partitions: list[Any]) -> None:
         self.flush_outbox()  # before another replica takes the partitions
+
+    def on_assigned(self, source: str, partitions: list[Any], consumer: KafkaConsumer) -> None:
+        log.info("mirror into %s: assigned %s of %s", self.dc,
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)), source)
 
     def _validate_and_route(self, batch: Batch, letters: list[Letter]) -> list[Routed]:
         m = self.settings
         routes = [r for r in self.routes if r.source.dc == batch.source]
+        max_bytes, max_key = m.max_message_bytes, m.max_key_bytes
         routed: list[Routed] = []
+        not_object = unrouted = 0
         for rec in batch.records:
             try:
-                events = parse_message(rec.value, max_bytes=m.max_message_bytes, max_key_bytes=m.max_key_bytes)
+                events = parse_message(rec.value, max_bytes=max_bytes, max_key_bytes=max_key)
+                if len(events) == 1:  # the usual notification: one record, no list to build
+                    ev = events[0]
+                    if not isinstance(ev, ObjectEvent):
+                        not_object += 1
+                        continue
+                    it = route_event(ev, routes, rec, max_key)
+                    if it is None:
+                        unrouted += 1
+                    else:
+                        routed.append(it)
+                    continue
                 mine = []
                 for ev in events:
                     if not isinstance(ev, ObjectEvent):
-                        self.stats.ignored["not_object_event"] += 1
+                        not_object += 1
                         continue
-                    it = route_event(ev, routes, rec, m.max_key_bytes)
+                    it = route_event(ev, routes, rec, max_key)
                     if it is None:
-                        self.stats.ignored["unrouted"] += 1
+                        unrouted += 1
                     else:
                         mine.append(it)
             except EventError as exc:  # a message with one bad record is dead-lettered whole
@@ -197,6 +243,10 @@ class Mirror:
                 letters.append(Letter(rec, exc.reason, exc.detail))
                 continue
             routed.extend(mine)
+        if not_object:
+            self.stats.ignored["not_object_event"] += not_object
+        if unrouted:
+            self.stats.ignored["unrouted"] += unrouted
         return routed
 
     def _copy(self, todo: list[Routed], letters: list[Letter]
@@ -205,12 +255,14 @@ class Mirror:
         entries to record and the items whose endpoint was unreachable."""
         entries: list[tuple[Routed, CatalogEntry]] = []
         futures = []
+        now = time.time()  # one applied time per batch of metadata: the state commit follows at once
         for it in todo:
             if it.route.mode == "metadata":
-                entries.append((it, entry_for(it, applied_time=time.time())))
+                entries.append((it, entry_for(it, applied_time=now)))
             else:
                 futures.append((it, self._pool.submit(self._delete if it.event.op == "delete" else self._copy_one, it)))
         unavailable: list[tuple[Routed, StoreError]] = []
+        copied: Counter[str] = Counter()
         for it, fut in futures:
             try:
                 size, etag = fut.result()
@@ -228,8 +280,10 @@ class Mirror:
                 continue
             entries.append((it, entry_for(it, applied_time=time.time(), size=size, etag=etag)))
             if it.event.op == "put":
-                self.stats.bytes_copied += size
-                self.metrics.bytes_copied_total.labels(route=it.route.name).inc(size)
+                copied[it.route.name] += size
+        for route, n in copied.items():
+            self.stats.bytes_copied += n
+            self.metrics.bytes_copied_total.labels(route=route).inc(n)
         return entries, unavailable
 
     def _copy_one(self, it: Routed) -> tuple[int, str]:
@@ -250,30 +304,21 @@ class Mirror:
         return 0, ""
 
     def flush_outbox(self) -> int:
-        """Publish the applied events the state owes; each row is published by one replica."""
-        with self.catalog.claim_outbox() as rows:
-            if not rows:
-                return 0
-            with kafka_errors("publish applied events"):
-                for _, o in rows:
-                    self.producer.send(o.topic, key=o.key, value=o.value)
-                self.producer.flush(timeout=30)
-            crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
-            return len(rows)
+        """Publish the applied events the state owes: each once, in order per source partition,
+        also when several replicas flush at the same time (xdc/io/outbox.py)."""
+        return self.outbox.flush()
 
     # -- metrics -----------------------------------------------------------------------------
     def _observe_applied(self, entries: list[CatalogEntry]) -> None:
-        """Lag histogram and counters, one label lookup per route and batch (not per event)."""
+        """Lag histogram and counters: one label lookup and one bulk observe per route and batch."""
         by_route: dict[tuple[str, str], list[CatalogEntry]] = {}
         for e in entries:
             by_route.setdefault((e.route, e.source_dc), []).append(e)
         m = self.metrics
         for (route, src), es in by_route.items():
-            hist = m.replication_lag_seconds.labels(route, src, self.dc)
-            for e in es:
-                lag = max(0.0, e.applied_time - e.event_time)  # clock skew counts as 0, not dropped
-                self.stats.lags.append(lag)
-                hist.observe(lag)
+            lags = [max(0.0, e.applied_time - e.event_time) for e in es]  # clock skew counts as 0
+            self.stats.lags.extend(lags)
+            observe_many(m.replication_lag_seconds.labels(route, src, self.dc), lags)
             deletes = sum(1 for e in es if e.deleted)
             if deletes:
                 m.events_applied_total.labels(route, "delete").inc(deletes)
@@ -297,13 +342,12 @@ def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]]) -> li
     Keyed by the source partition, so one object's applied events always share a partition and stay
     in order; batching cut the publish cost per object by the batch size.
     """
-    by_part: dict[int, list[dict[str, Any]]] = {}
+    by_part: dict[int, list[AppliedEvent]] = {}
     for it, e in done:
         by_part.setdefault(it.record.partition, []).append(AppliedEvent(
-            route=e.route, op="delete" if e.deleted else "put", bucket=e.bucket, key=e.key, size=e.size,
-            etag=e.etag, sequencer=e.sequencer, event_time=e.event_time, applied_time=e.applied_time,
-            source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
-        ).to_dict())
+            e.route, "delete" if e.deleted else "put", e.bucket, e.key, e.size, e.etag, e.sequencer, e.event_time,
+            e.applied_time, {"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key,
+                             "etag": e.source_etag}))
     return [Outgoing(topic, f"p{part}".encode(), encode_applied(items)) for part, items in sorted(by_part.items())]
 
 

@@ -179,7 +179,11 @@ class ResizeWorker:
 
     def run(self, *, once: bool = False, max_seconds: float | None = None,
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> ResizeStats:
-        ls: LoopStats = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        """Resize new frames until stopped (`once`: until caught up). On a state that takes one
+        resize process (SQLite), a second one is refused (ReplicaRefused)."""
+        with self.site.state.lease("resize"):
+            ls: LoopStats = self.loop.run(once=once, max_seconds=max_seconds, stop=stop,
+                                          join_timeout_s=join_timeout_s)
         self.stats.seconds, self.stats.busy_seconds = ls.seconds, ls.busy_seconds
         return self.stats
 
