@@ -75,6 +75,7 @@ class FaultProxy:
         self.upstream_host, self.upstream_port = u.hostname, u.port or 80
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()  # injected faults by kind, plus "requests"
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, decoded path) of every request
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
         self._server = ThreadingHTTPServer((host, port), _handler_for(self))
@@ -181,6 +182,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             proxy._count("requests")
             method, path = self.command, unquote(self.path.split("?")[0])
+            with proxy._lock:
+                proxy.requests[(method, path)] += 1
             body = self._body()
             fault = proxy.decide_before(method, path)
             if fault == "reset":

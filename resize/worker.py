@@ -145,6 +145,7 @@ class ResizeWorker:
         self.incidents = site.state.incidents
         self.producer = site.producer
         self.stats = ResizeStats()
+        self.assigned: list[int] = []  # partitions of the events topic this worker holds now
         n = workers or self.settings.workers or os.cpu_count() or 1
         cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
         # spawn, not fork: a forked child inherits libvips' thread pool half-initialised from a
@@ -186,6 +187,10 @@ class ResizeWorker:
                                           join_timeout_s=join_timeout_s)
         self.stats.seconds, self.stats.busy_seconds = ls.seconds, ls.busy_seconds
         return self.stats
+
+    def on_assigned(self, source: str, partitions: list[Any], consumer: Any) -> None:
+        self.assigned = sorted(tp.partition for tp in partitions)
+        log.info("resize in %s: assigned %s", self.dc, ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)))
 
     def handle(self, batch: Batch) -> list[Letter]:
         letters: list[Letter] = []
