@@ -184,6 +184,7 @@ def gated_phase(ctx: Any, cfg: XdcConfig, pg_port: int, name: str, kind: str, re
             paused += what == "paused"
         secs = produce_backlog(ctx, pcfg, pcfg.dc("A").kafka.topics.events, events, name)
         print(f"[{name}] backlog of {events} events produced in {secs:.1f}s", flush=True)
+        wal0 = _wal_lsn(pcfg) if kind == "mirror" else 0
         with Topology(pcfg, "B") as topo:
             group = topo.here.group("mirror")
             if kind == "mirror":
@@ -208,6 +209,12 @@ def gated_phase(ctx: Any, cfg: XdcConfig, pg_port: int, name: str, kind: str, re
                 stats[idx] = payload
         rate = events / took
         cpu_us = 1e6 * sum(s["cpu_s"] for s in stats.values()) / events
+        if kind == "mirror":
+            wal = (_wal_lsn(pcfg) - wal0) / events
+            sizes = _table_bytes(pcfg)
+            print(f"[{name}] PostgreSQL: {wal:,.0f} bytes of WAL per event; objects table "
+                  f"{sizes['heap'] / sizes['rows']:,.0f} bytes/row heap + {sizes['indexes'] / sizes['rows']:,.0f} "
+                  f"bytes/row indexes ({sizes['rows']:,} rows)", flush=True)
         print(f"[{name}] {replicas} x {kind}: {events} events in {took:.2f}s = {rate:,.0f}/s; "
               f"{cpu_us:.1f} us of CPU per event in the consumer processes", flush=True)
         return {"rate": rate, "seconds": took, "cpu_us": cpu_us, "stats": stats}
@@ -241,6 +248,23 @@ def _wait_stable(q: Any, replicas: int, partitions: int, children: list[Any], qu
             return
         if time.monotonic() > deadline or not all(c.is_alive() for c in children):
             raise SystemExit(f"the group did not settle: {owned}")
+
+
+def _wal_lsn(cfg: XdcConfig) -> int:
+    """The server's WAL position in bytes (pg_current_wal_lsn)."""
+    import psycopg
+    with psycopg.connect(cfg.dc("B").state_url) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _table_bytes(cfg: XdcConfig) -> dict[str, int]:
+    import psycopg
+    with psycopg.connect(cfg.dc("B").state_url) as conn:
+        conn.execute("ANALYZE objects")
+        heap, idx, rows = conn.execute(
+            "SELECT pg_table_size('objects'), pg_indexes_size('objects'), (SELECT count(*) FROM objects)").fetchone()  # type: ignore[misc]
+    return {"heap": int(heap), "indexes": int(idx), "rows": max(1, int(rows))}
 
 
 # -- the kill phase -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from xdc.routing import Routed, route_event
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, ObjectEvent, encode_applied, parse_message
 from xdc.faults import crash_point
-from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
+from xdc.io.consume import Batch, ConsumeLoop, Letter, Prepared, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import Record, consumer_lag
 from xdc.io.outbox import OutboxPublisher
@@ -87,6 +87,7 @@ class Mirror:
         self.producer = self.site.producer
         self.applied_topic = self.site.topics.applied
         self.stats = MirrorStats()
+        self._stats_lock = threading.Lock()  # the loop's two threads both count
         # applied events leave through the outbox: exactly once, in order per source partition
         self.outbox = OutboxPublisher(self.catalog, self.producer, lambda: self.site.consumer(None), name="mirror",
                                       tag=f"{self.dc}:")
@@ -140,11 +141,20 @@ class Mirror:
 
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
+        prepared = self.prepare(batch)
+        prepared.durable()
+        return prepared.letters
+
+    def prepare(self, batch: Batch) -> Prepared:
+        """validate -> route -> decide -> copy here; the returned `durable` part does the state
+        transaction and the outbox (the loop runs it on its writer thread, in batch order, while
+        it prepares the next batch)."""
         letters: list[Letter] = []
         ignored: Counter[tuple[str, str]] = Counter()  # (route, reason): metrics once per batch
-        routed = self._validate_and_route(batch, letters)
+        plain: Counter[str] = Counter()  # reasons without a route
+        routed = self._validate_and_route(batch, letters, plain)
         items = collapse(routed)  # decide
-        self.stats.ignored["superseded_in_batch"] += len(routed) - len(items)
+        plain["superseded_in_batch"] += len(routed) - len(items)
         # Data routes are decided against the state before copying (no copy of a stale event);
         # metadata routes are decided by the upsert's own guard (one round trip less per batch).
         data = [it for it in items if it.route.mode != "metadata"]
@@ -157,7 +167,7 @@ class Mirror:
             else:
                 ignored[(it.route.name, d)] += 1
 
-        done, unavailable = self._copy(todo, letters)  # copy / delete where the route says data
+        done, unavailable = self._copy(todo, letters, plain)  # copy / delete where the route says data
         crash_point("mirror.after_copy")
         offsets: dict[tuple[str, str, int], int] = {}
         if not unavailable:  # a batch that waits for an endpoint records no offsets yet
@@ -165,25 +175,33 @@ class Mirror:
                 k = (self.group_id, rec.topic, rec.partition)
                 if rec.offset >= offsets.get(k, 0):
                     offsets[k] = rec.offset + 1
+        entries = [e for _, e in done]
         routed_of = {id(e): it for it, e in done}
-        applied = self.catalog.commit_batch(  # durable: entries + outbox + offsets in one transaction
-            [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok]),
-            offsets)
-        crash_point("mirror.after_state_commit")
-        self.flush_outbox()
-        crash_point("mirror.after_applied_publish")
-        if len(applied) < len(done):  # the guard kept newer or equal rows: say which
-            self._classify_refused([e for _, e in done], applied, ignored)
-        self._observe_applied(applied)
-        self._count_ignored(ignored)
-        self.stats.applied += len(applied)
-        self._observe_consumer_lag(batch.source)
-        if unavailable:
-            it, exc = unavailable[0]
-            raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
-                                    f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
-        return letters
+        announced = _applied_messages(self.applied_topic, done)  # usually every entry is applied
+
+        def outbox(ok: list[CatalogEntry]) -> list[Outgoing]:
+            if len(ok) == len(entries):
+                return announced
+            return _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok])
+
+        def durable() -> None:
+            applied = self.catalog.commit_batch(entries, outbox, offsets)  # entries + outbox + offsets: one transaction
+            crash_point("mirror.after_state_commit")
+            self.flush_outbox()
+            crash_point("mirror.after_applied_publish")
+            refused: Counter[tuple[str, str]] = Counter()
+            if len(applied) < len(entries):  # the guard kept newer or equal rows: say which
+                self._classify_refused(entries, applied, refused)
+            self._observe_applied(applied)
+            self._count_ignored(refused)
+            if unavailable:
+                it, exc = unavailable[0]
+                raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
+                                        f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
+
+        self._count_ignored(ignored, plain)
+        self._observe_consumer_lag(batch.source)  # the source's consumer: this thread only
+        return Prepared(letters, durable)
 
     def _classify_refused(self, tried: list[CatalogEntry], applied: list[CatalogEntry],
                           ignored: Counter[tuple[str, str]]) -> None:
@@ -195,10 +213,15 @@ class Mirror:
             cur = now.get((e.bucket, e.key))
             ignored[(e.route, "duplicate" if cur is not None and cur.sequencer == e.sequencer else "stale")] += 1
 
-    def _count_ignored(self, ignored: Counter[tuple[str, str]]) -> None:
-        for (route, reason), n in ignored.items():
-            self.stats.ignored[reason] += n
-            self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
+    def _count_ignored(self, ignored: Counter[tuple[str, str]], plain: Counter[str] | None = None) -> None:
+        """Ignored events into the stats and metrics (from both of the loop's threads)."""
+        with self._stats_lock:
+            for (route, reason), n in ignored.items():
+                self.stats.ignored[reason] += n
+                self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
+            for reason, n in (plain or {}).items():
+                if n:
+                    self.stats.ignored[reason] += n
 
     def on_revoked(self, source: str, partitions: list[Any]) -> None:
         self.flush_outbox()  # before another replica takes the partitions
@@ -207,7 +230,7 @@ class Mirror:
         log.info("mirror into %s: assigned %s of %s", self.dc,
                  ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)), source)
 
-    def _validate_and_route(self, batch: Batch, letters: list[Letter]) -> list[Routed]:
+    def _validate_and_route(self, batch: Batch, letters: list[Letter], ignored: Counter[str]) -> list[Routed]:
         m = self.settings
         routes = [r for r in self.routes if r.source.dc == batch.source]
         max_bytes, max_key = m.max_message_bytes, m.max_key_bytes
@@ -243,13 +266,11 @@ class Mirror:
                 letters.append(Letter(rec, exc.reason, exc.detail))
                 continue
             routed.extend(mine)
-        if not_object:
-            self.stats.ignored["not_object_event"] += not_object
-        if unrouted:
-            self.stats.ignored["unrouted"] += unrouted
+        ignored["not_object_event"] += not_object
+        ignored["unrouted"] += unrouted
         return routed
 
-    def _copy(self, todo: list[Routed], letters: list[Letter]
+    def _copy(self, todo: list[Routed], letters: list[Letter], ignored: Counter[str]
               ) -> tuple[list[tuple[Routed, CatalogEntry]], list[tuple[Routed, StoreError]]]:
         """Copy or delete object data for data routes (metadata routes pass through). Returns the
         entries to record and the items whose endpoint was unreachable."""
@@ -267,7 +288,7 @@ class Mirror:
             try:
                 size, etag = fut.result()
             except SupersededError as exc:
-                self.stats.ignored["superseded"] += 1
+                ignored["superseded"] += 1
                 log.info("%s", exc)
                 continue
             except UnavailableError as exc:
@@ -282,7 +303,8 @@ class Mirror:
             if it.event.op == "put":
                 copied[it.route.name] += size
         for route, n in copied.items():
-            self.stats.bytes_copied += n
+            with self._stats_lock:
+                self.stats.bytes_copied += n
             self.metrics.bytes_copied_total.labels(route=route).inc(n)
         return entries, unavailable
 
@@ -315,9 +337,12 @@ class Mirror:
         for e in entries:
             by_route.setdefault((e.route, e.source_dc), []).append(e)
         m = self.metrics
+        with self._stats_lock:
+            self.stats.applied += len(entries)
         for (route, src), es in by_route.items():
             lags = [max(0.0, e.applied_time - e.event_time) for e in es]  # clock skew counts as 0
-            self.stats.lags.extend(lags)
+            with self._stats_lock:
+                self.stats.lags.extend(lags)
             observe_many(m.replication_lag_seconds.labels(route, src, self.dc), lags)
             deletes = sum(1 for e in es if e.deleted)
             if deletes:

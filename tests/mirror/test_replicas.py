@@ -70,7 +70,7 @@ def _wait(what: str, cond: Any, timeout_s: float, procs: list[subprocess.Popen[b
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}" for log in logs)
             pytest.fail(f"{what}: not within {timeout_s:.0f}s\n{tails}")
-        for p, log in zip(procs, logs):
+        for p, log in zip(procs, logs, strict=False):
             if p.poll() is not None and p.returncode != -signal.SIGKILL:
                 pytest.fail(f"{log.name} exited with {p.returncode}:\n{log.read_text(errors='replace')[-2500:]}")
         time.sleep(0.05)

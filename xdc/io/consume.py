@@ -19,6 +19,15 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
   commits nothing (dead-letter listing, the lag reader).
+
+Pipelined handlers (the mirror) split a batch in two: `prepare` (parse, decide, copy: CPU and
+object I/O) on the loop's thread, and the `durable` part it returns (the state transaction, the
+outbox) on one writer thread, in batch order. The loop prepares batch N+1 while N is made durable,
+and commits N's offsets once N's durable part is done: the same order of guarantees, with the
+database's time overlapped. A durable part that fails stops the writer (later batches are not made
+durable), every batch in flight is rewound, and the batch redelivered next is handled the plain
+way (with the retries, backoff and poison-record search above) before pipelining resumes. Before
+partitions are revoked, everything in flight is made durable and committed.
 """
 from __future__ import annotations
 
@@ -27,7 +36,9 @@ import random
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +95,33 @@ class Handler(Protocol):
 
 
 @dataclass
+class Prepared:
+    """A batch whose work is done but for making it durable (`durable`, run on the writer thread)."""
+
+    letters: list[Letter]
+    durable: Callable[[], None]
+
+
+class PipelinedHandler(Handler, Protocol):
+    def prepare(self, batch: Batch) -> Prepared:
+        """Everything but the durable part; `handle` is `prepare` then `durable` in one go."""
+        ...
+
+
+@dataclass
+class _InFlight:
+    source: Source
+    batch: Batch
+    letters: list[Letter]
+    done: Future[None]
+    started: float
+
+
+class _Skipped(Exception):
+    """A durable part not run because an earlier one failed (its batch is redone)."""
+
+
+@dataclass
 class Source:
     name: str  # datacenter
     consumer: KafkaConsumer
@@ -107,6 +145,7 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.loop.settle()  # what is in flight becomes durable and committed while we own it
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
@@ -121,9 +160,10 @@ class ConsumeLoop:
     def __init__(self, sources: Sequence[Source], handler: Handler, *,
                  dead_letters: DeadLetterSink | None = None, max_records: int = 500,
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
-                 max_broker_failures: int = 30, name: str = "consume") -> None:
+                 max_broker_failures: int = 30, name: str = "consume", pipeline: bool = True) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
-        error (0: until it works); after that its records are dead-lettered with the reason."""
+        error (0: until it works); after that its records are dead-lettered with the reason.
+        `pipeline`: overlap a PipelinedHandler's durable part with the next batch."""
         self.sources = list(sources)
         self.handler = handler
         self.dead_letters = dead_letters
@@ -135,12 +175,20 @@ class ConsumeLoop:
         self.stats = LoopStats()
         self.alive = True  # for /healthz
         self.caught_up = False  # for /readyz and `once`
+        self._writer: ThreadPoolExecutor | None = None
+        if pipeline and callable(getattr(handler, "prepare", None)):
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-durable")
+        self._inflight: deque[_InFlight] = deque()
+        self._broken = False  # a durable part failed: later ones are skipped until the loop recovers
+        self._plain_next = False  # the next batch is handled the plain way (after a failure in flight)
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # a durable part under way finishes (the state may run ahead)
         for s in self.sources:
             try:
                 s.consumer.close(autocommit=False)
@@ -155,7 +203,7 @@ class ConsumeLoop:
         t0 = time.monotonic()
         idle = 0
         broker_failures = 0
-        handler_failures = 0
+        self._handler_failures = 0
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -172,49 +220,24 @@ class ConsumeLoop:
                     if not records:
                         continue
                     self.caught_up = False
-                    t_batch = time.monotonic()
                     batch = Batch(src.name, records)
                     try:
-                        letters = self._handle(batch)
-                        self._send_letters(letters, src.name)
-                    except XdcError as exc:
-                        if not exc.retriable:
-                            raise
-                        handler_failures += 1
-                        if self.retry.max_attempts and handler_failures >= self.retry.max_attempts:
-                            log.error("%s: batch failed %d times (%s): dead-lettering it", self.name,
-                                      handler_failures, exc)
-                            self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc))
-                                                for r in records], src.name)
-                        else:
-                            rewind(src.consumer, records)
-                            st.retries += 1
-                            delay = min(self.retry.cap_s, self.retry.base_s * 2 ** handler_failures) \
-                                * random.uniform(0.5, 1.0)
-                            log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name,
-                                        len(records), src.name, exc, delay)
-                            self._sleep(delay, stop)
+                        if self._writer is not None and not self._plain_next:
+                            self._pipelined(src, batch)
+                        elif not self._plain(src, batch, stop):
                             continue
-                    handler_failures = 0
-                    crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
-                    if src.group is not None:
-                        try:
-                            commit(src.consumer, next_offsets(records))
-                        except KafkaError as exc:
-                            if exc.retriable:  # redelivered, found done (idempotent), committed then
-                                rewind(src.consumer, records)
-                                broker_failures = self._broker_trouble(broker_failures, exc)
-                                continue
-                            if not isinstance(exc, RebalancedError):
-                                raise
-                            log.info("%s: commit after a rebalance dropped (%s); the new owner redoes it", self.name, exc)
+                    except KafkaError as exc:  # the commit: a broker error worth waiting for
+                        broker_failures = self._broker_trouble(broker_failures, exc)
+                        continue
                     broker_failures = 0
-                    st.batches += 1
-                    st.records += len(records)
-                    st.busy_seconds += time.monotonic() - t_batch
                     progressed = True
                 if progressed:
                     idle = 0
+                    continue
+                try:
+                    self.settle()  # idle: what is in flight becomes durable and committed now
+                except KafkaError as exc:
+                    broker_failures = self._broker_trouble(broker_failures, exc)
                     continue
                 on_idle = getattr(self.handler, "on_idle", None)
                 if on_idle is not None:
@@ -226,12 +249,108 @@ class ConsumeLoop:
                     if (joined and self.caught_up and idle >= idle_polls_to_finish) or \
                             (not joined and time.monotonic() - t0 > join_timeout_s):
                         break
+            self.settle()  # stopped: finish what is in flight
         except BaseException:
             self.alive = False
             raise
         finally:
             st.seconds += time.monotonic() - t0
         return st
+
+    def _plain(self, src: Source, batch: Batch, stop: threading.Event | None) -> bool:
+        """handle -> letters -> commit. False when the batch was rewound for a retry."""
+        t_batch = time.monotonic()
+        try:
+            letters = self._handle(batch)
+            self._send_letters(letters, src.name)
+        except XdcError as exc:
+            if not exc.retriable:
+                raise
+            self._handler_failures += 1
+            if self.retry.max_attempts and self._handler_failures >= self.retry.max_attempts:
+                log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, self._handler_failures, exc)
+                self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc)) for r in batch.records],
+                                   src.name)
+            else:
+                rewind(src.consumer, batch.records)
+                self.stats.retries += 1
+                delay = min(self.retry.cap_s, self.retry.base_s * 2 ** self._handler_failures) * random.uniform(0.5, 1.0)
+                log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name, len(batch), src.name,
+                            exc, delay)
+                self._sleep(delay, stop)
+                return False
+        self._handler_failures = 0
+        self._plain_next = False
+        self._commit(src, batch, t_batch)
+        return True
+
+    def _pipelined(self, src: Source, batch: Batch) -> None:
+        """prepare here, durable on the writer; then settle until one batch at most is in flight."""
+        assert self._writer is not None
+        t_batch = time.monotonic()
+        try:
+            prepared = self.handler.prepare(batch)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - any trouble: redo it the plain way, after what is in flight
+            rewind(src.consumer, batch.records)  # before settling: an older batch may rewind further
+            self._plain_next = True
+            self.settle()
+            return
+        self._inflight.append(_InFlight(src, batch, prepared.letters,
+                                        self._writer.submit(self._run_durable, prepared.durable), t_batch))
+        self.settle(keep=1)
+
+    def _run_durable(self, durable: Callable[[], None]) -> None:
+        if self._broken:
+            raise _Skipped()
+        try:
+            durable()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def settle(self, keep: int = 0) -> None:
+        """Finish batches in flight (oldest first: letters, then offsets) until `keep` remain. A
+        durable part that failed rewinds every batch in flight; the next one is handled plainly."""
+        while len(self._inflight) > keep:
+            head = self._inflight[0]
+            try:
+                head.done.result()
+            except Exception as exc:  # noqa: BLE001 - redone the plain way, which says what it is
+                log.warning("%s: batch of %d from %s failed on its way to durable (%r); redoing it", self.name,
+                            len(head.batch), head.source.name, exc)
+                for f in self._inflight:  # nothing after the failure was made durable (_Skipped)
+                    try:
+                        f.done.result()
+                    except Exception:  # noqa: BLE001 - the failure itself, or skipped
+                        pass
+                for f in reversed(self._inflight):  # newest first: the oldest batch's seek wins
+                    rewind(f.source.consumer, f.batch.records)
+                self._inflight.clear()
+                self._broken = False
+                self._plain_next = True
+                self.stats.retries += 1
+                return
+            self._inflight.popleft()
+            self._send_letters(head.letters, head.source.name)
+            self._commit(head.source, head.batch, head.started)
+
+    def _commit(self, src: Source, batch: Batch, started: float) -> None:
+        """The batch is durable and its letters sent: commit its offsets (raises a retriable
+        KafkaError after rewinding, when the broker is away)."""
+        crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
+        if src.group is not None:
+            try:
+                commit(src.consumer, next_offsets(batch.records))
+            except KafkaError as exc:
+                if exc.retriable:  # redelivered, found done (idempotent), committed then
+                    rewind(src.consumer, batch.records)
+                    raise
+                if not isinstance(exc, RebalancedError):
+                    raise
+                log.info("%s: commit after a rebalance dropped (%s); the new owner redoes it", self.name, exc)
+        self.stats.batches += 1
+        self.stats.records += len(batch)
+        self.stats.busy_seconds += time.monotonic() - started
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""

@@ -21,6 +21,7 @@ rather than queue order. Applied events carry sequencers, so readers can tell.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ class OutboxPublisher:
         self.tag = tag
         self.published = 0
         self.found_sent = 0  # rows a dead publisher had sent: not sent again
+        self._lock = threading.Lock()  # one flush at a time in this process (the reader is not thread-safe)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -65,7 +67,7 @@ class OutboxPublisher:
 
     def flush(self) -> int:
         """Send what the state owes; returns the number of messages sent."""
-        with self.catalog.claim_outbox() as claim:
+        with self._lock, self.catalog.claim_outbox() as claim:
             if not claim.rows:
                 return 0
             rows = self._unsent(claim.rows)
@@ -133,7 +135,7 @@ def _headers_from(consumer: KafkaConsumer, start: dict[TopicPartition, int], hea
         polled: dict[Any, list[Any]] = consumer.poll(timeout_ms=500)
         if not polled:
             waited += 500
-        for tp, msgs in polled.items():
+        for msgs in polled.values():
             for m in msgs:
                 for k, v in m.headers or ():
                     if k == header:

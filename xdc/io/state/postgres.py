@@ -64,7 +64,7 @@ _OBJECT_TYPES = ("text", "text", "int8", "text", "text", "int4", "float8", "floa
 # upsert's transaction (IF NOT EXISTS), so a pooler that hands out another session still finds it.
 _STAGE = "objects_stage"
 _CREATE_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
-                 + ", ".join(f"{c} {t}" for c, t in zip(OBJECT_COLUMNS, _OBJECT_TYPES)) + ") ON COMMIT DELETE ROWS")
+                 + ", ".join(f"{c} {t}" for c, t in zip(OBJECT_COLUMNS, _OBJECT_TYPES, strict=True)) + ") ON COMMIT DELETE ROWS")
 
 
 @functools.lru_cache(maxsize=512)
