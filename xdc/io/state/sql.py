@@ -83,7 +83,7 @@ class Db(ABC):
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
                        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
             done = {r["version"] for r in tx.rows("SELECT version FROM schema_migrations")}
-            for m in MIGRATIONS:
+            for m in sorted(MIGRATIONS, key=lambda m: m.version):
                 if m.version in done:
                     continue
                 for stmt in m.statements(self.dialect):
