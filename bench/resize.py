@@ -13,6 +13,14 @@ with ratios vs the baseline and vs the floor; frames/s of resize_frame on 1 and 
 the scaling; PSNR of the pipeline's pixels before encoding (and of its final JPEG) vs the baseline's
 full-decode LANCZOS pixels; one line for a 4K PNG. Goals: JPEG <= 1.1x the floor, >= 1.8x on 2
 processes, PSNR >= 40 dB.
+
+Containment (resize/sandbox.py: native work in a resident child, so a crash costs the child only;
+`--only-containment` for just these lines): the same work in-process and contained, back to back
+per frame, as CPU ms (caller + child: what containment costs whatever the machine's load) and the
+median wall ratio: resize_frame vs a Sandbox call (frame bytes over a pipe), resize_file in-process
+vs contained (the CLI's path: only the file name goes over); the cost of starting one child (what a
+process per frame would pay); f/s and CPU of the worker's SandboxPool on 2 children vs a plain
+2-process pool doing the same work.
 """
 from __future__ import annotations
 
@@ -132,10 +140,121 @@ def frames_per_second(frames: list[bytes], procs: int, total: int) -> float:
         return total / (time.perf_counter() - t)
 
 
+def _proc_cpu_s(pid: int | None) -> float:
+    """utime + stime of a live process we started (from /proc: a child not yet waited for)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _paired(direct: Callable[[Any], Any], boxed: Callable[[Any], Any], pid: Callable[[], int | None],
+            items: list[Any], rounds: int) -> tuple[float, float, float]:
+    """CPU ms/item in-process, CPU ms/item contained (caller + child), median wall ratio per item.
+
+    Each item is run both ways back to back, in alternating order, so a change in the machine's
+    load hits both; CPU time is what the containment costs whatever the load.
+    """
+    direct(items[0])
+    boxed(items[0])
+    cpu_d = cpu_b = 0.0
+    ratios = []
+    for r in range(rounds):
+        for i, it in enumerate(items):
+            walls = {}
+            for kind in (("d", "b") if (i + r) % 2 == 0 else ("b", "d")):
+                child = pid()
+                c0, k0, t0 = time.process_time(), _proc_cpu_s(child), time.perf_counter()
+                (direct if kind == "d" else boxed)(it)
+                walls[kind] = time.perf_counter() - t0
+                used = time.process_time() - c0 + (_proc_cpu_s(child) - k0 if kind == "b" else 0.0)
+                if kind == "d":
+                    cpu_d += used
+                else:
+                    cpu_b += used
+            ratios.append(walls["b"] / walls["d"])
+    n = rounds * len(items)
+    return cpu_d * 1000 / n, cpu_b * 1000 / n, float(np.median(ratios))
+
+
+def _pool_run(kind: str, frames: list[bytes], total: int) -> tuple[float, float]:
+    """frames/s (wall) and CPU ms/frame (caller + its children, start-up included) of one pool's
+    whole life: start, warm up, ``total`` frames, stop."""
+    import resource
+
+    from resize.sandbox import SandboxPool
+
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    c0 = cpu()
+    if kind == "plain":
+        with mp.get_context("spawn").Pool(2, _init, (frames,)) as pool:
+            pool.map(_work, range(4), chunksize=1)
+            t = time.perf_counter()
+            pool.map(_work, range(total), chunksize=2)
+            wall = time.perf_counter() - t
+            pool.close()
+            pool.join()
+    else:
+        with SandboxPool(2, "bench.resize:_work", initializer="bench.resize:_init", initargs=(frames,)) as sp:
+            for f in [sp.submit(i, label="warm") for i in range(4)]:
+                f.result()
+            t = time.perf_counter()
+            for f in [sp.submit(i, label="bench") for i in range(total)]:
+                f.result()
+            wall = time.perf_counter() - t
+    return total / wall, (cpu() - c0) * 1000 / total
+
+
+def containment(frames: list[bytes], rounds: int) -> None:
+    import tempfile
+
+    from resize.frame import resize_file
+    from resize.sandbox import Sandbox, shared_sandbox
+
+    print("\ncontainment: the same work in-process and in a resident child, back to back per frame")
+    t = time.perf_counter()
+    with Sandbox("resize.frame:resize_bytes") as box:
+        box.start()
+        start_ms = (time.perf_counter() - t) * 1000
+        fr = _paired(lambda d: resize_frame(d, SETTINGS), lambda d: box.call((d, SETTINGS, None), label="bench"),
+                     lambda: box.pid, frames, rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, f in enumerate(frames):
+            paths.append(Path(tmp, f"{i}.jpg"))
+            paths[-1].write_bytes(f)
+        out = Path(tmp, "out.jpg")
+        shared_sandbox().start()
+        fi = _paired(lambda p: resize_file(p, out, SETTINGS, contained=False), lambda p: resize_file(p, out, SETTINGS),
+                     lambda: shared_sandbox().pid, paths, rounds)
+    for name, (d, b, ratio) in (("resize_frame, frame bytes piped", fr), ("resize_file (the CLI's path)", fi)):
+        print(f"  {name:34s} CPU {d:6.1f} ms in-process, {b:6.1f} ms contained ({b - d:+5.1f} ms, {b / d:.3f}x);"
+              f" wall median ratio {ratio:.3f}x")
+    print(f"  starting one child (spawn + imports): {start_ms:.0f} ms wall = {start_ms / fr[0]:.1f} frames' CPU:"
+          " why the child is resident, not one per frame")
+    # The worker's pool against a plain process pool, same work (frames preloaded, an index goes
+    # over), each pool's whole life, alternated so a change in the machine's load hits both
+    total = max(40, 4 * len(frames))
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], "sandbox": []}
+    for _ in range(2):
+        for kind in ("plain", "sandbox"):
+            runs[kind].append(_pool_run(kind, frames, total))
+    med = {k: (float(np.median([r[0] for r in v])), float(np.median([r[1] for r in v]))) for k, v in runs.items()}
+    print(f"  2 processes x {total} frames (x2 each): SandboxPool (the worker's) {med['sandbox'][0]:.1f} f/s,"
+          f" {med['sandbox'][1]:.1f} CPU ms/frame; plain process pool {med['plain'][0]:.1f} f/s,"
+          f" {med['plain'][1]:.1f} CPU ms/frame: {med['sandbox'][0] / med['plain'][0]:.2f}x f/s,"
+          f" {med['sandbox'][1] / med['plain'][1]:.2f}x CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=20, help="distinct 4K frames (default 20)")
     ap.add_argument("--rounds", type=int, default=2, help="passes over the frames per method (median)")
+    ap.add_argument("--only-containment", action="store_true", help="only the containment lines")
     args = ap.parse_args()
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; backend {default_backend()};"
@@ -144,6 +263,9 @@ def main() -> None:
     frames = [make_frame(seed) for seed in range(args.frames)]
     print(f"made {len(frames)} 4K q90 frames in {time.perf_counter() - t:.1f}s,"
           f" mean {np.mean([len(f) for f in frames]) / 1e6:.2f} MB")
+    if args.only_containment:
+        containment(frames, args.rounds)
+        return
 
     base = cpu_ms(baseline, frames, args.rounds)
     pipe = cpu_ms(lambda d: resize_frame(d, SETTINGS), frames, args.rounds)
@@ -180,6 +302,8 @@ def main() -> None:
     two = frames_per_second(frames, 2, total)
     print(f"\nthroughput resize_frame ({total} frames, wall clock): 1 process {one:.1f} f/s, 2 processes {two:.1f} f/s,"
           f" scaling {two / one:.2f}x (goal >= 1.8)")
+
+    containment(frames, args.rounds)
 
     png = make_frame(0, fmt="png")
     png_base = cpu_ms(baseline, [png], args.rounds)

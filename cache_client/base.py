@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Protocol
 
-from cache_client.placement import HashRing
+import numpy as np
+
+from cache_client.placement import BalancedPlacement, key_hashes
 from cache_client.plan import Bandwidth, NodeCapacity, Plan, make_plan
 from xdc.errors import CacheError
 
@@ -249,32 +251,53 @@ class CacheCluster(ABC):
         """(used, capacity) bytes of this node's cache."""
 
     # -- derived ------------------------------------------------------------------------------
-    def owners(self, files: Sequence[CacheFile]) -> dict[str, list[CacheFile]]:
-        """node -> the files it should hold, by the cluster's placement."""
+    def owners(self, files: Sequence[CacheFile], *, scope: Sequence[CacheFile] | None = None) -> dict[str, list[CacheFile]]:
+        """node -> the files it should hold, by the cluster's placement.
+
+        `shard` balances by bytes over the whole list (cache_client.placement), so a part of a
+        list (stragglers to re-warm) must be placed within it: pass the full list as `scope`.
+        """
         if self.placement == "replicate" or len(self.nodes) == 1:
             return {n: list(files) for n in self.nodes}
-        ring = HashRing(self.nodes, self.virtual_nodes)
+        pool = list(files)
+        if scope is not None:
+            inside = {f.path for f in scope}
+            pool = list(scope) + [f for f in files if f.path not in inside]
+        sizes = np.fromiter((-1 if f.size is None else f.size for f in pool), dtype=np.int64, count=len(pool))
+        index = BalancedPlacement(self.nodes).assign_hashes(key_hashes(f.bucket_key for f in pool), sizes).tolist()
         out: dict[str, list[CacheFile]] = {n: [] for n in self.nodes}
-        for f in files:
-            out[ring.node_for(f.bucket_key)].append(f)
+        if scope is None:
+            for f, j in zip(files, index):
+                out[self.nodes[j]].append(f)
+        else:
+            node_of = {f.path: j for f, j in zip(pool, index)}
+            for f in files:
+                out[self.nodes[node_of[f.path]]].append(f)
         return out
 
-    def _survey(self, files: Sequence[CacheFile]) -> tuple[list[CacheFile], list[CacheFile], dict[str, dict[str, int]]]:
+    def cached_bytes_nodes(self, shares: Mapping[str, Sequence[CacheFile]]) -> dict[str, dict[str, int]]:
+        """node -> path -> cached bytes, for each node's files (backends may do all nodes at once)."""
+        return self._per_node(lambda n: self.cached_bytes(n, shares[n]) if shares.get(n) else {})
+
+    def _survey(self, files: Sequence[CacheFile], scope: Sequence[CacheFile] | None = None,
+                ) -> tuple[list[CacheFile], list[CacheFile], dict[str, dict[str, int]]]:
         """(present files with sizes, missing files, node -> path -> cached bytes of its share)."""
         sizes = self.stat(files)
         present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
         missing = [f for f in files if sizes.get(f.path) is None]
-        shares = self.owners(present)
-        cached = self._per_node(lambda n: self.cached_bytes(n, shares[n]) if shares[n] else {})
+        shares = self.owners(present, scope=scope)
+        cached = self.cached_bytes_nodes(shares)
         return present, missing, cached
 
-    def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False) -> Plan:
+    def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False,
+             scope: Sequence[CacheFile] | None = None) -> Plan:
         """What warming these files would take: sizes, what is cached, per-node shares, ETA.
 
         Raises CapacityError when a node's share does not fit its free cache, unless trim=True.
+        `scope`: the full list these files are part of (placement is computed over it).
         """
-        present, missing, cached = self._survey(files)
-        shares = self.owners(present)
+        present, missing, cached = self._survey(files, scope)
+        shares = self.owners(present, scope=scope)
         caps = {}
         for n in self.nodes:
             used, capacity = self.usage(n)
@@ -338,19 +361,18 @@ class CacheCluster(ABC):
         sizes = self.stat(files)
         present = [CacheFile(f.bucket_key, f.path, sizes[f.path]) for f in files if sizes.get(f.path) is not None]
 
-        def one(node: str) -> tuple[int, int]:
-            if not present:
-                return 0, 0
-            before = sum(self.cached_bytes(node, present).values())
-            self.evict_node(node, present)
-            after = sum(self.cached_bytes(node, present).values())
-            return before - after, after
-
-        res = self._per_node(one)
+        everyone = {n: present for n in self.nodes}
+        # all nodes' cached bytes in one pass before and after (one metadata scan, not one a node)
+        before = self.cached_bytes_nodes(everyone) if present else {}
+        if present:
+            self._per_node(lambda n: self.evict_node(n, present))
+        after = self.cached_bytes_nodes(everyone) if present else {}
+        was = {n: sum(before.get(n, {}).values()) for n in self.nodes}
+        left = {n: sum(after.get(n, {}).values()) for n in self.nodes}
         return FreeReport(
             files=len(present),
-            freed_bytes={n: r[0] for n, r in res.items()},
-            left_bytes={n: r[1] for n, r in res.items()},
+            freed_bytes={n: was[n] - left[n] for n in self.nodes},
+            left_bytes=left,
             missing=len(files) - len(present),
         )
 
@@ -375,6 +397,7 @@ def status_of(size: int, cached: Iterable[int]) -> FileStatus:
 # -- backend registry (by name, lazily imported, like fsspec's) ---------------------------------
 _REGISTRY: dict[str, str] = {
     "juicefs": "cache_client.juicefs:JuiceFSCluster",
+    "alluxio": "cache_client.alluxio:AlluxioCluster",
     "fake": "cache_client.fake:FakeCluster",
 }
 

@@ -11,20 +11,26 @@ How each primitive is done, and why (measured with juicefs 1.4.2):
   goes in one process (no batching cost) yet the bar moves.
 - per-file cached bytes: `warmup --check` is NOT usable per file: it prints one row per cache dir
   with humanised sizes ("1.0 MiB", "50.0%") and a stderr aggregate line, nothing per file; its
-  rounding can hide a missing block in a large list. It is used only as an exact fast path when
-  it says "0 B" cached (cold prewarm, after a free). Otherwise we compute each file's block
-  objects ("chunks/0/0/5_1_4194304") and test whether that block file exists in the node's cache
-  dir (<cache_dir>/<volume uuid>/raw/chunks/...); JuiceFS writes a block to a temp name and
-  renames it, so an existing block file is a complete one. The block list comes from
-  `juicefs dump --subdir DIR` (one process per directory: ~1 ms per file) or, for scattered files
-  and overwritten ranges, from `juicefs info PATH...` (~8 ms per file). Tests cross-check both
-  sources and the sum against `--check`'s aggregate.
+  rounding can hide a missing block in a large list. Instead each file's block objects
+  ("chunks/0/0/5_1_4194304") are matched against the node's cache dir
+  (<cache_dir>/<volume uuid>/raw/chunks/...); JuiceFS writes a block to a temp name and renames
+  it, so an existing block file is a complete one. For all nodes at once (cached_bytes_nodes):
+  one listing of each node's cache dir and ONE metadata dump (cache_client.juicefs_scan), so the
+  cost grows with the files and cached blocks at memory speed. A node with nothing cached needs
+  no dump. The dump is `juicefs dump --binary` of the whole volume when the volume holds at most
+  BINARY_MAX_FACTOR x the list's files (~45 us a file, 4x cheaper than JSON), else a streamed
+  JSON `juicefs dump --subdir TOP` of the list's top directory (~200 us a file), stopped past
+  DUMP_MAX_FACTOR x the files, the blocks then coming from `juicefs dump --subdir DIR` per
+  directory (~1 ms per file); files the dump cannot settle (overwritten ranges) from
+  `juicefs info PATH...` (~8 ms per file). Tests cross-check the sources and the sum against
+  `--check`'s aggregate.
 - evict: `juicefs warmup --evict -f LIST` per node (node-local, hence run on every node).
 - usage: `.stats` juicefs_blockcache_bytes vs the node's configured cache size (and disk space).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
@@ -35,20 +41,33 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cache_client.base import CacheCluster, CacheFile, ProgressFn
+from cache_client.juicefs_scan import (
+    BinaryScan,
+    DumpScan,
+    DumpTooLarge,
+    cached_block_names,
+    common_dir,
+)
 from xdc.config import CacheConfig, CacheNode
 from xdc.errors import CacheError
 
+log = logging.getLogger("xdc.cache.juicefs")
 MIB = 1 << 20
 INFO_BATCH = 256  # paths per `juicefs info` call (argv stays far below ARG_MAX)
 INFO_PROCS = 4  # `juicefs info` / `dump` processes at once
 DUMP_MEMO_SECONDS = 2.0
 DUMP_MIN_FILES_PER_DIR = 8  # below this, per-file `info` is cheaper than dumping the directory
+DUMP_MAX_FACTOR = 20  # a top-directory dump is stopped past this many entries per wanted file ...
+DUMP_MAX_MIN = 200_000  # ... but never before this many (a dump is cheap up to there)
+SCAN_MIN_FILES = 32  # fewer files: per-file `info` / per-directory dumps (no whole-tree dump)
+BINARY_MAX_FACTOR = 8  # dump the whole volume (binary) when it holds at most this many inodes per file asked
 WARM_BATCH = 50_000  # paths per `juicefs warmup` call
 POLL_SECONDS = 0.1
 FREE_SPACE_RATIO = 0.05
@@ -269,18 +288,81 @@ class JuiceFSCluster(CacheCluster):
             return dict(pool.map(one, files, chunksize=64))
 
     def cached_bytes(self, node: str, files: Sequence[CacheFile]) -> dict[str, int]:
-        if not files:
-            return {}
-        # Fast exact path: --check's aggregate "0 B of ..." means no byte of any file is cached
-        # (the common cold prewarm and after a free). Any other aggregate is rounded: go per file.
-        if self._none_cached(node, files):
-            return {f.path: 0 for f in files}
-        root = Path(self.node_cfg[node].cache_dir) / self._volume_uuid(node) / "raw"
-        blocks = self._blocks(files)
-        out = {}
-        for f in files:
-            out[f.path] = sum(n for obj, n in blocks[f.path] if (root / obj).exists())
+        return self.cached_bytes_nodes({node: files})[node] if files else {}
+
+    def cached_bytes_nodes(self, shares: Mapping[str, Sequence[CacheFile]]) -> dict[str, dict[str, int]]:
+        """node -> path -> cached bytes, every node at once: one cache listing per node, one dump."""
+        out: dict[str, dict[str, int]] = {n: {} for n in shares}
+        busy = [n for n, fs in shares.items() if fs]
+        if not busy:
+            return out
+        listing = self._per_node(lambda n: cached_block_names(self.node_cfg[n].cache_dir, self._volume_uuid(n)), busy)
+        holders: dict[str, tuple[str, ...]] = {}  # path -> nodes that hold it (tuples shared)
+        interned: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for n in busy:
+            if not listing[n]:  # nothing cached on this node at all: exact zeros, no dump
+                out[n] = dict.fromkeys((f.path for f in shares[n]), 0)
+                continue
+            for f in shares[n]:
+                t = holders.get(f.path, ()) + (n,)
+                holders[f.path] = interned.setdefault(t, t)
+        if not holders:
+            return out
+
+        def account(path: str, blocks: list[tuple[str, int]]) -> None:
+            if len(blocks) == 1:  # most frames: one block
+                name, used = blocks[0]
+                for n in holders[path]:
+                    out[n][path] = used if name in listing[n] else 0
+                return
+            for n in holders[path]:
+                cached = listing[n]
+                out[n][path] = sum(used for name, used in blocks if name in cached)
+
+        left = self._scan_dump(holders, account)
+        if left:
+            files = [CacheFile(p, p) for p in left]
+            for path, objs in self._blocks(files).items():
+                account(path, [(obj.rsplit("/", 1)[-1], used) for obj, used in objs])
         return out
+
+    def _scan_dump(self, holders: Mapping[str, Any], account: Callable[[str, list[tuple[str, int]]], None]) -> list[str]:
+        """Blocks of the wanted files from one streamed dump per top directory; returns the paths
+        it could not settle (not in the dump, overlapping slices, or a dump stopped as too large)."""
+        if len(holders) < SCAN_MIN_FILES:
+            return list(holders)
+        settled: set[str] = set()
+
+        def found(path: str, blocks: list[tuple[str, int]] | None) -> None:
+            if blocks is None:
+                settled.discard(path)  # overlapping slices: `juicefs info` decides
+                return
+            account(path, blocks)
+            settled.add(path)
+
+        inodes = self._volume_inodes()
+        if inodes is not None and inodes <= BINARY_MAX_FACTOR * len(holders):
+            try:
+                with tempfile.TemporaryDirectory(prefix="xdc-jfs-dump-") as tmp:
+                    BinaryScan(juicefs_bin(), self.config.meta_url, holders, found, tmp).run()
+                return [p for p in holders if p not in settled]
+            except CacheError as exc:  # a binary layout this version does not know: the JSON dump
+                log.warning("binary metadata dump unusable (%s); using the JSON dump", exc)
+                settled.clear()
+        by_top: dict[str, list[str]] = {}
+        for p in holders:
+            by_top.setdefault(p.split("/", 1)[0], []).append(p)
+        left: list[str] = []
+        for paths in by_top.values():
+            scan = DumpScan(juicefs_bin(), self.config.meta_url, common_dir(paths), holders, found,
+                            max_entries=max(DUMP_MAX_MIN, DUMP_MAX_FACTOR * len(paths)))
+            try:
+                scan.run()
+            except DumpTooLarge:
+                left.extend(paths)  # per directory instead
+                continue
+            left.extend(p for p in paths if p not in settled)
+        return left
 
     def _blocks(self, files: Sequence[CacheFile]) -> dict[str, list[tuple[str, int]]]:
         """path -> [(block object "chunks/...", bytes of the file in it)].
@@ -311,6 +393,15 @@ class JuiceFSCluster(CacheCluster):
         if rest:
             out.update(self._info_blocks(rest))
         return out
+
+    def _volume_inodes(self) -> int | None:
+        """Inodes in use in the volume (statfs of a mount), None if unknown."""
+        try:
+            st = os.statvfs(self._any_mount())
+        except (OSError, CacheError):
+            return None
+        used = st.f_files - st.f_ffree
+        return used if used > 0 else None
 
     def _dump_dir(self, rel_dir: str) -> dict[str, list[tuple[str, int]]]:
         # The nodes of one check/plan ask for the same directories at the same moment: share one
@@ -364,12 +455,6 @@ class JuiceFSCluster(CacheCluster):
             for got in pool.map(one, batches):
                 out.update(got)
         return out
-
-    def _none_cached(self, node: str, files: Sequence[CacheFile]) -> bool:
-        with self._list_file(node, files) as lst:
-            cp = run_juicefs(["warmup", "--check", "-f", lst], what=f"check on {node}", timeout=600)
-        m = _CHECK_LINE.search(cp.stderr)
-        return bool(m) and m.group(1) == "0 B"
 
     def warm_node(self, node: str, files: Sequence[CacheFile], threads: int, on_progress: ProgressFn) -> None:
         for i in range(0, len(files), WARM_BATCH):
@@ -442,6 +527,13 @@ class JuiceFSCluster(CacheCluster):
 
 
 __all__ = [
-    "JuiceFSCluster", "format_volume", "mount_node", "umount_node", "is_mounted",
-    "parse_info_objects", "read_stats", "run_juicefs", "juicefs_bin",
+    "JuiceFSCluster",
+    "format_volume",
+    "is_mounted",
+    "juicefs_bin",
+    "mount_node",
+    "parse_info_objects",
+    "read_stats",
+    "run_juicefs",
+    "umount_node",
 ]

@@ -82,6 +82,7 @@ class Plan:
     trimmed: bool = False
     # list entries that never became files (unreadable line, bad key, no route): (entry, reason)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # how the list was read: format, shape, selector, root
 
     @property
     def warm_files(self) -> int:
@@ -123,6 +124,7 @@ class Plan:
             "nodes": {n: s.to_dict() for n, s in self.shares.items()},
             "rejected": [{"entry": e, "reason": r} for e, r in self.rejected[:cap]],
             "rejected_count": len(self.rejected),
+            "list": self.source,
         }
 
     def summary(self) -> str:

@@ -1,0 +1,1 @@
+"""Developer tools: the local servers the stack, the tests and the benchmarks start (not runtime code)."""

@@ -46,7 +46,7 @@ def run_demo(run_dir: Path, *, frames: int = 200, lidar: int = 5, keep: bool = F
         write_samples(samples, frames=frames, lidar=lidar)
     report["generate_s"] = round(time.monotonic() - t, 1)
 
-    t = _step("start the local stack (2 datacenters: broker, S3, catalog, 2 cache nodes each)")
+    t = _step("start the local stack (2 datacenters: broker, S3, state, 2 cache nodes each)")
     stack.down(run_dir / "stack")  # a demo starts from empty datacenters
     shutil.rmtree(run_dir / "stack", ignore_errors=True)
     cfg = stack.up(run_dir / "stack", nodes=2, cache_size_mib=1024, state=state)

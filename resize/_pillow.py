@@ -12,8 +12,9 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
+from resize import icc as icc_header
 from resize.geometry import Plan
 from resize.probe import Probe
 from xdc.errors import ResizeError
@@ -39,6 +40,8 @@ def render(data: bytes, p: Probe, plan: Plan, *, flatten: bool) -> Image.Image:
             if p.format == "jpeg" and plan.shrink > 1:
                 im.draft(None, (plan.stored_width, plan.stored_height))
             im.load()
+        if im.mode == "CMYK":  # CMYK and YCCK JPEGs
+            im, icc = _cmyk_to_srgb(im, icc), None
         im = _normalise_mode(im)
         im = im.resize((plan.stored_width, plan.stored_height), Image.Resampling.LANCZOS)
         if p.orientation in _TRANSPOSE:
@@ -47,7 +50,8 @@ def render(data: bytes, p: Probe, plan: Plan, *, flatten: bool) -> Image.Image:
             background = Image.new(im.mode[:-1], im.size, 255 if im.mode == "LA" else (255, 255, 255))
             background.paste(im, mask=im.getchannel("A"))
             im = background
-        if icc:
+        im.info.pop("icc_profile", None)  # conversions may carry the source's along
+        if icc_header.fits(icc, len(im.getbands())):
             im.info["icc_profile"] = icc
         return im
     except Image.DecompressionBombError as exc:
@@ -57,6 +61,33 @@ def render(data: bytes, p: Probe, plan: Plan, *, flatten: bool) -> Image.Image:
         if "truncated" in msg.lower():
             raise ResizeError("truncated", msg) from exc
         raise ResizeError("corrupt", msg or type(exc).__name__) from exc
+
+
+def _cmyk_to_srgb(im: Image.Image, profile: bytes | None) -> Image.Image:
+    """Through the embedded profile, relative colorimetric (as the libvips backend). Without a
+    profile Pillow's naive formula is all there is here; libvips uses its built-in CMYK profile
+    instead, so the two backends differ on such frames (not in colour sense: neither inverts)."""
+    if icc_header.colour_space(profile) != "CMYK":
+        return im.convert("RGB")
+    assert profile is not None
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        out = ImageCms.profileToProfile(im, src, _srgb(), outputMode="RGB",
+                                        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    except ImageCms.PyCMSError:  # an unreadable profile is ignored, as viewers do
+        return im.convert("RGB")
+    assert out is not None
+    return out
+
+
+_SRGB: ImageCms.ImageCmsProfile | None = None
+
+
+def _srgb() -> ImageCms.ImageCmsProfile:
+    global _SRGB
+    if _SRGB is None:
+        _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return _SRGB
 
 
 def _normalise_mode(im: Image.Image) -> Image.Image:

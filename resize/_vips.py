@@ -10,6 +10,7 @@ from typing import Any
 
 import pyvips
 
+from resize import icc
 from resize.geometry import Plan
 from resize.probe import Probe
 from xdc.errors import ResizeError
@@ -42,8 +43,8 @@ def render(data: bytes, p: Probe, plan: Plan, *, flatten: bool) -> pyvips.Image:
             im = pyvips.Image.jpegload_buffer(data, shrink=plan.shrink, access="sequential", fail_on="warning")
         else:
             im = pyvips.Image.pngload_buffer(data, access="sequential", fail_on="warning")
-        if im.interpretation == "cmyk":
-            im = im.colourspace("srgb")
+        if im.interpretation == "cmyk":  # CMYK and YCCK JPEGs (libjpeg gives both as CMYK)
+            im = _cmyk_to_srgb(im)
         if im.format != "uchar":  # 16-bit PNG: keep the high byte, as Pillow does
             im = (im >> 8).cast("uchar") if im.format == "ushort" else im.cast("uchar")
         alpha = im.hasalpha()
@@ -67,7 +68,31 @@ def render(data: bytes, p: Probe, plan: Plan, *, flatten: bool) -> pyvips.Image:
         raise _translate(exc) from exc
 
 
+def _cmyk_to_srgb(im: pyvips.Image) -> pyvips.Image:
+    """Through the embedded profile (libvips' own CMYK profile when there is none), relative
+    colorimetric like ImageCms' default; the result carries no profile, which means sRGB.
+
+    colourspace("srgb") converted the pixels but left the CMYK profile attached, and
+    jpegsave_buffer(keep=ICC) then died with SIGSEGV on some such frames (issue 15).
+    """
+    return _without_icc(im.icc_transform("srgb", input_profile="cmyk", embedded=True, intent="relative"))
+
+
+def _without_icc(im: pyvips.Image) -> pyvips.Image:
+    out = im.copy()  # metadata edits on a copy: the input image may be shared
+    out.remove("icc-profile-data")
+    return out
+
+
+def _fitting_icc(im: pyvips.Image) -> pyvips.Image:
+    """The image, without its profile if that profile does not describe these bands."""
+    if im.get_typeof("icc-profile-data") and not icc.fits(bytes(im.get("icc-profile-data")), im.bands):
+        return _without_icc(im)
+    return im
+
+
 def encode(im: pyvips.Image, fmt: str, quality: int, subsampling: str) -> bytes:
+    im = _fitting_icc(im)
     try:
         if fmt == "png":
             return bytes(im.pngsave_buffer(compression=3, keep=pyvips.enums.ForeignKeep.ICC))
@@ -87,8 +112,9 @@ def to_pillow(im: pyvips.Image) -> Any:
 
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[im.bands]
     out = Image.frombytes(mode, (im.width, im.height), im.write_to_memory())
-    if im.get_typeof("icc-profile-data"):
-        out.info["icc_profile"] = bytes(im.get("icc-profile-data"))
+    profile = bytes(im.get("icc-profile-data")) if im.get_typeof("icc-profile-data") else None
+    if icc.fits(profile, im.bands):
+        out.info["icc_profile"] = profile
     return out
 
 

@@ -9,6 +9,9 @@ unsupported_format, decompression_bomb, truncated, corrupt.
 
 Two backends give the same geometry and behaviour: "vips" (libvips, JPEG shrink-on-load; the fast
 one) and "pillow" (draft + LANCZOS; used when pyvips cannot be imported).
+
+resize_frame runs the decoders in the calling process; callers that must survive a native crash
+run it in a child (resize/sandbox.py): resize_file does by default, the worker always does.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from resize.geometry import Plan, fits_already, plan
+from resize.sandbox import shared_sandbox
 from resize.probe import Probe, probe
 from xdc.config import ResizeSettings
 from xdc.errors import ResizeError
@@ -115,9 +119,18 @@ def render_pixels(data: bytes, settings: ResizeSettings, *, backend: Backend | N
     return mod.pixels(im)
 
 
-def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Backend | None = None) -> ResizedFrame:
-    """Resize the file ``src`` into ``dst`` (nothing is written when the frame is skipped)."""
-    out = resize_frame(Path(src).read_bytes(), settings, backend=backend)
+def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Backend | None = None,
+                contained: bool = True) -> ResizedFrame:
+    """Resize the file ``src`` into ``dst`` (nothing is written when the frame is skipped).
+
+    ``contained`` (the default) decodes and encodes in a resident child process (resize/sandbox.py),
+    so a native crash on this file raises ResizeError("worker_crashed", "SIGSEGV while resizing
+    <src>") here instead of killing the caller.
+    """
+    if contained:
+        out: ResizedFrame = shared_sandbox().call((str(src), settings, backend), label=str(src))
+    else:
+        out = resize_path((str(src), settings, backend))
     if out.data is not None:
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +138,18 @@ def resize_file(src: Path, dst: Path, settings: ResizeSettings, *, backend: Back
         tmp.write_bytes(out.data)
         tmp.replace(dst)  # readers never see half a frame
     return out
+
+
+def resize_bytes(job: tuple[bytes, ResizeSettings, Backend | None]) -> ResizedFrame:
+    """resize_frame on one (data, settings, backend): for a Sandbox, where one argument is passed."""
+    data, settings, backend = job
+    return resize_frame(data, settings, backend=backend)
+
+
+def resize_path(job: tuple[str, ResizeSettings, Backend | None]) -> ResizedFrame:
+    """resize_file's work on one (path, settings, backend): what its sandboxed child runs."""
+    path, settings, backend = job
+    return resize_frame(Path(path).read_bytes(), settings, backend=backend)
 
 
 def derived_key(key: str, settings: ResizeSettings) -> str | None:

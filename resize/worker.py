@@ -2,8 +2,13 @@
 
 Its own consumer group on the landing DC's events topic. Per batch: pick put events of frames under
 the configured prefixes -> skip those whose derivative already matches the source ETag -> resize in
-a process pool (each task downloads, resizes and uploads, so frame bytes never cross processes) ->
-publish a put event per derivative -> quarantine what cannot be resized -> commit offsets.
+resident child processes (resize/sandbox.py; each task downloads, resizes and uploads, so frame
+bytes never cross processes) -> publish a put event per derivative -> quarantine what cannot be
+resized -> commit offsets.
+
+A child that dies (a native crash in a decoder, the OOM killer) costs exactly the frame it was
+working on: that frame is quarantined with reason worker_crashed and the signal in the detail
+("SIGSEGV while resizing bucket/key"), the child is replaced, and the rest of the batch goes on.
 
 The derivative event reuses the source event's sequencer: replaying a batch re-publishes the same
 event, which the mirror then ignores as a duplicate.
@@ -11,18 +16,18 @@ event, which the mirror then ignores as a duplicate.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from resize.frame import derived_key, resize_frame
+from resize.sandbox import SandboxPool
 from xdc.config import ResizeSettings, parse_config
-from xdc.errors import EventError, ObjectNotFound, ResizeError, StoreError
+from xdc.errors import EventError, ObjectNotFound, ResizeError, XdcError
 from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
 from xdc.io.consume import Batch, ConsumeLoop, Letter, LoopStats, Source
 from xdc.io.deadletter import DeadLetterSink
@@ -32,6 +37,10 @@ from xdc.metrics import METRICS, Metrics
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
+
+# The child died on the frame (sandbox.py): quarantined like any bad input.
+FRAME_FAULTS = ("worker_crashed", "worker_timeout")
+TASK_TIMEOUT_S = 600.0  # a child silent this long (a decoder stuck in a loop) is killed: worker_timeout
 
 META_SOURCE_KEY = "xdc-source-key"
 
@@ -148,11 +157,9 @@ class ResizeWorker:
         self.assigned: list[int] = []  # partitions of the events topic this worker holds now
         n = workers or self.settings.workers or os.cpu_count() or 1
         cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
-        # spawn, not fork: a forked child inherits libvips' thread pool half-initialised from a
-        # parent that already used it, and hangs in its first render (seen in the test suite)
-        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker,
-                                        initargs=(cfg_json, str(topology.config.base_dir), self.dc))
+        # Resident spawn children, one task at a time each, so a crash is charged to its frame.
+        self.pool = SandboxPool(n, "resize.worker:run_task", initializer="resize.worker:_init_worker",
+                                initargs=(cfg_json, str(topology.config.base_dir), self.dc), timeout=TASK_TIMEOUT_S)
         self.max_in_flight = n * 2  # bounds memory: at most this many frames decoded at once
         self.loop = ConsumeLoop(
             [Source(self.dc, site.consumer(self.group_id), self.group_id, (self.topic,))], self,
@@ -169,7 +176,7 @@ class ResizeWorker:
         return self.loop.caught_up
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.close()
         self.loop.close()
 
     def __enter__(self) -> ResizeWorker:
@@ -228,7 +235,7 @@ class ResizeWorker:
                 todo.append((task, rec))
         in_flight: list[tuple[Future[Outcome], Task, Record]] = []
         for task, rec in todo:
-            in_flight.append((self.pool.submit(run_task, task), task, rec))
+            in_flight.append((self.pool.submit(task, label=f"{task.bucket}/{task.key}"), task, rec))
             if len(in_flight) >= self.max_in_flight:
                 outcomes.append(self._finish(*in_flight.pop(0)))
         while in_flight:
@@ -247,10 +254,16 @@ class ResizeWorker:
     def _finish(self, fut: Future[Outcome], task: Task, rec: Record) -> tuple[Outcome, Record]:
         try:
             o = fut.result()
-        except StoreError:
-            raise  # S3 trouble is not the frame's fault: the batch is retried, not quarantined
-        except Exception as exc:  # noqa: BLE001 - a crashed worker process must not stop the batch
-            o = Outcome(task, "quarantined", reason="worker_crashed", detail=repr(exc)[:300])
+        except ResizeError as exc:
+            if exc.reason not in FRAME_FAULTS:
+                raise
+            o = Outcome(task, "quarantined", reason=exc.reason, detail=exc.detail)
+        except XdcError:
+            # S3 trouble, or a child that cannot start: not the frame's fault, so the batch is
+            # retried, not quarantined
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug in the task must not stop the batch
+            o = Outcome(task, "quarantined", reason="unexpected_error", detail=repr(exc)[:300])
         m = self.metrics
         if o.result in ("resized", "copied"):
             self._publish(o.task, o)

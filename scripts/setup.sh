@@ -10,7 +10,7 @@ need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v chromium >/dev/null || need_apt+=(chromium)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)  # the PostgreSQL state backend
-# Apache Kafka 4 (the local stack's broker) needs Java 17+; Maven fetches its jars.
+# Apache Kafka 4 (the local stack's broker) and Alluxio (a cache backend) need Java 17+; Maven fetches their jars.
 java_ok() { command -v java >/dev/null && java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); exit !(v[1] >= 17)}'; }
 java_ok || need_apt+=(default-jdk-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
@@ -42,5 +42,7 @@ fi
 # Apache Kafka's jars (devtools/maven/kafka/pom.xml) into .xdc/maven/kafka, once: the same code the
 # stack runs lazily when they are missing.
 "$VENV/bin/python" -c 'from devtools.kafka_broker import ensure_jars; print("setup: Apache Kafka jars in", ensure_jars())'
+# The Alluxio servers' jars (devtools/maven/alluxio/pom.xml -> .xdc/maven/alluxio/lib, ~210 MB).
+"$VENV/bin/python" -m devtools.alluxio fetch >/dev/null
 touch "$VENV/.stamp"
 echo "setup: done ($VENV)"

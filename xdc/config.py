@@ -1,6 +1,6 @@
 """The one config model: typed, validated at load, shared by the CLI, the DAGs and the Helm values.
 
-A config names datacenters (each with its S3 endpoint, Kafka, catalog and cache cluster) and routes
+A config names datacenters (each with its S3 endpoint, Kafka, state and cache cluster) and routes
 (source DC/bucket/prefix -> target DC/bucket/prefix). Secrets are never in the file: credentials are
 references (environment variables or an Airflow connection id) resolved at use.
 """
@@ -179,23 +179,57 @@ class Brokers:
 
 class CacheNode(_Model):
     name: str
-    mount: Path  # where the volume is mounted on this node
-    cache_dir: Path
-    cache_size_mib: int = Field(1024, ge=1)
+    mount: Path | None = None  # juicefs: where the volume is mounted on this node
+    cache_dir: Path | None = None  # juicefs: the node's cache directory
+    cache_size_mib: int = Field(1024, ge=1)  # juicefs: the node's cache size (Alluxio reports its own)
     metrics: str | None = None  # host:port of the node's Prometheus endpoint
+    worker: str | None = None  # alluxio: host:rpc_port of the node's Alluxio worker
+
+
+class AlluxioSettings(_Model):
+    """Where an Alluxio cluster's REST interfaces are (host:port of each web port)."""
+
+    master: str  # the master's web port: workers' capacity and usage
+    job_master: str  # the job master's web port: load jobs
+    proxy: str  # the proxy's web port (with alluxio.proxy.s3.v2.version.enabled=false): status, free
+    active_jobs: int = Field(8, ge=1)  # load jobs in flight at once
+    batch_files: int = Field(32, ge=1)  # most files per batched load job
+    job_timeout_seconds: float = Field(1800.0, gt=0)
+    free_timeout_seconds: float = Field(120.0, gt=0)  # freed blocks leave the workers on their heartbeats
 
 
 class CacheConfig(_Model):
-    backend: Literal["juicefs"] = "juicefs"
+    backend: Literal["juicefs", "alluxio"] = "juicefs"
     # replicate: every node warms the whole list (JuiceFS CE, readers on each node);
     # shard: consistent hashing over the nodes (cache-group-style clusters).
     placement: Literal["replicate", "shard"] = "replicate"
     virtual_nodes: int = Field(64, ge=1)
-    meta_url: str  # the JuiceFS volume's metadata engine URL
+    meta_url: str | None = None  # juicefs: the volume's metadata engine URL
+    alluxio: AlluxioSettings | None = None  # alluxio: the cluster's REST endpoints
     nodes: list[CacheNode] = Field(min_length=1)
     threads_per_node: int = Field(8, ge=1)
     # Where a bucket's keys live inside the mount: <mount>/<bucket_root>/<bucket>/<key>
+    # (alluxio: inside the namespace, /<bucket_root>/<bucket>/<key>)
     bucket_root: str = ""
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> CacheConfig:
+        if self.backend == "juicefs":
+            if not self.meta_url:
+                raise ValueError("cache: backend juicefs needs meta_url")
+            bad = [n.name for n in self.nodes if n.mount is None or n.cache_dir is None]
+            if bad:
+                raise ValueError(f"cache: backend juicefs needs mount and cache_dir on every node (missing on {bad})")
+        elif self.backend == "alluxio":
+            if self.alluxio is None:
+                raise ValueError("cache: backend alluxio needs alluxio: {master, job_master, proxy}")
+            bad = [n.name for n in self.nodes if not n.worker]
+            if bad:
+                raise ValueError(f"cache: backend alluxio needs worker (host:rpc_port) on every node (missing on {bad})")
+            workers = [n.worker for n in self.nodes]
+            if len(set(workers)) != len(workers):
+                raise ValueError("cache: two nodes name the same Alluxio worker")
+        return self
 
 
 class Datacenter(_Model):

@@ -10,6 +10,7 @@ cleaned: a cleaned key would name a different object.
 from __future__ import annotations
 
 import re
+from itertools import repeat
 
 from xdc.errors import BadKey
 
@@ -86,3 +87,35 @@ def check_bucket_key(value: str, max_bytes: int = MAX_KEY_BYTES) -> str:
         raise BadKey("empty_segment", repr(value)[:120])
     check_key(key, max_bytes)
     return value
+
+
+# ASCII bytes a key may contain: everything but C0 controls, DEL and backslash ("\n" is the batch
+# separator and is checked apart).
+_ASCII_OK = bytes(b for b in range(128) if b >= 0x20 and b not in (0x7F, 0x5C)) + b"\n"
+_BAD_SEGMENT = re.compile(rb"/[./\n]")  # "/." "//" (dot or empty segments), "/" ending a key
+
+
+def all_valid(keys: list[str]) -> bool:
+    """True when every key is valid and already normal ("bucket/key", no s3://), i.e.
+    `check_bucket_key(k) == k` for all: a few C-level scans of the batch instead of one call a key
+    (file lists of millions of keys). False says nothing about which key is wrong (call
+    check_bucket_key on each for that); non-ASCII batches always take that way."""
+    if not keys:
+        return True
+    text = "\n".join(keys)
+    if not text.isascii() or text.count("\n") != len(keys) - 1:  # not ASCII, or a key holding a newline
+        return False
+    data = text.encode("ascii")
+    if (data.translate(None, _ASCII_OK)  # a control character, DEL or backslash
+            or b"3://" in data or _BAD_SEGMENT.search(data) is not None or data[-1] == 0x2F
+            or max(map(len, keys)) * 4 > MAX_KEY_BYTES):
+        return False
+    # Every key must be "bucket/...": a leading "/" or no "/" at all shows as a bad bucket.
+    first = keys[0].partition("/")[0]
+    if data.startswith(first.encode() + b"/") and data.count(b"\n" + first.encode() + b"/") == len(keys) - 1:
+        buckets = {first}  # one bucket, the common case: one scan proves every line starts with it
+    else:
+        if not all(map(str.__contains__, keys, repeat("/"))):
+            return False
+        buckets = {k.partition("/")[0] for k in keys}
+    return all(is_bucket_name(b) for b in buckets)

@@ -26,8 +26,10 @@ class RetryPolicy:
     cap_s: float = 5.0
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number `attempt` (1-based)."""
-        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** (attempt - 1)))
+        """Seconds to wait after failed attempt number `attempt` (1-based): capped exponential,
+        jittered over its upper half so that waits still grow."""
+        top = min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+        return random.uniform(top / 2, top)
 
     def call(self, fn: Callable[[], T], *, what: str, sleep: Callable[[float], None] = time.sleep) -> T:
         """fn(), retrying XdcErrors whose `retriable` is set; the last error is raised as it is."""

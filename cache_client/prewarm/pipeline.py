@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,20 @@ NOT_READY_LISTED = 50  # missing keys named in a NotReadyError message (all are 
 REJECTED_KEPT = 1000  # rejected list entries kept with a staged list (all are counted)
 
 
+Root = str | Mapping[str, str] | None  # cache_client.filelist's root= (a prefix, or one per modality)
+
+
 @dataclass(frozen=True)
 class Request:
-    """What to warm: a file list, and the dataset@version it is (None: an unnamed list)."""
+    """What to warm: a file list (or dataset index), and the dataset@version it is (None: unnamed)."""
 
     manifest: str  # a local path, or s3://bucket/key read from the site's store
     dataset: str | None = None
     version: str = ""
     prefix: str | None = None  # keys must stay under this bucket/prefix
     deadline: float | None = None  # epoch seconds by which the dataset should be warm (alerting)
+    select: str | None = None  # where the paths are in an index (JMESPath, or csv/parquet columns)
+    root: Root = None  # joined to relative paths (mmdet3d v2 data_prefix style)
 
     @property
     def label(self) -> str:
@@ -58,10 +63,11 @@ class ResolvedList:
     rejected: list[tuple[str, str]]  # (entry, reason): unreadable lines and keys with no place here
     rejected_count: int = 0
     derived: int = 0  # frames replaced by their 720p derivative
+    source: dict[str, Any] = field(default_factory=dict)  # how the list was read: format, shape, selector
 
     def info(self) -> dict[str, Any]:
         return {"entries": self.entries, "rejected": self.rejected[:REJECTED_KEPT],
-                "rejected_count": self.rejected_count, "derived": self.derived}
+                "rejected_count": self.rejected_count, "derived": self.derived, "source": self.source}
 
 
 def to_cache_file(bucket_key: str, bucket_root: str, size: int | None = None) -> CacheFile:
@@ -73,7 +79,8 @@ def to_cache_file(bucket_key: str, bucket_root: str, size: int | None = None) ->
 def resolve(site: Site, request: Request) -> ResolvedList:
     """Read the request's file list and map each key into `site` ("bucket/key" there + mount path)."""
     with tempfile.TemporaryDirectory(prefix="xdc-manifest-") as tmp:
-        fl = read_file_list(_fetch_manifest(site, request.manifest, Path(tmp)))
+        fl = read_file_list(_fetch_manifest(site, request.manifest, Path(tmp)), select=request.select,
+                            root=request.root)
         mapper, root = site.keys, site.bucket_root
         files: list[CacheFile] = []
         rejected: list[tuple[str, str]] = []
@@ -88,8 +95,9 @@ def resolve(site: Site, request: Request) -> ResolvedList:
                 seen.add(bk)
                 files.append(to_cache_file(bk, root, e.size))
         rejected = [(f"line {ln}", reason) for ln, reason in fl.stats.unreadable] + rejected
-        res = ResolvedList(files, fl.stats.entries, rejected, len(rejected) + max(0, fl.stats.unreadable_count
-                                                                                    - len(fl.stats.unreadable)))
+        res = ResolvedList(files, fl.stats.entries, rejected,
+                           len(rejected) + max(0, fl.stats.unreadable_count - len(fl.stats.unreadable)),
+                           source=fl.describe())
     cfg = site.topology.config
     if cfg.prewarm.prefer_derived and cfg.resize is not None:
         _prefer_derived(site, res)
@@ -142,7 +150,7 @@ def load_staged(site: Site, request: Request) -> ResolvedList:
     keys, info = got
     return ResolvedList([to_cache_file(k, site.bucket_root) for k in keys], int(info.get("entries", len(keys))),
                         [tuple(x) for x in info.get("rejected", [])],  # type: ignore[misc]
-                        int(info.get("rejected_count", 0)), int(info.get("derived", 0)))
+                        int(info.get("rejected_count", 0)), int(info.get("derived", 0)), dict(info.get("source", {})))
 
 
 # -- ready, plan, warm, check -------------------------------------------------------------------
@@ -177,6 +185,7 @@ def bandwidth(site: Site) -> Bandwidth:
 def plan_files(site: Site, res: ResolvedList, *, trim: bool = False) -> Plan:
     plan = site.cache.plan(res.files, bandwidth=bandwidth(site), trim=trim)
     plan.rejected = res.rejected
+    plan.source = res.source
     return plan
 
 
@@ -220,7 +229,9 @@ def check_and_rewarm(site: Site, res: ResolvedList, plan: Plan, rounds: list[dic
                  if c.size is not None and c.path not in dropped]
         if not again:
             break
-        replan = cluster.plan(again, bandwidth=plan.bandwidth, trim=trim)
+        # placed within the whole list: `shard` balances over all of it
+        scope = [CacheFile(c.bucket_key, c.path, c.size) for c in check.files if c.size is not None]
+        replan = cluster.plan(again, bandwidth=plan.bandwidth, trim=trim, scope=scope)
         if replan.noop:
             break
         log.info("re-warm %d file loads still not cached in %s", replan.warm_files, site.name)

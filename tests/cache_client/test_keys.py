@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from cache_client.keys import KeyMapper, derived_candidate, path_in_mount, validate_key
 from xdc.config import XdcConfig, parse_config
 from xdc.errors import BadKey, ConfigError
+from xdc.keys import all_valid
 
 
 def _dc(buckets: list[str]) -> dict[str, Any]:
@@ -242,3 +243,24 @@ def test_segment_fast_path_agrees_with_splitting(key: str) -> None:
             assert {"", ".", ".."} & set(segs)
         return
     assert not {"", ".", ".."} & set(out.partition("/")[2].split("/"))
+
+
+# -- the batch check the file-list reader uses -----------------------------------------------------
+
+_PIECES = st.sampled_from(["bkt", "my-bucket.x", "a", "/", "//", "/.", "./", "..", ".", "s3://", "S3://", "x", "é",
+                           "\\", "\x00", "\x7f", "\n", " ", "#", "-", "frame-000001.jpg", "A", "b" * 300])
+
+
+@settings(max_examples=400, deadline=None)
+@given(keys=st.lists(st.builds("".join, st.lists(_PIECES, min_size=1, max_size=6)), min_size=1, max_size=8))
+def test_all_valid_never_accepts_what_validate_key_refuses_or_rewrites(keys: list[str]) -> None:
+    if all_valid(keys):
+        for k in keys:
+            assert validate_key(k) == k
+
+
+def test_all_valid_accepts_ordinary_batches() -> None:
+    assert all_valid([f"frames/datasets/cam{i % 8}/frame-{i:09d}.jpg" for i in range(5000)])
+    assert all_valid(["bk1/x", "bk2/y/z", "bkt.with.dots/a b"])
+    assert not all_valid(["bkt/a", "bkt/../b"]) and not all_valid(["s3://bkt/a"]) and not all_valid(["bkt"])
+    assert not all_valid(["bkt/é"])  # valid, but non-ASCII batches go key by key

@@ -11,6 +11,7 @@ from PIL import Image
 from devtools.samples import make_frame
 from mirror.ingest import ingest
 from mirror.runner import Mirror
+from resize.sandbox import CRASH_ENV
 from resize.worker import ResizeWorker
 from tests.support import read_topic, site, topo
 from xdc.config import XdcConfig
@@ -100,3 +101,31 @@ def test_replay_writes_nothing(xcfg: XdcConfig, tmp_path: Path, tag: str) -> Non
         assert w.run(once=True).results == {"done_before": 1}
     again = a.head(SRC, f"camera/720p/{tag}/f.jpg")
     assert again.last_modified == first.last_modified and again.etag == first.etag
+
+
+def test_a_crashing_frame_is_the_one_quarantined(xcfg: XdcConfig, tmp_path: Path, tag: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real SIGSEGV in the child on one chosen frame (armed for tests only): that frame, and only
+    # that one, is quarantined with the signal named; the rest of the batch comes out, and the
+    # children go on serving (the crashed one replaced).
+    monkeypatch.setenv(CRASH_ENV, f"{tag}-segv")
+    names = [f"f{i}.jpg" for i in range(6)]
+    names[1] = f"{tag}-segv.jpg"  # early, so other frames are still queued and in flight
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(make_frame(i, 1920, 1080))
+    raw = f"camera/raw/{tag}/"
+    ingest(site(xcfg, "A"), tmp_path, SRC, raw)
+
+    with _worker(xcfg) as w:
+        stats = w.run(once=True)
+    assert stats.results == {"resized": 5, "quarantined": 1}
+    a = site(xcfg, "A").store
+    derived = f"camera/720p/{tag}/"
+    assert {o.key.rsplit("/", 1)[1] for o in a.list(SRC, derived)} == set(names) - {f"{tag}-segv.jpg"}
+    rows = site(xcfg, "A").state.incidents.recent("quarantine", 100)
+    assert [(r["key"], r["reason"]) for r in rows] == [(raw + f"{tag}-segv.jpg", "worker_crashed")]
+    assert rows[0]["detail"] == f"SIGSEGV while resizing {SRC}/{raw}{tag}-segv.jpg"
+    letters = read_topic(xcfg, "A", xcfg.dc("A").kafka.topics.dead_letter)
+    assert len(letters) == 1
+    headers = {k: v.decode() for k, v in letters[0].headers}
+    assert headers["xdc-reason"] == "resize_worker_crashed" and "SIGSEGV" in headers["xdc-detail"]

@@ -94,7 +94,8 @@ def test_no_kafka_password_in_any_output_or_log(secure_cfg: XdcConfig, secure_st
     assert wrong["XDC_B_KAFKA_PASSWORD"] not in bad.stdout + bad.stderr
     runs.append(bad)
     # in process, kafka-python at DEBUG: producer, consumer group, admin over SASL_SSL
-    with caplog.at_level(logging.DEBUG):
+    # the kafka logger's own level too: an in-process `xdc` run elsewhere in the session quiets it
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="kafka"):
         for dc in ("A", "B"):
             produce(secure_cfg, dc, secure_cfg.dc(dc).kafka.topics.events, [(b"k", b"v")])
             assert len(read_topic(secure_cfg, dc, secure_cfg.dc(dc).kafka.topics.events)) >= 1

@@ -21,6 +21,7 @@ import yaml
 
 from cache_client.prewarm import pipeline
 from cache_client.prewarm.release import follow_releases, publish_release
+from cache_client.selectors import roots_from_args
 from mirror import dlq
 from mirror.ingest import ingest, scan
 from mirror.runner import Mirror
@@ -112,7 +113,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:
-    req = pipeline.Request(args.list, args.dataset, args.version, args.prefix)
+    req = pipeline.Request(args.list, args.dataset, args.version, args.prefix, select=args.select,
+                           root=roots_from_args(args.root))
     with topology(args) as topo:
         site = topo.here
         if args.action == "plan":
@@ -234,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
                           ("free", "evict from every node, keeping files of other active datasets")):
         sp = add(action, cmd_prewarm, help_, pw)
         sp.set_defaults(action=action)
-        sp.add_argument("--list", required=True, help="file list (txt, csv, parquet, pkl): a path or s3://bucket/key")
+        sp.add_argument("--list", required=True,
+                        help="file list or dataset index, a path or s3://bucket/key: txt, csv, parquet, pkl "
+                             "(mmdet3d infos), json (COCO, nuScenes sample_data), jsonl")
+        sp.add_argument("--select", metavar="EXPR",
+                        help="where the paths are: JMESPath for pkl/json/jsonl (e.g. 'infos[].cams.*.data_path'), "
+                             "column names for csv/parquet (e.g. 'cam_front,lidar'); default: the detected shape's")
+        sp.add_argument("--root", metavar="[TAG=]PREFIX", action="append",
+                        help="s3://bucket/prefix joined to relative paths; TAG=PREFIX (repeatable) for per-modality "
+                             "roots relative to it, as mmdet3d's data_prefix (pts=samples/LIDAR_TOP, CAM_FRONT=...)")
         sp.add_argument("--dataset")
         sp.add_argument("--version", default="")
         sp.add_argument("--prefix", help="keys must stay under this bucket/prefix")
@@ -275,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kafka", "botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    # libvips' own log lines (also in resize children, which follow this level) only with -v
+    logging.getLogger("pyvips").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         if args.env_file:
             load_env_file(args.env_file)

@@ -32,7 +32,6 @@ partitions are revoked, everything in flight is made durable and committed.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -163,6 +162,7 @@ class ConsumeLoop:
                  max_broker_failures: int = 30, name: str = "consume", pipeline: bool = True) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
         error (0: until it works); after that its records are dead-lettered with the reason.
+        `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop.
         `pipeline`: overlap a PipelinedHandler's durable part with the next batch."""
         self.sources = list(sources)
         self.handler = handler
@@ -170,7 +170,7 @@ class ConsumeLoop:
         self.max_records = max_records
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
         self.retry = retry
-        self.max_broker_failures = max_broker_failures
+        self.broker_retry = RetryPolicy(max_attempts=max_broker_failures, base_s=0.1, cap_s=5.0)
         self.name = name
         self.stats = LoopStats()
         self.alive = True  # for /healthz
@@ -274,7 +274,7 @@ class ConsumeLoop:
             else:
                 rewind(src.consumer, batch.records)
                 self.stats.retries += 1
-                delay = min(self.retry.cap_s, self.retry.base_s * 2 ** self._handler_failures) * random.uniform(0.5, 1.0)
+                delay = self.retry.delay(self._handler_failures)
                 log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name, len(batch), src.name,
                             exc, delay)
                 self._sleep(delay, stop)
@@ -387,10 +387,10 @@ class ConsumeLoop:
         if not exc.retriable:
             raise exc  # e.g. authentication or authorization: waiting will not help
         failures += 1
-        if failures > self.max_broker_failures:
+        if failures > self.broker_retry.max_attempts:
             raise exc
-        delay = min(5.0, 0.1 * 2 ** failures) * random.uniform(0.5, 1.0)
-        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.max_broker_failures, delay)
+        delay = self.broker_retry.delay(failures)
+        log.warning("%s: %s; retry %d/%d in %.1fs", self.name, exc, failures, self.broker_retry.max_attempts, delay)
         time.sleep(delay)
         return failures
 

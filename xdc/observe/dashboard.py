@@ -25,7 +25,7 @@ RECENT = 20  # dead letters / quarantined objects listed per datacenter
 _STATE_MARK = "/*__XDC_STATE__*/null"
 
 
-# -- state (pure reads of the catalogs) ---------------------------------------------------------
+# -- state (pure reads of each datacenter's state) -----------------------------------------------------
 def downsample(history: list[list[float | None]], max_points: int = MAX_POINTS) -> list[list[float | None]]:
     """[[t, p50, p99], ...] -> at most max_points, keeping the worst (max) lags of each time bucket
     so a short spike never disappears from the chart."""

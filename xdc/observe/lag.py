@@ -3,7 +3,7 @@
 One snapshot row per route holds the event-time -> applied-time lag of the events applied in the
 last ``lag.window_seconds`` (p50/p99/max, from the catalog), the mirror group's Kafka consumer lag
 on the route's source topic, and the backlog (objects and bytes changed in the source and not yet
-applied). Rows go to the catalog's ``lag_snapshots`` table (kept ``lag.retention_hours``), which
+applied). Rows go to the state's lag history (kept ``lag.retention_hours``), which
 the dashboard draws, and to the Prometheus gauges.
 
 The backlog is read, not guessed: the pending messages (committed offset -> log end) are fetched
