@@ -1,15 +1,18 @@
-"""Mirror benchmark (run by hand): two ratios measured in one run on the local stack.
+"""Mirror benchmark (run by hand): ratios measured in one run on the local stack.
 
 1. metadata apply rate / raw kafka-python consume rate of the same topic (goal >= 0.8)
-2. data copy MiB/s / s5cmd MiB/s between the same two S3 endpoints (goal >= 1.0). s5cmd takes one
-   endpoint per invocation, so its cross-endpoint copy is download-to-disk + upload; both legs are
-   timed together, as a person using it between two datacenters would.
+2. data copy MiB/s / s5cmd MiB/s between the same two S3 endpoints, for each object size given
+   (default 8 MiB and 64 MiB; goal >= 1.0). s5cmd takes one endpoint per invocation, so its
+   cross-endpoint copy is download-to-disk + upload; both legs are timed together, as a person
+   using it between two datacenters would. `--multipart` writes the sources in 8 MiB parts (as
+   boto3 and the AWS CLI do) instead of one PUT each: the mirror then keeps their multipart ETags.
 
-    python bench/mirror.py [--events 50000] [--objects 40] [--object-mib 8]
+    python bench/mirror.py [--events 50000] [--object-mib 8 64] [--data-mib 320] [--multipart]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import subprocess
@@ -32,27 +35,46 @@ from xdc.topology import Topology  # noqa: E402
 MIB = 2**20
 
 
+SPLIT: dict[str, float] = {}  # where the last timed_mirror spent its time
+
+
 def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
-    """Run the mirror once; time from its first batch to its last (group join excluded)."""
+    """Run the mirror once; time from its first batch to its last (group join excluded). SPLIT
+    gets the batches, the seconds in the handler and the seconds of those in the copy step (the
+    rest of a batch: decide, state commit, publish; outside the handler: poll, Kafka commit)."""
     topo = Topology(cfg, "B")
     m = Mirror(topo, metrics=Metrics(new_registry()), group_id=group)
     first: list[float] = []
     last: list[float] = []
-    inner = m.handle
+    SPLIT.clear()
+    SPLIT.update(batches=0, handler_s=0.0, copy_s=0.0)
+    inner, inner_copy = m.handle, m._apply_content
 
     def handle(batch):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
         if not first:
-            first.append(time.perf_counter())
+            first.append(t0)
         r = inner(batch)
         last[:] = [time.perf_counter()]
+        SPLIT["batches"] += 1
+        SPLIT["handler_s"] += last[0] - t0
         return r
+
+    def copy(todo, current, letters):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return inner_copy(todo, current, letters)
+        finally:
+            SPLIT["copy_s"] += time.perf_counter() - t0
     m.handle = handle  # type: ignore[method-assign]
+    m._apply_content = copy  # type: ignore[method-assign]
     try:
         st = m.run(once=True)
     finally:
         m.close()
         topo.close()
-    return st.applied, st.bytes_copied, (last[0] - first[0]) if first else 0.0
+    SPLIT["total_s"] = (last[0] - first[0]) if first else 0.0
+    return st.applied, st.bytes_copied, SPLIT["total_s"]
 
 
 def raw_consume(cfg, topic: str, n: int) -> float:  # type: ignore[no-untyped-def]
@@ -72,18 +94,70 @@ def raw_consume(cfg, topic: str, n: int) -> float:  # type: ignore[no-untyped-de
         c.close()
 
 
+def data_phase(cfg, p, size_mib: int, data_mib: int, multipart: bool, run: Path) -> None:  # type: ignore[no-untyped-def]
+    """One object size: the mirror's verified copies, then s5cmd download+upload of the same objects."""
+    topic = cfg.dc("A").kafka.topics.events
+    src_bucket, dst_bucket = cfg.routes[0].source.bucket, cfg.routes[0].target.bucket
+    n = max(4, data_mib // size_mib)
+    prefix = f"camera/bench-{size_mib}{'-mp' if multipart else ''}/"
+    topo = Topology(cfg, "A")
+    a = topo.here.store
+    blob = os.urandom(size_mib * MIB)
+    for i in range(n):
+        key = f"{prefix}{i:04d}.bin"
+        body = blob[i:] + blob[:i]
+        if multipart:
+            a.client.upload_fileobj(io.BytesIO(body), src_bucket, key)  # boto3's default: 8 MiB parts
+            info = a.head(src_bucket, key)
+        else:
+            info = a.put(src_bucket, key, body)
+        p.send(topic, key=message_key(src_bucket, info.key),
+               value=encode_notification([s3_record("put", src_bucket, info.key, size=info.size,
+                                                    etag=info.etag, sequencer=new_sequencer())]))
+    p.flush()
+    topo.close()
+    total = n * size_mib * MIB
+    _, copied, copy_s = timed_mirror(cfg, "bench-meta")  # same group: resumes after the earlier events
+    split = dict(SPLIT)
+    mirror_mibs = copied / MIB / copy_s
+    b = Topology(cfg, "B").here.store
+    kept = sum(1 for i in range(n) if b.head(dst_bucket, f"{prefix}{i:04d}.bin").etag
+               == a.head(src_bucket, f"{prefix}{i:04d}.bin").etag)
+
+    s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    tmp = run / f"s5-{size_mib}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": os.environ["XDC_A_ACCESS_KEY"],
+           "AWS_SECRET_ACCESS_KEY": os.environ["XDC_A_SECRET_KEY"], "AWS_REGION": "us-east-1"}
+    env_b = {**env, "AWS_ACCESS_KEY_ID": os.environ["XDC_B_ACCESS_KEY"],
+             "AWS_SECRET_ACCESS_KEY": os.environ["XDC_B_SECRET_KEY"]}
+    t0 = time.perf_counter()
+    subprocess.run([s5, "--endpoint-url", cfg.dc("A").s3.internal_url, "cp", f"s3://{src_bucket}/{prefix}*", f"{tmp}/"],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([s5, "--endpoint-url", cfg.dc("B").s3.internal_url, "cp", f"{tmp}/", f"s3://{dst_bucket}/s5cmd-{prefix}"],
+                   check=True, env=env_b, capture_output=True)
+    s5_s = time.perf_counter() - t0
+    shutil.rmtree(tmp, ignore_errors=True)
+    s5_mibs = total / MIB / s5_s
+    print(f"data {n} x {size_mib} MiB{' multipart' if multipart else ''}: mirror copy {mirror_mibs:.1f} MiB/s "
+          f"({copied / MIB:.0f} MiB, verified; ETag kept {kept}/{n}); s5cmd download+upload {s5_mibs:.1f} MiB/s; "
+          f"ratio {mirror_mibs / s5_mibs:.2f} (goal >= 1.0)", flush=True)
+    print(f"    where the mirror's {split['total_s']:.2f} s went: {split['batches']:.0f} batches, copy step "
+          f"{split['copy_s']:.2f} s, rest of the handler {split['handler_s'] - split['copy_s']:.2f} s, "
+          f"between batches (poll, Kafka commit) {split['total_s'] - split['handler_s']:.2f} s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--objects", type=int, default=40)
-    ap.add_argument("--object-mib", type=int, default=8)
+    ap.add_argument("--object-mib", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--data-mib", type=int, default=320, help="bytes per object size (objects = this / size)")
+    ap.add_argument("--multipart", action="store_true", help="write the sources in 8 MiB parts (boto3's way)")
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="xdc-bench-mirror-"))
     try:
         cfg = stack.up(run / "stack", nodes=0)
         topic = cfg.dc("A").kafka.topics.events
         src_bucket = cfg.routes[0].source.bucket
-        dst_bucket = cfg.routes[0].target.bucket
 
         # 1. metadata apply vs raw consume
         p = make_producer(cfg.dc("A").kafka.bootstrap_servers)
@@ -97,37 +171,12 @@ def main() -> None:
         applied, _, mir_s = timed_mirror(cfg, "bench-meta")
         raw_rate, apply_rate = args.events / raw_s, applied / mir_s
         print(f"metadata: raw kafka-python consume {raw_rate:,.0f} msg/s; mirror apply {apply_rate:,.0f} events/s "
-              f"({applied} applied); ratio {apply_rate / raw_rate:.2f} (goal >= 0.8)")
+              f"({applied} applied); ratio {apply_rate / raw_rate:.2f} (goal >= 0.8)", flush=True)
 
-        # 2. data copy vs s5cmd
-        a = Topology(cfg, "A").here.store
-        blob = os.urandom(args.object_mib * MIB)
-        for i in range(args.objects):
-            info = a.put(src_bucket, f"camera/bench/{i:04d}.bin", blob[i:] + blob[:i])
-            p.send(topic, key=message_key(src_bucket, info.key),
-                   value=encode_notification([s3_record("put", src_bucket, info.key, size=info.size,
-                                                        etag=info.etag, sequencer=new_sequencer())]))
-        p.flush()
+        # 2. data copy vs s5cmd, per object size
+        for size in args.object_mib:
+            data_phase(cfg, p, size, args.data_mib, args.multipart, run)
         p.close()
-        total = args.objects * args.object_mib * MIB
-        _, copied, copy_s = timed_mirror(cfg, "bench-meta")  # same group: resumes after the metadata events
-        mirror_mibs = copied / MIB / copy_s
-
-        s5 = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
-        tmp = run / "s5"
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": os.environ["XDC_A_ACCESS_KEY"],
-               "AWS_SECRET_ACCESS_KEY": os.environ["XDC_A_SECRET_KEY"], "AWS_REGION": "us-east-1"}
-        env_b = {**env, "AWS_ACCESS_KEY_ID": os.environ["XDC_B_ACCESS_KEY"],
-                 "AWS_SECRET_ACCESS_KEY": os.environ["XDC_B_SECRET_KEY"]}
-        t0 = time.perf_counter()
-        subprocess.run([s5, "--endpoint-url", cfg.dc("A").s3.internal_url, "cp", f"s3://{src_bucket}/camera/bench/*", f"{tmp}/"],
-                       check=True, env=env, capture_output=True)
-        subprocess.run([s5, "--endpoint-url", cfg.dc("B").s3.internal_url, "cp", f"{tmp}/", f"s3://{dst_bucket}/s5cmd-bench/"],
-                       check=True, env=env_b, capture_output=True)
-        s5_s = time.perf_counter() - t0
-        s5_mibs = total / MIB / s5_s
-        print(f"data: mirror copy {mirror_mibs:.1f} MiB/s ({copied / MIB:.0f} MiB, verified); "
-              f"s5cmd download+upload {s5_mibs:.1f} MiB/s; ratio {mirror_mibs / s5_mibs:.2f} (goal >= 1.0)")
     finally:
         stack.down(run / "stack")
         shutil.rmtree(run, ignore_errors=True)

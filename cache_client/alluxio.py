@@ -53,6 +53,7 @@ from cache_client.base import (
     NodeWarmResult,
     ProgressFn,
     ProgressSink,
+    Traced,
     WarmReport,
 )
 from cache_client.plan import Plan
@@ -82,7 +83,8 @@ class AlluxioCluster(CacheCluster):
 
     def __init__(self, cache: CacheConfig) -> None:
         super().__init__([n.name for n in cache.nodes], placement=cache.placement,
-                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node)
+                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node,
+                         watermarks={n.name: cache.watermarks(n.name) for n in cache.nodes})
         if cache.alluxio is None:
             raise CacheError("backend alluxio needs cache.alluxio (master, job_master, proxy)")
         self.config = cache
@@ -203,8 +205,11 @@ class AlluxioCluster(CacheCluster):
         self._free_and_wait(files, lambda views: {self.worker_of[node]})
 
     # -- derived, done cluster-wide for Alluxio --------------------------------------------------
-    def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
-        """Warm the plan: files every node should hold in batched loads, the rest per file and node."""
+    def warm(self, plan: Plan, progress: ProgressSink | None = None, *, traced: Traced | None = None) -> WarmReport:
+        """Warm the plan: files every node should hold in batched loads, the rest per file and node.
+
+        `traced` files are not timed one by one here (loads are cluster-wide batches); their check
+        is still recorded in their traces by the pipeline."""
         if progress is not None:
             progress.start(plan.warm_files, plan.warm_bytes)
         meter = _Meter(progress, plan.warm_bytes)

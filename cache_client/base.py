@@ -11,6 +11,11 @@ A backend (JuiceFS, the in-memory fake) implements five node-level primitives, l
 
 `plan`, `warm`, `check` and `free` over the whole cluster (placement, capacity, progress, per-file
 status) are built on them in this class, so every backend reports the same way.
+
+Tracing: `warm` runs each node's share as a `cache.warm_node` span; files of a traced object (the
+`traced` contexts) are warmed first, one by one, each a `cache.warm_file` span in the object's own
+trace. `warm_file_timed` says how long reading from the store and writing to the cache took where
+the backend can tell (JuiceFS from its mount's counters); the default only times the whole file.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import numpy as np
 
 from cache_client.placement import BalancedPlacement, key_hashes
 from cache_client.plan import Bandwidth, NodeCapacity, Plan, make_plan
+from xdc import trace
 from xdc.errors import CacheError
 
 Placement = Literal["replicate", "shard"]
@@ -213,21 +219,25 @@ class ProgressSink(Protocol):
 
 
 ProgressFn = Callable[[int, int], None]  # (files done, bytes done) increments
+Traced = Mapping[str, Any]  # bucket_key -> SpanContext of the object's trace in this datacenter
 
 
 class CacheCluster(ABC):
     """A datacenter's cache cluster: nodes that cache files of one volume."""
 
     name: str = ""
+    dc: str = ""  # the datacenter it serves (set by the topology; names its spans)
 
     def __init__(self, nodes: Sequence[str], *, placement: Placement = "replicate", virtual_nodes: int = 64,
-                 threads_per_node: int = 8) -> None:
+                 threads_per_node: int = 8, watermarks: Mapping[str, tuple[float, float]] | None = None) -> None:
         if not nodes:
             raise CacheError("a cache cluster needs at least one node")
         self.nodes = list(nodes)
         self.placement: Placement = placement
         self.virtual_nodes = virtual_nodes
         self.threads_per_node = threads_per_node
+        # node -> (high, low) shares of its cache size; a node not named may be filled completely
+        self.watermarks: dict[str, tuple[float, float]] = dict(watermarks or {})
 
     # -- primitives ---------------------------------------------------------------------------
     @abstractmethod
@@ -249,6 +259,46 @@ class CacheCluster(ABC):
     @abstractmethod
     def usage(self, node: str) -> tuple[int, int]:
         """(used, capacity) bytes of this node's cache."""
+
+    def warm_file_timed(self, node: str, f: CacheFile, on_progress: ProgressFn) -> dict[str, float]:
+        """Warm one file on one node; returns how many seconds reading it from the object store
+        (`read_store_s`) and writing it into the cache (`write_cache_s`) took, where the backend
+        can tell ({} otherwise: only the whole is timed)."""
+        self.warm_node(node, [f], 1, on_progress)
+        return {}
+
+    def warm_share(self, node: str, files: Sequence[CacheFile], threads: int, on_progress: ProgressFn,
+                   traced: Traced | None = None) -> None:
+        """`warm_node` as a traced step: the files of traced objects first, each timed in its own
+        trace (at most tracing.traced_files_per_node), then the rest in one go."""
+        with trace.step("cache.warm_node", dc=self.dc or None, node=node, files=len(files)) as node_span:
+            limit = getattr(trace.settings(), "traced_files_per_node", 0)
+            picked = [f for f in files if f.bucket_key in traced][:limit] if traced and limit else []
+            for f in picked:
+                self._warm_traced(node, f, traced[f.bucket_key], node_span, on_progress)  # type: ignore[index]
+            done = {f.path for f in picked}
+            rest = [f for f in files if f.path not in done] if done else files
+            if rest:
+                self.warm_node(node, rest, threads, on_progress)
+
+    def _warm_traced(self, node: str, f: CacheFile, ctx: Any, node_span: Any, on_progress: ProgressFn) -> None:
+        t0 = time.time()
+        span = trace.child("cache.warm_file", ctx, start_time=t0, links=[c for c in [trace.context_of(node_span)] if c],
+                           attributes=trace.attrs(dc=self.dc or None, key=f.bucket_key, node=node, bytes=f.size))
+        try:
+            phases = self.warm_file_timed(node, f, on_progress)
+        except BaseException as exc:
+            trace.end(span, error=exc)
+            raise
+        t1 = time.time()
+        # The backend gives durations, not instants: reading comes first, writing last.
+        if "read_store_s" in phases:
+            trace.record("cache.read_store", span, t0, min(t1, t0 + phases["read_store_s"]),
+                         attributes=trace.attrs(dc=self.dc or None, node=node, position="from start"))
+        if "write_cache_s" in phases:
+            trace.record("cache.write_cache", span, max(t0, t1 - phases["write_cache_s"]), t1,
+                         attributes=trace.attrs(dc=self.dc or None, node=node, position="to end"))
+        trace.end(span, end_time=t1, attributes={f"xdc.{k}": v for k, v in phases.items()})
 
     # -- derived ------------------------------------------------------------------------------
     def owners(self, files: Sequence[CacheFile], *, scope: Sequence[CacheFile] | None = None) -> dict[str, list[CacheFile]]:
@@ -289,23 +339,30 @@ class CacheCluster(ABC):
         cached = self.cached_bytes_nodes(shares)
         return present, missing, cached
 
+    def capacities(self) -> dict[str, NodeCapacity]:
+        """Every node's cache usage now, with its watermarks."""
+        out = {}
+        for n in self.nodes:
+            used, capacity = self.usage(n)
+            high, low = self.watermarks.get(n, (1.0, 1.0))
+            out[n] = NodeCapacity(used=used, capacity=capacity, high=high, low=low)
+        return out
+
     def plan(self, files: Sequence[CacheFile], *, bandwidth: Bandwidth | None = None, trim: bool = False,
-             scope: Sequence[CacheFile] | None = None) -> Plan:
+             scope: Sequence[CacheFile] | None = None, enforce: bool = True) -> Plan:
         """What warming these files would take: sizes, what is cached, per-node shares, ETA.
 
-        Raises CapacityError when a node's share does not fit its free cache, unless trim=True.
+        Raises CapacityError when a node's share does not fit under its high watermark, unless
+        trim=True (or enforce=False: the caller fits the plan, `Plan.fit`, after making room).
         `scope`: the full list these files are part of (placement is computed over it).
         """
         present, missing, cached = self._survey(files, scope)
         shares = self.owners(present, scope=scope)
-        caps = {}
-        for n in self.nodes:
-            used, capacity = self.usage(n)
-            caps[n] = NodeCapacity(used=used, capacity=capacity)
-        return make_plan(present, missing, shares, cached, caps, bandwidth or Bandwidth(), trim=trim)
+        return make_plan(present, missing, shares, cached, self.capacities(), bandwidth or Bandwidth(), trim=trim,
+                         enforce=enforce)
 
-    def warm(self, plan: Plan, progress: ProgressSink | None = None) -> WarmReport:
-        """Warm each node's share of the plan, the nodes in parallel."""
+    def warm(self, plan: Plan, progress: ProgressSink | None = None, *, traced: Traced | None = None) -> WarmReport:
+        """Warm each node's share of the plan, the nodes in parallel (`traced`: see warm_share)."""
         lock = threading.Lock()
 
         def on_progress(files: int, nbytes: int) -> None:
@@ -316,6 +373,7 @@ class CacheCluster(ABC):
         if progress is not None:
             progress.start(plan.warm_files, plan.warm_bytes)
         t0 = time.monotonic()
+        parent = trace.current()  # the node threads' spans hang off the caller's
 
         def one(node: str) -> NodeWarmResult:
             share = plan.shares[node]
@@ -323,7 +381,8 @@ class CacheCluster(ABC):
             if not share.files:
                 return NodeWarmResult(node, 0, 0, 0.0)
             try:
-                self.warm_node(node, share.files, self.threads_per_node, on_progress)
+                with trace.use(parent):
+                    self.warm_share(node, share.files, self.threads_per_node, on_progress, traced)
                 err = None
             except CacheError as exc:
                 err = str(exc)

@@ -23,8 +23,10 @@ class FakeCluster(CacheCluster):
         placement: Placement = "replicate",
         virtual_nodes: int = 64,
         threads_per_node: int = 4,
+        watermarks: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
-        super().__init__(nodes, placement=placement, virtual_nodes=virtual_nodes, threads_per_node=threads_per_node)
+        super().__init__(nodes, placement=placement, virtual_nodes=virtual_nodes, threads_per_node=threads_per_node,
+                         watermarks=watermarks)
         self.volume: dict[str, int] = dict(volume or {})
         self.capacity = {n: capacity for n in self.nodes}
         self.cache: dict[str, dict[str, int]] = {n: {} for n in self.nodes}

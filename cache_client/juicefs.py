@@ -26,6 +26,9 @@ How each primitive is done, and why (measured with juicefs 1.4.2):
   `--check`'s aggregate.
 - evict: `juicefs warmup --evict -f LIST` per node (node-local, hence run on every node).
 - usage: `.stats` juicefs_blockcache_bytes vs the node's configured cache size (and disk space).
+- a traced file (warm_file_timed): warmed alone, and the node's `.stats` counters before and after
+  say how long its object-store GETs and its cache writes took (node-wide counters: another reader
+  of the same node at that moment is counted too).
 """
 from __future__ import annotations
 
@@ -86,11 +89,16 @@ def _tail(text: str, n: int = 5) -> str:
     return " | ".join(lines[-n:])
 
 
-def run_juicefs(args: Sequence[str], *, timeout: float = 600, what: str = "") -> subprocess.CompletedProcess[str]:
-    """Run juicefs; a non-zero exit or a timeout becomes CacheError with the stderr tail."""
+def run_juicefs(args: Sequence[str], *, timeout: float = 600, what: str = "",
+                ca_bundle: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run juicefs; a non-zero exit or a timeout becomes CacheError with the stderr tail.
+
+    `ca_bundle`: a CA for the volume's object storage (an https endpoint signed by a private CA),
+    given as SSL_CERT_FILE, which Go adds to the system's certificate directories."""
     cmd = [juicefs_bin(), *args]
+    env = {**os.environ, "SSL_CERT_FILE": str(ca_bundle)} if ca_bundle else None
     try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired as exc:
         raise CacheError(f"{what or args[0]}: juicefs timed out after {timeout:.0f}s") from exc
     if cp.returncode != 0:
@@ -110,8 +118,11 @@ def is_mounted(mount: str | Path) -> bool:
     return os.path.ismount(mount) and Path(mount, ".config").exists()
 
 
-def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30) -> None:
-    """Mount the volume for one node (daemon), wait until it serves; no-op if already mounted."""
+def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30, extra_args: Sequence[str] = (),
+               ca_bundle: str | Path | None = None) -> None:
+    """Mount the volume for one node (daemon), wait until it serves; no-op if already mounted.
+    `extra_args`: more `juicefs mount` options (the bench's --download-limit); `ca_bundle`: the CA
+    of the volume's object storage when it is https with a private CA."""
     if is_mounted(node.mount):
         return
     Path(node.mount).mkdir(parents=True, exist_ok=True)
@@ -120,8 +131,8 @@ def mount_node(meta_url: str, node: CacheNode, *, timeout: float = 30) -> None:
     if node.metrics:
         args += ["--metrics", node.metrics]
     args += ["--cache-dir", str(node.cache_dir), "--cache-size", str(node.cache_size_mib),
-             "--free-space-ratio", str(FREE_SPACE_RATIO), meta_url, str(node.mount)]
-    run_juicefs(args, what=f"mount {node.name}", timeout=timeout)
+             "--free-space-ratio", str(FREE_SPACE_RATIO), *extra_args, meta_url, str(node.mount)]
+    run_juicefs(args, what=f"mount {node.name}", timeout=timeout, ca_bundle=ca_bundle)
     deadline = time.monotonic() + timeout
     while not is_mounted(node.mount):
         if time.monotonic() > deadline:
@@ -228,7 +239,8 @@ class JuiceFSCluster(CacheCluster):
 
     def __init__(self, cache: CacheConfig) -> None:
         super().__init__([n.name for n in cache.nodes], placement=cache.placement,
-                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node)
+                         virtual_nodes=cache.virtual_nodes, threads_per_node=cache.threads_per_node,
+                         watermarks={n.name: cache.watermarks(n.name) for n in cache.nodes})
         self.config = cache
         self.node_cfg = {n.name: n for n in cache.nodes}
         self._uuid: dict[str, str] = {}
@@ -506,6 +518,19 @@ class JuiceFSCluster(CacheCluster):
                 return
             raise CacheError(f"warmup on {node}: juicefs exit {proc.returncode}: {_tail(stderr)}")
         on_progress(len(files) - seen["files"], max(0, total_bytes - seen["bytes"]))
+
+    def warm_file_timed(self, node: str, f: CacheFile, on_progress: ProgressFn) -> dict[str, float]:
+        mount = self.node_cfg[node].mount
+        before = read_stats(mount)
+        self.warm_node(node, [f], 1, on_progress)
+        after = read_stats(mount)
+
+        def delta(name: str) -> float:
+            return max(0.0, after.get(name, 0.0) - before.get(name, 0.0))
+        return {"read_store_s": delta("juicefs_object_request_durations_histogram_seconds_GET_sum"),
+                "read_store_bytes": delta("juicefs_object_request_data_bytes_GET"),
+                "write_cache_s": delta("juicefs_blockcache_write_hist_seconds_sum"),
+                "write_cache_bytes": delta("juicefs_blockcache_write_bytes")}
 
     def evict_node(self, node: str, files: Sequence[CacheFile]) -> None:
         for i in range(0, len(files), WARM_BATCH):

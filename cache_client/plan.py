@@ -40,12 +40,26 @@ class Bandwidth:
 
 @dataclass(frozen=True)
 class NodeCapacity:
+    """A node's cache: bytes used, its size, and its watermarks (shares of the size). A warm may
+    fill it up to the high watermark; room is made down to the low one."""
+
     used: int
     capacity: int
+    high: float = 1.0
+    low: float = 1.0
+
+    @property
+    def limit(self) -> int:
+        return int(self.capacity * self.high)
 
     @property
     def free(self) -> int:
-        return max(0, self.capacity - self.used)
+        """Room left under the high watermark."""
+        return max(0, self.limit - self.used)
+
+    def describe(self) -> str:
+        s = f"capacity {self.capacity / MIB:.1f} MiB, used {self.used / MIB:.1f} MiB"
+        return s + (f", high watermark {self.high:.0%}" if self.high < 1 else "")
 
 
 @dataclass
@@ -56,18 +70,52 @@ class NodeShare:
     cached_files: int  # files of its share already fully cached
     capacity: NodeCapacity
     dropped: list[CacheFile] = field(default_factory=list)  # trimmed for lack of space
+    need: int = 0  # cache space the files take (whole pages)
+    _have: Mapping[str, int] = field(default_factory=dict, repr=False)  # path -> bytes the node holds
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.capacity.free
 
     def to_dict(self) -> dict[str, Any]:
+        c = self.capacity
         return {
             "node": self.node,
             "files": len(self.files),
             "bytes": self.bytes,
+            "need": self.need,
             "cached_files": self.cached_files,
-            "cache_used": self.capacity.used,
-            "cache_capacity": self.capacity.capacity,
-            "cache_free": self.capacity.free,
+            "cache_used": c.used,
+            "cache_capacity": c.capacity,
+            "cache_free": c.free,
+            "high_watermark": c.high,
+            "low_watermark": c.low,
+            "fill_after": (c.used + self.need) / c.capacity if c.capacity else None,
             "dropped": len(self.dropped),
         }
+
+    def fit(self, trim: bool) -> str | None:
+        """Make the share fit under the high watermark: with trim, keep files in list order while
+        they fit and drop the rest; without, say why it does not fit (None: it does)."""
+        if self.fits:
+            return None
+        c = self.capacity
+        if not trim:
+            return f"{self.node}: needs {self.need / MIB:.1f} MiB, free {c.free / MIB:.1f} MiB ({c.describe()})"
+        keep: list[CacheFile] = []
+        kept_bytes = need = 0
+        have = self._have
+        for f in self.files:
+            left = max(0, (f.size or 0) - have.get(f.path, 0))
+            room = footprint(left)
+            if need + room > c.free:
+                self.dropped.append(f)
+                continue
+            keep.append(f)
+            kept_bytes += left
+            need += room
+        self.files, self.bytes, self.need = keep, kept_bytes, need
+        return None
 
 
 @dataclass
@@ -83,6 +131,20 @@ class Plan:
     # list entries that never became files (unreadable line, bad key, no route): (entry, reason)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # how the list was read: format, shape, selector, root
+    room: Any = None  # cache_client.watermarks.RoomPlan when a node would pass its high watermark
+
+    def over(self) -> list[str]:
+        """Nodes whose share does not fit under their high watermark."""
+        return [n for n, s in self.shares.items() if not s.fits]
+
+    def fit(self, trim: bool = False) -> Plan:
+        """Every share under its node's high watermark: trimmed (trim=True), or CapacityError
+        with every node's numbers."""
+        over = [why for s in self.shares.values() if (why := s.fit(trim))]
+        if over:
+            raise CapacityError("plan does not fit the cache; " + "; ".join(over) + " (use trim to warm what fits)")
+        self.trimmed = any(s.dropped for s in self.shares.values())
+        return self
 
     @property
     def warm_files(self) -> int:
@@ -125,6 +187,7 @@ class Plan:
             "rejected": [{"entry": e, "reason": r} for e, r in self.rejected[:cap]],
             "rejected_count": len(self.rejected),
             "list": self.source,
+            "room": self.room.to_dict() if self.room is not None else None,
         }
 
     def summary(self) -> str:
@@ -138,6 +201,8 @@ class Plan:
             s += f"; {len(self.dropped)} file loads dropped for lack of cache space"
         if self.rejected:
             s += f"; {len(self.rejected)} list entries rejected"
+        if self.room is not None:
+            s += f"; {self.room.summary()}"
         return s
 
 
@@ -155,48 +220,34 @@ def make_plan(
     bandwidth: Bandwidth,
     *,
     trim: bool = False,
+    enforce: bool = True,
 ) -> Plan:
     """Build a plan from survey data.
 
     present: files in the volume, with sizes; shares: node -> the present files it should hold;
-    cached: node -> path -> bytes it holds; capacity: node -> cache usage.
-    Raises CapacityError (with every node's numbers) if a share does not fit, unless trim=True:
-    then each node keeps its files in list order while they fit and drops the rest.
+    cached: node -> path -> bytes it holds; capacity: node -> cache usage and watermarks.
+    With enforce (the default) the plan is fitted under each node's high watermark (`Plan.fit`):
+    CapacityError with every node's numbers, or with trim each node keeps its files in list order
+    while they fit. enforce=False leaves that to the caller (who may make room first).
     """
     out: dict[str, NodeShare] = {}
     fully = {f.path: True for f in present}
-    over: list[str] = []
     for node, files in shares.items():
         have = cached.get(node, {})
-        cap = capacity[node]
         todo: list[CacheFile] = []
-        dropped: list[CacheFile] = []
-        todo_bytes = need = 0
-        done = 0
+        todo_bytes = need = done = 0
         for f in files:
-            size = f.size or 0
-            left = max(0, size - have.get(f.path, 0))
+            left = max(0, (f.size or 0) - have.get(f.path, 0))
             if left == 0:
                 done += 1
                 continue
             fully[f.path] = False
-            room = footprint(left)
-            if trim and need + room > cap.free:
-                dropped.append(f)
-                continue
             todo.append(f)
             todo_bytes += left
-            need += room
-        if need > cap.free:
-            over.append(
-                f"{node}: needs {need / MIB:.1f} MiB, free {cap.free / MIB:.1f} MiB "
-                f"(capacity {cap.capacity / MIB:.1f} MiB, used {cap.used / MIB:.1f} MiB)"
-            )
-        out[node] = NodeShare(node, todo, todo_bytes, done, cap, dropped)
-    if over:
-        raise CapacityError("plan does not fit the cache; " + "; ".join(over) + " (use trim to warm what fits)")
+            need += footprint(left)
+        out[node] = NodeShare(node, todo, todo_bytes, done, capacity[node], need=need, _have=have)
     cached_files = [f for f in present if fully[f.path]]
-    return Plan(
+    plan = Plan(
         files=len(present) + len(missing),
         bytes=sum(f.size or 0 for f in present),
         missing=list(missing),
@@ -204,8 +255,8 @@ def make_plan(
         cached_bytes=sum(f.size or 0 for f in cached_files),
         shares=out,
         bandwidth=bandwidth,
-        trimmed=any(s.dropped for s in out.values()),
     )
+    return plan.fit(trim) if enforce else plan
 
 
 def format_seconds(s: float) -> str:

@@ -2,7 +2,9 @@
 
 Never `airflow standalone`: it binds serve-logs on 0.0.0.0:8793/8794. Here each component runs
 in its own process group (api-server, scheduler, dag-processor, triggerer) with AIRFLOW_HOME in a
-directory of the caller, SQLite, and every process group is killed on exit, even on error.
+directory of the caller, and every process group is killed on exit, even on error. The metadata
+database is SQLite by default; the end-to-end tests give a PostgreSQL database, as production
+does: four processes writing one SQLite file under load meet "database is locked" (HTTP 500).
 
 Also a one-broker context manager (devtools.stack's Apache Kafka) for tests that need only Kafka.
 """
@@ -40,25 +42,33 @@ USER, PASSWORD_ROLE = "xdc", "admin"
 
 
 def airflow_env(home: Path, dags_folder: Path, api_port: int | None = None,
-                extra: Mapping[str, str] | None = None, *, parallelism: int = 2) -> dict[str, str]:
-    """Environment for Airflow in `home` (SQLite) reading DAGs from `dags_folder`.
+                extra: Mapping[str, str] | None = None, *, parallelism: int = 2,
+                database_url: str | None = None) -> dict[str, str]:
+    """Environment for Airflow in `home` reading DAGs from `dags_folder`.
 
+    `database_url` (postgresql://...): the metadata database, driven by psycopg 3 for both of
+    Airflow's engines (sync and async); default a SQLite file in `home`.
     With `api_port`: also what separate processes need to find the API server on 127.0.0.1.
     `parallelism` is also the number of LocalExecutor workers the scheduler forks at start
     (~130 MB RSS each).
     """
+    db = f"sqlite:///{home}/airflow.db"
+    if database_url:
+        db = database_url.replace("postgresql://", "postgresql+psycopg://", 1)
     env = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:{PASSWORD_ROLE}",
         # 2 cores: few task slots, one API worker.
         "AIRFLOW__CORE__PARALLELISM": str(parallelism),
         "AIRFLOW__API__WORKERS": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
+    if database_url:
+        env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = db  # else Airflow wants asyncpg
     if api_port is not None:
         url = f"http://127.0.0.1:{api_port}"
         env |= {
@@ -251,15 +261,17 @@ def _killpg(p: subprocess.Popen[bytes], sig: int) -> None:
 
 @contextmanager
 def running_airflow(home: Path, dags_folder: Path, *, extra_env: Mapping[str, str] | None = None,
-                    timeout: float = 120, parallelism: int = 2) -> Iterator[AirflowProcesses]:
-    """Migrate a SQLite DB in `home`, start the four components, wait until healthy, stop on exit.
+                    timeout: float = 120, parallelism: int = 2,
+                    database_url: str | None = None) -> Iterator[AirflowProcesses]:
+    """Migrate the metadata DB, start the four components, wait until healthy, stop on exit.
 
-    `extra_env` reaches every component (connections as AIRFLOW_CONN_*, XDC_CONFIG, ...).
+    `extra_env` reaches every component (connections as AIRFLOW_CONN_*, XDC_CONFIG, ...);
+    `database_url`: an empty PostgreSQL database for the metadata (default SQLite in `home`).
     """
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env |= airflow_env(home, dags_folder, port, extra_env, parallelism=parallelism)
+    env |= airflow_env(home, dags_folder, port, extra_env, parallelism=parallelism, database_url=database_url)
     af = AirflowProcesses(home=home, api_url=f"http://127.0.0.1:{port}", env=env)
     t0 = time.monotonic()
     try:

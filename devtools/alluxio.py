@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache_client.alluxio_rest import AlluxioNotFound, AlluxioRest
 from devtools.procs import Proc, StackError, alive, free_port, spawn, stop_proc
 from xdc.errors import XdcError
 from xdc.io.store import S3Store
@@ -425,7 +426,6 @@ def rss_mib(p: Proc) -> float:
 # -- namespace ---------------------------------------------------------------------------------------
 def mount_bucket(c: LocalAlluxio, bucket: str) -> None:
     """Mount s3a://<bucket>/ at /<bucket> (idempotent: an existing mount point is left alone)."""
-    from cache_client.alluxio_rest import AlluxioNotFound, AlluxioRest
     rest = AlluxioRest(proxy=c.proxy, master=c.master, job_master=c.job_master)
     try:
         rest.get_status("/" + bucket)

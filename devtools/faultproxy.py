@@ -2,16 +2,18 @@
 
 Sits on 127.0.0.1 in front of one S3 endpoint and passes requests through, except that it injects,
 at configurable rates: 503 SlowDown (with S3's XML error body), connection resets (the request is
-read, then the socket is closed with RST), added latency, and truncated response bodies (the full
-Content-Length is announced, half the bytes are sent, then the connection is closed). Rules make a
-fault permanent for matching requests (e.g. 403 AccessDenied on one key). Every injection is counted.
+read, then the socket is closed with RST), resets after the fact (the request is forwarded and
+applied upstream, then the client's connection is reset instead of answered: a write that landed
+while the client saw an error), damaged request bodies (bytes flipped on the way upstream),
+added latency, and truncated response bodies (the full Content-Length is announced, half the
+bytes are sent, then the connection is closed). Rules make a fault happen for matching requests,
+always or for the first N of them (e.g. 403 AccessDenied on one key, 500 on a file list's first two
+reads). Every injection is counted, and every request is logged with its time and fate (`log`).
 
-The Host header is forwarded unchanged, so SigV4 signatures made for the proxy's address verify
-upstream. Bodies are buffered whole: this is a test tool for small objects, not a production proxy.
+Forwarding is `devtools.httpforward` (Host header unchanged, bodies buffered whole: a test tool).
 """
 from __future__ import annotations
 
-import http.client
 import logging
 import random
 import socket
@@ -22,12 +24,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
+
+from devtools.httpforward import ServedInThread, Upstream, forward, read_body, relay, relay_head, s3_error
 
 log = logging.getLogger(__name__)
 
-Fault = Literal["slowdown", "reset", "latency", "truncate", "access_denied", "internal_error"]
-KINDS: tuple[Fault, ...] = ("slowdown", "reset", "latency", "truncate", "access_denied", "internal_error")
+Fault = Literal["slowdown", "reset", "reset_after", "damage", "latency", "truncate", "access_denied",
+                "internal_error"]
+KINDS: tuple[Fault, ...] = ("slowdown", "reset", "reset_after", "damage", "latency", "truncate", "access_denied",
+                            "internal_error")
 
 _ERRORS = {  # fault -> (status, S3 error code, message)
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
@@ -38,12 +44,14 @@ _ERRORS = {  # fault -> (status, S3 error code, message)
 
 @dataclass(frozen=True)
 class Rule:
-    """A fault that always happens for requests whose decoded path contains `path_contains`
-    (e.g. "/bucket/key") and whose method is in `methods` (empty: any method)."""
+    """A fault for requests whose decoded path contains `path_contains` (e.g. "/bucket/key") and
+    whose method is in `methods` (empty: any method): for every such request, or with `times` for
+    the first `times` of them only."""
 
     fault: Fault
     path_contains: str
     methods: tuple[str, ...] = ()
+    times: int = 0  # 0: always
 
     def matches(self, method: str, path: str) -> bool:
         return (not self.methods or method in self.methods) and self.path_contains in path
@@ -51,11 +59,14 @@ class Rule:
 
 @dataclass
 class FaultPlan:
-    """Rates are probabilities per request, checked in this order: reset, slowdown, then
-    (after forwarding) truncate; latency is independent and adds `latency_s` before forwarding."""
+    """Rates are probabilities per request, checked in this order: reset, reset_after, damage
+    (requests with a body), slowdown, then (after forwarding) truncate; latency is independent and
+    adds `latency_s` before forwarding."""
 
     slowdown: float = 0.0
     reset: float = 0.0
+    reset_after: float = 0.0
+    damage: float = 0.0
     latency: float = 0.0
     latency_s: float = 0.05
     truncate: float = 0.0
@@ -69,34 +80,26 @@ class FaultProxy:
     """`with FaultProxy(upstream, FaultPlan(...)) as p: ... p.url ... p.counts`"""
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        u = urlsplit(upstream)
-        if u.scheme != "http" or not u.hostname:
-            raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
-        self.upstream_host, self.upstream_port = u.hostname, u.port or 80
+        self.upstream = Upstream.parse(upstream)
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()  # injected faults by kind, plus "requests"
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, decoded path) of every request
+        self.log: list[tuple[float, str, str, str]] = []  # (time, method, path, fault or "ok") per request
+        self._rule_hits: Counter[int] = Counter()
         self._lock = threading.Lock()
         self._rng = random.Random(self.plan.seed)
-        self._server = ThreadingHTTPServer((host, port), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._served = ServedInThread(ThreadingHTTPServer((host, port), _handler_for(self)), "faultproxy")
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return self._served.url
 
     def start(self) -> FaultProxy:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faultproxy", daemon=True)
-        self._thread.start()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._served.stop()
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -119,12 +122,28 @@ class FaultProxy:
         with self._lock:
             return self._rng.random() < rate
 
-    def decide_before(self, method: str, path: str) -> Fault | None:
-        for r in self.plan.rules:
-            if r.matches(method, path) and r.fault != "truncate":
+    def _rule(self, method: str, path: str, truncate: bool) -> Fault | None:
+        """The first matching rule with tries left (counted), or None."""
+        with self._lock:
+            for i, r in enumerate(self.plan.rules):
+                if (r.fault == "truncate") != truncate or not r.matches(method, path):
+                    continue
+                if r.times and self._rule_hits[i] >= r.times:
+                    continue
+                self._rule_hits[i] += 1
                 return r.fault
+        return None
+
+    def decide_before(self, method: str, path: str, body_len: int = 0) -> Fault | None:
+        rule = self._rule(method, path, truncate=False)
+        if rule is not None:
+            return rule
         if self._roll(self.plan.reset, method):
             return "reset"
+        if self._roll(self.plan.reset_after, method):
+            return "reset_after"
+        if body_len and self._roll(self.plan.damage, method):
+            return "damage"
         if self._roll(self.plan.slowdown, method):
             return "slowdown"
         return None
@@ -132,13 +151,18 @@ class FaultProxy:
     def decide_truncate(self, method: str, path: str, body_len: int) -> bool:
         if method == "HEAD" or body_len < self.plan.truncate_min_bytes:
             return False
-        if any(r.fault == "truncate" and r.matches(method, path) for r in self.plan.rules):
+        if self._rule(method, path, truncate=True) is not None:
             return True
         return self._roll(self.plan.truncate, method)
 
+    def _logged(self, method: str, path: str, fate: str) -> None:
+        with self._lock:
+            self.log.append((time.time(), method, path, fate))
 
-_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-        "expect"}  # botocore never signs Expect; the proxy answers 100-continue itself
+    def requests_to(self, path_contains: str, method: str | None = None) -> list[tuple[float, str, str, str]]:
+        """The logged requests whose path contains `path_contains` (and of `method`), in order."""
+        with self._lock:
+            return [x for x in self.log if path_contains in x[2] and (method is None or x[1] == method)]
 
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
@@ -148,20 +172,6 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: object) -> None:  # quiet; counts tell the story
             log.debug("faultproxy: " + fmt, *args)
 
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return bytes(out)
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
-
         def _reset(self) -> None:
             # SO_LINGER 0: close() sends RST, the client sees "connection reset by peer"
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -170,22 +180,16 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, fault: Fault) -> None:
             status, code, msg = _ERRORS[fault]
-            body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{msg}</Message>'
-                    f"<Resource>{self.path.split('?')[0]}</Resource><RequestId>faultproxy</RequestId></Error>").encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            s3_error(self, status, code, msg, request_id="faultproxy")
 
         def _handle(self) -> None:
             proxy._count("requests")
             method, path = self.command, unquote(self.path.split("?")[0])
             with proxy._lock:
                 proxy.requests[(method, path)] += 1
-            body = self._body()
-            fault = proxy.decide_before(method, path)
+            body = read_body(self)
+            fault = proxy.decide_before(method, path, len(body))
+            proxy._logged(method, path, fault or "ok")
             if fault == "reset":
                 proxy._count("reset")
                 self._reset()
@@ -194,41 +198,26 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 proxy._count(fault)  # type: ignore[arg-type]
                 self._error(fault)  # type: ignore[arg-type]
                 return
+            if fault == "damage":  # one byte flipped in the middle: what a bad NIC or middlebox does
+                proxy._count("damage")
+                i = len(body) // 2
+                body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
             if proxy._roll(proxy.plan.latency, method):
                 proxy._count("latency")
                 time.sleep(proxy.plan.latency_s)
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-            if body or method in ("PUT", "POST"):
-                headers["Content-Length"] = str(len(body))
-            conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
-            try:
-                conn.putrequest(method, self.path, skip_host=True, skip_accept_encoding=True)
-                for k, v in headers.items():
-                    conn.putheader(k, v)
-                conn.endheaders(body or None)
-                resp = conn.getresponse()
-                data = resp.read()
-                status, reason, rheaders = resp.status, resp.reason, resp.getheaders()
-            finally:
-                conn.close()
-            truncate = proxy.decide_truncate(method, path, len(data))
-            self.send_response(status, reason)
-            for k, v in rheaders:
-                # a HEAD's Content-Length is the object's size: pass it on as it is
-                if k.lower() not in _HOP and (method == "HEAD" or k.lower() != "content-length"):
-                    self.send_header(k, v)
-            if method != "HEAD":
-                self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if method == "HEAD":
-                return
-            if truncate:
-                proxy._count("truncate")
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
+            ans = forward(proxy.upstream, method, self.path, self.headers.items(), body)
+            if fault == "reset_after":  # applied upstream; the client never hears of it
+                proxy._count("reset_after")
                 self._reset()
                 return
-            self.wfile.write(data)
+            if not proxy.decide_truncate(method, path, len(ans.body)):
+                relay(self, ans)
+                return
+            proxy._count("truncate")
+            relay_head(self, ans)
+            self.wfile.write(ans.body[: len(ans.body) // 2])
+            self.wfile.flush()
+            self._reset()
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
 

@@ -99,6 +99,11 @@ def chart_keys() -> dict[str, Any]:
                     "items": _secret_ref(),
                 },
                 "extraEnv": {"type": "array", "items": _secret_ref()},
+                "metricsToken": {
+                    **_closed({"secretName": _SECRET_NAME, "key": _STR}, ["secretName", "key"]),
+                    "description": "The Secret and key holding the token of config.metrics.token_env "
+                                   "(the metrics scrape and the dashboard).",
+                },
             }),
             "description": "Names of existing Secrets and their keys; never secret values.",
         },
@@ -139,6 +144,13 @@ def chart_keys() -> dict[str, Any]:
             "grafanaDashboard": _closed({"enabled": _BOOL, "labels": _OBJ, "annotations": _OBJ}),
         }),
         "dags": _closed({"configMap": _closed({"enabled": _BOOL})}),
+        "caBundles": {
+            "type": "array",
+            "description": "CA bundles (PEM) from ConfigMaps, mounted read-only as files into every xdc pod; "
+                           "point config.datacenters.<dc>.s3.ca_bundle (or kafka.security.ca_file) at mountPath.",
+            "items": _closed({"configMap": _STR, "key": _STR, "mountPath": _STR},
+                             required=["configMap", "key", "mountPath"]),
+        },
         "podSecurityContext": _OBJ,
         "securityContext": _OBJ,
         "commonLabels": _OBJ,

@@ -37,7 +37,7 @@ STARTED_LINE = "Kafka Server started"  # KafkaRaftServer logs it once the broker
 CLIENT_LISTENER = "CLIENT"  # the one listener clients use (and the broker itself, inter-broker)
 BROKER_USER = "xdc-broker"  # the broker's own SASL identity on its listener
 
-__all__ = ["KafkaBrokerError", "SecureListener", "jars_dir", "ensure_jars", "prepare", "ports", "command",
+__all__ = ["KafkaBrokerError", "SecureListener", "Addresses", "jars_dir", "ensure_jars", "prepare", "ports", "command",
            "started_since", "KAFKA_VERSION"]
 
 
@@ -68,6 +68,20 @@ class SecureListener:
     @property
     def mtls(self) -> bool:
         return self.client_cert_file is not None
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where a broker listens when its datacenter has a network of its own (the stack's WAN mode):
+    its own datacenter's clients on `internal`:`port` (listener CLIENT), the other datacenter's on
+    `external`:`external_port` (listener EXTERNAL); each listener advertises its own address, so a
+    client stays on the side of the link it came in by. The controller stays on 127.0.0.1."""
+
+    internal: str
+    external: str
+    port: int = 9092
+    external_port: int = 9093
+    controller_port: int = 9094
 
 
 # -- jars ---------------------------------------------------------------------------------------
@@ -120,7 +134,7 @@ def _classpath() -> str:
 
 # -- one broker's directory ---------------------------------------------------------------------
 def prepare(broker_dir: Path, port: int, controller_port: int, *, secure: SecureListener | None = None,
-            users: dict[str, str] | None = None) -> None:
+            users: dict[str, str] | None = None, addresses: Addresses | None = None) -> None:
     """Write the broker's config and format its storage. `users`: SASL client users (name ->
     password). Idempotent on a formatted directory (its data is kept: that is a restart)."""
     broker_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +142,7 @@ def prepare(broker_dir: Path, port: int, controller_port: int, *, secure: Secure
     if (data / "meta.properties").exists():
         return
     broker_password = secrets.token_urlsafe(18)
-    props = _properties(broker_dir, port, controller_port, secure, users or {}, broker_password)
+    props = _properties(broker_dir, port, controller_port, secure, users or {}, broker_password, addresses)
     cfg = broker_dir / "server.properties"
     cfg.touch(mode=0o600)
     cfg.chmod(0o600)
@@ -208,18 +222,30 @@ def _jaas_quote(value: str) -> str:
     return value
 
 
+def _listeners(port: int, controller_port: int, protocol: str, addresses: Addresses | None) -> list[str]:
+    if addresses is None:
+        return [f"listeners={CLIENT_LISTENER}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners={CLIENT_LISTENER}://127.0.0.1:{port}",
+                f"listener.security.protocol.map={CLIENT_LISTENER}:{protocol},CONTROLLER:PLAINTEXT"]
+    a = addresses
+    return [f"listeners={CLIENT_LISTENER}://{a.internal}:{a.port},EXTERNAL://{a.external}:{a.external_port},"
+            f"CONTROLLER://127.0.0.1:{a.controller_port}",
+            f"advertised.listeners={CLIENT_LISTENER}://{a.internal}:{a.port},EXTERNAL://{a.external}:{a.external_port}",
+            f"listener.security.protocol.map={CLIENT_LISTENER}:{protocol},EXTERNAL:{protocol},CONTROLLER:PLAINTEXT"]
+
+
 def _properties(broker_dir: Path, port: int, controller_port: int, secure: SecureListener | None,
-                users: dict[str, str], broker_password: str) -> str:
+                users: dict[str, str], broker_password: str, addresses: Addresses | None = None) -> str:
     protocol = secure.protocol if secure else "PLAINTEXT"
+    if addresses is not None:
+        port, controller_port = addresses.port, addresses.controller_port
     lines = [
         "# written by devtools/kafka_broker.py: one KRaft node, broker + controller",
         "process.roles=broker,controller",
         "node.id=1",
         f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-        f"listeners={CLIENT_LISTENER}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        f"advertised.listeners={CLIENT_LISTENER}://127.0.0.1:{port}",
+        *_listeners(port, controller_port, protocol, addresses),
         "controller.listener.names=CONTROLLER",
-        f"listener.security.protocol.map={CLIENT_LISTENER}:{protocol},CONTROLLER:PLAINTEXT",
         f"inter.broker.listener.name={CLIENT_LISTENER}",
         f"log.dirs={broker_dir / 'data'}",
         # one node: every internal topic has one replica; few partitions start faster
@@ -241,6 +267,11 @@ def _properties(broker_dir: Path, port: int, controller_port: int, secure: Secur
         # after a kill -9 the restarted node waits for its old registration's session to expire
         # (9 s by default) before it serves again: keep that short, with frequent heartbeats
         "broker.session.timeout.ms=4000",
+        # retention is applied every second (Kafka: every 5 minutes, after a 30 s start delay), so a
+        # topic given a short retention.ms loses its old events in seconds, as a production topic
+        # does in days (the offset-gap tests); topics with the default retention are not affected
+        "log.retention.check.interval.ms=1000",
+        "log.initial.task.delay.ms=0",
         "broker.heartbeat.interval.ms=500",
         "num.network.threads=2",
         "num.io.threads=4",

@@ -90,8 +90,8 @@ def wait_ready(check: Any, what: str, proc: Proc | None, timeout: float = 30.0) 
     raise StackError(f"{what} not ready after {timeout:.0f}s")
 
 
-def tcp_ready(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=1):
+def tcp_ready(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.create_connection((host, port), timeout=1):
         return True
 
 

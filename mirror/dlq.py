@@ -47,8 +47,8 @@ def read_letters(site: Site, *, reason: str | None = None, max_seconds: float = 
 
 
 def replay(topology: Topology, letters: Sequence[DeadLetter], *, topic: str | None = None) -> int:
-    """Send letters back, unchanged, to their origin topic (or `topic`) on the broker of their
-    origin datacenter (this one when the letter does not say)."""
+    """Send letters back, unchanged (with their own headers, e.g. the traceparent), to their origin
+    topic (or `topic`) on the broker of their origin datacenter (this one when the letter does not say)."""
     n = 0
     by_dc: dict[str, list[DeadLetter]] = {}
     for d in letters:
@@ -58,7 +58,7 @@ def replay(topology: Topology, letters: Sequence[DeadLetter], *, topic: str | No
             producer = topology.site(dc).producer
             for d in group:
                 producer.send(topic or d.origin_topic, key=d.key, value=d.value,
-                              headers=[("xdc-replayed-from", str(d.offset).encode())])
+                              headers=[*d.headers, ("xdc-replayed-from", str(d.offset).encode())])
                 n += 1
             producer.flush(timeout=30)
     return n

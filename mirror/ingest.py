@@ -1,5 +1,15 @@
-"""Sources of events: `ingest` uploads files and publishes what a bucket notification would;
-`scan` diffs a bucket against the catalog and publishes events for changes that were missed.
+"""Sources of events the project makes itself: `ingest` uploads files (and announces them when the
+store does not); `scan` diffs a bucket against the catalog and publishes events for changes that
+were missed.
+
+What they publish are reconciliations, not S3 events: no sequencer of ours competes with the
+store's; the mirror reads the source's current state of each key and makes the target match it.
+A store with notifications (`s3.notifications: true`) announces its writes itself, so ingest then
+publishes nothing (otherwise every object would be announced twice).
+
+An object's trace starts here (sampled, `xdc.trace.root`): `ingest.object` with its `s3.put` and
+the `kafka.publish` of its event, whose traceparent the event carries to the mirror and resize.
+(A store's own notification carries none: the mirror and resize then start the object's trace.)
 """
 from __future__ import annotations
 
@@ -12,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from mirror.march import march
+from xdc import trace
 from xdc.errors import ConfigError
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record, validate_key
-from xdc.io.kafka import kafka_errors
+from xdc.events import encode_notification, message_key, reconcile_record, validate_key
+from xdc.io.kafka import kafka_errors, send_step
 from xdc.io.state import CatalogEntry
 from xdc.io.store import ObjectInfo
 from xdc.topology import Site
@@ -40,47 +51,70 @@ def _files(root: Path) -> Iterator[Path]:
 
 
 def ingest(site: Site, src_dir: str | Path, bucket: str, prefix: str = "", *,
-           concurrency: int = 8, progress: Callable[[int, int], None] | None = None) -> IngestReport:
-    """Upload every file under src_dir to the site's bucket/prefix, then publish one S3 event per
-    object on the site's events topic (keyed by bucket/key, so one object's events stay in order)."""
+           concurrency: int = 8, progress: Callable[[int, int], None] | None = None,
+           announce: bool | None = None) -> IngestReport:
+    """Upload every file under src_dir to the site's bucket/prefix. `announce` (default: when the
+    store has no notifications): publish one event per object on the site's events topic (keyed by
+    bucket/key, so one object's events stay in order)."""
     root = Path(src_dir)
     if not root.is_dir():
         raise ConfigError(f"ingest: not a directory: {root}")
     store = site.store
     store.ensure_bucket(bucket)
-    producer = site.producer
+    announce = not site.config.s3.notifications if announce is None else announce
+    producer = site.producer if announce else None
     region = site.config.s3.region
     rep = IngestReport()
     t0 = time.monotonic()
     paths = list(_files(root))
 
-    def upload(p: Path) -> ObjectInfo:
+    def upload(p: Path) -> tuple[ObjectInfo, Any]:
         key = validate_key(prefix + p.relative_to(root).as_posix())
-        return store.put(bucket, key, p.read_bytes())
+        span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="put"))
+        with trace.use(span), trace.step("s3.put", dc=site.name):
+            info = store.put(bucket, key, p.read_bytes())
+        return info, span
 
     with ThreadPoolExecutor(concurrency) as pool:
-        for info in pool.map(upload, paths):
-            rec = s3_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region)
-            with kafka_errors("publish event"):
-                producer.send(site.topics.events, key=message_key(bucket, info.key), value=encode_notification([rec]))
+        for info, span in pool.map(upload, paths):
+            t_event = time.time()
+            if producer is not None:
+                rec = reconcile_record("put", bucket, info.key, size=info.size, etag=info.etag, region=region,
+                                       event_time=t_event)
+                with kafka_errors("publish event"):
+                    send_step(producer, site.topics.events, key=message_key(bucket, info.key),
+                              value=encode_notification([rec]), parent=span, starts_object=True,
+                              attributes=trace.attrs(dc=site.name, key=f"{bucket}/{info.key}"))
+                rep.events += 1
+            trace.end(span, attributes={"xdc.event_time": t_event, "xdc.bytes": info.size})
             rep.files += 1
             rep.bytes += info.size
-            rep.events += 1
             if progress:
                 progress(rep.files, len(paths))
-    with kafka_errors("flush events"):
-        producer.flush(timeout=60)
+    if producer is not None:
+        with kafka_errors("flush events"):
+            producer.flush(timeout=60)
     rep.seconds = time.monotonic() - t0
     return rep
 
 
 def publish_delete(site: Site, bucket: str, key: str, *, delete_object: bool = True) -> None:
-    """Delete an object in the site and publish the ObjectRemoved event a notification would."""
+    """Delete an object in the site; announce it (a reconciliation: the mirror looks at the source)
+    unless the store announces its deletes itself."""
+    span = trace.root("ingest.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}", op="delete"))
     if delete_object:
-        site.store.delete(bucket, key)
+        with trace.use(span), trace.step("s3.delete", dc=site.name):
+            site.store.delete(bucket, key)
+    t_event = time.time()
+    if delete_object and site.config.s3.notifications:
+        trace.end(span, attributes={"xdc.event_time": t_event})
+        return
     with kafka_errors("publish delete"):
-        site.producer.send(site.topics.events, key=message_key(bucket, key),
-                           value=encode_notification([s3_record("delete", bucket, key)]))
+        rec = reconcile_record("delete", bucket, key, region=site.config.s3.region, event_time=t_event)
+        send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                  value=encode_notification([rec]), parent=span,
+                  starts_object=True, attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+        trace.end(span, attributes={"xdc.event_time": t_event})
         site.producer.flush(timeout=30)
 
 
@@ -117,14 +151,22 @@ def scan(site: Site, bucket: str, prefix: str = "", *, dry_run: bool = False) ->
             rec = _scan_record(s_obj, c_obj, rep, bucket, region)
             if rec is not None and not dry_run:
                 key = s_obj.key if s_obj is not None else c_obj.source_key  # type: ignore[union-attr]
+                span = trace.root("scan.object", attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}",
+                                                                        route=r.name, found=_found(s_obj, c_obj)))
                 with kafka_errors("publish scan event"):
-                    site.producer.send(site.topics.events, key=message_key(bucket, key),
-                                       value=encode_notification([rec]))
+                    send_step(site.producer, site.topics.events, key=message_key(bucket, key),
+                              value=encode_notification([rec]), parent=span, starts_object=True,
+                              attributes=trace.attrs(dc=site.name, key=f"{bucket}/{key}"))
+                trace.end(span)
                 rep.events += 1
     if not dry_run:
         with kafka_errors("flush scan events"):
             site.producer.flush(timeout=60)
     return rep
+
+
+def _found(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None) -> str:
+    return "missing" if c_obj is None else "extra" if s_obj is None else "differ"
 
 
 def _scan_record(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None, rep: ScanReport, bucket: str,
@@ -135,9 +177,8 @@ def _scan_record(s_obj: ObjectInfo | None, c_obj: CatalogEntry | None, rep: Scan
         rep.differ += 1
     elif s_obj is None and c_obj is not None:
         rep.extra += 1
-        return s3_record("delete", bucket, c_obj.source_key, sequencer=new_sequencer(), region=region)
+        return reconcile_record("delete", bucket, c_obj.source_key, region=region)
     else:
         return None
     assert s_obj is not None
-    return s3_record("put", bucket, s_obj.key, size=s_obj.size, etag=s_obj.etag, sequencer=new_sequencer(),
-                     event_time=s_obj.last_modified or time.time(), region=region)
+    return reconcile_record("put", bucket, s_obj.key, size=s_obj.size, etag=s_obj.etag, region=region)

@@ -3,15 +3,21 @@
 Its own consumer group on the landing DC's events topic. Per batch: pick put events of frames under
 the configured prefixes -> skip those whose derivative already matches the source ETag -> resize in
 resident child processes (resize/sandbox.py; each task downloads, resizes and uploads, so frame
-bytes never cross processes) -> publish a put event per derivative -> quarantine what cannot be
-resized -> commit offsets.
+bytes never cross processes) -> announce each derivative (a reconciliation; nothing when the store
+announces its writes itself) -> quarantine what cannot be resized -> commit offsets.
 
 A child that dies (a native crash in a decoder, the OOM killer) costs exactly the frame it was
 working on: that frame is quarantined with reason worker_crashed and the signal in the detail
 ("SIGSEGV while resizing bucket/key"), the child is replaced, and the rest of the batch goes on.
 
-The derivative event reuses the source event's sequencer: replaying a batch re-publishes the same
-event, which the mirror then ignores as a duplicate.
+A replayed batch finds its derivatives done (their xdc-source-etag is the frame's ETag) and writes
+nothing again.
+
+A frame whose event carries a sampled trace gets a `resize.frame` span (its download, resize and
+upload, timed in the worker process, recorded after the fact) and a `resize.publish` span for the
+derivative, whose event carries the trace on: the 720p object's path continues the frame's trace
+(when the store announces its writes itself, its event has no traceparent and the mirror starts
+the derivative's trace).
 """
 from __future__ import annotations
 
@@ -26,12 +32,14 @@ from typing import Any
 
 from resize.frame import derived_key, resize_frame
 from resize.sandbox import SandboxPool
+from xdc import trace
 from xdc.config import ResizeSettings, parse_config
 from xdc.errors import EventError, ObjectNotFound, ResizeError, XdcError
-from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, s3_record
+from xdc.events import ObjectEvent, encode_notification, message_key, parse_message, reconcile_record
+from xdc.faults import crash_point
 from xdc.io.consume import Batch, ConsumeLoop, Letter, LoopStats, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, kafka_errors
+from xdc.io.kafka import Record, kafka_errors, send_step
 from xdc.io.store import META_SOURCE_ETAG
 from xdc.metrics import METRICS, Metrics
 from xdc.topology import Topology
@@ -65,6 +73,7 @@ class Outcome:
     etag: str = ""
     reason: str = ""
     detail: str = ""
+    timings: tuple[tuple[str, float, float], ...] = ()  # (step, start, end) epoch seconds, for the trace
 
 
 @dataclass
@@ -110,6 +119,7 @@ def run_task(t: Task) -> Outcome:
     store, s = _worker_store, _worker_settings
     assert store is not None and s is not None
     t0 = time.process_time()
+    w0 = time.time()
     try:
         info, body = store.open(t.bucket, t.key)
         try:
@@ -122,6 +132,7 @@ def run_task(t: Task) -> Outcome:
             body.close()
     except ObjectNotFound:
         return Outcome(t, "superseded", detail="source object is gone")
+    w1 = time.time()
     try:
         out = resize_frame(data, s)
     except ResizeError as exc:
@@ -129,10 +140,12 @@ def run_task(t: Task) -> Outcome:
                        reason=exc.reason, detail=exc.detail)
     if out.data is None:  # already small enough and policy says skip
         return Outcome(t, "skipped", bytes_in=len(data), seconds=time.process_time() - t0)
+    w2 = time.time()
     landed = store.put(t.bucket, t.dst_key, out.data,
                        metadata={META_SOURCE_ETAG: info.etag, META_SOURCE_KEY: t.key})
     return Outcome(t, out.action, bytes_in=len(data), bytes_out=len(out.data),
-                   seconds=time.process_time() - t0, etag=landed.etag)
+                   seconds=time.process_time() - t0, etag=landed.etag,
+                   timings=(("s3.get", w0, w1), ("resize", w1, w2), ("s3.put", w2, time.time())))
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -153,8 +166,10 @@ class ResizeWorker:
         self.store = site.store
         self.incidents = site.state.incidents
         self.producer = site.producer
+        self.announce = not site.config.s3.notifications
         self.stats = ResizeStats()
         self.assigned: list[int] = []  # partitions of the events topic this worker holds now
+        self._spans: dict[int, Any] = {}  # id(Task) -> its resize.frame span, for one batch
         n = workers or self.settings.workers or os.cpu_count() or 1
         cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
         # Resident spawn children, one task at a time each, so a crash is charged to its frame.
@@ -227,10 +242,16 @@ class ResizeWorker:
         """Resize the frames of these records; each outcome with the record it came from."""
         todo = []
         outcomes: list[tuple[Outcome, Record]] = []
+        self._spans = {}
         for task, rec in self.tasks(records):
+            span = trace.entry("resize.frame", rec.headers, attributes=lambda task=task: trace.attrs(
+                dc=self.dc, key=f"{task.bucket}/{task.key}", derived_key=f"{task.bucket}/{task.dst_key}"))
+            if span is not None:
+                self._spans[id(task)] = span
             if self._already_done(task):  # idempotent: a replay writes nothing
                 outcomes.append((Outcome(task, "done_before"), rec))
                 self._publish(task, None)
+                trace.end(span, attributes={"xdc.result": "done_before"})
             else:
                 todo.append((task, rec))
         in_flight: list[tuple[Future[Outcome], Task, Record]] = []
@@ -242,6 +263,7 @@ class ResizeWorker:
             outcomes.append(self._finish(*in_flight.pop(0)))
         with kafka_errors("flush resize events"):
             self.producer.flush(timeout=60)
+        crash_point("resize.after_publish")  # derivative events out; offsets not committed
         return outcomes
 
     def _already_done(self, t: Task) -> bool:
@@ -264,9 +286,13 @@ class ResizeWorker:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in the task must not stop the batch
             o = Outcome(task, "quarantined", reason="unexpected_error", detail=repr(exc)[:300])
+        span = self._spans.get(id(task))
+        for name, t0, t1 in o.timings:
+            trace.record(name, span, t0, t1, attributes=trace.attrs(dc=self.dc))
         m = self.metrics
         if o.result in ("resized", "copied"):
-            self._publish(o.task, o)
+            crash_point("resize.after_upload")  # the derivative is in the store, its event not yet sent
+            self._publish(task, o)  # the task of this process: its span is keyed by it
             m.resize_bytes_in_total.inc(o.bytes_in)
             m.resize_bytes_out_total.inc(o.bytes_out)
             m.resize_seconds.observe(o.seconds)
@@ -277,15 +303,27 @@ class ResizeWorker:
             log.warning("quarantine %s/%s: %s %s", o.task.bucket, o.task.key, o.reason, o.detail)
             self.incidents.record_quarantine(o.task.bucket, o.task.key, o.reason, o.detail)
             m.resize_frames_total.labels("quarantined").inc()
+        trace.end(span, attributes={"xdc.result": o.result, "xdc.bytes_in": o.bytes_in, "xdc.bytes_out": o.bytes_out},
+                  error=f"{o.reason}: {o.detail}" if o.result == "quarantined" else None)
         return o, rec
 
     def _publish(self, t: Task, o: Outcome | None) -> None:
+        """Announce a derivative, unless the store announces its writes itself (then it did already;
+        a second event would copy the derivative twice)."""
+        if self.announce is False:
+            return
         if o is None:
             info = self.store.head(t.bucket, t.dst_key)
             size, etag = info.size, info.etag
         else:
             size, etag = o.bytes_out, o.etag
-        rec = s3_record("put", t.bucket, t.dst_key, size=size, etag=etag, sequencer=t.sequencer,
-                        event_time=time.time())
+        t_event = time.time()
+        rec = reconcile_record("put", t.bucket, t.dst_key, size=size, etag=etag, event_time=t_event,
+                               region=self.site.config.s3.region)
+        key = f"{t.bucket}/{t.dst_key}"
+        span = trace.child("resize.publish", self._spans.get(id(t)),
+                           attributes=trace.attrs(dc=self.dc, key=key, event_time=t_event, source_key=f"{t.bucket}/{t.key}"))
         with kafka_errors("publish derivative event"):
-            self.producer.send(self.topic, key=message_key(t.bucket, t.dst_key), value=encode_notification([rec]))
+            send_step(self.producer, self.topic, key=message_key(t.bucket, t.dst_key), value=encode_notification([rec]),
+                      parent=span, starts_object=True, attributes=trace.attrs(dc=self.dc, key=key))
+        trace.end(span)

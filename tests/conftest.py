@@ -4,6 +4,12 @@ The stack is the same code as `xdc stack up`. Each test gets its own topics, con
 state (`xcfg`): SQLite files of its own, or, in modules marked `both_backends`, a second run on
 PostgreSQL with a schema per datacenter of its own; so tests never see each other's events while
 the servers are started once.
+
+Cache backends: a test that takes `cache_backend` runs once per backend, "juicefs" and "alluxio".
+The Alluxio runs share one more stack (`stack.up(cache="alluxio")`: an Alluxio cluster per
+datacenter), started only when such a test runs and stopped once the session's Alluxio tests are
+done (the parameter is session-scoped, so pytest runs them together). `XDC_TEST_ALLUXIO_STACK=DIR`
+reuses (and leaves running) a stack started there before, to save its start-up while editing.
 """
 from __future__ import annotations
 
@@ -17,8 +23,9 @@ import pytest
 
 from devtools import postgres, stack
 from devtools.kafka_broker import SecureListener
+from devtools.notifying_proxy import NotifyingProxy
 from devtools.procs import stop_proc
-from tests.support import close_open_topologies, make_tls
+from tests.support import close_open_topologies, make_tls, restore_env
 from xdc.config import XdcConfig, parse_config
 from xdc.io.kafka import ensure_topics
 from xdc.topology import Topology
@@ -29,21 +36,35 @@ OUT = Path(__file__).resolve().parent.parent / "test-output"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--stress", action="store_true", help="run long fault-injection tests at full size")
+    parser.addoption("--stress", action="store_true",
+                     help="the full run: long fault-injection tests at full size, and every both_backends test "
+                          "on PostgreSQL too (CI runs those marked postgres='stress' on SQLite only)")
 
 
-SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home"}
+SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx", "secure_kafka",
+                   "secure_stack"}
+CACHE_BACKENDS = ("juicefs", "alluxio")
+ALLUXIO_WORKER_MIB = 64  # storage per worker of the test stack's Alluxio
+ALLUXIO_BLOCK_MIB = 1  # so a few MiB make a file of several blocks
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "both_backends: run each test on SQLite and on PostgreSQL state")
+    config.addinivalue_line("markers", "both_backends(postgres='always'|'stress'): run each test on SQLite and on "
+                                       "PostgreSQL state; with postgres='stress' the PostgreSQL run only with --stress")
     config.addinivalue_line("markers", "servers: needs real servers (`make test-fast` leaves these out)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "state_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
-        metafunc.parametrize("state_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.servers)],
-                             indirect=True)
+    marker = metafunc.definition.get_closest_marker("both_backends")
+    if "state_backend" not in metafunc.fixturenames or marker is None:
+        return
+    # The state SQL is tested on both backends by tests/xdc/io/; a flow's tests add little on the
+    # second one but their run time, so modules may keep their PostgreSQL run for --stress.
+    if marker.kwargs.get("postgres", "always") == "stress" and not metafunc.config.getoption("--stress"):
+        metafunc.parametrize("state_backend", ["sqlite"], indirect=True)
+        return
+    metafunc.parametrize("state_backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.servers)],
+                         indirect=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -73,6 +94,8 @@ def pg_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def _close_topologies() -> Iterator[None]:
     yield
     close_open_topologies()
+    while _PROXIES:
+        _PROXIES.pop().stop()
 
 
 @pytest.fixture(scope="session")
@@ -90,14 +113,69 @@ def stack_cfg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XdcConfig]:
         stack.down(run)
 
 
+# -- a cache backend per run: JuiceFS (the session stack's) or Alluxio (a stack of its own) -----------
+@dataclass
+class BackendStack:
+    name: str  # "juicefs" or "alluxio"
+    run: Path | None = None  # the Alluxio stack's run dir
+    cfg: XdcConfig | None = None  # the Alluxio stack's config
+    creds: dict[str, str] | None = None  # its generated secrets: set them only while a test runs
+
+
+@pytest.fixture(scope="session", params=CACHE_BACKENDS)
+def cache_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendStack]:
+    """The cache backend of this run. For "alluxio", the two-datacenter stack with an Alluxio cluster
+    as each datacenter's cache (two workers of ALLUXIO_WORKER_MIB, ALLUXIO_BLOCK_MIB blocks)."""
+    if request.param == "juicefs":
+        yield BackendStack("juicefs")
+        return
+    reuse = os.environ.get("XDC_TEST_ALLUXIO_STACK")
+    run = Path(reuse) if reuse else tmp_path_factory.mktemp("alluxio-stack")
+    names = [f"XDC_{dc}_{k}" for dc in stack.DEFAULT_DCS for k in ("ACCESS_KEY", "SECRET_KEY")]
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        cfg = stack.up(run, nodes=2, cache_size_mib=ALLUXIO_WORKER_MIB, cache="alluxio",
+                       alluxio_block_mib=ALLUXIO_BLOCK_MIB)
+        creds = {k: os.environ[k] for k in names}
+        restore_env(saved)
+        yield BackendStack("alluxio", run, cfg, creds)
+    finally:
+        restore_env(saved)
+        if not reuse:
+            stack.down(run)
+
+
+@pytest.fixture
+def backend_stack_cfg(cache_backend: BackendStack, request: pytest.FixtureRequest,
+                      monkeypatch: pytest.MonkeyPatch) -> XdcConfig:
+    """The two-datacenter stack whose caches are `cache_backend`'s (its secrets in the environment)."""
+    if cache_backend.cfg is None:
+        return request.getfixturevalue("stack_cfg")  # type: ignore[no-any-return]
+    for k, v in (cache_backend.creds or {}).items():
+        monkeypatch.setenv(k, v)
+    return cache_backend.cfg
+
+
+@pytest.fixture
+def cache_xcfg(backend_stack_cfg: XdcConfig, tag: str, state_backend: str, request: pytest.FixtureRequest) -> XdcConfig:
+    """`xcfg` on the stack of this run's cache backend."""
+    pg = request.getfixturevalue("pg_port") if state_backend == "postgres" else None
+    return isolated(backend_stack_cfg, tag, pg_port=pg)
+
+
 @pytest.fixture
 def tag() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+_PROXIES: list[NotifyingProxy] = []  # stopped after each test by _close_topologies
+
+
 def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConfig:
     """The stack's config with topics, consumer groups and state of this test's own (SQLite files,
-    or with `pg_port` a PostgreSQL schema per datacenter)."""
+    or with `pg_port` a PostgreSQL schema per datacenter), and S3 endpoints that announce every
+    write on this test's events topics: a notifying proxy per datacenter in front of the stack's
+    gateway (as the stack's own proxies do for its topics)."""
     data = cfg.model_dump(mode="json", exclude={"base_dir"})
     data["mirror"]["group_id"] = f"{tag}-mirror"
     data["prewarm"]["group_id"] = f"{tag}-prewarm"
@@ -116,7 +194,14 @@ def isolated(cfg: XdcConfig, tag: str, *, pg_port: int | None = None) -> XdcConf
     for dc in new.datacenters:
         k = new.dc(dc).kafka
         ensure_topics(Topology(new, dc).here.brokers, list(k.topics.model_dump().values()), k.partitions)
-    return new
+    for dc, d in data["datacenters"].items():
+        s3 = new.dc(dc).s3
+        proxy = NotifyingProxy(stack.gateway_url(cfg.base_dir, dc), Topology(new, dc).here.brokers,
+                               new.dc(dc).kafka.topics.events, credentials=s3.credentials.resolve(),
+                               region=s3.region).start()
+        _PROXIES.append(proxy)
+        d["s3"].update(internal_url=proxy.url, external_url=proxy.url, notifications=True)
+    return parse_config(data, base_dir=cfg.base_dir)
 
 
 @pytest.fixture
@@ -149,19 +234,11 @@ def secure_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureSta
     try:
         cfg = stack.up(run, nodes=0, kafka_security=sec)
         creds = {k: os.environ[k] for k in names}
-        _put_back(saved)
+        restore_env(saved)
         yield SecureStack(run, cfg, creds, tls)
     finally:
-        _put_back(saved)
+        restore_env(saved)
         stack.down(run)
-
-
-def _put_back(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture

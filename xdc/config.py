@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -69,10 +70,22 @@ def _airflow_login(conn_id: str) -> tuple[str, str]:
 
 
 class S3Endpoint(_Model):
+    """A datacenter's S3 endpoint, as every S3 client of the project reaches it (the sync store, the
+    async copy engine, and the cache nodes' JuiceFS mounts where their volume lives on it)."""
+
     internal_url: str  # used by processes running in this datacenter
     external_url: str  # used from the other datacenter
     region: str = "us-east-1"
     credentials: Credentials
+    # The store publishes an S3 event notification for every write on this datacenter's events
+    # topic (AWS, MinIO, Ceph with notifications configured): the project's writers then announce
+    # nothing themselves. False: ingest and the resize worker announce their writes.
+    notifications: bool = False
+    # PEM file of the CA(s) that signed an https endpoint's certificate (a company's private CA);
+    # relative to the config file. Default: the system's CA certificates.
+    ca_bundle: Path | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"  # virtual: https://bucket.host/key
+    signature_version: Literal["s3v4", "s3"] = "s3v4"  # "s3": legacy SigV2, for old gateways only
 
     @field_validator("internal_url", "external_url")
     @classmethod
@@ -184,6 +197,9 @@ class CacheNode(_Model):
     cache_size_mib: int = Field(1024, ge=1)  # juicefs: the node's cache size (Alluxio reports its own)
     metrics: str | None = None  # host:port of the node's Prometheus endpoint
     worker: str | None = None  # alluxio: host:rpc_port of the node's Alluxio worker
+    # shares of the cache size; default: the cluster's (see CacheConfig)
+    high_watermark: float | None = Field(None, gt=0, le=1)
+    low_watermark: float | None = Field(None, gt=0, le=1)
 
 
 class AlluxioSettings(_Model):
@@ -198,22 +214,89 @@ class AlluxioSettings(_Model):
     free_timeout_seconds: float = Field(120.0, gt=0)  # freed blocks leave the workers on their heartbeats
 
 
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class FluidSettings(_Model):
+    """How this datacenter's cache is driven when Fluid runs it (`xdc prewarm export --format fluid`,
+    and the prewarm DAG with `cache.mode: fluid`): DataLoads against one Fluid Dataset."""
+
+    dataset: str  # the Fluid Dataset (metadata.name) whose mounts serve this datacenter's buckets
+    namespace: str = "default"
+    # where the volume's /<bucket_root>/<bucket>/<key> appears in the Dataset's namespace
+    # ("/": one mount per bucket, named after it, as Fluid mounts them at /<name>)
+    path_root: str = "/"
+    load_metadata: bool = True  # sync the Dataset's metadata first (set on the first DataLoad only)
+    policy: Literal["Once", "Cron", "OnEvent"] = "Once"
+    schedule: str | None = None  # a cron expression: with policy Cron
+    replicas: int | None = Field(None, ge=1)  # spec.target[].replicas: copies of each file in the cache
+    chunk_files: int = Field(5000, ge=1)  # most paths per DataLoad (a Kubernetes object stays small)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    output: str | None = None  # the DAG writes the manifests here: a directory, or s3://bucket/prefix
+
+    @model_validator(mode="after")
+    def _policy(self) -> FluidSettings:
+        if (self.policy == "Cron") != bool(self.schedule):
+            raise ValueError("cache.fluid: policy Cron needs schedule (a cron expression), and only Cron takes one")
+        if not self.path_root.startswith("/"):
+            raise ValueError("cache.fluid.path_root: an absolute path in the Dataset, e.g. /")
+        for what, v, limit in (("dataset", self.dataset, 253), ("namespace", self.namespace, 63)):
+            if len(v) > limit or not _K8S_NAME.fullmatch(v):
+                raise ValueError(f"cache.fluid.{what}: {v!r} is not a Kubernetes name (lower-case a-z, 0-9, '-')")
+        return self
+
+
 class CacheConfig(_Model):
     backend: Literal["juicefs", "alluxio"] = "juicefs"
+    # warm: xdc loads the cache itself (plan, warm, check); fluid: the prewarm DAG writes Fluid
+    # DataLoad manifests (cache.fluid) and Fluid's controller loads them
+    mode: Literal["warm", "fluid"] = "warm"
+    fluid: FluidSettings | None = None
     # replicate: every node warms the whole list (JuiceFS CE, readers on each node);
     # shard: consistent hashing over the nodes (cache-group-style clusters).
     placement: Literal["replicate", "shard"] = "replicate"
     virtual_nodes: int = Field(64, ge=1)
     meta_url: str | None = None  # juicefs: the volume's metadata engine URL
     alluxio: AlluxioSettings | None = None  # alluxio: the cluster's REST endpoints
-    nodes: list[CacheNode] = Field(min_length=1)
+    # the cache nodes xdc warms, checks and frees (with mode fluid, optional: Fluid runs them)
+    nodes: list[CacheNode] = Field(default_factory=list)
     threads_per_node: int = Field(8, ge=1)
     # Where a bucket's keys live inside the mount: <mount>/<bucket_root>/<bucket>/<key>
     # (alluxio: inside the namespace, /<bucket_root>/<bucket>/<key>)
     bucket_root: str = ""
+    # Watermarks, shares of each node's cache size (a node may set its own): a warm may fill a node
+    # up to `high_watermark`; one that would pass it names the retired datasets whose files bring
+    # the node under `low_watermark` (default: the high one), and frees them when asked (make room).
+    high_watermark: float = Field(1.0, gt=0, le=1)
+    low_watermark: float | None = Field(None, gt=0, le=1)
+    # CA of the volume's object storage, for mounts made by the project (juicefs gets it as
+    # SSL_CERT_FILE); default: the datacenter's s3.ca_bundle (the volume usually lives there)
+    storage_ca_bundle: Path | None = None
+
+    def watermarks(self, node: str) -> tuple[float, float]:
+        """(high, low) of a node: its own, else the cluster's; low defaults to high."""
+        n = next((x for x in self.nodes if x.name == node), None)
+        high = n.high_watermark if n is not None and n.high_watermark is not None else self.high_watermark
+        low = n.low_watermark if n is not None and n.low_watermark is not None else self.low_watermark
+        return high, min(high, low) if low is not None else high
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> CacheConfig:
+        for n in self.nodes:
+            high = n.high_watermark if n.high_watermark is not None else self.high_watermark
+            low = n.low_watermark if n.low_watermark is not None else self.low_watermark
+            if low is not None and low > high:
+                raise ValueError(f"cache node {n.name}: low_watermark {low} is above high_watermark {high}")
+        return self
 
     @model_validator(mode="after")
     def _backend_fields(self) -> CacheConfig:
+        if self.mode == "fluid" and (self.fluid is None or not self.fluid.output):
+            raise ValueError("cache: mode fluid needs fluid: {dataset, output, ...} (where the DataLoads are written)")
+        if not self.nodes:
+            if self.mode == "warm":
+                raise ValueError("cache: nodes: at least one (only a cache run by Fluid, mode fluid, may list none)")
+            return self
         if self.backend == "juicefs":
             if not self.meta_url:
                 raise ValueError("cache: backend juicefs needs meta_url")
@@ -272,11 +355,21 @@ class Location(_Model):
         return bucket == self.bucket and key.startswith(self.prefix)
 
 
+class TwoWay(_Model):
+    """How a route that has a mirror image (B->A over the same data as A->B) settles concurrent
+    writes of one key in both datacenters (README "Guarantees", two-way routes)."""
+
+    # the newer version by the store's Last-Modified wins, ties to the datacenter whose name sorts
+    # last; the other version is kept beside the key and reported as a conflict
+    conflict: Literal["last_writer_wins"]
+
+
 class Route(_Model):
     name: str = ""
     source: Location
     target: Location
     mode: Literal["metadata", "data"] = "metadata"
+    two_way: TwoWay | None = None  # required when a route in the other direction covers the same data
 
     @model_validator(mode="after")
     def _name(self) -> Route:
@@ -289,6 +382,18 @@ class Route(_Model):
     def target_key(self, source_key: str) -> str:
         return self.target.prefix + source_key[len(self.source.prefix):]
 
+    def mirrors(self, other: Route) -> bool:
+        """`other` runs the other way over data this route also covers (a two-way pair): its
+        target is this route's source datacenter and bucket, with overlapping prefixes."""
+        return (other.source.dc == self.target.dc and other.target.dc == self.source.dc
+                and other.source.bucket == self.target.bucket and other.target.bucket == self.source.bucket
+                and _overlap(other.target.prefix, self.source.prefix)
+                and _overlap(other.source.prefix, self.target.prefix))
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a.startswith(b) or b.startswith(a)
+
 
 class MirrorSettings(_Model):
     group_id: str = "xdc-mirror"
@@ -296,7 +401,10 @@ class MirrorSettings(_Model):
     batch_max_seconds: float = Field(1.0, gt=0)
     copy_concurrency: int = Field(16, ge=1)
     multipart_threshold_mib: int = Field(16, ge=5)
-    multipart_chunk_mib: int = Field(8, ge=5)
+    multipart_chunk_mib: int = Field(8, ge=5)  # part size of a copy whose source layout is unknown
+    copy_buffer_mib: int = Field(256, ge=8)  # part buffers of the copy engine in memory at once
+    upload_sweep_minutes: float = Field(10.0, gt=0)  # how often abandoned multipart uploads are swept
+    abandoned_upload_minutes: float = Field(60.0, ge=0)  # an upload this old under a target prefix is abandoned
     max_attempts: int = Field(5, ge=1)  # per S3 call, with capped exponential backoff and jitter
     max_key_bytes: int = Field(1024, ge=1)  # S3's own limit
     max_message_bytes: int = Field(1_048_576, ge=1024)
@@ -331,6 +439,9 @@ class PrewarmSettings(_Model):
     # release_retry_seconds, before it goes to the dead-letter topic
     release_attempts: int = Field(5, ge=1)
     release_retry_seconds: float = Field(2.0, gt=0)
+    # the reconciler leaves a release alone this long after it was published or last tried: the
+    # follower or the DAG may still be on it
+    reconcile_after_seconds: float = Field(600.0, ge=0)
 
 
 class LagSettings(_Model):
@@ -342,6 +453,55 @@ class LagSettings(_Model):
 class MetricsSettings(_Model):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0)  # 0: no /metrics endpoint
+    # env var holding the token every path but /healthz and /readyz then needs (Bearer, or Basic
+    # with it as the password); required on any host but loopback. Also the dashboard's default.
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _guarded(self) -> MetricsSettings:
+        loopback = self.host == "localhost" or self.host.startswith("127.") or self.host == "::1"
+        if self.port and not loopback and not self.token_env:
+            raise ValueError(f"host {self.host} is reachable from other machines: set token_env "
+                             "(the env var holding a token the scrape and the dashboard must send) or bind 127.0.0.1")
+        return self
+
+    def token(self) -> str | None:
+        """The token, read from `token_env` (ConfigError when that variable is not set)."""
+        if not self.token_env:
+            return None
+        value = os.environ.get(self.token_env)
+        if not value:
+            raise ConfigError(f"metrics.token_env: environment variable {self.token_env} is not set")
+        return value
+
+
+class TracingSettings(_Model):
+    """Spans along each object's path (xdc.trace); sampling keeps the cost small.
+
+    A trace starts where an object enters (ingest, scan, an S3 event that carries none) with
+    probability `sample_ratio`; every later step follows the first one's decision, across Kafka in
+    the W3C traceparent header. Releases and prewarm runs are always traced (they are few).
+    """
+
+    enabled: bool = True
+    sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    # state: the built-in sink, recent spans in each datacenter's state (`xdc trace`, dashboard);
+    # otlp: OTLP over HTTP to any collector (otlp_endpoint, e.g. http://otel-collector:4318)
+    exporters: list[Literal["state", "otlp"]] = ["state"]
+    otlp_endpoint: str | None = None
+    export_interval_ms: int = Field(1000, ge=10)
+    retention_hours: float = Field(24.0, gt=0)
+    max_spans: int = Field(200_000, ge=100)  # kept per datacenter by the built-in sink
+    # files of a traced object warmed one by one (timed) per cache-node job; the rest in one batch
+    traced_files_per_node: int = Field(8, ge=0)
+
+    @model_validator(mode="after")
+    def _otlp(self) -> TracingSettings:
+        if "otlp" in self.exporters and not self.otlp_endpoint:
+            raise ValueError("tracing.exporters has otlp: set tracing.otlp_endpoint (http(s)://host:4318)")
+        if self.otlp_endpoint and not re.match(r"^https?://[^/\s]+", self.otlp_endpoint):
+            raise ValueError(f"tracing.otlp_endpoint is not an http(s) URL: {self.otlp_endpoint!r}")
+        return self
 
 
 class XdcConfig(_Model):
@@ -354,11 +514,12 @@ class XdcConfig(_Model):
     prewarm: PrewarmSettings = PrewarmSettings()
     lag: LagSettings = LagSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     run_dir: Path | None = None  # where the local stack keeps logs and pids
     base_dir: Path = Path(".")  # directory of the config file; set by the loader
 
     @model_validator(mode="after")
-    def _consistent(self) -> XdcConfig:
+    def _consistent(self, info: ValidationInfo) -> XdcConfig:
         dcs = set(self.datacenters)
         if self.local_dc is not None and self.local_dc not in dcs:
             raise ValueError(f"local_dc {self.local_dc!r} is not one of the datacenters {sorted(dcs)}")
@@ -368,12 +529,22 @@ class XdcConfig(_Model):
                     raise ValueError(f"route {r.name}: unknown datacenter {end.dc!r} (known: {sorted(dcs)})")
         if len({r.name for r in self.routes}) != len(self.routes):
             raise ValueError("route names must be unique")
+        for r in self.routes:
+            other = next((o for o in self.routes if r.mirrors(o)), None)
+            if other is not None and r.two_way is None:
+                raise ValueError(
+                    f"routes {r.name} and {other.name} mirror the same data both ways: give both "
+                    "`two_way: {conflict: last_writer_wins}` (how concurrent writes of one key in both "
+                    "datacenters are settled; see README, Guarantees)")
         for dc in self.prewarm.datacenters:
             if dc not in dcs:
                 raise ValueError(f"prewarm.datacenters: unknown datacenter {dc!r}")
         if self.resize and self.resize.dc and self.resize.dc not in dcs:
             raise ValueError(f"resize.dc: unknown datacenter {self.resize.dc!r}")
-        _check_bucket_collisions(self)
+        collisions = bucket_collisions(self)
+        # `xdc config impact` reads a proposed config that may have them, to report them
+        if collisions and not (info.context or {}).get("allow_bucket_collisions"):
+            raise ValueError(collisions[0])
         return self
 
     def dc(self, name: str) -> Datacenter:
@@ -384,12 +555,14 @@ class XdcConfig(_Model):
             raise ConfigError(f"unknown datacenter {name!r} (known: {sorted(self.datacenters)})") from None
 
 
-def _check_bucket_collisions(cfg: XdcConfig) -> None:
+def bucket_collisions(cfg: XdcConfig) -> list[str]:
     """S3 bucket names are global per partition: the same name in two DCs must be the same data.
 
     A name in two datacenters is accepted only when a route mirrors one into the other under the
-    same prefix mapping; otherwise it is refused, naming the bucket and both datacenters.
+    same prefix mapping; otherwise it is a collision (the loader refuses it), named with both
+    datacenters.
     """
+    out: list[str] = []
     owners: dict[str, set[str]] = {}
     for name, d in cfg.datacenters.items():
         for b in d.buckets:
@@ -408,15 +581,19 @@ def _check_bucket_collisions(cfg: XdcConfig) -> None:
         for a in sorted(dcs):
             for b in sorted(dcs):
                 if a < b and (bucket, frozenset((a, b))) not in mirrored:
-                    raise ValueError(
+                    out.append(
                         f"bucket {bucket!r} is used in datacenters {a} and {b} for different data "
                         f"(no route mirrors {a}:{bucket} to {b}:{bucket} with the same prefix); "
                         "bucket names are global per S3 partition: rename one of them"
                     )
+    return out
 
 
-def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str | None = None) -> XdcConfig:
-    """Validate a config mapping (from a file, a Helm ConfigMap or a DAG param)."""
+def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str | None = None,
+                 allow_bucket_collisions: bool = False) -> XdcConfig:
+    """Validate a config mapping (from a file, a Helm ConfigMap or a DAG param).
+
+    `allow_bucket_collisions`: load a config that has them (only to report them: `xdc config impact`)."""
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping")
     data = dict(data)
@@ -426,12 +603,13 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, dc: str 
     if dc:
         data["local_dc"] = dc
     try:
-        return XdcConfig.model_validate(data)
+        return XdcConfig.model_validate(data, context={"allow_bucket_collisions": allow_bucket_collisions})
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
 
 
-def load_config(path: str | os.PathLike[str], *, dc: str | None = None) -> XdcConfig:
+def load_config(path: str | os.PathLike[str], *, dc: str | None = None,
+                allow_bucket_collisions: bool = False) -> XdcConfig:
     """Load a YAML config file (JSON is YAML too). `dc` overrides local_dc, as does XDC_DC."""
     p = Path(path)
     try:
@@ -441,7 +619,8 @@ def load_config(path: str | os.PathLike[str], *, dc: str | None = None) -> XdcCo
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     try:
-        return parse_config(raw or {}, base_dir=p.resolve().parent, dc=dc)
+        return parse_config(raw or {}, base_dir=p.resolve().parent, dc=dc,
+                            allow_bucket_collisions=allow_bucket_collisions)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
 

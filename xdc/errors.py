@@ -9,6 +9,7 @@
      |    |    +-- UnavailableError      the endpoint cannot be reached at all
      |    +-- IntegrityError        size / checksum mismatch after a copy (retriable)
      |    +-- SupersededError       the source changed after the event
+     |    +-- StoreTrustError       endpoint not trusted (TLS) or credentials refused (fatal)
      +-- KafkaError             broker I/O (retriable as the client says)
      |    +-- RebalancedError       a commit refused after the group moved the partitions
      |    +-- KafkaAuthError        credentials refused or broker not trusted (never retriable)
@@ -16,7 +17,8 @@
      |    +-- TransientStateError   (retriable: lost connection, lock timeout, serialization)
      +-- CacheError             cache cluster operations
      |    +-- NotReadyError         files not mirrored into a datacenter before the timeout
-     |    +-- CapacityError         plan larger than the cluster's free cache
+     |    +-- CapacityError         plan larger than the cluster's free cache (under the high watermark)
+     |         +-- RoomError            ... and retired datasets could make room: `.room` names them
      +-- FileListError          a file list that cannot be read at all
      +-- ReasonedError          one bad input, with a machine-readable reason and a detail
      |    +-- EventError            a message that fails validation (-> dead-letter topic)
@@ -31,9 +33,14 @@ from __future__ import annotations
 
 
 class XdcError(Exception):
-    """Base of every error xdc-mirror raises on purpose."""
+    """Base of every error xdc-mirror raises on purpose.
+
+    `retriable`: trying again later may succeed. `fatal`: no input is at fault and no retry helps
+    (a misconfiguration): a consume loop stops at once instead of dead-lettering its records.
+    """
 
     retriable: bool = False
+    fatal: bool = False
 
 
 class ConfigError(XdcError):
@@ -66,6 +73,13 @@ class IntegrityError(StoreError):
 
 class SupersededError(StoreError):
     """The source object changed or vanished after the event: a newer event carries the truth."""
+
+
+class StoreTrustError(StoreError):
+    """An endpoint whose TLS certificate is not trusted, or that refuses the credentials: the
+    message names the endpoint, the CA bundle in use and what to fix."""
+
+    fatal = True
 
 
 class ReasonedError(XdcError):
@@ -118,6 +132,15 @@ class NotReadyError(CacheError):
 
 class CapacityError(CacheError):
     pass
+
+
+class RoomError(CapacityError):
+    """A plan that would pass a node's high watermark, refused without make-room; `.room` holds
+    which retired datasets would go (cache_client.watermarks.RoomPlan.to_dict())."""
+
+    def __init__(self, message: str, room: dict | None = None) -> None:
+        super().__init__(message)
+        self.room = room or {}
 
 
 class ResizeError(ReasonedError):

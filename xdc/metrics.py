@@ -48,6 +48,12 @@ class Metrics:
             "Replication lag: seconds from the S3 event time in the source datacenter to the time "
             "the change was applied in the target datacenter; one observation per applied event.",
             ["route", "source_dc", "target_dc"], buckets=LAG_BUCKETS, registry=r)
+        self.replication_applied_through_timestamp_seconds = Gauge(
+            "xdc_replication_applied_through_timestamp_seconds",
+            "Unix time T such that every change event the source datacenter published before T has been "
+            "handled in the target (applied, ignored or dead-lettered). time() minus it bounds the lag of "
+            "every event still pending, and keeps growing while the source cannot be reached.",
+            ["route", "source_dc", "target_dc"], registry=r)
         self.consumer_lag_messages = Gauge(
             "xdc_consumer_lag_messages",
             "Kafka consumer lag in messages: partition highwater minus the group's committed offset.",
@@ -62,7 +68,7 @@ class Metrics:
             ["route"], registry=r)
         self.events_applied_total = Counter(
             "xdc_events_applied_total",
-            "Change events applied to the target datacenter, by operation (put or delete).",
+            "Change events applied to the target datacenter, by operation (put, delete, tags, acl).",
             ["route", "op"], registry=r)
         self.events_failed_total = Counter(
             "xdc_events_failed_total",
@@ -70,19 +76,49 @@ class Metrics:
             ["route", "reason"], registry=r)
         self.events_ignored_total = Counter(
             "xdc_events_ignored_total",
-            "Change events consumed but deliberately not applied, by reason (stale, duplicate, unrouted).",
+            "Change events consumed but deliberately not applied, by reason: stale, duplicate, superseded, "
+            "echo, families ignored by design (restore, replication, transition, tiering, accessed).",
             ["route", "reason"], registry=r)
+        self.conflicts_total = Counter(
+            "xdc_conflicts_total",
+            "Concurrent writes of one key in both datacenters of a two-way route, settled by the route's "
+            "conflict policy (the losing version is kept beside the key), counted by the mirror that "
+            "replaced its local version.",
+            ["route"], registry=r)
         self.bytes_copied_total = Counter(
             "xdc_bytes_copied_total",
             "Object bytes copied into the target datacenter.",
+            ["route"], registry=r)
+        self.copies_etag_changed_total = Counter(
+            "xdc_copies_etag_changed_total",
+            "Objects copied into the target datacenter with another ETag than the source's (their part "
+            "layout could not be reproduced; the reason is kept in the state's etag_changes).",
             ["route"], registry=r)
         self.dead_letters_total = Counter(
             "xdc_dead_letters_total",
             "Messages written to a dead-letter topic, by the topic they came from and reason.",
             ["topic", "reason"], registry=r)
+        self.event_gaps_total = Counter(
+            "xdc_event_gaps_total",
+            "Offset gaps found before consuming: partitions of the topic whose committed offset was behind the "
+            "log start (retention removed events unread), or with no offset on a log that no longer starts at 0.",
+            ["topic"], registry=r)
+        self.event_gap_lost_offsets_total = Counter(
+            "xdc_event_gap_lost_offsets_total",
+            "Offsets (at most one event each) removed from the topic before the group read them, over all gaps.",
+            ["topic"], registry=r)
         self.last_apply_timestamp_seconds = Gauge(
             "xdc_last_apply_timestamp_seconds",
             "Unix time of the last change event applied on the route.",
+            ["route"], registry=r)
+        self.verify_drift_objects = Gauge(
+            "xdc_verify_drift_objects",
+            "Objects the last verify of the route found missing, extra or different in the target "
+            "(source listing vs target listing).",
+            ["route"], registry=r)
+        self.verify_last_run_timestamp_seconds = Gauge(
+            "xdc_verify_last_run_timestamp_seconds",
+            "Unix time the last verify of the route finished.",
             ["route"], registry=r)
 
         # --- resize worker --------------------------------------------------------------------
@@ -129,6 +165,17 @@ class Metrics:
             "xdc_dataset_ready",
             "1 when the dataset is mirrored and warm in the DC (ready for training), else 0.",
             pw, registry=r)
+
+        # --- new problems (xdc.problems) ---------------------------------------------------------
+        self.log_problems_total = Counter(
+            "xdc_log_problems_total",
+            "Log records at WARNING and above, by the component that logged them and their signature "
+            "(the message template with its variable parts removed; `xdc problems` lists them).",
+            ["component", "signature"], registry=r)
+        self.problem_first_seen = Gauge(
+            "xdc_problem_first_seen_timestamp_seconds",
+            "Unix time a log signature was first seen by any process of the datacenter (from the state).",
+            ["component", "signature"], registry=r)
 
     # Helpers so callers set related series together and with the same label values.
 
@@ -181,9 +228,10 @@ class Metrics:
 
     def init_route(self, route: str) -> None:
         """Create a route's counters at 0 so dashboards show it and increase() sees the first event."""
-        for op in ("put", "delete"):
+        for op in ("put", "delete", "tags", "acl"):
             self.events_applied_total.labels(route, op)
         self.bytes_copied_total.labels(route)
+        self.conflicts_total.labels(route)
 
 
 def observe_many(hist: Histogram, values: Sequence[float]) -> None:

@@ -6,10 +6,11 @@ a dependency is unavailable. An error whose `retriable` is False is never retrie
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -42,6 +43,19 @@ class RetryPolicy:
                 delay = self.delay(attempt)
                 log.warning("%s: %s; retry %d/%d in %.2fs", what, exc, attempt, self.max_attempts - 1, delay)
                 sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def acall(self, fn: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """The same policy for a coroutine (the async copy engine): `await fn()`, retried alike."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return await fn()
+            except XdcError as exc:
+                if not exc.retriable or attempt == self.max_attempts:
+                    raise
+                delay = self.delay(attempt)
+                log.warning("%s: %s; retry %d/%d in %.2fs", what, exc, attempt, self.max_attempts - 1, delay)
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
 

@@ -13,15 +13,17 @@ import os
 import threading
 from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer
 
 from cache_client.base import CacheCluster, cluster_from_config
 from cache_client.keys import KeyMapper
-from xdc.config import Brokers, Datacenter, KafkaTopics, Route, XdcConfig
+from xdc.config import Brokers, CacheConfig, Datacenter, KafkaTopics, Route, XdcConfig
 from xdc.errors import CacheError, ConfigError
 from xdc.io.kafka import make_consumer, make_producer
+from xdc.io.s3copy import CopyEngine, EngineSettings
 from xdc.io.state import State, open_state, sqlite_path, takes_replicas
 from xdc.io.store import S3Store
 from xdc.retry import RetryPolicy
@@ -51,15 +53,27 @@ class Site:
         ep = self.config.s3
         return ep.internal_url if self.local else ep.external_url
 
+    @property
+    def s3_ca_bundle(self) -> str | None:
+        """The CA bundle every S3 client of this site trusts (absolute), None for the system's."""
+        ca = self.config.s3.ca_bundle
+        if ca is None:
+            return None
+        return os.path.normpath(ca if ca.is_absolute() else self.topology.config.base_dir / ca)
+
     @cached_property
     def store(self) -> S3Store:
+        """The site's S3 store (boto3); its copies into another site's store run on the topology's
+        async copy engine."""
         ep = self.config.s3
         key, secret = ep.credentials.resolve()
         m = self.topology.config.mirror
         return S3Store(self.s3_url, key, secret, region=ep.region, retry=self.topology.retry,
                        multipart_threshold=m.multipart_threshold_mib * 2**20,
                        multipart_chunk=m.multipart_chunk_mib * 2**20,
-                       max_pool=max(32, m.copy_concurrency * 4))
+                       max_pool=max(32, m.copy_concurrency * 4), ca_bundle=self.s3_ca_bundle,
+                       addressing_style=ep.addressing_style, signature_version=ep.signature_version,
+                       engine=self.topology.copier)
 
     # -- Kafka -------------------------------------------------------------------------------
     @property
@@ -111,7 +125,8 @@ class Site:
             pw = os.environ.get(self.config.state_password_env)
             if pw is None:
                 raise ConfigError(f"{self.name}: environment variable {self.config.state_password_env} not set")
-        return open_state(self.config.state_url, base_dir=self.topology.config.base_dir, password=pw)
+        return open_state(self.config.state_url, base_dir=self.topology.config.base_dir, password=pw,
+                          durable=self.topology.durable_state)
 
     @property
     def takes_replicas(self) -> bool:
@@ -132,7 +147,24 @@ class Site:
     def cache(self) -> CacheCluster:
         if self.config.cache is None:
             raise CacheError(f"datacenter {self.name} has no cache cluster configured")
-        return cluster_from_config(self.config.cache)
+        if not self.config.cache.nodes:
+            raise CacheError(f"datacenter {self.name}'s cache is run by Fluid (cache.mode: fluid) and lists no nodes: "
+                             "xdc cannot reach it")
+        cluster = cluster_from_config(self.cache_config)
+        cluster.dc = self.name
+        return cluster
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        """The cache section with the CA its volume's object storage needs made absolute: its own
+        `storage_ca_bundle`, else the datacenter's s3.ca_bundle (the volume usually lives there)."""
+        cache = self.config.cache
+        if cache is None:
+            raise CacheError(f"datacenter {self.name} has no cache cluster configured")
+        ca = cache.storage_ca_bundle
+        ca_path = os.path.normpath(ca if ca.is_absolute() else self.topology.config.base_dir / ca) if ca \
+            else self.s3_ca_bundle
+        return cache.model_copy(update={"storage_ca_bundle": ca_path and Path(ca_path)})
 
     @cached_property
     def keys(self) -> KeyMapper:
@@ -167,14 +199,25 @@ class Site:
 class Topology:
     """Every datacenter of a config, seen from `here` (the datacenter this process runs in)."""
 
-    def __init__(self, config: XdcConfig, here: str | None = None) -> None:
+    def __init__(self, config: XdcConfig, here: str | None = None, *, durable_state: bool = True) -> None:
+        """`durable_state=False`: its states' commits are not fsynced one by one (telemetry sinks:
+        `xdc.io.state.open_state`)."""
         self.config = config
+        self.durable_state = durable_state
         name = here or config.local_dc
         if name is not None:
             config.dc(name)  # ConfigError for an unknown datacenter
         self.here_name = name
         self.retry = RetryPolicy(max_attempts=config.mirror.max_attempts)
         self._sites: dict[str, Site] = {}
+
+    @cached_property
+    def copier(self) -> CopyEngine:
+        """The one async copy engine of this process's copies (its loop thread starts on first use):
+        its concurrency and buffer bound every copy between the sites' stores together."""
+        m = self.config.mirror
+        return CopyEngine(EngineSettings(concurrency=m.copy_concurrency, buffer_bytes=m.copy_buffer_mib * 2**20,
+                                         part_size=m.multipart_chunk_mib * 2**20, retry=self.retry))
 
     def __repr__(self) -> str:
         return f"Topology(here={self.here_name}, sites={list(self.config.datacenters)})"
@@ -223,6 +266,8 @@ class Topology:
         return self.site(self.config.resize.dc) if self.config.resize.dc else self.here
 
     def close(self) -> None:
+        if "copier" in self.__dict__:
+            self.__dict__.pop("copier").close()  # cancels copies in flight: their uploads are aborted
         for s in self._sites.values():
             s.close()
 

@@ -1,20 +1,36 @@
-"""Real JuiceFS for the cache tests: one file-storage volume (sqlite meta) mounted by two nodes.
+"""Real caches for the cache tests, each test in a bucket of its own.
 
-Mounted once per session (a mount takes ~0.5 s); each test writes its own bucket so tests never
-share files, and `make_files` evicts what writing left in the writer's cache.
+JuiceFS: one file-storage volume (sqlite meta) mounted by two nodes, once per session (a mount
+takes ~0.5 s); `make_files` evicts what writing left in the writer's cache.
+Alluxio: datacenter A's cluster of the Alluxio test stack (tests/conftest.py `cache_backend`):
+two workers over the datacenter's S3 endpoint; files are put through S3, each test's bucket mounted.
+
+`cache_env` is either, per the run's `cache_backend`: tests that take it run on both backends.
+Their independent view of what a node holds comes from the backend's own storage, not from the
+code under test: `juicefs warmup --check` on the node's mount, or the block files in the Alluxio
+worker's storage directory (block ids from the proxy's raw status JSON).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from devtools import postgres
-from tests.conftest import PG_DATABASE
+from cache_client.base import CacheCluster, cluster_from_config
+from devtools import alluxio as ax
+from devtools import postgres, stack
+from tests.conftest import PG_DATABASE, BackendStack
 from xdc.config import CacheConfig, CacheNode, XdcConfig, parse_config
+from xdc.io.store import S3Store
+from xdc.retry import RetryPolicy
 
 try:
     from cache_client.juicefs import (
@@ -31,6 +47,7 @@ except Exception:  # noqa: BLE001 - any reason means: skip the real-mount tests
     HAVE_JUICEFS = False
 
 NODE_CACHE_MIB = 64
+MakeFiles = Callable[[str, dict[str, int]], list[str]]
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +78,6 @@ def bucket() -> str:
     return f"b{uuid.uuid4().hex[:12]}"
 
 
-MakeFiles = Callable[[str, dict[str, int]], list[str]]
 
 
 @pytest.fixture
@@ -84,6 +100,112 @@ def make_files(jfs_cache: CacheConfig) -> MakeFiles:
         return [f"{bucket}/{k}" for k in files]
 
     return make
+
+
+# -- either backend ---------------------------------------------------------------------------------
+class CacheEnv:
+    """A real cache cluster of two nodes and the means to put files into its datacenter."""
+
+    name: str
+    cache: CacheConfig
+
+    def cluster(self, placement: str = "replicate") -> CacheCluster:
+        return cluster_from_config(self.cache.model_copy(update={"placement": placement}))
+
+    def make_files(self, bucket: str, files: dict[str, int]) -> list[str]:
+        """Put files (key -> size, random bytes) into the datacenter, none cached: their bucket/keys."""
+        raise NotImplementedError
+
+    def remove(self, bucket_key: str) -> None:
+        """Delete a file from the datacenter (not through the cache client)."""
+        raise NotImplementedError
+
+    def cached_percent(self, node: str, bucket_keys: list[str]) -> float:
+        """Percent of the files' bytes held by `node`, as the backend's own storage says."""
+        raise NotImplementedError
+
+
+class JuiceFSEnv(CacheEnv):
+    name = "juicefs"
+
+    def __init__(self, cache: CacheConfig, make: MakeFiles) -> None:
+        self.cache = cache
+        self.make = make
+
+    def make_files(self, bucket: str, files: dict[str, int]) -> list[str]:
+        return self.make(bucket, files)
+
+    def remove(self, bucket_key: str) -> None:
+        (Path(self.cache.nodes[0].mount or "") / bucket_key).unlink()
+
+    def cached_percent(self, node: str, bucket_keys: list[str]) -> float:
+        mount = Path(next(n.mount for n in self.cache.nodes if n.name == node) or "")
+        lst = mount.parent / f"check-{uuid.uuid4().hex[:8]}.txt"
+        lst.write_text("".join(str(mount / k) + "\n" for k in bucket_keys))
+        try:
+            cp = run_juicefs(["warmup", "--check", "-f", str(lst)])
+        finally:
+            lst.unlink()
+        m = re.search(r"check cache: (\d+) files checked, .* \(([\d.]+)%\) cached", cp.stderr)
+        assert m, cp.stderr
+        return float(m.group(2))
+
+
+class AlluxioEnv(CacheEnv):
+    name = "alluxio"
+
+    def __init__(self, cluster: ax.LocalAlluxio, cache: CacheConfig, s3: S3Store) -> None:
+        self.local = cluster
+        self.cache = cache
+        self.s3 = s3
+
+    def make_files(self, bucket: str, files: dict[str, int]) -> list[str]:
+        self.s3.ensure_bucket(bucket)
+        ax.mount_bucket(self.local, bucket)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda kv: self.s3.put(bucket, kv[0], os.urandom(kv[1])), files.items()))
+        return [f"{bucket}/{k}" for k in files]
+
+    def remove(self, bucket_key: str) -> None:
+        bucket, _, key = bucket_key.partition("/")
+        self.s3.delete(bucket, key)
+
+    def raw_status(self, bucket_key: str) -> dict:
+        url = f"http://{self.local.proxy}/api/v1/paths/{urllib.parse.quote('/' + bucket_key)}/get-status"
+        req = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:  # loopback only
+            return json.loads(r.read())
+
+    def stored_blocks(self, node: str) -> dict[int, int]:
+        """Block id -> bytes, from the block files in the node's worker storage directory."""
+        w = next(w for w in self.local.workers if w.name == node)
+        d = Path(w.store_dir) / "alluxioworker"
+        return {int(p.name): p.stat().st_size for p in d.iterdir() if p.name.isdigit()} if d.exists() else {}
+
+    def cached_percent(self, node: str, bucket_keys: list[str]) -> float:
+        held = self.stored_blocks(node)
+        total = got = 0
+        for k in bucket_keys:
+            st = self.raw_status(k)
+            total += int(st["length"])
+            got += sum(held.get(int(b), 0) for b in st.get("blockIds") or [])
+        return 100.0 if total == 0 else round(100.0 * got / total, 1)
+
+
+@pytest.fixture
+def cache_env(cache_backend: BackendStack, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CacheEnv:
+    """This run's cache backend: two nodes, replicate placement, 4 threads per node."""
+    if cache_backend.name == "juicefs":
+        return JuiceFSEnv(request.getfixturevalue("jfs_cache"), request.getfixturevalue("make_files"))
+    assert cache_backend.cfg is not None and cache_backend.run is not None
+    for k, v in (cache_backend.creds or {}).items():
+        monkeypatch.setenv(k, v)
+    local = stack.alluxio_cluster(cache_backend.run, "A")
+    assert local is not None
+    dc = cache_backend.cfg.dc("A")
+    key, secret = dc.s3.credentials.resolve()
+    cache = dc.cache.model_copy(update={"threads_per_node": 4})  # type: ignore[union-attr]
+    return AlluxioEnv(local, cache, S3Store(dc.s3.internal_url, key, secret, retry=RetryPolicy(max_attempts=3)))
 
 
 @pytest.fixture

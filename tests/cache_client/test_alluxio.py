@@ -1,16 +1,13 @@
-"""The Alluxio backend on a real Alluxio 2.9 cluster over a real S3 endpoint (JuiceFS gateway).
+"""What is Alluxio's own in the Alluxio backend, on a real Alluxio 2.9 cluster over a real S3 endpoint.
 
-One cluster for the module: master, job master, proxy, two workers (127.0.0.1, 127.0.0.2) with
-their job workers, 1 MiB blocks (so a 2.5 MiB object is three blocks), 48 MiB per worker.
-Objects go in through S3; expected values come from what the test put there and from the block
-files found in each worker's storage directory, never from the backend itself.
+Datacenter A's cluster of the Alluxio test stack (tests/conftest.py `cache_backend`): master, job
+master, proxy, two workers (127.0.0.1, 127.0.0.2) with their job workers, 1 MiB blocks (so a
+2.5 MiB object is three blocks), 64 MiB per worker. Objects go in through S3; expected values come
+from what the test put there and from the block files found in each worker's storage directory,
+never from the backend itself. The flows every backend shares are in test_backends.py.
 """
 from __future__ import annotations
 
-import os
-import secrets
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,83 +16,31 @@ import pytest
 from cache_client.alluxio import AlluxioCluster
 from cache_client.base import CacheFile, FileStatus, get_backend
 from cache_client.placement import BalancedPlacement, key_hashes
-from cache_client.prewarm.pipeline import (
-    Request,
-    check_list,
-    free_list,
-    run_prewarm,
-    to_cache_file,
-)
+from cache_client.prewarm.pipeline import to_cache_file
 from cache_client.prewarm.progress import Progress
-from devtools import alluxio as ax
-from devtools import stack
-from devtools.procs import Proc, stop_proc
-from tests.support import site
-from xdc.config import CacheConfig, XdcConfig, parse_config
+from tests.cache_client.conftest import AlluxioEnv, CacheEnv
+from tests.conftest import ALLUXIO_WORKER_MIB
+from xdc.config import parse_config
 from xdc.errors import CapacityError, ConfigError
-from xdc.io.store import S3Store
-from xdc.retry import RetryPolicy
 
 KIB = 1024
 MIB = 1 << 20
-QUOTA_MIB = 48
 SIZES = {"a/one": 300 * KIB, "a/two": 700 * KIB + 1, "b/three": 2 * MIB + MIB // 2 + 123, "b/tiny": 100, "c/empty": 0}
 
 
-class Env:
-    def __init__(self, cluster: ax.LocalAlluxio, s3: S3Store) -> None:
-        self.cluster = cluster
-        self.s3 = s3
-
-    def cache(self, placement: str = "replicate") -> CacheConfig:
-        return CacheConfig(**self.cluster.cache_config(placement=placement, threads_per_node=4))
-
-    def backend(self, placement: str = "replicate") -> AlluxioCluster:
-        return AlluxioCluster(self.cache(placement))
-
-    def put(self, bucket: str, sizes: dict[str, int]) -> dict[str, bytes]:
-        """Create the bucket, mount it in Alluxio, put the objects; returns key -> bytes put."""
-        self.s3.ensure_bucket(bucket)
-        ax.mount_bucket(self.cluster, bucket)
-        data = {k: os.urandom(n) for k, n in sizes.items()}
-        for k, b in data.items():
-            self.s3.put(bucket, k, b)
-        return data
-
-    def stored_blocks(self) -> dict[str, dict[int, int]]:
-        """node -> block id -> bytes, from the block files in each worker's storage directory."""
-        out: dict[str, dict[int, int]] = {}
-        for w in self.cluster.workers:
-            d = Path(w.store_dir) / "alluxioworker"
-            out[w.name] = {int(p.name): p.stat().st_size for p in d.iterdir() if p.name.isdigit()} if d.exists() else {}
-        return out
-
-
-@pytest.fixture(scope="module")
-def alx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    run = tmp_path_factory.mktemp("alluxio")
-    key, secret = f"alx{secrets.token_hex(4)}", secrets.token_urlsafe(24)
-    started: list[Proc] = []
-    cluster: ax.LocalAlluxio | None = None
-    try:
-        meta = stack.format_volume(run / "A", "idca")
-        gw = stack.start_gateway(run, "A", meta, key, secret)
-        started.append(gw)
-        url = f"http://127.0.0.1:{gw.port}"
-        cluster = ax.start_cluster(run, "A", url, key, secret, root_bucket="idca-alluxio", workers=2,
-                                   quota_mib=QUOTA_MIB, block_size_mib=1)
-        print("alluxio ready; RSS MiB:", {p.name: round(ax.rss_mib(p)) for p in cluster.procs})
-        yield Env(cluster, S3Store(url, key, secret, retry=RetryPolicy(max_attempts=3)))
-    finally:
-        if cluster is not None:
-            ax.stop_cluster(cluster)
-        for p in reversed(started):
-            stop_proc(p)
-
-
 @pytest.fixture
-def bucket() -> str:
-    return f"b{uuid.uuid4().hex[:12]}"
+def alx(cache_env: CacheEnv) -> AlluxioEnv:
+    assert isinstance(cache_env, AlluxioEnv)
+    return cache_env
+
+
+def alluxio_only(fn):  # type: ignore[no-untyped-def]
+    """Run on the Alluxio stack only (the session's cache_backend parameter "alluxio")."""
+    return pytest.mark.parametrize("cache_backend", ["alluxio"], indirect=True)(fn)
+
+
+def blocks_on_disk(alx: AlluxioEnv) -> dict[str, dict[int, int]]:
+    return {w.name: alx.stored_blocks(w.name) for w in alx.local.workers}
 
 
 def files_of(bucket: str, keys: list[str]) -> list[CacheFile]:
@@ -113,9 +58,10 @@ def test_backend_is_registered_and_configured() -> None:
         parse_config(_one_dc({"nodes": [{"name": "n", "mount": "/m", "cache_dir": "/c"}]}, Path("/tmp")))
 
 
-def test_plan_warm_check_free_replicated_on_both_workers(alx: Env, bucket: str) -> None:
-    alx.put(bucket, SIZES)
-    cluster = alx.backend("replicate")
+@alluxio_only
+def test_plan_warm_check_free_replicated_on_both_workers(alx: AlluxioEnv, bucket: str) -> None:
+    alx.make_files(bucket, SIZES)
+    cluster = alx.cluster("replicate")
     files = files_of(bucket, list(SIZES))
     total = sum(SIZES.values())
 
@@ -137,7 +83,7 @@ def test_plan_warm_check_free_replicated_on_both_workers(alx: Env, bucket: str) 
 
     # Where Alluxio says each block is == the block files in the workers' directories.
     places = cluster.locations(files)
-    stored = alx.stored_blocks()
+    stored = blocks_on_disk(alx)
     for f in files:
         blocks = places[f.path]
         assert blocks is not None
@@ -156,12 +102,13 @@ def test_plan_warm_check_free_replicated_on_both_workers(alx: Env, bucket: str) 
     after = cluster.check(files)
     assert [f.status for f in after.files] == [FileStatus.NOT_CACHED] * 4 + [FileStatus.CACHED]  # empty object
     ids = {b.block_id for f in files for b in (places[f.path] or [])}
-    assert not ids & set(alx.stored_blocks()["a0"]) and not ids & set(alx.stored_blocks()["a1"])
+    assert not ids & set(blocks_on_disk(alx)["a0"]) and not ids & set(blocks_on_disk(alx)["a1"])
 
 
-def test_missing_object_is_reported_missing(alx: Env, bucket: str) -> None:
-    alx.put(bucket, {"here": 10 * KIB})
-    cluster = alx.backend()
+@alluxio_only
+def test_missing_object_is_reported_missing(alx: AlluxioEnv, bucket: str) -> None:
+    alx.make_files(bucket, {"here": 10 * KIB})
+    cluster = alx.cluster()
     files = files_of(bucket, ["here", "never/put"])
     plan = cluster.plan(files)
     assert [f.bucket_key for f in plan.missing] == [f"{bucket}/never/put"]
@@ -171,21 +118,23 @@ def test_missing_object_is_reported_missing(alx: Env, bucket: str) -> None:
     assert check.files[1].reason == "not in this datacenter's volume"
 
 
-def test_s3_changes_after_a_listing_are_seen(alx: Env, bucket: str) -> None:
+@alluxio_only
+def test_s3_changes_after_a_listing_are_seen(alx: AlluxioEnv, bucket: str) -> None:
     """Metadata sync on every status call: a late put appears, a delete disappears."""
-    alx.put(bucket, {f"d/k{i}": KIB for i in range(10)})  # >= 8 files in one dir: listed, not stat'ed
-    cluster = alx.backend()
+    alx.make_files(bucket, {f"d/k{i}": KIB for i in range(10)})  # >= 8 files in one dir: listed, not stat'ed
+    cluster = alx.cluster()
     files = files_of(bucket, [f"d/k{i}" for i in range(11)])
     assert list(cluster.stat(files).values()) == [KIB] * 10 + [None]
     alx.s3.put(bucket, "d/k10", b"x" * 77)
     alx.s3.delete(bucket, "d/k0")
-    cluster = alx.backend()  # no memo carried over
+    cluster = alx.cluster()  # no memo carried over
     assert list(cluster.stat(files).values()) == [None] + [KIB] * 9 + [77]
 
 
-def test_partial_load_says_exactly_which(alx: Env, bucket: str) -> None:
-    alx.put(bucket, SIZES)
-    cluster = alx.backend("replicate")
+@alluxio_only
+def test_partial_load_says_exactly_which(alx: AlluxioEnv, bucket: str) -> None:
+    alx.make_files(bucket, SIZES)
+    cluster = alx.cluster("replicate")
     files = files_of(bucket, list(SIZES))
     three = next(f for f in files if f.bucket_key.endswith("b/three"))
     one = next(f for f in files if f.bucket_key.endswith("a/one"))
@@ -205,7 +154,7 @@ def test_partial_load_says_exactly_which(alx: Env, bucket: str) -> None:
     }
     assert check.bytes_cached == 2 * n1 + n3
     assert "a0: 0 of" in check.by_status(FileStatus.PARTIAL)[0].reason
-    stored = alx.stored_blocks()
+    stored = blocks_on_disk(alx)
     blocks = cluster.locations([three])[three.path] or []
     assert len(blocks) == 3 and all(b.nodes == ("a1",) for b in blocks)
     assert sum(stored["a1"][b.block_id] for b in blocks) == n3 and not any(b.block_id in stored["a0"] for b in blocks)
@@ -219,10 +168,11 @@ def test_partial_load_says_exactly_which(alx: Env, bucket: str) -> None:
     assert cluster.free(files).complete
 
 
-def test_shard_placement_puts_each_file_on_its_owner_only(alx: Env, bucket: str) -> None:
+@alluxio_only
+def test_shard_placement_puts_each_file_on_its_owner_only(alx: AlluxioEnv, bucket: str) -> None:
     sizes = {f"s/f{i}": (i + 1) * 50 * KIB for i in range(12)} | {"s/big": 2 * MIB + 5}
-    alx.put(bucket, sizes)
-    cluster = alx.backend("shard")
+    alx.make_files(bucket, sizes)
+    cluster = alx.cluster("shard")
     files = files_of(bucket, list(sizes))
     # where the placement (cache_client.placement) puts each file, by its key and its size
     nodes = ["a0", "a1"]
@@ -235,7 +185,7 @@ def test_shard_placement_puts_each_file_on_its_owner_only(alx: Env, bucket: str)
     assert not report.errors
     check = cluster.check(files)
     assert check.complete
-    stored = alx.stored_blocks()
+    stored = blocks_on_disk(alx)
     for f, places in cluster.locations(files).items():
         assert places is not None
         assert {b.nodes for b in places} == {(owner[f],)}, f
@@ -245,41 +195,18 @@ def test_shard_placement_puts_each_file_on_its_owner_only(alx: Env, bucket: str)
     assert cluster.free(files).complete
 
 
-def test_capacity_refused_or_trimmed(alx: Env, bucket: str) -> None:
-    sizes = {f"big/{i}": 10 * MIB for i in range(6)}  # 60 MiB > 48 MiB per worker
-    alx.put(bucket, sizes)
-    cluster = alx.backend("replicate")
+@alluxio_only
+def test_capacity_refused_or_trimmed(alx: AlluxioEnv, bucket: str) -> None:
+    sizes = {f"big/{i}": 10 * MIB for i in range(7)}  # 70 MiB > 64 MiB per worker
+    alx.make_files(bucket, sizes)
+    cluster = alx.cluster("replicate")
     files = files_of(bucket, list(sizes))
-    with pytest.raises(CapacityError, match="a0: needs 60.0 MiB"):
+    with pytest.raises(CapacityError, match="a0: needs 70.0 MiB"):
         cluster.plan(files)
     used, cap = cluster.usage("a0")
-    assert cap == QUOTA_MIB * MIB and used >= 0
+    assert cap == ALLUXIO_WORKER_MIB * MIB and used >= 0
     trimmed = cluster.plan(files, trim=True)
     assert trimmed.trimmed and all(len(s.files) == (cap - used) // (10 * MIB) for s in trimmed.shares.values())
-
-
-def test_run_prewarm_check_and_reference_counted_free(alx: Env, bucket: str, tmp_path: Path) -> None:
-    alx.put(bucket, {"p/one": 200 * KIB, "p/two": 1 * MIB + 1, "shared": 3 * KIB})
-    cfg = _xdc_config(alx.cache("replicate"), tmp_path, [bucket])
-    list_a = tmp_path / "a.txt"
-    list_a.write_text(f"{bucket}/p/one\n{bucket}/p/two\n{bucket}/shared\n{bucket}/p/missing\n")
-    list_b = tmp_path / "b.txt"
-    list_b.write_text(f"{bucket}/shared\n")
-    quiet = Progress(render="none")
-
-    report = run_prewarm(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"), progress=quiet, wait=False)
-    assert report.check.counts == {"cached": 3, "partial": 0, "not_cached": 0, "missing": 1}
-    assert run_prewarm(site(cfg, "dca"), Request(str(list_b), "ds-b", "1"), progress=Progress(render="none")).complete
-    check = check_list(site(cfg, "dca"), Request(str(list_a)))
-    assert [f.status for f in check.files] == [FileStatus.CACHED] * 3 + [FileStatus.MISSING]
-
-    freed = free_list(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"))
-    assert list(freed.kept) == [f"{bucket}/shared"]  # ds-b still uses it
-    after = check_list(site(cfg, "dca"), Request(str(list_a)))
-    assert [f.status for f in after.files] == [FileStatus.NOT_CACHED, FileStatus.NOT_CACHED, FileStatus.CACHED,
-                                              FileStatus.MISSING]
-    assert free_list(site(cfg, "dca"), Request(str(list_b), "ds-b", "1")).complete
-    assert check_list(site(cfg, "dca"), Request(str(list_b))).files[0].status is FileStatus.NOT_CACHED
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -294,10 +221,3 @@ def _one_dc(cache: dict, base: Path) -> dict:
             "cache": cache,
         }},
     }
-
-
-def _xdc_config(cache: CacheConfig, tmp_path: Path, buckets: list[str]) -> XdcConfig:
-    data = _one_dc(cache.model_dump(mode="json", exclude_none=True), tmp_path)
-    data["datacenters"]["dca"]["buckets"] = buckets
-    data["prewarm"] = {"ready_timeout_seconds": 30}
-    return parse_config(data)

@@ -1,9 +1,10 @@
-"""The JuiceFS backend and the prewarm flow on real mounts (two nodes of one volume)."""
+"""What is JuiceFS's own in the JuiceFS backend, on real mounts (two nodes of one volume): block
+lists from dump and info, capacity from the node's cache size, the check at scale. The flows every
+backend shares (plan, prewarm, check, free, reference-counted free) are in test_backends.py."""
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import posixpath
 import re
 import time
@@ -14,30 +15,26 @@ import pytest
 
 from cache_client.base import CacheFile, FileStatus
 from cache_client.juicefs import JuiceFSCluster, run_juicefs
-from cache_client.placement import BalancedPlacement
+from cache_client.prewarm import pipeline
 from cache_client.prewarm.pipeline import (
     Request,
     check_list,
-    free_list,
     plan_prewarm,
     run_prewarm,
     to_cache_file,
-    wait_ready,
 )
 from cache_client.prewarm.progress import Progress
-from tests.cache_client.indexes import CAMS, nuscenes_v2_infos, under
 from tests.mirror.chaos_support import write_config
 from tests.support import site
 from xdc.app.cli import main as cli_main
-from xdc.config import CacheConfig, XdcConfig
-from xdc.errors import CapacityError, NotReadyError
+from xdc.config import CacheConfig, XdcConfig, parse_config
+from xdc.errors import CapacityError
 
 MakeFiles = Callable[[str, dict[str, int]], list[str]]
 MakeConfig = Callable[..., XdcConfig]
 
 KIB = 1024
 MIB = 1 << 20
-SIZES = {"a/one": 300 * KIB, "a/two": 300 * KIB, "b/three": 5 * MIB + 123, "b/tiny": 100, "c/empty": 0}
 
 
 def files_of(keys: list[str]) -> list[CacheFile]:
@@ -60,39 +57,6 @@ def juicefs_check_ratio(node_mount: Path, keys: list[str]) -> str:
     return m.group(2)
 
 
-def test_plan_warm_check_rerun_free(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
-    keys = make_files(bucket, SIZES)
-    cluster = JuiceFSCluster(jfs_cache)
-    files = files_of(keys)
-    total = sum(SIZES.values())
-
-    plan = cluster.plan(files)
-    assert (plan.files, plan.bytes, plan.cached_files, plan.missing) == (5, total, 1, [])  # the empty file is trivially cached
-    assert {n: (len(s.files), s.bytes) for n, s in plan.shares.items()} == {"node1": (4, total), "node2": (4, total)}
-    assert plan.warm_bytes == 2 * total and plan.eta_seconds > 0  # the empty file needs no load
-
-    progress = Progress(plan.bandwidth, render="none")
-    report = cluster.warm(plan, progress)
-    assert not report.errors
-    assert progress.snapshot().bytes_done == 2 * total and progress.snapshot().files_done == 8
-
-    check = cluster.check(files)
-    assert check.complete and check.cached_ratio == 1.0, check.to_dict()
-    assert all(f.cached == {"node1": f.size, "node2": f.size} for f in check.files)
-    for n in jfs_cache.nodes:  # JuiceFS's own aggregate agrees
-        assert juicefs_check_ratio(Path(n.mount), keys) == "100.0"
-
-    again = cluster.plan(files)
-    assert again.noop and again.cached_files == 5 and again.cached_bytes == total
-
-    freed = cluster.free(files)
-    assert freed.complete and freed.freed_bytes == {"node1": total, "node2": total}
-    after = cluster.check(files)
-    assert [f.status for f in after.files] == [FileStatus.NOT_CACHED] * 4 + [FileStatus.CACHED]  # empty file
-    for n in jfs_cache.nodes:
-        assert juicefs_check_ratio(Path(n.mount), keys) == "0.0"
-
-
 def test_block_lists_from_dump_and_info_agree(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
     sizes = {f"d/{i}": 1000 * i for i in range(9)} | {"d/multi": 9 * MIB + 5, "d/over": 2 * MIB}
     keys = make_files(bucket, sizes)
@@ -113,90 +77,6 @@ def test_block_lists_from_dump_and_info_agree(jfs_cache: CacheConfig, bucket: st
     assert sum(n for _, n in via_info[f"{bucket}/d/multi"]) == 9 * MIB + 5
     assert sum(n for _, n in via_info[over]) == 2 * MIB
     assert cluster._blocks(files) == via_info
-
-
-def test_run_prewarm_reports_missing_and_survives_first_missing_quirk(
-    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig
-) -> None:
-    keys = make_files(bucket, {"x/1": 200 * KIB, "x/2": 200 * KIB})
-    # The missing key comes FIRST: passed to `juicefs warmup` as is, this is a FATAL exit 1.
-    lst = write_list(tmp_path, [f"{bucket}/x/nope", *keys, "not a key/"])
-    cfg = make_config(jfs_cache, tmp_path, [bucket])
-    report = run_prewarm(site(cfg, "dca"), Request(str(lst)), progress=Progress(render="none"), wait=False)
-    assert not report.complete
-    assert report.check.counts == {"cached": 2, "partial": 0, "not_cached": 0, "missing": 1}
-    reasons = {d.get("bucket_key", d.get("entry")): d["reason"] for d in report.not_cached}
-    assert reasons[f"{bucket}/x/nope"] == "not in this datacenter's volume"
-    assert len(reasons) == 2  # + the unreadable line
-    assert report.to_dict()["plan"]["missing"] == [f"{bucket}/x/nope"]
-    runs = site(cfg, "dca").state.prewarm.runs(min_seconds=0)  # the run's bandwidth was recorded
-    assert [(b, f) for b, f, _ in runs] == [(800 * KIB, 4)]
-
-    checked = check_list(site(cfg, "dca"), Request(str(lst)))
-    assert checked.counts["cached"] == 2 and checked.rejected
-
-    with pytest.raises(NotReadyError) as exc:
-        wait_ready(site(cfg, "dca"), [to_cache_file(k, "") for k in [*keys, f"{bucket}/x/nope"]], timeout=0, poll=0.1)
-    assert exc.value.missing == [f"{bucket}/x/nope"]  # type: ignore[attr-defined]
-    free_list(site(cfg, "dca"), Request(str(lst)), force=True)
-
-
-def test_warm_survives_a_file_vanishing_before_warmup(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles) -> None:
-    keys = make_files(bucket, {"v/gone": 10 * KIB, "v/kept": 10 * KIB})
-    cluster = JuiceFSCluster(jfs_cache)
-    files = [CacheFile(f.bucket_key, f.path, 10 * KIB) for f in files_of(keys)]
-    (Path(jfs_cache.nodes[0].mount) / files[0].path).unlink()  # after the plan's stat, first in the list
-    done: list[tuple[int, int]] = []
-    cluster.warm_node("node1", files, 2, lambda f, b: done.append((f, b)))
-    assert sum(f for f, _ in done) == 2  # both accounted for, no FATAL
-    assert cluster.cached_bytes("node1", files[1:]) == {files[1].path: 10 * KIB}
-    cluster.free(files[1:])
-
-
-def test_shard_placement_warms_each_file_on_its_owner_only(
-    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles
-) -> None:
-    keys = make_files(bucket, {f"s/{i}": 64 * KIB for i in range(12)})
-    cache = jfs_cache.model_copy(update={"placement": "shard"})
-    cluster = JuiceFSCluster(cache)
-    files = files_of(keys)
-    plan = cluster.plan(files)
-    placed = BalancedPlacement(cluster.nodes).assign(keys, [64 * KIB] * len(keys))
-    owner = {k: n for n, ks in placed.items() for k in ks}
-    assert {n: sorted(f.bucket_key for f in s.files) for n, s in plan.shares.items()} == {
-        n: sorted(ks) for n, ks in placed.items()
-    }
-    assert {n: len(ks) for n, ks in placed.items()} == {"node1": 6, "node2": 6}  # balanced
-    cluster.warm(plan)
-    check = cluster.check(files)
-    assert check.complete
-    for f in check.files:
-        assert list(f.cached) == [owner[f.bucket_key]]
-    for node in cluster.nodes:  # and nothing on the other node
-        theirs = [f for f in files if owner[f.bucket_key] != node]
-        assert sum(cluster.cached_bytes(node, theirs).values()) == 0
-    cluster.free(files)
-
-
-def test_reference_counted_free(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig) -> None:
-    keys = make_files(bucket, {"d/shared": 128 * KIB, "d/only-a": 128 * KIB, "d/only-b": 128 * KIB})
-    shared, only_a, only_b = keys
-    cfg = make_config(jfs_cache, tmp_path, [bucket])
-    list_a = write_list(tmp_path, [shared, only_a], "a.txt")
-    list_b = write_list(tmp_path, [shared, only_b], "b.txt")
-    quiet = Progress(render="none")
-    assert run_prewarm(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"), progress=quiet).complete
-    assert run_prewarm(site(cfg, "dca"), Request(str(list_b), "ds-b", "1"), progress=quiet).complete
-
-    freed = free_list(site(cfg, "dca"), Request(str(list_a), "ds-a", "1"))
-    assert freed.kept == {shared: ["ds-b@1"]}
-    status = {f.bucket_key: f.status for f in check_list(site(cfg, "dca"), Request(str(write_list(tmp_path, keys, "all.txt")))).files}
-    assert status == {shared: FileStatus.CACHED, only_a: FileStatus.NOT_CACHED, only_b: FileStatus.CACHED}
-
-    forced = free_list(site(cfg, "dca"), Request(str(list_b)), force=True)  # no dataset named: ds-b stays active, force wins
-    assert forced.forced == {shared: ["ds-b@1"], only_b: ["ds-b@1"]} and forced.complete
-    status = {f.bucket_key: f.status for f in check_list(site(cfg, "dca"), Request(str(tmp_path / "all.txt"))).files}
-    assert set(status.values()) == {FileStatus.NOT_CACHED}
 
 
 def test_capacity_refused_or_trimmed(jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig) -> None:
@@ -243,38 +123,6 @@ def test_slice_blocks_and_info_parsing_pure() -> None:
   inode: 5
 """
     assert parse_info_objects(text) == {"/m/b/x": [("vol/chunks/0/0/1_0_1048576", 1048576)], "/m/b/empty": []}
-
-
-def test_cli_prewarm_of_an_mmdet3d_v2_index_with_roots(
-    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """`xdc prewarm plan|run --list infos.pkl --root ...` on the real mounts: the v2 index's
-    relative file names are joined to the per-modality roots, found in the volume, warmed and
-    checked; an entry outside every route is reported, not dropped silently."""
-    doc, placed = nuscenes_v2_infos(2, sweeps=1)
-    doc["data_list"][1]["lidar_sweeps"][0]["lidar_points"]["lidar_path"] = "s3://elsewhere-bkt/sweeps/x.bin"
-    placed["sweeps/LIDAR_TOP"].pop()  # that sweep is not ours
-    keys = make_files(bucket, {k: 20 * KIB for k in under("nuscenes", placed)})
-    infos = tmp_path / "nuscenes_infos_train.pkl"
-    infos.write_bytes(pickle.dumps(doc, protocol=4))
-    cfg_file = write_config(make_config(jfs_cache, tmp_path, [bucket]), tmp_path / "xdc.yaml")
-    roots = ["--root", f"s3://{bucket}/nuscenes", "--root", "pts=samples/LIDAR_TOP", "--root", "sweeps=sweeps/LIDAR_TOP",
-             *[a for c in CAMS for a in ("--root", f"{c}=samples/{c}")]]
-
-    assert cli_main(["--config", str(cfg_file), "prewarm", "plan", "--list", str(infos), *roots]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["list"]["shape"] == "mmdet3d-v2" and plan["list"]["selector"].startswith("data_list[].[{pts:")
-    assert (plan["files"], plan["missing_files"], plan["rejected_count"]) == (len(keys), 0, 1)
-    assert "elsewhere-bkt/sweeps/x.bin" in plan["rejected"][0]["reason"] and "no route" in plan["rejected"][0]["reason"]
-
-    assert cli_main(["--config", str(cfg_file), "prewarm", "run", "--no-wait", "--list", str(infos), *roots]) == 1
-    report = json.loads(capsys.readouterr().out)  # exit 1: the rejected entry is not cached
-    assert report["check"]["counts"] == {"cached": len(keys), "partial": 0, "not_cached": 0, "missing": 0}
-    assert [(d["entry"], d["reason"][:7]) for d in report["not_cached"]] == [("elsewhere-bkt/sweeps/x.bin", "line 2:")]
-    check = JuiceFSCluster(jfs_cache).check(files_of(keys))
-    assert check.complete
-    JuiceFSCluster(jfs_cache).free(files_of(keys))
 
 
 # -- the check at scale: one dump + one listing, same answers as the per-file check ------------------
@@ -459,3 +307,68 @@ def test_an_unknown_binary_dump_layout_falls_back_to_the_json_dump(
     assert got == old_check(cluster, "node1", files)
     assert sorted(p for p, b in got.items() if b) == sorted(f.path for f in files[:10])
     cluster.free(files)
+
+
+# -- watermarks: room made from retired datasets only ------------------------------------------------
+def with_watermarks(cfg: XdcConfig, marks: dict[str, tuple[float, float]]) -> XdcConfig:
+    """The same config (same state) with per-node watermarks."""
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    for n in data["datacenters"]["dca"]["cache"]["nodes"]:
+        n["high_watermark"], n["low_watermark"] = marks[n["name"]]
+    return parse_config(data, base_dir=cfg.base_dir)
+
+
+def test_make_room_on_real_mounts_frees_only_retired_datasets_files(
+    jfs_cache: CacheConfig, bucket: str, make_files: MakeFiles, tmp_path: Path, make_config: MakeConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two retired datasets and an active one share the cache; a warm that would pass the nodes'
+    high watermark is refused naming the oldest retired dataset, and `--make-room` evicts exactly its
+    files that no active dataset uses. Watermarks are set from the nodes' measured fill (other tests
+    leave blocks in the session's cache)."""
+    sizes = {f"old/{i}": MIB for i in range(4)} | {"shared/0": MIB, "mid/0": MIB, "keep/0": MIB}
+    sizes |= {f"new/{i}": MIB for i in range(3)}
+    keys = make_files(bucket, sizes)
+    by = {k.split("/", 1)[1]: k for k in keys}
+    old = [by[f"old/{i}"] for i in range(4)] + [by["shared/0"]]
+    keep, mid, new = [by["shared/0"], by["keep/0"]], [by["mid/0"]], [by[f"new/{i}"] for i in range(3)]
+    cfg = make_config(jfs_cache, tmp_path, [bucket])
+    quiet = Progress(render="none")
+    for name, ks in (("old", old), ("mid", mid), ("keep", keep)):
+        rep = run_prewarm(site(cfg, "dca"), Request(str(write_list(tmp_path, ks, f"{name}.txt")), name, "1"),
+                          progress=quiet)
+        assert rep.complete, (rep.summary(), rep.not_cached)
+    assert cli_main(["--config", str(write_config(cfg, tmp_path / "xdc.yaml")), "prewarm", "retire", "--dataset", "old",
+                     "--version", "1"]) == 0
+    time.sleep(0.05)
+    pipeline.retire(site(cfg, "dca"), "mid", "1")  # retired after old: old goes first
+
+    cluster = JuiceFSCluster(jfs_cache)
+    marks = {}
+    for n in cluster.nodes:
+        used, cap = cluster.usage(n)
+        # the 3 MiB warm passes high by 0.5 MiB; under low needs 3.5 MiB freed: old's 4 own MiB do it
+        marks[n] = ((used + 2.5 * MIB) / cap, (used - 0.5 * MIB) / cap)
+    wcfg = with_watermarks(cfg, marks)
+    cfg_file = write_config(wcfg, tmp_path / "xdc-marks.yaml")
+    new_list = write_list(tmp_path, new, "new.txt")
+    args = ["--config", str(cfg_file), "prewarm"]
+
+    capsys.readouterr()
+    assert cli_main([*args, "plan", "--list", str(new_list), "--dataset", "new", "--version", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "plan passes the high watermark" in err and "freeing old@1 4.0 MiB leaves it" in err and "mid@1" not in err
+    code = cli_main([*args, "run", "--list", str(new_list), "--dataset", "new", "--version", "1", "--make-room"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["plan"]["room"]["made"] and [d["dataset"] for d in report["plan"]["room"]["datasets"]] == ["old"]
+
+    everything = write_list(tmp_path, keys, "all.txt")
+    status = {f.bucket_key: f.status for f in check_list(site(wcfg, "dca"), Request(str(everything))).files}
+    gone = {k for k, s in status.items() if s is FileStatus.NOT_CACHED}
+    assert gone == {by[f"old/{i}"] for i in range(4)}, status  # old's own files, on every node
+    assert all(status[k] is FileStatus.CACHED for k in [*keep, *mid, *new])  # shared (keep is active), mid, new
+    ev = site(wcfg, "dca").state.prewarm.evictions()
+    assert sorted((e["dataset"], e["node"], e["files"]) for e in ev) == [("old", n, 4) for n in cluster.nodes]
+    cluster.free(files_of(keys))

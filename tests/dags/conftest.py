@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from devtools import postgres
 from devtools.airflow_local import airflow_env, running_kafka
 from devtools.kafka_broker import SecureListener
 from tests.support import make_tls
@@ -41,6 +42,14 @@ _BUNDLES = [{"name": name, "classpath": "airflow.dag_processing.bundles.local.Lo
             for name, path in (("dags-folder", PROJECT_DAGS), ("xdc-fixtures", FIXTURE_DAGS))]
 os.environ.update(airflow_env(_HOME, PROJECT_DAGS,
                               extra={"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(_BUNDLES)}))
+
+
+@pytest.fixture
+def airflow_db(pg_port: int, tag: str) -> str:
+    """An empty PostgreSQL database for one test's real Airflow (its metadata database)."""
+    name = f"airflow_{tag}"
+    postgres.create_database(pg_port, name)
+    return postgres.url(pg_port, name)
 
 
 @pytest.fixture(scope="session")

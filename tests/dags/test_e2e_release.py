@@ -27,7 +27,8 @@ SRC = "idca-drive"
 @pytest.mark.slow
 def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, tag: str,
                                                 config_writer: Callable[..., Path],
-                                                file_maker: Callable[..., dict[str, bytes]]) -> None:
+                                                file_maker: Callable[..., dict[str, bytes]],
+                                                airflow_db: str) -> None:
     t0 = time.monotonic()
     files = file_maker(tmp_path / "src", tag, 4)
     ingest(site(xcfg, "A"), tmp_path / "src", SRC, "camera/")
@@ -48,10 +49,13 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     conn_name, conn_value = kafka_connection_env(DEFAULT_KAFKA_CONN_ID, brokers(cfg, "A"), f"{tag}-airflow")
     env = {conn_name: conn_value, "XDC_CONFIG": str(config),
            # Only the release path runs here: the minute-scheduled DAGs stay manual.
-           "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none"}
+           "XDC_MIRROR_SCHEDULE": "none", "XDC_RESIZE_SCHEDULE": "none", "XDC_LAG_SCHEDULE": "none",
+           # and the prewarm DAG's reconcile timer off: the run under test is the one the release starts
+           "XDC_RECONCILE_SCHEDULE": "none"}
     env |= {k: v for k, v in os.environ.items() if k.startswith("XDC_") and k.endswith(("_ACCESS_KEY", "_SECRET_KEY"))}
     try:
-        with running_airflow(tmp_path / "airflow", ROOT / "dags", extra_env=env) as af:
+        with running_airflow(tmp_path / "airflow", ROOT / "dags", extra_env=env,
+                             database_url=airflow_db) as af:
             started_s = af.started_s
             mirror_thread.join(timeout=120)
             assert mirrored == [4], f"the mirror into IDC-B applied {mirrored}, not [4]"
@@ -72,10 +76,10 @@ def test_release_on_kafka_prewarms_both_caches(xcfg: XdcConfig, tmp_path: Path, 
     for dc in ("A", "B"):
         check = check_list(site(cfg, dc), Request(str(listing)))
         assert check.complete and check.cached_ratio == 1.0 and len(check.files) == 4, check.summary()
-    assert {t["task_id"] for t in tis} == {"releases", "units", "resolve", "ready", "plan", "node_jobs", "warm", "check",
-                                         "report"}
+    assert {t["task_id"] for t in tis} == {"releases", "reconcile", "units", "resolve", "ready", "warm_units", "plan",
+                                         "node_jobs", "warm", "check", "fluid_units", "emit", "report"}
     assert sum(t["task_id"] == "warm" for t in tis) == 4  # mapped over 2 datacenters x 2 cache nodes
-    busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration']:.1f}s" for t in tis)
+    busy = " ".join(f"{t['task_id']}{'' if t['map_index'] < 0 else t['map_index']}={t['duration'] or 0:.1f}s" for t in tis)
     print(f"\ntask durations: {busy}")
     print(f"airflow healthy after {started_s:.1f}s; release on Kafka -> prewarm run done in {release_s:.1f}s; "
           f"test wall {time.monotonic() - t0:.1f}s")

@@ -63,7 +63,8 @@ def _produce(brokers: Brokers, topic: str, values: list[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, secure_kafka: Brokers) -> None:
+def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Path, secure_kafka: Brokers,
+                                                airflow_db: str) -> None:
     """Release on Kafka -> AssetWatcher (triggerer) -> asset event -> scheduler runs the DAG -> the
     task gets the payload. Then a burst of two releases: the watcher restarts and resumes after
     each event, and every release reaches exactly one run (one run may carry several)."""
@@ -77,7 +78,7 @@ def test_release_event_on_kafka_starts_dag_run(tmp_path: Path, fixture_dags: Pat
     conn_name, conn_value = kafka_connection_env("xdc_kafka", brokers, f"airflow-{tmp_path.name}")
     assert json.loads(conn_value)["extra"]["security.protocol"] == "SASL_SSL"
     env = {conn_name: conn_value, "XDC_PROBE_RELEASE_TOPIC": topic, "XDC_CONFIG": "/etc/xdc-probe.yaml"}
-    with running_airflow(tmp_path / "airflow", fixture_dags, extra_env=env) as af:
+    with running_airflow(tmp_path / "airflow", fixture_dags, extra_env=env, database_url=airflow_db) as af:
         started_s, pss = af.started_s, af.pss_mb()
         af.wait_dag(dag_id)
         af.wait_dag("xdc_probe_config")

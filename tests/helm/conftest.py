@@ -1,6 +1,7 @@
 """Render the chart with real Helm (v4, through helm-python-sdk's libhelm_c; no helm binary needed)."""
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,19 @@ Manifest = dict[str, Any]
 Render = Callable[..., list[tuple[str, Manifest]]]
 
 
+def require(module: str, package: str) -> Any:
+    """Import a package the set-up installs (extra `test`): when it is missing the tests that need
+    it fail, naming it; they never skip."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{package} is not installed ({exc}); the Helm tests need it: "
+                    "pip install -c constraints.txt -e '.[test]' (scripts/setup.sh does)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def chart() -> Iterator[Any]:
-    helm = pytest.importorskip("helm_python")
+    helm = require("helm_python", "helm-python-sdk")
     helm.disable_logging()  # "found symbolic link" (dags/) is expected, not news
     with helm.Chart.load(str(CHART)) as loaded:
         yield loaded

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "helm" / "xdc-mirror" / "files" / "alerts.rules.yaml"
 RULE_TESTS = Path(__file__).with_name("alerts.test.yaml")
 ALERTS = {"XdcReplicationLagHigh", "XdcConsumerLagGrowing", "XdcDeadLettersRising",
-          "XdcPrewarmPastDeadline", "XdcDatasetNotReady"}
+          "XdcPrewarmPastDeadline", "XdcDatasetNotReady", "XdcVerifyDrift", "XdcNewProblem", "XdcEventGap",
+          "XdcTwoWayConflicts"}
 
 METRIC_RE = re.compile(r"\bxdc_[a-z0-9_]+\b")
 SELECTOR_RE = re.compile(r"\b(xdc_[a-z0-9_]+)\s*\{([^}]*)\}")
@@ -117,3 +118,10 @@ def test_rule_files_use_only_defined_metrics_and_labels() -> None:
     assert unknown_names(["rate(xdc_nope_total[5m])"], series)
     assert unknown_names(['xdc_dataset_ready{route="x"}'], series)
     assert unknown_names(["sum by (bucket) (xdc_objects_pending)"], series)
+
+
+def test_new_problem_alert_is_a_15_minute_window_on_the_state_first_sighting() -> None:
+    (rule,) = [r for r in load_rules() if r["alert"] == "XdcNewProblem"]
+    expr = " ".join(rule["expr"].split())
+    assert expr == "max by (component, signature) (xdc_problem_first_seen_timestamp_seconds) > time() - 900"
+    assert "for" not in rule  # at once: a new kind of problem is news now

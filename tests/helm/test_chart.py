@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from devtools import helm_schema
+from tests.helm.conftest import require
 from xdc.config import XdcConfig, load_config, parse_config
 from xdc.errors import ConfigError
 from xdc.topology import Topology
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
 
 # prometheus-operator CRDs: no bundled schema; checked for shape below instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
@@ -412,3 +413,20 @@ def test_dags_configmap_takes_python_files_of_the_linked_dags_dir(tmp_path: Path
         rendered = chart.render(name="xdc", namespace="xdc")
     (text,) = [t for p, t in rendered.items() if p.endswith("dags-configmap.yaml")]
     assert yaml.safe_load(text)["data"] == {"xdc_mirror_dag.py": '"""A DAG."""\nfrom airflow.sdk import dag'}
+
+
+def test_ca_bundles_are_mounted_where_the_config_points(chart: Any, render: Render) -> None:
+    """A private CA from a ConfigMap, mounted as a file into every pod, named by the config's
+    s3.ca_bundle: the HTTPS endpoint of that datacenter is trusted by every S3 client."""
+    values = case_values("values-idc-b")
+    values["caBundles"] = [{"configMap": "corp-ca", "key": "ca.pem", "mountPath": "/etc/xdc-ca/corp.pem"}]
+    values["config"]["datacenters"]["idc-a"]["s3"]["ca_bundle"] = "/etc/xdc-ca/corp.pem"
+    docs = render(values)
+    for dep in by_kind(docs, "Deployment").values():
+        spec = dep["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["ca-0"]["configMap"] == {"name": "corp-ca", "items": [{"key": "ca.pem", "path": "ca.pem"}]}
+        (c,) = spec["containers"]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "ca-0")
+        assert mount == {"name": "ca-0", "mountPath": "/etc/xdc-ca/corp.pem", "subPath": "ca.pem", "readOnly": True}
+    assert "ca_bundle: /etc/xdc-ca/corp.pem" in embedded_config(docs)

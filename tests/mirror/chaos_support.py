@@ -6,24 +6,23 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from devtools import stack
 from mirror.march import march
 from tests.support import brokers, site
 from xdc.config import XdcConfig, parse_config
 from xdc.events import (
     AppliedEvent,
-    encode_notification,
-    message_key,
-    new_sequencer,
-    s3_record,
 )
-from xdc.io.kafka import Record, group_offsets, make_producer
+from xdc.io.kafka import Record, group_offsets
 from xdc.io.state import sqlite_path
 from xdc.io.store import ObjectInfo, Store
 
@@ -53,6 +52,14 @@ def variant(cfg: XdcConfig, overrides: dict[str, Any]) -> XdcConfig:
     return parse_config(_merge(config_data(cfg), overrides), base_dir=cfg.base_dir)
 
 
+def stores_without_notifications(cfg: XdcConfig) -> dict[str, Any]:
+    """Overrides pointing every datacenter at its S3 gateway itself, without the notifying proxy
+    (`s3.notifications: false`): xdc announces each write (and carries its traceparent)."""
+    return {"datacenters": {dc: {"s3": {"internal_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "external_url": stack.gateway_url(cfg.base_dir, dc),
+                                        "notifications": False}} for dc in cfg.datacenters}}
+
+
 def write_config(cfg: XdcConfig, path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Dump `cfg` to a YAML file a subprocess can load (secrets stay in the environment)."""
     path.write_text(yaml.safe_dump(_merge(config_data(cfg), overrides or {}), sort_keys=False))
@@ -65,8 +72,8 @@ def blob(rng: random.Random, size: int) -> bytes:
 
 @dataclass
 class Workload:
-    """Writes real objects into the source and publishes the events a bucket notification would,
-    one key's events in order: puts (some keys overwritten), deletes, metadata-route puts."""
+    """Writes real objects into the source, whose store announces each write (one key's events in
+    order): puts (some keys overwritten), deletes, metadata-route puts."""
 
     cfg: XdcConfig
     tag: str
@@ -74,31 +81,27 @@ class Workload:
     data_prefix: str = "camera/"
     meta_prefix: str = "lidar/"
     live: dict[str, int] = field(default_factory=dict)  # key -> size, what the source should hold
+    written: dict[str, str] = field(default_factory=dict)  # key -> MD5 of the bytes last written (live keys)
     published: int = 0
     deletes: int = 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.store: Store = site(self.cfg, "A").store
-        self.producer = make_producer(brokers(self.cfg, "A"))
-        self.topic = self.cfg.dc("A").kafka.topics.events
+        assert self.cfg.dc("A").s3.notifications, "the workload relies on a store that announces its writes"
 
     def close(self) -> None:
-        self.producer.flush(timeout=30)
-        self.producer.close(timeout=5)
-
-    def _publish(self, rec: dict[str, Any], key: str) -> None:
-        self.producer.send(self.topic, key=message_key(SRC_BUCKET, key), value=encode_notification([rec]))
-        self.published += 1
+        pass
 
     def step(self) -> None:
         r = self.rng.random()
         keys = sorted(self.live)
         if r < 0.12 and keys:  # delete
             key = self.rng.choice(keys)
-            self.store.delete(SRC_BUCKET, key)
+            self.store.delete(SRC_BUCKET, key)  # announced by the store
             del self.live[key]
-            self._publish(s3_record("delete", SRC_BUCKET, key, sequencer=new_sequencer()), key)
+            del self.written[key]
+            self.published += 1
             self.deletes += 1
             return
         if r < 0.3 and keys:  # overwrite an existing key with new bytes
@@ -108,13 +111,13 @@ class Workload:
         else:
             key = f"{self.data_prefix}{self.tag}/d{self.published}.bin"
         data = blob(self.rng, self.rng.randint(1, 48_000))
-        info = self.store.put(SRC_BUCKET, key, data)
+        self.store.put(SRC_BUCKET, key, data)  # announced by the store
         self.live[key] = len(data)
-        self._publish(s3_record("put", SRC_BUCKET, key, size=info.size, etag=info.etag, sequencer=new_sequencer()),
-                      key)
+        self.written[key] = md5(data)
+        self.published += 1
 
     def flush(self) -> None:
-        self.producer.flush(timeout=30)
+        pass  # the store's notification is out when its write returns
 
 
 @dataclass
@@ -185,3 +188,27 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def crash_seed() -> int:
+    """The seed of a random kill schedule, printed so a failure can be replayed (XDC_CRASH_SEED)."""
+    seed = int(os.environ.get("XDC_CRASH_SEED") or random.randrange(1, 2**32))
+    print(f"\nrandom schedule seed {seed} (replay with XDC_CRASH_SEED={seed})")
+    return seed
+
+
+def spawn_xdc(cfg_file: Path, dc: str, command: Sequence[str], log: Path,
+              crash_at: str | None = None) -> subprocess.Popen[bytes]:
+    """`xdc --config CFG --dc DC COMMAND...` in a session of its own (killed as a group), its output
+    appended to `log`; `crash_at` arms a named crash point (XDC_CRASH_AT=NAME[:N], xdc/faults.py)."""
+    env = child_env()
+    env.pop("XDC_CRASH_AT", None)
+    if crash_at:
+        env["XDC_CRASH_AT"] = crash_at
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", dc,
+                                 *command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)

@@ -58,7 +58,7 @@ def _one(rec: dict[str, Any]) -> ObjectEvent:
     (b'{"Records": []}', "bad_shape"),
     (b'{"Records": [42]}', "bad_shape"),
     (b'{"Records": [{"eventName": "s3:ObjectCreated:Put"}]}', "bad_shape"),
-    (b'{"Records": [{"eventName": "s3:ObjectRestore:Post", "s3": {}}]}', "unknown_event"),
+    (b'{"Records": [{"eventName": "s3:ReducedRedundancyLostObject", "s3": {}}]}', "unknown_event"),
     (b'{"Records": [{"eventName": 7}]}', "bad_shape"),
 ])
 def test_malformed_messages_have_a_reason(value: bytes, reason: str) -> None:

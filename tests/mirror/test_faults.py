@@ -28,9 +28,8 @@ from tests.mirror.chaos_support import (
     compare_metadata,
     variant,
 )
-from tests.support import produce, site, topo
+from tests.support import restore_env, site, topo
 from xdc.config import XdcConfig
-from xdc.events import encode_notification, message_key, new_sequencer, s3_record
 from xdc.metrics import Metrics, new_registry
 
 REPORT: dict[str, Any] = {}  # numbers for the report, printed by the last test of the module
@@ -38,17 +37,13 @@ REPORT: dict[str, Any] = {}  # numbers for the report, printed by the last test 
 
 def _objects(cfg: XdcConfig, tag: str, n: int, seed: int = 1) -> dict[str, bytes]:
     rng = random.Random(seed)
-    src = site(cfg, "A", seen_from="A").store
+    src = site(cfg, "A", seen_from="A").store  # the store announces each put
     out: dict[str, bytes] = {}
-    msgs = []
     for i in range(n):
         key = f"camera/{tag}/o{i}.bin"
         data = rng.randbytes(rng.randint(200, 60_000))
-        info = src.put(SRC_BUCKET, key, data)
+        src.put(SRC_BUCKET, key, data)
         out[key] = data
-        msgs.append((message_key(SRC_BUCKET, key), encode_notification(
-            [s3_record("put", SRC_BUCKET, key, size=info.size, etag=info.etag, sequencer=new_sequencer())])))
-    produce(cfg, "A", cfg.dc("A").kafka.topics.events, msgs)
     return out
 
 
@@ -122,19 +117,11 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     try:
         cfg = stack.up(run, nodes=0, config_overrides={"mirror": {"batch_max_records": 20, "batch_max_seconds": 0.2}})
         creds = {k: os.environ[k] for k in CRED_VARS}
-        _restore(saved)
+        restore_env(saved)
         yield run, cfg, creds
     finally:
-        _restore(saved)
+        restore_env(saved)
         stack.down(run)
-
-
-def _restore(saved: dict[str, str | None]) -> None:
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from typing import Any
 from mirror.dlq import read_letters
 from mirror.runner import Mirror
 from tests.mirror.chaos_support import DST_BUCKET, SRC_BUCKET, child_env, write_config
-from tests.support import produce, read_topic, site, topo
+from tests.support import produce, read_topic, silent_store, site, topo
 from xdc.config import XdcConfig
 from xdc.events import encode_notification, message_key, new_sequencer, s3_record
 from xdc.io.store import S3Store
@@ -37,7 +37,7 @@ def _everything(store: S3Store) -> set[tuple[str, str]]:
 
 
 def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig, tag: str, tmp_path: Path) -> None:
-    src = site(xcfg, "A", seen_from="A").store
+    src = silent_store(xcfg, "A")  # the test publishes each event itself, in among the hostile ones
     dst = site(xcfg, "B", seen_from="B").store
     before = _everything(dst)
 
@@ -59,7 +59,7 @@ def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig,
 
     valid = json.loads(good[0][1])
     unknown = json.loads(good[0][1])
-    unknown["Records"][0]["eventName"] = "s3:ObjectRestore:Post"
+    unknown["Records"][0]["eventName"] = "s3:ReducedRedundancyLostObject"
     big = json.dumps({"Records": valid["Records"], "pad": "x" * 10_000_000}).encode()
     hostile: dict[str, tuple[bytes, str]] = {
         "malformed json": (b'{"Records": [', "bad_json"),
@@ -112,7 +112,7 @@ def test_hostile_messages_are_dead_lettered_and_nothing_escapes(xcfg: XdcConfig,
 def test_dlq_replay_puts_letters_back_on_the_origin_topic(xcfg: XdcConfig, tag: str, tmp_path: Path) -> None:
     origin = xcfg.dc("A").kafka.topics.events
     rec = s3_record("put", SRC_BUCKET, f"camera/{tag}/x", size=1, etag="0" * 32, sequencer=new_sequencer())
-    rec["eventName"] = "s3:ObjectRestore:Post"
+    rec["eventName"] = "s3:ReducedRedundancyLostObject"
     bad = encode_notification([rec])
     produce(xcfg, "A", origin, [(b"k", bad)])
     with Mirror(topo(xcfg, "B"), metrics=Metrics(new_registry())) as m:

@@ -67,6 +67,7 @@ def test_valid_config_and_derived_views(secrets_env: None) -> None:
     (lambda d: d["datacenters"]["A"]["s3"].update(credentials={"access_key_env": "X"}), ["credentials"]),
     (lambda d: d["mirror"].update(max_attempts=0) if "mirror" in d else d.update(mirror={"max_attempts": 0}),
      ["max_attempts"]),
+    (lambda d: d.update(metrics={"host": "0.0.0.0", "port": 9464}), ["token_env", "reachable from other machines"]),
 ])
 def test_invalid_configs_are_refused_with_the_place(mutate: Any, words: list[str]) -> None:
     d = _cfg()
@@ -129,3 +130,13 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
 def test_xdc_dc_env_overrides_local_dc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDC_DC", "B")
     assert parse_config(_cfg()).local_dc == "B"
+
+
+def test_metrics_token_is_read_from_its_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config(_cfg(metrics={"host": "0.0.0.0", "port": 9464, "token_env": "XDC_TEST_METRICS_TOKEN"}))
+    monkeypatch.delenv("XDC_TEST_METRICS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="XDC_TEST_METRICS_TOKEN"):
+        cfg.metrics.token()
+    monkeypatch.setenv("XDC_TEST_METRICS_TOKEN", "a-token-long-enough-0123")
+    assert cfg.metrics.token() == "a-token-long-enough-0123"
+    assert parse_config(_cfg(metrics={"port": 9464})).metrics.token() is None

@@ -12,6 +12,7 @@ from xdc.metrics import LAG_BUCKETS, METRICS, REGISTRY, Metrics, new_registry
 # The contract other components, the alert rules and the dashboard rely on.
 EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_replication_lag_seconds": ("histogram", {"route", "source_dc", "target_dc"}),
+    "xdc_replication_applied_through_timestamp_seconds": ("gauge", {"route", "source_dc", "target_dc"}),
     "xdc_consumer_lag_messages": ("gauge", {"group", "topic", "partition"}),
     "xdc_objects_pending": ("gauge", {"route"}),
     "xdc_bytes_pending": ("gauge", {"route"}),
@@ -20,6 +21,9 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_events_ignored": ("counter", {"route", "reason"}),
     "xdc_bytes_copied": ("counter", {"route"}),
     "xdc_dead_letters": ("counter", {"topic", "reason"}),
+    "xdc_copies_etag_changed": ("counter", {"route"}),
+    "xdc_event_gaps": ("counter", {"topic"}),
+    "xdc_event_gap_lost_offsets": ("counter", {"topic"}),
     "xdc_resize_frames": ("counter", {"result"}),
     "xdc_resize_seconds": ("histogram", set()),
     "xdc_resize_bytes_in": ("counter", set()),
@@ -33,6 +37,11 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "xdc_cached_ratio": ("gauge", {"dataset", "dc"}),
     "xdc_dataset_ready": ("gauge", {"dataset", "dc"}),
     "xdc_last_apply_timestamp_seconds": ("gauge", {"route"}),
+    "xdc_verify_drift_objects": ("gauge", {"route"}),
+    "xdc_conflicts": ("counter", {"route"}),
+    "xdc_verify_last_run_timestamp_seconds": ("gauge", {"route"}),
+    "xdc_log_problems": ("counter", {"component", "signature"}),
+    "xdc_problem_first_seen_timestamp_seconds": ("gauge", {"component", "signature"}),
 }
 
 

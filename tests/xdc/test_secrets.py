@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,29 +29,76 @@ def _xdc(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=180)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _scrape_until(url: str, proc: subprocess.Popen[str], done: Callable[[str], bool], timeout_s: float = 90) -> str:
+    """The process's /metrics once `done` holds of it; fails at the deadline or if the process ends."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the mirror ended early ({proc.returncode})"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            text = ""  # not serving yet
+        if text and done(text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"metrics never showed the run's work: {text[-2000:]}")
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def test_no_secret_value_in_any_output_or_log(xcfg: XdcConfig, stack_cfg: XdcConfig, tag: str, tmp_path: Path) -> None:
+    """Logs and outputs, and also what a run leaves elsewhere: metric labels (a scrape of the running
+    mirror), trace attributes (every span kept, sampling 1.0, in the state's spans table), dead
+    letters (a malformed event, on the dead-letter topic's log segments and in the state)."""
     names = [f"XDC_{dc}_{kind}" for dc in xcfg.datacenters for kind in ("SECRET_KEY", "ACCESS_KEY")]
     values = {n: os.environ[n] for n in names}
     assert all(len(v) >= 8 for v in values.values())
-    cfg_file = write_config(xcfg, tmp_path / "xdc.yaml")
+    port = _free_port()
+    cfg_file = write_config(xcfg, tmp_path / "xdc.yaml", {"tracing": {"sample_ratio": 1.0},
+                                                          "metrics": {"port": port}})
     data = tmp_path / "data"
     for i in range(3):
         (data / f"f{i}.bin").parent.mkdir(parents=True, exist_ok=True)
         (data / f"f{i}.bin").write_bytes(os.urandom(1000))
+    produce(xcfg, "A", xcfg.dc("A").kafka.topics.events, [(b"bad", b"{not json")])  # a dead letter to come
     runs = [
         _xdc("config", "check", str(cfg_file)),
         _xdc("--config", str(cfg_file), "--dc", "A", "ingest", str(data), "--bucket", "idca-drive",
              "--prefix", f"camera/{tag}/"),
-        _xdc("--config", str(cfg_file), "--dc", "B", "-v", "mirror", "run", "--once"),
+    ]
+    mirror = subprocess.Popen([sys.executable, "-m", "xdc.app.cli", "--config", str(cfg_file), "--dc", "B", "-v",
+                               "mirror", "run", "--follow"], cwd=ROOT, env=child_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        scraped = _scrape_until(f"http://127.0.0.1:{port}/metrics", mirror,
+                                lambda t: _sample(t, "xdc_events_applied_total") >= 3
+                                and _sample(t, "xdc_dead_letters_total") >= 1)
+    finally:
+        mirror.terminate()
+        out, err = mirror.communicate(timeout=60)
+    runs += [
+        subprocess.CompletedProcess(mirror.args, mirror.returncode, out, err),
         _xdc("--config", str(cfg_file), "--dc", "B", "dlq", "list"),
+        _xdc("--config", str(cfg_file), "--dc", "B", "trace", f"idca-drive/camera/{tag}/f0.bin"),
         # a failing run must not print them either
         _xdc("--config", str(cfg_file), "--dc", "B", "scan", "--bucket", "no-such-bucket"),
     ]
-    for r in runs[:4]:
+    for r in (runs[0], runs[1], runs[3], runs[4]):  # runs[2]: the mirror, stopped by SIGTERM
         assert r.returncode == 0, r.stderr[-2000:]
-    assert "****" in runs[0].stdout and '"applied": 3' in runs[2].stdout
+    assert "****" in runs[0].stdout and "trace of" in runs[4].stdout, runs[4].stdout[-2000:]
+    assert "bad_json" in runs[3].stdout or "bad_shape" in runs[3].stdout, runs[3].stdout[-2000:]
 
-    texts: dict[str, str] = {}
+    texts: dict[str, str] = {"metrics scrape": scraped}
     for i, r in enumerate(runs):
         texts[f"run{i}.stdout"], texts[f"run{i}.stderr"] = r.stdout, r.stderr
     texts[str(cfg_file)] = cfg_file.read_text()
@@ -55,8 +106,12 @@ def test_no_secret_value_in_any_output_or_log(xcfg: XdcConfig, stack_cfg: XdcCon
     files = [p for p in run_dir.rglob("*") if p.is_file() and p.name != SECRETS_FILE
              and p.suffix in (".log", ".yaml", ".json", ".env", ".txt")]
     assert any(p.suffix == ".log" for p in files)
-    for p in files:
-        texts[str(p)] = p.read_text(errors="replace")
+    # the state (spans with their attributes, dead letters, config history): SQLite files, read raw
+    dbs = [p for p in (xcfg.base_dir / tag).rglob("*.db") if p.is_file()]
+    spans = b"".join(p.read_bytes() for p in dbs)
+    assert b"mirror.apply" in spans and b"s3.transfer" in spans, "no span reached the state"
+    for p in [*files, *dbs]:
+        texts[str(p)] = p.read_bytes().decode("latin-1")
     for where, text in texts.items():
         for name, value in values.items():
             assert value not in text, f"{name} leaked into {where}"

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_VARIABLE", "ENV_FILE_VARIABLE", "RELEASE_ASSET", "config_path", "load_xdc_config",
            "parse_time_config", "schedule_from_env", "mirror_targets", "dc_asset_name", "release_watch",
+           "READY_ALIAS", "ready_asset_name",
            "kafka_connection_extra", "kafka_connection_env", "check_kafka_connection", "release_asset",
            "is_release_message", "release_payload", "release_payloads"]
 
@@ -103,6 +104,15 @@ def mirror_targets(cfg: XdcConfig) -> list[str]:
 def dc_asset_name(dc: str) -> str:
     """The asset a mirror task updates when it applied objects into `dc`."""
     return f"xdc-dc-{dc}"
+
+
+READY_ALIAS = "xdc-ready"  # the prewarm DAG's check task emits ready assets through this alias
+
+
+def ready_asset_name(dataset: str, dc: str) -> str:
+    """The asset that gets an event when a version of `dataset` is 100 % cached in `dc`: schedule a
+    training DAG on ``Asset(ready_asset_name("cams-2026", "B"))``."""
+    return f"xdc-ready-{dataset}-{dc}"
 
 
 def release_watch(cfg: XdcConfig) -> tuple[list[str], str]:

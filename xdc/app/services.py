@@ -13,7 +13,7 @@ def serving(cfg: XdcConfig, *, live: Callable[[], bool], ready: Callable[[], boo
     if not cfg.metrics.port:
         yield None
         return
-    handle = serve(cfg.metrics.host, cfg.metrics.port, live=live, ready=ready)
+    handle = serve(cfg.metrics.host, cfg.metrics.port, live=live, ready=ready, token=cfg.metrics.token())
     try:
         yield handle
     finally:

@@ -10,6 +10,11 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   the committed offset is never ahead of what is durable;
 - a retriable error (`XdcError.retriable`) from the handler rewinds the batch and retries it after
   a capped backoff: while a dependency is unavailable the partition waits, nothing is skipped;
+  with `retry.max_attempts` set, a batch that failed that often is dead-lettered with the reason
+  (tries are counted per batch, by its first record); the handler's `on_letters` hears of every
+  letter once it is flushed, before the commit;
+- a fatal error (`XdcError.fatal`: a misconfiguration such as an untrusted TLS certificate) ends
+  the loop at once, nothing dead-lettered or committed;
 - any other error is a poison message somewhere in the batch: the records are handled one by one
   and the one that fails is dead-lettered with the reason (`ReasonedError.reason`, else
   `unexpected_error`), while the rest proceeds;
@@ -18,7 +23,23 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   new owner redoes the batch, which is idempotent); before partitions are revoked the handler's
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
-  commits nothing (dead-letter listing, the lag reader).
+  commits nothing (dead-letter listing, the lag reader);
+- about once a second the log ends are probed (one ListOffsets call); once every partition's position
+  has passed a probe's ends, every record appended before that probe was handled: `applied_through`
+  (wall-clock seconds, per source) moves to the probe's time, and the handler's
+  `on_applied_through` hears of it. While a source cannot be reached no probe succeeds, so
+  now - applied_through bounds the lag of everything still pending and keeps growing; a batch in
+  flight (below) counts as not handled yet;
+- before a newly assigned partition is read, its committed offset is compared with the log's start
+  and end (`xdc.io.offset_gaps`: the rule): when the group will never see some of its records
+  (retention removed them unread, or the group has no offset and the log no longer starts at 0),
+  the handler's `on_gaps(source, gaps)` records them (durably, before it returns), then the log
+  start is committed for those partitions, so a restart does not find the same gap again. The
+  check is a broker round trip, so it does not run in the rebalance listener (kafka-python calls
+  it on its event loop, where a blocking call would stall heartbeats): the listener only forgets
+  revoked partitions, and the loop checks a partition it has not checked since it was assigned
+  before handling its first batch, and when idle (a log that retention emptied brings no batch).
+  A check that fails (broker away, state down) rewinds that batch and is tried again.
 
 Pipelined handlers (the mirror) split a batch in two: `prepare` (parse, decide, copy: CPU and
 object I/O) on the loop's thread, and the `durable` part it returns (the state transaction, the
@@ -26,8 +47,17 @@ outbox) on one writer thread, in batch order. The loop prepares batch N+1 while 
 and commits N's offsets once N's durable part is done: the same order of guarantees, with the
 database's time overlapped. A durable part that fails stops the writer (later batches are not made
 durable), every batch in flight is rewound, and the batch redelivered next is handled the plain
-way (with the retries, backoff and poison-record search above) before pipelining resumes. Before
-partitions are revoked, everything in flight is made durable and committed.
+way (with the retries, backoff and poison-record search above) before pipelining resumes.
+
+Threads: every consumer call (poll, seek, commit, offsets, the gap check) is made on the loop's
+thread; kafka-python's consumer is not thread-safe. The writer thread only runs durable parts
+(state and producer, never the consumer), and `on_gaps` runs with nothing in flight. kafka-python
+3.0.12 runs rebalance listeners on the consumer's IO thread while the loop's thread waits in
+poll(): there a blocking consumer call would fail, so the listener makes no broker call. Before
+partitions are revoked it waits until the durable parts in flight are done (so the partitions'
+next owner never applies a batch at the same time as this process) and forgets the revoked
+partitions' gap checks; the loop commits those batches once poll() returns, and a commit the group
+refuses after the rebalance is dropped (the next owner redoes the batch, found done).
 """
 from __future__ import annotations
 
@@ -42,19 +72,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError as _ClientError
 
 from xdc.errors import KafkaError, ReasonedError, RebalancedError, XdcError
 from xdc.faults import crash_point
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import (
     Record,
-    caught_up,
     commit,
     kafka_errors,
     next_offsets,
     rewind,
     to_records,
 )
+from xdc.io.offset_gaps import OffsetGap, find_gaps
 from xdc.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -88,9 +119,20 @@ class Letter:
 
 
 class Handler(Protocol):
+    """Optional hooks, called when defined: `on_letters(source, letters)` once letters are flushed,
+    `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)` (in the rebalance
+    listener: no consumer call), `on_assigned(source, partitions, consumer)` (likewise),
+    `on_gaps(source, gaps)` (records them durably; the partitions are read on once it returns)."""
+
     def handle(self, batch: Batch) -> Sequence[Letter]:
         """Do the batch's work durably; return the records to dead-letter."""
         ...
+
+
+@dataclass(frozen=True)
+class _Probe:
+    at: float  # wall-clock time just before the log ends were asked for
+    ends: dict[TopicPartition, int]
 
 
 @dataclass
@@ -144,7 +186,10 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        self.loop.settle()  # what is in flight becomes durable and committed while we own it
+        # On kafka-python's IO thread, the loop's thread waiting in poll(): no consumer call here.
+        self.loop.wait_durable()  # the next owner must not apply a batch while this process still does
+        with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
+            self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
         if hook is not None and revoked:
             hook(self.source.name, list(revoked))
@@ -159,7 +204,8 @@ class ConsumeLoop:
     def __init__(self, sources: Sequence[Source], handler: Handler, *,
                  dead_letters: DeadLetterSink | None = None, max_records: int = 500,
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
-                 max_broker_failures: int = 30, name: str = "consume", pipeline: bool = True) -> None:
+                 max_broker_failures: int = 30, name: str = "consume", pipeline: bool = True,
+                 probe_interval_s: float = 1.0) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
         error (0: until it works); after that its records are dead-lettered with the reason.
         `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop.
@@ -181,9 +227,24 @@ class ConsumeLoop:
         self._inflight: deque[_InFlight] = deque()
         self._broken = False  # a durable part failed: later ones are skipped until the loop recovers
         self._plain_next = False  # the next batch is handled the plain way (after a failure in flight)
+        self._failures: dict[tuple[str, str, int, int], int] = {}  # a batch (by its first record) -> failed tries
+        self.probe_interval_s = probe_interval_s
+        self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
+        self._probes: dict[str, list[_Probe]] = {}
+        self._last_probe: dict[str, float] = {}
+        # source -> partitions checked for gaps since they were assigned; the rebalance listener runs
+        # on kafka-python's IO thread and removes revoked ones, hence the lock
+        self._checked: dict[str, set[TopicPartition]] = {}
+        self._gap_lock = threading.Lock()
+        self.gaps: list[OffsetGap] = []  # every gap found, for the caller's report
         for s in self.sources:
             if s.group is not None and s.topics:
                 with kafka_errors(f"subscribe {s.name} {list(s.topics)}"):
+                    # Topic metadata first: a group joined before it is known gets an empty first
+                    # assignment and rejoins at once; kafka-python 3.0.12 sometimes stops
+                    # heartbeating after that second join and never notices it was dropped.
+                    for t in s.topics:
+                        s.consumer.partitions_for_topic(t)
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
@@ -203,7 +264,6 @@ class ConsumeLoop:
         t0 = time.monotonic()
         idle = 0
         broker_failures = 0
-        self._handler_failures = 0
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -222,6 +282,8 @@ class ConsumeLoop:
                     self.caught_up = False
                     batch = Batch(src.name, records)
                     try:
+                        if not self._gaps_checked(src, batch, stop):
+                            continue
                         if self._writer is not None and not self._plain_next:
                             self._pipelined(src, batch)
                         elif not self._plain(src, batch, stop):
@@ -231,6 +293,7 @@ class ConsumeLoop:
                         continue
                     broker_failures = 0
                     progressed = True
+                    self._track(src, idle=False)
                 if progressed:
                     idle = 0
                     continue
@@ -239,10 +302,17 @@ class ConsumeLoop:
                 except KafkaError as exc:
                     broker_failures = self._broker_trouble(broker_failures, exc)
                     continue
+                for src in self.sources:  # nothing in flight: a log that retention emptied brings no batch
+                    try:
+                        self._check_gaps(src, set(src.consumer.assignment()))
+                    except XdcError as exc:
+                        if not exc.retriable:
+                            raise
+                        log.warning("%s: gap check of %s failed (%r); tried again", self.name, src.name, exc)
                 on_idle = getattr(self.handler, "on_idle", None)
                 if on_idle is not None:
                     on_idle()
-                self.caught_up = self._caught_up()
+                self.caught_up = all([self._track(s, idle=True) for s in self.sources])
                 if once:
                     idle += 1
                     joined = all(s.consumer.assignment() for s in self.sources)
@@ -266,22 +336,43 @@ class ConsumeLoop:
         except XdcError as exc:
             if not exc.retriable:
                 raise
-            self._handler_failures += 1
-            if self.retry.max_attempts and self._handler_failures >= self.retry.max_attempts:
-                log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, self._handler_failures, exc)
+            tries = self._failed(batch)
+            if self.retry.max_attempts and tries >= self.retry.max_attempts:
+                log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, tries, exc)
                 self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc)) for r in batch.records],
                                    src.name)
             else:
-                rewind(src.consumer, batch.records)
-                self.stats.retries += 1
-                delay = self.retry.delay(self._handler_failures)
-                log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name, len(batch), src.name,
-                            exc, delay)
-                self._sleep(delay, stop)
+                self._retry_later(src, batch, exc, tries, stop)
                 return False
-        self._handler_failures = 0
+        self._failures.pop(_ident(batch), None)
         self._plain_next = False
         self._commit(src, batch, t_batch)
+        return True
+
+    def _failed(self, batch: Batch) -> int:
+        """One more failed try of `batch` (counted by its first record); returns the tries."""
+        ident = _ident(batch)
+        tries = self._failures[ident] = self._failures.get(ident, 0) + 1
+        return tries
+
+    def _retry_later(self, src: Source, batch: Batch, exc: BaseException, tries: int,
+                     stop: threading.Event | None) -> None:
+        rewind(src.consumer, batch.records)
+        self.stats.retries += 1
+        delay = self.retry.delay(tries)
+        log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name, len(batch), src.name, exc, delay)
+        self._sleep(delay, stop)
+
+    def _gaps_checked(self, src: Source, batch: Batch, stop: threading.Event | None) -> bool:
+        """The gap check of the batch's partitions not checked since their assignment; False when it
+        failed (broker or state away): the batch is rewound and tried again after a backoff."""
+        try:
+            self._check_gaps(src, {TopicPartition(r.topic, r.partition) for r in batch.records})
+        except XdcError as exc:
+            if not exc.retriable:
+                raise
+            self._retry_later(src, batch, exc, self._failed(batch), stop)
+            return False
         return True
 
     def _pipelined(self, src: Source, batch: Batch) -> None:
@@ -307,6 +398,15 @@ class ConsumeLoop:
         except BaseException:
             self._broken = True
             raise
+
+    def wait_durable(self, timeout_s: float = 60.0) -> None:
+        """Wait until the durable parts in flight are done (or failed). Called from the rebalance
+        listener: no consumer call, and the in-flight batches stay for the loop to commit or rewind."""
+        for f in list(self._inflight):
+            try:
+                f.done.result(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - the loop sees the failure when it settles
+                pass
 
     def settle(self, keep: int = 0) -> None:
         """Finish batches in flight (oldest first: letters, then offsets) until `keep` remain. A
@@ -357,7 +457,7 @@ class ConsumeLoop:
         try:
             return list(self.handler.handle(batch))
         except XdcError as exc:
-            if exc.retriable:
+            if exc.retriable or exc.fatal:  # fatal: a misconfiguration, no record is at fault
                 raise
             err: BaseException = exc
         except Exception as exc:  # noqa: BLE001 - a bug on one message must not stop the partition
@@ -382,6 +482,9 @@ class ConsumeLoop:
             self.stats.letters_by_reason[x.reason] = self.stats.letters_by_reason.get(x.reason, 0) + 1
         self.dead_letters.flush()  # durable before the offsets that skip them are committed
         self.stats.dead_letters += len(letters)
+        hook = getattr(self.handler, "on_letters", None)
+        if hook is not None:
+            hook(origin, list(letters))
 
     def _broker_trouble(self, failures: int, exc: KafkaError) -> int:
         if not exc.retriable:
@@ -394,12 +497,91 @@ class ConsumeLoop:
         time.sleep(delay)
         return failures
 
-    def _caught_up(self) -> bool:
-        try:
-            with kafka_errors("positions"):
-                return all(caught_up(s.consumer) for s in self.sources)
-        except KafkaError:
+    def _check_gaps(self, src: Source, parts: set[TopicPartition]) -> None:
+        """Compare the committed offsets of those of `parts` not checked since their assignment with
+        their logs; hand the gaps to the handler (durably recorded when it returns) and acknowledge
+        them (commit the log start). Raises a retriable XdcError when the broker or state is away.
+        On the loop's thread; the handler hears of gaps with nothing in flight (one state writer)."""
+        if getattr(self.handler, "on_gaps", None) is None or src.group is None:
+            return
+        with self._gap_lock:
+            todo = sorted(parts - self._checked.get(src.name, set()))
+        if not todo:
+            return
+        consumer = src.consumer
+        with kafka_errors(f"offsets of {src.name} {todo}"):
+            starts = consumer.beginning_offsets(todo, timeout_ms=10_000)
+            ends = consumer.end_offsets(todo, timeout_ms=10_000)
+            committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in todo}
+        gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
+                         {(tp.topic, tp.partition): s for tp, s in starts.items()},
+                         {(tp.topic, tp.partition): e for tp, e in ends.items()})
+        if gaps:
+            for g in gaps:
+                log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
+                            self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
+                            "unknown" if g.lost is None else g.lost)
+            self.settle()  # the handler records them with no durable part running beside it
+            self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
+            self.gaps.extend(gaps)
+            try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
+                commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
+            except KafkaError as exc:  # found again after the next assignment; the handler dedupes
+                log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
+        with self._gap_lock:
+            self._checked.setdefault(src.name, set()).update(tp for tp in todo if tp in consumer.assignment())
+
+    def _track(self, src: Source, *, idle: bool) -> bool:
+        """Probe the log ends (when idle, or once per probe interval) and move `applied_through`
+        past every probe the positions have reached. True when every assigned partition is at the
+        end of a probe made now (caught up); False when that is not known. A batch in flight counts
+        as not handled: its partitions' positions are taken at its first record."""
+        consumer = src.consumer
+        parts = list(consumer.assignment())
+        if not parts:
             return False
+        probes = self._probes.setdefault(src.name, [])
+        fresh = None
+        now = time.time()
+        if idle or now - self._last_probe.get(src.name, 0.0) >= self.probe_interval_s:
+            self._last_probe[src.name] = now
+            try:
+                ends = consumer.end_offsets(parts, timeout_ms=2000)
+            except _ClientError as exc:  # the broker away: no probe, applied_through stays behind
+                log.debug("%s: log ends of %s: %r", self.name, src.name, exc)
+            else:
+                fresh = _Probe(now, dict(ends))
+                probes.append(fresh)
+                del probes[:-64]  # a long stall: the newest probes are the ones that matter
+        if not probes:
+            return False
+        try:
+            pos = {tp: consumer.position(tp, timeout_ms=1000) for tp in parts}
+        except _ClientError as exc:
+            log.debug("%s: positions of %s: %r", self.name, src.name, exc)
+            return False
+        for f in self._inflight:  # not durable yet
+            if f.source is src:
+                for r in f.batch.records:
+                    tp = TopicPartition(r.topic, r.partition)
+                    if tp in pos and pos[tp] is not None and r.offset < pos[tp]:
+                        pos[tp] = r.offset
+        passed: _Probe | None = None
+        keep = []
+        for p in probes:
+            if not set(p.ends) <= set(parts):
+                continue  # partitions moved to another member: that probe can no longer be passed here
+            if all(pos.get(tp) is not None and pos[tp] >= end for tp, end in p.ends.items()):  # type: ignore[operator]
+                passed = p
+            else:
+                keep.append(p)
+        probes[:] = keep
+        if passed is not None and passed.at > self.applied_through.get(src.name, 0.0):
+            self.applied_through[src.name] = passed.at
+            hook = getattr(self.handler, "on_applied_through", None)
+            if hook is not None:
+                hook(src.name, passed.at)
+        return fresh is not None and passed is fresh
 
     @staticmethod
     def _sleep(seconds: float, stop: threading.Event | None) -> None:
@@ -407,6 +589,11 @@ class ConsumeLoop:
             stop.wait(seconds)
         else:
             time.sleep(seconds)
+
+
+def _ident(batch: Batch) -> tuple[str, str, int, int]:
+    r = batch.records[0]
+    return (batch.source, r.topic, r.partition, r.offset)
 
 
 def _reason(exc: BaseException) -> str:

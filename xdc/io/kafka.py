@@ -22,6 +22,7 @@ from kafka.errors import KafkaError as _KafkaError
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
+from xdc import trace
 from xdc.config import Brokers
 from xdc.errors import KafkaAuthError, KafkaError, RebalancedError
 from xdc.io.kafka_security import as_brokers, check_brokers, kafka_python_kwargs
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Record", "make_producer", "make_consumer", "make_admin", "group_offsets", "ensure_topics", "commit",
            "next_offsets", "rewind", "consumer_lag", "caught_up", "TopicPartition", "kafka_errors", "client_kwargs",
-           "Brokers"]
+           "Brokers", "send_step"]
 
 
 def client_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
@@ -96,6 +97,20 @@ def make_producer(brokers: Brokers | Sequence[str], **overrides: Any) -> KafkaPr
         return KafkaProducer(**conf)
 
 
+def send_step(producer: KafkaProducer, topic: str, *, key: bytes | None, value: bytes, parent: Any,
+              attributes: dict[str, Any] | None = None, starts_object: bool = False) -> None:
+    """Send a message that is a step of an object's trace: a `kafka.publish` span under `parent`,
+    ended when the broker acknowledges it, whose context the message carries (traceparent).
+
+    `starts_object`: the message starts the object's path (an S3 event): it carries an unsampled
+    traceparent when `parent` is not traced, so later steps do not sample it again."""
+    span = trace.child("kafka.publish", parent, attributes={**(attributes or {}), "messaging.destination": topic})
+    hdrs = trace.new_object_headers(span) if starts_object else trace.headers(span)
+    fut = producer.send(topic, key=key, value=value, headers=hdrs or None)
+    if span is not None:
+        fut.add_both(lambda outcome: trace.end(span, error=outcome if isinstance(outcome, Exception) else None))
+
+
 def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics: Iterable[str] = (), *,
                   session_timeout_ms: int = 6000, heartbeat_interval_ms: int = 1000,
                   **overrides: Any) -> KafkaConsumer:
@@ -115,6 +130,8 @@ def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics
         c = KafkaConsumer(**conf)
         topics = list(topics)
         if topics:
+            for t in topics:  # metadata before the group join (see xdc.io.consume.ConsumeLoop)
+                c.partitions_for_topic(t)
             c.subscribe(topics)
         return c
 

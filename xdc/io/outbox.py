@@ -80,7 +80,7 @@ class OutboxPublisher:
                 for r in rows:
                     o = r.message
                     self.producer.send(o.topic, key=o.key, value=o.value, partition=part[r.id],
-                                       headers=[(HEADER, self._header(r.id))])
+                                       headers=[*o.headers, (HEADER, self._header(r.id))])
                 self.producer.flush(timeout=30)
             crash_point(f"{self.name}.in_outbox_flush")  # published, rows not yet deleted
             self.published += len(rows)

@@ -1,7 +1,10 @@
 """A small HTTP server for /metrics, /healthz and /readyz (Kubernetes probes, Prometheus scrape).
 
 Runs in a daemon thread beside the process's own loop; the dashboard adds its pages through
-``extra_routes``. It binds only to the host it is given (127.0.0.1 unless told otherwise).
+``extra_routes``. It binds only to the host it is given (127.0.0.1 unless told otherwise). On any
+address other than loopback it needs a token, and then every path but the two probes answers 401
+unless the request carries it: ``Authorization: Bearer <token>`` (Prometheus' ``authorization``,
+curl), or HTTP Basic with the token as the password (a browser asks for it; the user is ignored).
 
 - /metrics  Prometheus text format (OpenMetrics when the scraper asks for it)
 - /healthz  200 while ``live()`` is true (the process loop is alive), else 503
@@ -9,13 +12,17 @@ Runs in a daemon thread beside the process's own loop; the dashboard adds its pa
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import ipaddress
 import logging
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -25,12 +32,51 @@ from xdc.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 
-# path -> () -> (HTTP status, content type, body)
-RouteHandler = Callable[[], tuple[int, str, bytes]]
+# path -> () -> (HTTP status, content type, body) or (..., {extra header: value}); a query route
+# gets the query string's values
+RouteHandler = Callable[[], "tuple[int, str, bytes] | tuple[int, str, bytes, dict[str, str]]"]
+QueryHandler = Callable[[dict[str, str]], "tuple[int, str, bytes] | tuple[int, str, bytes, dict[str, str]]"]
 Probe = Callable[[], bool]
 
 BUILTIN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes say ok / not ok and nothing else
 _TEXT = "text/plain; charset=utf-8"
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """ConfigError unless `host` is loopback or a token guards it."""
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the token for {host} is shorter than {MIN_TOKEN_CHARS} characters")
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without a token: anyone who reaches it could read the "
+                          "metrics and the dashboard. Bind 127.0.0.1, or set a token (metrics.token_env)")
+
+
+def authorized(header: str | None, token: str) -> bool:
+    """Does an Authorization header carry the token (Bearer, or Basic with it as the password)?"""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode(), token.encode())
 
 
 @dataclass
@@ -76,15 +122,22 @@ def _probe(check: Probe | None, name: str) -> tuple[int, str, bytes]:
 
 
 def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe | None,
-                  routes: dict[str, RouteHandler]) -> type[BaseHTTPRequestHandler]:
+                  routes: dict[str, RouteHandler], query_routes: dict[str, QueryHandler],
+                  token: str | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "xdc"
         timeout = 30  # a stalled client must not hold a thread forever
 
         def _respond(self, head_only: bool) -> None:
-            path = urlsplit(self.path).path
+            url = urlsplit(self.path)
+            path = url.path
+            extra: list[tuple[str, str]] = []
             try:
-                if path == "/metrics":
+                if token is not None and path not in OPEN_PATHS and \
+                        not authorized(self.headers.get("Authorization"), token):
+                    status, content_type, body = 401, _TEXT, b"unauthorized\n"
+                    extra.append(("WWW-Authenticate", 'Basic realm="xdc", charset="UTF-8"'))
+                elif path == "/metrics":
                     encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                     status, body = 200, encoder(registry)
                 elif path == "/healthz":
@@ -92,7 +145,12 @@ def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe 
                 elif path == "/readyz":
                     status, content_type, body = _probe(ready, "ready")
                 elif path in routes:
-                    status, content_type, body = routes[path]()
+                    status, content_type, body, *more = routes[path]()
+                    extra += list(more[0].items()) if more else []
+                elif path in query_routes:
+                    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                    status, content_type, body, *more = query_routes[path](query)
+                    extra += list(more[0].items()) if more else []
                 else:
                     status, content_type, body = 404, _TEXT, b"not found\n"
             except Exception:
@@ -102,6 +160,11 @@ def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe 
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if not any(k == "Content-Security-Policy" for k, _ in extra):  # nothing here is a page to run
+                self.send_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+            for k, v in extra:
+                self.send_header(k, v)
             self.end_headers()
             if not head_only:
                 self.wfile.write(body)
@@ -121,17 +184,21 @@ def _make_handler(registry: CollectorRegistry, ready: Probe | None, live: Probe 
 
 def serve(host: str = "127.0.0.1", port: int = 0, registry: CollectorRegistry | None = None,
           ready: Probe | None = None, extra_routes: dict[str, RouteHandler] | None = None,
-          live: Probe | None = None) -> ServerHandle:
+          live: Probe | None = None, token: str | None = None,
+          query_routes: dict[str, QueryHandler] | None = None) -> ServerHandle:
     """Start serving in a daemon thread and return at once; ``port=0`` picks a free port.
 
     ``ready``/``live`` default to "always" when not given. ``extra_routes`` may not replace the
-    built-in paths. Raises ConfigError if the address cannot be bound.
+    built-in paths. ``token``: required on any host but loopback (ConfigError otherwise); with it,
+    every path but /healthz and /readyz needs it. Raises ConfigError if the address cannot be bound.
     """
+    check_exposure(host, token)
     routes = dict(extra_routes or {})
-    clash = BUILTIN_PATHS & routes.keys()
+    clash = BUILTIN_PATHS & (routes.keys() | (query_routes or {}).keys())
     if clash:
         raise ConfigError(f"extra_routes may not replace built-in paths: {sorted(clash)}")
-    handler = _make_handler(registry if registry is not None else REGISTRY, ready, live, routes)
+    handler = _make_handler(registry if registry is not None else REGISTRY, ready, live, routes,
+                            dict(query_routes or {}), token)
 
     server_cls = type("XdcHTTPServer", (ThreadingHTTPServer,), {
         "daemon_threads": True,
@@ -145,5 +212,5 @@ def serve(host: str = "127.0.0.1", port: int = 0, registry: CollectorRegistry | 
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name=f"xdc-http-{bound_port}", daemon=True)
     thread.start()
-    log.info("serving /metrics /healthz /readyz on %s:%d", host, bound_port)
+    log.info("serving /metrics /healthz /readyz on %s:%d%s", host, bound_port, " (token required)" if token else "")
     return ServerHandle(host=host, port=bound_port, _server=server, _thread=thread)

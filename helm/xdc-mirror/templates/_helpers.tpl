@@ -86,6 +86,9 @@ writers (PostgreSQL; SQLite takes one process of each).
 {{- if eq (toString ($m.host | default "127.0.0.1")) "127.0.0.1" -}}
 {{- fail "config.metrics.host must be 0.0.0.0 (or the pod IP) in Kubernetes: probes cannot reach 127.0.0.1" -}}
 {{- end -}}
+{{- if not $m.token_env -}}
+{{- fail "config.metrics.token_env: off loopback, /metrics and the dashboard need a token (an env var filled from secrets.metricsToken)" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "xdc.metricsPort" -}}
@@ -120,6 +123,14 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
       key: {{ required (printf "secrets.s3.%s.secretKeyKey" $dcName) $sec.secretKeyKey }}
 {{- end }}
 {{- end }}
+{{- with .Values.config.metrics.token_env }}
+{{- $tok := $.Values.secrets.metricsToken | default dict }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "secrets.metricsToken.secretName: the Secret with the metrics and dashboard token" $tok.secretName }}
+      key: {{ required "secrets.metricsToken.key" $tok.key }}
+{{- end }}
 {{- range concat (.Values.secrets.kafka | default list) (.Values.secrets.extraEnv | default list) }}
 - name: {{ .env }}
   valueFrom:
@@ -143,6 +154,14 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- range $i, $ca := .Values.caBundles }}
+- name: ca-{{ $i }}
+  configMap:
+    name: {{ $ca.configMap }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+{{- end }}
 {{- end -}}
 
 {{- define "xdc.volumeMounts" -}}
@@ -153,6 +172,12 @@ names, filled from the Secret `secrets.s3.<dc>` (required for every DC whose cre
   mountPath: {{ .Values.persistence.mountPath }}
 - name: tmp
   mountPath: /tmp
+{{- range $i, $ca := .Values.caBundles }}
+- name: ca-{{ $i }}
+  mountPath: {{ $ca.mountPath }}
+  subPath: {{ $ca.key }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "xdc.probes" -}}

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from kafka import TopicPartition
 
 import xdc.io.consume as consume_mod
 from mirror.dlq import read_letters
@@ -21,7 +20,8 @@ from xdc.config import XdcConfig
 from xdc.errors import EventError, TransientStateError, TransientStoreError
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Prepared, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import group_offsets
+from xdc.io.kafka import TopicPartition, group_offsets, make_admin
+from xdc.io.offset_gaps import OffsetGap
 from xdc.retry import RetryPolicy
 
 
@@ -198,3 +198,79 @@ def test_a_failed_durable_part_is_redone_and_nothing_is_committed_past_it(
     assert set(rec.applied) == every  # nothing lost (some records twice: redone after the failure)
     assert loop.stats.retries == 1 and rec.fail_at is None
     assert rec.durable == {p: end for (_, p), end in ends.items()}
+
+
+class GapRecorder(Recorder):
+    """A handler with `on_gaps`: its first call fails when asked (the state away), as a real one may."""
+
+    def __init__(self, fail_first_gap: bool = False) -> None:
+        super().__init__()
+        self.log: list[object] = []
+        self.fail_first_gap = fail_first_gap
+
+    def handle(self, batch: Batch) -> Sequence[Letter]:
+        self.log.extend((r.partition, r.value) for r in batch.records)
+        return super().handle(batch)
+
+    def on_gaps(self, source: str, gaps: list[OffsetGap]) -> None:
+        if self.fail_first_gap:
+            self.fail_first_gap = False
+            self.log.append("gap_failed")
+            raise TransientStateError("state database away")
+        self.log.extend(gaps)
+
+
+def test_records_deleted_before_the_group_read_them_are_a_gap_found_before_consuming(
+        xcfg: XdcConfig, tag: str) -> None:
+    """DeleteRecords (the broker mechanism retention uses) moves a partition's log start past what
+    the group committed: the loop hands the gap to the handler before any record of that partition,
+    retries the check while the handler fails, acknowledges it, and a restart finds no gap again.
+    A group with no offset on that partition has a gap of the whole deleted prefix; on the
+    partitions whose log still starts at 0 it has none."""
+    topic = xcfg.dc("A").kafka.topics.events
+    produce(xcfg, "A", topic, [(b"k", f"m{i}".encode()) for i in range(10)])  # one partition
+    first = GapRecorder()
+    loop = _loop(xcfg, f"{tag}-g", first)
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    assert first.done == [f"m{i}".encode() for i in range(10)] and loop.gaps == []
+    part = first.log[0][0]  # type: ignore[index]
+    tp = TopicPartition(topic, part)
+    assert group_offsets(site(xcfg, "A").brokers, f"{tag}-g")[tp] == 10
+
+    produce(xcfg, "A", topic, [(b"k", f"m{i}".encode()) for i in range(10, 20)])
+    admin = make_admin(site(xcfg, "A").brokers)
+    try:
+        admin.delete_records({tp: 15})  # m10..m14 gone before the group read them
+    finally:
+        admin.close()
+
+    again = GapRecorder(fail_first_gap=True)
+    loop = _loop(xcfg, f"{tag}-g", again)
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    gap = OffsetGap(topic, part, 10, 15, 20, 5)
+    assert again.log == ["gap_failed", gap] + [(part, f"m{i}".encode()) for i in range(15, 20)]
+    assert loop.gaps == [gap]
+    assert group_offsets(site(xcfg, "A").brokers, f"{tag}-g")[tp] == 20
+
+    fresh = GapRecorder()  # a new group: no offsets anywhere
+    loop = _loop(xcfg, f"{tag}-new", fresh)
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    assert fresh.log[0] == OffsetGap(topic, part, None, 15, 20, 15)
+    assert fresh.done == [f"m{i}".encode() for i in range(15, 20)] and loop.gaps == [fresh.log[0]]
+
+    restarted = GapRecorder()
+    loop = _loop(xcfg, f"{tag}-g", restarted)
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    assert loop.gaps == [] and restarted.log == []

@@ -6,7 +6,7 @@ import hashlib
 import io
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -22,7 +22,8 @@ from xdc.errors import (
     UnavailableError,
     XdcError,
 )
-from xdc.io.store import ObjectInfo, S3Store, Store, _translate, plain_md5_etag
+from xdc.io.s3client import translate as _translate
+from xdc.io.store import ObjectInfo, S3Store, Store, _HashingReader, plain_md5_etag
 from xdc.retry import RetryPolicy
 
 
@@ -99,7 +100,7 @@ class MemStore(Store):
         return info, io.BytesIO(d[: len(d) // 2] if self.short else d)
 
     def put(self, bucket: str, key: str, body: BinaryIO | bytes, *, metadata: dict[str, str] | None = None,
-            size: int | None = None) -> ObjectInfo:
+            size: int | None = None, tags: Any = None) -> ObjectInfo:
         self.objs[(bucket, key)] = body if isinstance(body, bytes) else body.read()
         return self._info(bucket, key)
 
@@ -107,6 +108,9 @@ class MemStore(Store):
         self.objs.pop((bucket, key), None)
 
     def ensure_bucket(self, bucket: str) -> None:
+        pass
+
+    def ping(self, bucket: str) -> None:
         pass
 
 
@@ -151,3 +155,42 @@ def test_s3store_through_faults(stack_cfg: XdcConfig) -> None:
         assert p.counts["truncate"] == 1 and p.counts["access_denied"] == 1
         with pytest.raises(ObjectNotFound):
             st.head("idcb-drive", "ok/missing.bin")
+
+
+def test_damaged_bodies_and_writes_that_land_unanswered_are_sent_again(stack_cfg: XdcConfig) -> None:
+    """A PUT whose body is damaged on the way is refused by its Content-MD5 (BadDigest) and sent
+    again; a part of a multipart upload damaged on the way lands as sent, and the copy finds it by
+    the multipart ETag and redoes the copy; a write applied upstream whose answer is lost (reset
+    after the fact) is sent again, harmlessly."""
+    up = stack_cfg.dc("B").s3.internal_url
+    ak, sk = os.environ["XDC_B_ACCESS_KEY"], os.environ["XDC_B_SECRET_KEY"]
+    src = S3Store(stack_cfg.dc("A").s3.internal_url, os.environ["XDC_A_ACCESS_KEY"], os.environ["XDC_A_SECRET_KEY"])
+    tag = os.urandom(4).hex()
+    big = os.urandom(11 * 2**20 + 123)  # three 5 MiB parts
+    src.put("idca-drive", f"mp/{tag}.bin", big)
+    plan = FaultPlan(rules=[Rule("damage", f"/idcb-drive/small/{tag}", ("PUT",), times=1),
+                            Rule("damage", f"/idcb-drive/mp/{tag}", ("PUT",), times=1),
+                            Rule("reset_after", f"/idcb-drive/after/{tag}", ("PUT",), times=1)])
+    with FaultProxy(up, plan) as p:
+        st = S3Store(p.url, ak, sk, retry=RetryPolicy(4, base_s=0.01), multipart_threshold=5 * 2**20,
+                     multipart_chunk=5 * 2**20)
+        data = os.urandom(4000)
+        assert st.put("idcb-drive", f"small/{tag}.bin", data).etag == hashlib.md5(data).hexdigest()
+        assert st.get("idcb-drive", f"small/{tag}.bin") == data
+        assert st.put("idcb-drive", f"after/{tag}.bin", data).size == 4000
+        landed = src.copy_to(st, "idca-drive", f"mp/{tag}.bin", "idcb-drive", f"mp/{tag}.bin")
+        assert landed.etag.endswith("-3") and st.get("idcb-drive", f"mp/{tag}.bin") == big
+        assert p.counts["damage"] == 2 and p.counts["reset_after"] == 1
+        puts = [f for _, m, path, f in p.requests_to(f"/mp/{tag}.bin", "PUT")]
+        assert puts[0] == "damage" and len(puts) == 6, puts  # the copy was done twice, three parts each
+    assert len(p.requests_to(f"/after/{tag}.bin", "PUT")) == 2  # applied, reset, sent again
+
+
+def test_hashing_reader_predicts_the_multipart_etag() -> None:
+    data = os.urandom(3 * 1000 + 17)
+    r = _HashingReader(io.BytesIO(data), part_size=1000)
+    while r.read(333):
+        pass
+    parts = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    want = hashlib.md5(b"".join(hashlib.md5(x).digest() for x in parts)).hexdigest() + "-4"
+    assert (r.multipart_etag(), r.parts, r.md5.hexdigest()) == (want, 4, hashlib.md5(data).hexdigest())

@@ -2,7 +2,10 @@
 local stack: ingest + mirror + lag snapshots, a dead letter, a quarantined object, prewarm rows."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,22 +14,26 @@ from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 import pytest
+from playwright.sync_api import expect
 
 from mirror.ingest import ingest
 from mirror.runner import Mirror
 from tests.support import produce, put_event, site, topo
 from xdc.config import XdcConfig
 from xdc.events import new_sequencer
+from xdc.io.state import Conflict, Gap, NodeUsage
 from xdc.metrics import Metrics, new_registry
 from xdc.observe.dashboard import (
     dashboard_state,
     downsample,
+    page_csp,
     serve_dashboard,
     snapshot_html,
 )
 from xdc.observe.lag import record_lag_snapshot
 
 SRC = "idca-drive"
+MIB = 1 << 20
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -63,6 +70,17 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
     record_lag_snapshot(site(xcfg, "B"), metrics=Metrics(new_registry()))
 
     b, a = site(xcfg, "B").state, site(xcfg, "A").state
+    now = time.time()
+    for route, missing, differ in (("camera", 1, 1), ("lidar", 0, 0)):
+        b.verify.record({"route": route, "started": now - 5, "finished": now - 4, "trigger": "schedule",
+                         "source_listed": 60, "target_listed": 59, "missing": missing, "extra": 0, "differ": differ,
+                         "matched": 60 - missing - differ, "errors": 0, "repaired": 0, "sample": []})
+    # a gap of another group (this test's mirror would repair a gap of its own at its next start)
+    b.incidents.record_gap(Gap(f"{tag}-old-mirror.B", f"{tag}.events", 2, 10, 40, 30, ("camera", "lidar"),
+                               "verify --repair started"))
+    b.incidents.record_conflict(Conflict("camera", "idcb-drive", f"camera/{tag}/both.jpg", "A", "a" * 32, "B",
+                                         "b" * 32, f"camera/{tag}/both.jpg.xdc-conflict-B-bbbbbbbbbbbb",
+                                         "last_writer_wins"))
     b.incidents.record_quarantine("idcb-drive", f"camera/raw/{tag}/broken.png", "decode_failed",
                                   "truncated PNG <script>x</script>")
     b.prewarm.register("drive-2026-11", "v3", [f"idcb-drive/camera/{tag}/f{i}.jpg" for i in range(4)])
@@ -72,6 +90,12 @@ def populated(xcfg: XdcConfig, tmp_path: Path, tag: str) -> XdcConfig:
                               bytes_total=12_000_000_000, eta_s=412.0)
     a.prewarm.record_progress("lidar-night", files_done=120, files_total=120, bytes_done=12_000_000_000,
                               bytes_total=12_000_000_000, eta_s=0, cached_ratio=0.97, ready=False)
+    b.prewarm.record_ready("drive-2026-11", "v3", ready=True, files=4, nbytes=126_000, cached_ratio=1.0,
+                           manifest_uri="s3://idcb-drive/releases/drive.txt", now=time.time() - 300)
+    a.prewarm.record_ready("lidar-night", "v1", ready=False, files=120, nbytes=12_000_000_000, cached_ratio=0.97,
+                           manifest_uri=None, now=time.time())
+    b.prewarm.record_nodes([NodeUsage("b0", 950 * MIB, 1000 * MIB, 0.9, 0.7), NodeUsage("b1", 300 * MIB, 1000 * MIB, 0.9, 0.7)])
+    b.prewarm.record_eviction("drive-2026-10", "v2", "b0", 12, 64 * MIB, "room")
     return xcfg
 
 
@@ -133,6 +157,21 @@ def _check_page(page: Any, truth: dict[str, Any]) -> None:
     night = b.locator("tr[data-dataset='lidar-night']").inner_text()
     assert "warming" in night and "6 m 52 s" in night and "37 / 120" in night
     assert "not ready" in page.locator("section.dc[data-dc='A'] tr[data-dataset='lidar-night']").inner_text()
+    # each route's last verify, the gaps and the conflicts
+    assert int(_shown(page, "route-verify-drift.B.camera")) == 2 and int(_shown(page, "route-verify-drift.B.lidar")) == 0
+    assert "2 differ (1 missing, 0 extra, 1 changed)" in b.locator("tr[data-route='camera'] td.verify").inner_text()
+    assert "in sync" in b.locator("tr[data-route='lidar'] td.verify").inner_text()
+    gaps = b.locator("table.gaps").inner_text()
+    assert "40" in gaps and "verify --repair started" in gaps and "pending" in gaps
+    assert "xdc-conflict-B" in b.locator("table.conflicts").inner_text()
+    assert re.search(r"\b[56] m \d+ s ago", b.locator("tr[data-dataset='drive-2026-11']").inner_text())  # ready since
+    for node, used, fill in (("b0", 950 * MIB, 0.95), ("b1", 300 * MIB, 0.3)):
+        assert int(_shown(page, f"node-used.B.{node}")) == used
+        assert float(_shown(page, f"node-fill.B.{node}")) == fill
+        assert (float(_shown(page, f"node-high.B.{node}")), float(_shown(page, f"node-low.B.{node}"))) == (0.9, 0.7)
+    assert "bad" in b.locator("tr[data-node='b0'] .fill").get_attribute("class")  # over its high watermark
+    assert "room made: drive-2026-10@v2 from b0 (64.0 MiB" in b.inner_text()
+    assert page.locator("section.dc[data-dc='A'] table.cache-nodes").count() == 0
 
 
 @pytest.mark.slow
@@ -153,6 +192,9 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
 
         state = json.loads(urlopen(srv.url + "/api/state", timeout=10).read())
         assert [d["name"] for d in state["datacenters"]] == list(cfg.datacenters)
+        ready = json.loads(urlopen(srv.url + "/api/ready", timeout=10).read())["datasets"]
+        assert {(r["dc"], r["dataset"], r["version"], r["ready"], r["cached_ratio"]) for r in ready} == {
+            ("B", "drive-2026-11", "v3", True, 1.0), ("A", "lidar-night", "v1", False, 0.97)}
 
         # the static snapshot (what the demo leaves in its run directory) shows the same numbers
         html = snapshot_html(topo(cfg, "B"))
@@ -169,9 +211,9 @@ def test_dashboard_in_browser_shows_catalog_numbers_and_refreshes(populated: Xdc
         static.close()
 
         _mirror(cfg)  # the backlog is applied: the open page picks it up on its own
-        page.wait_for_function(
-            f"document.querySelector('[data-k=\"total-objects\"]').dataset.value == '{truth['objects'] + 7}'",
-            timeout=30_000)
+        # a locator wait (Playwright's own isolated world): the page's CSP forbids eval of a predicate
+        expect(page.locator('[data-k="total-objects"]').first).to_have_attribute(
+            "data-value", str(truth["objects"] + 7), timeout=30_000)
         page.close()
 
 
@@ -189,4 +231,13 @@ def test_state_of_an_empty_config_has_every_datacenter(xcfg: XdcConfig) -> None:
     assert st["totals"]["objects"] == 0 and st["totals"]["worst_p99"] is None
     (b,) = [d for d in st["datacenters"] if d["name"] == "B"]
     assert {r["name"] for r in b["routes"]} == {"camera", "lidar"}
-    assert all(r["latest"] is None and r["history"] == [] for r in b["routes"])
+    assert all(r["latest"] is None and r["history"] == [] and r["verify"] is None for r in b["routes"])
+    assert b["gaps"] == [] and b["conflicts"] == []
+
+
+def test_page_csp_allows_only_the_page_own_script() -> None:
+    page = '<p>x</p><script>let a = 1;</script><script>boot()</script>'
+    digest = base64.b64encode(hashlib.sha256(b"let a = 1;").digest()).decode()
+    csp = page_csp(page)
+    assert f"'sha256-{digest}'" in csp and csp.count("'sha256-") == 2
+    assert "default-src 'none'" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]

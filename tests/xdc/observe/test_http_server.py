@@ -1,6 +1,7 @@
 """xdc.observe.http: real HTTP requests with urllib against a server on a free port."""
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import urllib.error
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xdc.errors import ConfigError
 from xdc.metrics import Metrics, new_registry
-from xdc.observe.http import ServerHandle, serve
+from xdc.observe.http import ServerHandle, is_loopback, serve
 
 
 def get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -164,3 +165,60 @@ def test_stop_frees_the_port_and_is_idempotent(metrics: Metrics) -> None:
     with socket.socket() as s, pytest.raises(OSError):
         s.settimeout(2)
         s.connect(("127.0.0.1", port))
+
+
+# -- exposure: loopback, or a token ---------------------------------------------------------------
+TOKEN = "t0ken-for-the-test-0123456789"
+
+
+def test_refuses_a_non_loopback_host_without_a_token(metrics: Metrics) -> None:
+    with pytest.raises(ConfigError, match="without a token"):
+        serve("0.0.0.0", 0, metrics.registry)
+
+
+def test_refuses_a_short_token(metrics: Metrics) -> None:
+    with pytest.raises(ConfigError, match="shorter than"):
+        serve("127.0.0.1", 0, metrics.registry, token="short")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "::1", "localhost"])
+def test_loopback_hosts(host: str) -> None:
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "example.org"])
+def test_non_loopback_hosts(host: str) -> None:
+    assert not is_loopback(host)
+
+
+@pytest.fixture
+def guarded(metrics: Metrics) -> Iterator[ServerHandle]:
+    routes = {"/dash": lambda: (200, "text/html; charset=utf-8", b"<h1>lag</h1>")}
+    handle = serve("127.0.0.1", 0, metrics.registry, extra_routes=routes, token=TOKEN)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def test_a_token_guards_metrics_and_pages_not_the_probes(guarded: ServerHandle) -> None:
+    base = guarded.url
+    for path in ("/metrics", "/dash", "/nowhere"):
+        status, headers, body = get(base + path)
+        assert status == 401 and b"xdc_" not in body and b"lag" not in body, (path, status, body)
+        assert headers["WWW-Authenticate"].startswith("Basic")
+        assert get(base + path, {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+    for path in ("/healthz", "/readyz"):
+        assert get(base + path)[0] == 200
+    assert get(base + "/metrics", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    status, _, body = get(base + "/dash", {"Authorization": f"Basic {basic}"})
+    assert (status, body) == (200, b"<h1>lag</h1>")
+    assert get(base + "/dash", {"Authorization": "Basic !!not-base64"})[0] == 401
+
+
+def test_responses_forbid_sniffing_and_scripts(server: ServerHandle) -> None:
+    status, headers, _ = get(server.url + "/dash")
+    assert status == 200
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Security-Policy"].startswith("default-src 'none'")

@@ -10,21 +10,33 @@ from pathlib import Path
 from xdc.errors import ConfigError
 from xdc.io.state.base import (
     CatalogEntry,
+    ConfigHistory,
+    Conflict,
+    Gap,
     Incidents,
     LagHistory,
+    LedgerEntry,
+    MetaChange,
+    NodeUsage,
     ObjectCatalog,
     Outgoing,
     OutboxClaim,
     OutboxRow,
     PrewarmRecords,
+    ProblemLog,
     Registration,
+    ReleaseLedger,
     State,
+    Traces,
+    VerifyHistory,
 )
 from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
-__all__ = ["open_state", "sqlite_path", "takes_replicas", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "Outgoing", "OutboxClaim", "OutboxRow", "Registration"]
+__all__ = ["open_state", "sqlite_path", "takes_replicas", "State", "ObjectCatalog", "Incidents", "LagHistory",
+           "PrewarmRecords", "CatalogEntry", "MetaChange", "Outgoing", "OutboxClaim", "OutboxRow", "Gap", "Conflict",
+           "VerifyHistory", "Registration", "ReleaseLedger", "LedgerEntry", "NodeUsage", "Traces", "ConfigHistory",
+           "ProblemLog"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:
@@ -39,10 +51,15 @@ def takes_replicas(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def open_state(url: str, *, base_dir: Path = Path("."), password: str | None = None) -> State:
-    """Open (and migrate) the state at `url`."""
+def open_state(url: str, *, base_dir: Path = Path("."), password: str | None = None, durable: bool = True) -> State:
+    """Open (and migrate) the state at `url`.
+
+    `durable=False`: commits of this handle are not flushed to disk one by one (SQLite
+    synchronous=NORMAL, PostgreSQL synchronous_commit=off): for telemetry (spans, problem counts),
+    whose writes must not hold the database's write lock for an fsync the mirror then waits on.
+    Never for the catalog's batches."""
     if url.startswith("sqlite:///"):
-        return SqliteState(sqlite_path(url, base_dir))
+        return SqliteState(sqlite_path(url, base_dir), durable=durable)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresState(url, password=password)
+        return PostgresState(url, password=password, durable=durable)
     raise ConfigError(f"state URL must be sqlite:///PATH or postgresql://...: {url!r}")

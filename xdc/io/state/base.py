@@ -2,9 +2,14 @@
 
     State (one per datacenter)
      +-- catalog    ObjectCatalog   objects, consumed offsets, the outbox of applied events
-     +-- incidents  Incidents       dead letters and quarantined objects, for the dashboard
+     +-- incidents  Incidents       dead letters, quarantined objects, offset gaps, two-way conflicts
      +-- lag        LagHistory      lag snapshots per route
+     +-- verify     VerifyHistory   verify runs per route (source vs target listings)
      +-- prewarm    PrewarmRecords  warm bandwidth, dataset registrations, staged lists, progress
+     +-- releases   ReleaseLedger   every dataset release seen here and what became of it
+     +-- traces     Traces          recent spans of sampled traces (the built-in sink of xdc.trace)
+     +-- configs    ConfigHistory   config versions and the processes that ran them
+     +-- problems   ProblemLog      log signatures: first/last seen, count, one example
 
 Every write that must be durable before a Kafka commit goes through one transaction
 (`ObjectCatalog.commit_batch`). No module outside `xdc.io.state` writes SQL.
@@ -40,6 +45,22 @@ class CatalogEntry(msgspec.Struct, frozen=True):
     source_bucket: str
     source_key: str
     source_etag: str
+    # "s3": applied from an S3 event (sequencer is the store's); "reconcile": from a repair, which
+    # read the source and kept the newest S3 sequencer seen; "echo": the source datacenter's copy
+    # of this datacenter's own version was announced back (two-way routes, sequencer is the source's)
+    origin: str = "s3"
+    tags: str | None = None  # JSON object of the object's tags as last mirrored (None: none / unknown)
+    acl: str | None = None  # canned ACL as last mirrored ("custom:<json>" when it is not a canned one)
+
+
+@dataclass(frozen=True)
+class MetaChange:
+    """A tag or ACL change of an object the catalog holds (the content is unchanged)."""
+
+    bucket: str
+    key: str
+    kind: Literal["tags", "acl"]
+    value: str | None  # tags as a JSON object, the canned ACL; None: removed
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()  # e.g. traceparent
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,19 @@ class Registration:
     state: str  # staged | active | retired
     manifest_uri: str | None
     keys: int
+    retired_at: float | None = None  # epoch seconds, for retired registrations
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """A cache node's fill as last seen (for the dashboard): bytes and watermarks (shares)."""
+
+    node: str
+    used: int
+    capacity: int
+    high_watermark: float
+    low_watermark: float
+    updated: float = 0.0
 
 
 class ObjectCatalog(ABC):
@@ -94,10 +129,12 @@ class ObjectCatalog(ABC):
     @abstractmethod
     def commit_batch(self, entries: Sequence[CatalogEntry],
                      outbox: Callable[[list[CatalogEntry]], Sequence[Outgoing]],
-                     offsets: Offsets) -> list[CatalogEntry]:
-        """Atomically: upsert the entries whose sequencer is newer than the stored one, queue the
-        outbox rows of the entries that were applied, record the offsets (never moving back).
-        Returns the entries applied (another writer may have stored a newer one meanwhile)."""
+                     offsets: Offsets, meta: Sequence[MetaChange] = ()) -> list[CatalogEntry]:
+        """Atomically: upsert the entries whose sequencer is newer than the stored one (entries of
+        origin "reconcile" always, keeping the greater sequencer), apply the tag / ACL changes to
+        the live rows they name, queue the outbox rows of the entries that were applied, record
+        the offsets (never moving back). Returns the entries applied (another writer may have
+        stored a newer one meanwhile)."""
 
     @abstractmethod
     def claim_outbox(self, limit: int = 10_000) -> AbstractContextManager[OutboxClaim]:
@@ -134,11 +171,41 @@ class ObjectCatalog(ABC):
         """applied_time - event_time of the entries applied since `since`."""
 
 
-IncidentKind = Literal["dead_letters", "quarantine"]
+IncidentKind = Literal["dead_letters", "quarantine", "gaps", "conflicts", "etag_changes"]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events that expired from a partition before the group read them (or could have: no offset)."""
+
+    group: str
+    topic: str
+    partition: int
+    committed: int | None  # None: the group has no committed offset on a partition that holds data
+    log_start: int
+    lost: int | None  # messages between the committed offset and the log start (None: unknown)
+    routes: tuple[str, ...]  # the routes the partition feeds
+    repair: str  # what was done about it ("verify --repair started", ...)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Concurrent writes of one key in both datacenters (two-way routes), and how they were settled."""
+
+    route: str
+    bucket: str
+    key: str
+    winner_dc: str
+    winner_etag: str
+    loser_dc: str
+    loser_etag: str
+    kept_key: str | None  # where the losing version is kept (None: it stays where it is)
+    resolution: str  # "last_writer_wins", "write_beats_delete"
+    detail: str = ""
 
 
 class Incidents(ABC):
-    """Summaries of what could not be applied, for the dashboard (the letters are in Kafka)."""
+    """Summaries of what could not be applied as it came, for the dashboard (the letters are in Kafka)."""
 
     @abstractmethod
     def record_dead_letter(self, topic: str, partition: int | None, offset: int | None, reason: str,
@@ -146,6 +213,29 @@ class Incidents(ABC):
 
     @abstractmethod
     def record_quarantine(self, bucket: str, key: str, reason: str, detail: str) -> None: ...
+
+    @abstractmethod
+    def record_gap(self, gap: Gap) -> bool:
+        """Record a gap with repair status "pending"; False (nothing recorded) when the same gap
+        (group, topic, partition, committed offset) is already recorded and not yet repaired (a
+        process that died before acknowledging it finds it again)."""
+
+    @abstractmethod
+    def open_gaps(self, group: str) -> list[dict[str, Any]]:
+        """The group's gaps whose repair has not finished (status "pending"), oldest first."""
+
+    @abstractmethod
+    def finish_gap(self, gap_id: int, status: str, repair: str) -> None:
+        """Set a gap's repair status ("repaired", "failed") and what was done."""
+
+    @abstractmethod
+    def record_conflict(self, conflict: Conflict) -> None: ...
+
+    @abstractmethod
+    def record_etag_change(self, bucket: str, key: str, source_etag: str, etag: str, layout: str,
+                           reason: str) -> None:
+        """An object copied with another ETag than its source's (its part layout could not be
+        reproduced), and why; the catalog holds both ETags."""
 
     @abstractmethod
     def recent(self, kind: IncidentKind, limit: int = 50) -> list[dict[str, Any]]: ...
@@ -163,6 +253,22 @@ class LagHistory(ABC):
     @abstractmethod
     def latest(self) -> list[dict[str, Any]]:
         """The rows of the most recent snapshot, one per route."""
+
+
+class VerifyHistory(ABC):
+    """Each verify run of a route: counts of source vs target and the first differences."""
+
+    @abstractmethod
+    def record(self, run: Mapping[str, Any]) -> None:
+        """route, started, finished, trigger, source_listed, target_listed, missing, extra, differ,
+        matched, errors, repaired, sample (a list of the first differences, JSON-able)."""
+
+    @abstractmethod
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """route -> its most recent run."""
+
+    @abstractmethod
+    def history(self, route: str, limit: int = 20) -> list[dict[str, Any]]: ...
 
 
 class PrewarmRecords(ABC):
@@ -197,8 +303,44 @@ class PrewarmRecords(ABC):
     def registrations(self) -> list[Registration]: ...
 
     @abstractmethod
-    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None) -> dict[str, list[str]]:
-        """bucket_key -> ["dataset@version", ...] of ACTIVE registrations using it (minus exclude)."""
+    def users(self, keys: Sequence[str], exclude: tuple[str, str] | None = None, *,
+              staged: bool = False) -> dict[str, list[str]]:
+        """bucket_key -> ["dataset@version", ...] of ACTIVE registrations using it (minus exclude);
+        staged=True counts staged ones (a prewarm in flight) as users too."""
+
+    @abstractmethod
+    def retired(self) -> list[Registration]:
+        """Retired registrations, oldest retirement first."""
+
+    @abstractmethod
+    def keys_of(self, dataset: str, version: str) -> list[str]:
+        """The keys a registration (any state) holds."""
+
+    @abstractmethod
+    def record_ready(self, dataset: str, version: str, *, ready: bool, files: int, nbytes: int,
+                     cached_ratio: float, manifest_uri: str | None, now: float,
+                     announce: Outgoing | None = None) -> bool:
+        """Record a version's check result. Returns True when it BECAME ready (was not, or was never
+        checked); only then is `announce` queued in the outbox, in the same transaction."""
+
+    @abstractmethod
+    def readiness(self) -> list[dict[str, Any]]:
+        """Every checked version: dataset, version, ready, files, bytes, cached_ratio, manifest_uri,
+        ready_at (when it last became ready), checked_at."""
+
+    @abstractmethod
+    def record_nodes(self, nodes: Sequence[NodeUsage]) -> None:
+        """Upsert cache nodes' fill (one row per node)."""
+
+    @abstractmethod
+    def nodes(self) -> list[NodeUsage]: ...
+
+    @abstractmethod
+    def record_eviction(self, dataset: str, version: str, node: str, files: int, nbytes: int, reason: str) -> None:
+        """What was evicted from a node to make room (or by a free), for the record."""
+
+    @abstractmethod
+    def evictions(self, limit: int = 50) -> list[dict[str, Any]]: ...
 
     @abstractmethod
     def record_progress(self, dataset: str, *, files_done: int, files_total: int, bytes_done: int,
@@ -210,13 +352,147 @@ class PrewarmRecords(ABC):
     def progress(self) -> list[dict[str, Any]]: ...
 
 
+LedgerState = Literal["pending", "warm", "incomplete", "dead_lettered", "failed", "not_here"]
+#: a release in one of these states has a result here; "pending" ones are owed a prewarm
+LEDGER_RESULTS: frozenset[str] = frozenset({"warm", "incomplete", "dead_lettered", "failed", "not_here"})
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One dataset release as this datacenter saw it, and its outcome here."""
+
+    dataset: str
+    version: str
+    payload: dict[str, Any]  # the release document as delivered (JSON)
+    origin: str  # where the delivery came from: "<dc>:<topic>[<partition>]@<offset>", "dag", "reconcile"
+    state: LedgerState
+    attempts: int  # prewarm tries since this delivery
+    detail: str  # the last error, or the outcome's summary
+    first_seen: float
+    updated: float
+
+    @property
+    def has_result(self) -> bool:
+        return self.state in LEDGER_RESULTS
+
+
+class ReleaseLedger(ABC):
+    """Every dataset release seen in a datacenter, keyed by (dataset, version), with its outcome.
+
+    The release follower and the prewarm DAG write it; the reconciler re-drives what has no
+    result. A delivery is identified by its origin: the same delivery seen again (a batch redone
+    after a crash) keeps a result it already has; a new delivery (published again, replayed from
+    the dead-letter topic) makes the release pending again.
+    """
+
+    @abstractmethod
+    def seen(self, dataset: str, version: str, payload: Mapping[str, Any], origin: str, *,
+             state: LedgerState = "pending", now: float | None = None) -> LedgerEntry:
+        """Record a delivery; returns the entry as it now stands."""
+
+    @abstractmethod
+    def attempt(self, dataset: str, version: str) -> None:
+        """Count a prewarm try."""
+
+    @abstractmethod
+    def note(self, dataset: str, version: str, detail: str) -> None:
+        """Why the last try failed (the state stays as it is)."""
+
+    @abstractmethod
+    def finish(self, dataset: str, version: str, state: LedgerState, detail: str = "") -> None:
+        """Record the release's outcome here."""
+
+    @abstractmethod
+    def get(self, dataset: str, version: str) -> LedgerEntry | None: ...
+
+    @abstractmethod
+    def entries(self, states: Sequence[str] | None = None) -> list[LedgerEntry]:
+        """Entries (only those in `states`), oldest first."""
+
+
+class Traces(ABC):
+    """Recent spans of sampled traces, as `xdc.trace.span_row` dicts (the built-in sink)."""
+
+    @abstractmethod
+    def record(self, spans: Sequence[Mapping[str, Any]], *, retention_s: float, max_spans: int,
+               now: float | None = None) -> None:
+        """Keep these spans (a span seen twice is kept once); drop spans older than retention_s
+        and, beyond max_spans, the oldest."""
+
+    @abstractmethod
+    def trace_ids(self, keys: Iterable[str], limit: int = 20) -> list[str]:
+        """Traces with a span naming one of these "bucket/key"s, the most recent first."""
+
+    @abstractmethod
+    def spans(self, trace_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Every kept span of these traces, by start time."""
+
+    @abstractmethod
+    def anchors(self, keys: Sequence[str], names: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """bucket_key -> (trace_id, span_id) of the most recent span named one of `names` for it."""
+
+    @abstractmethod
+    def recent_keys(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recently traced keys: key, trace_id, last (end time)."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+
+class ConfigHistory(ABC):
+    """Which config each long-running process ran with (the config centre's history)."""
+
+    @abstractmethod
+    def record_start(self, *, config_hash: str, body: Mapping[str, Any], component: str, host: str, pid: int,
+                     dc: str, now: float | None = None) -> int:
+        """Keep the config version (once per hash) and a row for the process; returns its id."""
+
+    @abstractmethod
+    def heartbeat(self, process_id: int, now: float | None = None) -> None: ...
+
+    @abstractmethod
+    def record_stop(self, process_id: int, now: float | None = None) -> None: ...
+
+    @abstractmethod
+    def versions(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Config versions, newest first: hash, first_seen, last_seen (by its processes), processes."""
+
+    @abstractmethod
+    def body(self, hash_prefix: str) -> tuple[str, dict[str, Any]] | None:
+        """(full hash, masked body) of the version whose hash starts with hash_prefix; None if none.
+        ValueError when the prefix names several."""
+
+    @abstractmethod
+    def processes(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Process rows (component, host, pid, dc, config_hash, started_at, last_seen, stopped_at),
+        newest first; `since`: only those seen since then."""
+
+
+class ProblemLog(ABC):
+    """Log signatures (xdc.problems) of one datacenter's processes."""
+
+    @abstractmethod
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Add counts: {component, signature, level, logger, template, first_seen, last_seen, hits,
+        example}; the first example is kept. Returns signature -> first_seen as kept."""
+
+    @abstractmethod
+    def recent(self, limit: int = 100, since: float | None = None) -> list[dict[str, Any]]:
+        """Signatures, the most recently first seen first (`since`: first seen since then)."""
+
+
 class State(ABC):
     """One datacenter's state: its roles over one database."""
 
     catalog: ObjectCatalog
     incidents: Incidents
     lag: LagHistory
+    verify: VerifyHistory
     prewarm: PrewarmRecords
+    releases: ReleaseLedger
+    traces: Traces
+    configs: ConfigHistory
+    problems: ProblemLog
     backend: str = ""
     #: several processes may write (mirror replicas): only on a server database
     supports_replicas: bool = False

@@ -38,10 +38,16 @@ from xdc.io.state.sql import (
     SqlClaim,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
+    SqlVerifyHistory,
+    SqlReleaseLedger,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
     entry_of,
+    if_reconciled,
     outbox_row,
     row_of,
 )
@@ -59,7 +65,7 @@ KEEPALIVE = (10, 3, 3)  # idle seconds, interval seconds, probes
 _TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
               pg_errors.QueryCanceled, pg_errors.AdminShutdown)
 _OBJECT_TYPES = ("text", "text", "int8", "text", "text", "int4", "float8", "float8",
-                 "text", "text", "text", "text", "text", "text")
+                 "text", "text", "text", "text", "text", "text", "text", "text", "text")
 # The staging table of the batch upsert: per session, emptied at every commit. Created in each
 # upsert's transaction (IF NOT EXISTS), so a pooler that hands out another session still finds it.
 _STAGE = "objects_stage"
@@ -98,9 +104,12 @@ class _PgTx:
 class PostgresDb(Db):
     dialect = "postgres"
     greatest = "GREATEST"
+    least = "LEAST"
 
-    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10) -> None:
+    def __init__(self, url: str, *, password: str | None = None, connect_timeout_s: int = 10,
+                 durable: bool = True) -> None:
         self.url = url
+        self.durable = durable
         self._password = password
         self._timeout = connect_timeout_s
         self._conns = ThreadConnections(self._connect)
@@ -118,6 +127,8 @@ class PostgresDb(Db):
             conn = psycopg.connect(self.url, **kw)
             conn.execute(f"SET tcp_keepalives_idle = {KEEPALIVE[0]}; SET tcp_keepalives_interval = {KEEPALIVE[1]}; "
                          f"SET tcp_keepalives_count = {KEEPALIVE[2]}")
+            if not self.durable:  # telemetry writes: no wait for the WAL flush
+                conn.execute("SET synchronous_commit = off")
             return conn
         except psycopg.Error as exc:
             # the message names host, port and database, never the password
@@ -213,18 +224,20 @@ class PostgresCatalog(SqlCatalog):
             out[(e.bucket, e.key)] = e
         return out
 
-    def _upsert(self, tx: Tx, entries: list[CatalogEntry]) -> list[CatalogEntry]:
+    def _upsert(self, tx: Tx, entries: list[CatalogEntry], always: bool = False) -> list[CatalogEntry]:
         if not entries:
             return []
         assert isinstance(tx, _PgTx)
         tx.execute(_CREATE_STAGE)
+        tx.execute(f"DELETE FROM {_STAGE}")  # a batch's reconciliations follow its S3 events in one transaction
         with tx.cur.copy(f"COPY {_STAGE} ({', '.join(OBJECT_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as cp:
             cp.set_types(_OBJECT_TYPES)
             for e in entries:
                 cp.write_row(row_of(e))
+        clause = if_reconciled(self.db.greatest) if always else IF_NEWER
         got = {(r["bucket"], r["key"]) for r in tx.rows(
-            f"{INSERT_OBJECTS} SELECT {', '.join(OBJECT_COLUMNS)} FROM {_STAGE} {IF_NEWER} RETURNING bucket, key")}
-        if len(got) == len(entries):
+            f"{INSERT_OBJECTS} SELECT {', '.join(OBJECT_COLUMNS)} FROM {_STAGE} {clause} RETURNING bucket, key")}
+        if always or len(got) == len(entries):
             return list(entries)
         return [e for e in entries if (e.bucket, e.key) in got]
 
@@ -233,14 +246,19 @@ class PostgresState(State):
     backend = "postgres"
     supports_replicas = True
 
-    def __init__(self, url: str, *, password: str | None = None) -> None:
+    def __init__(self, url: str, *, password: str | None = None, durable: bool = True) -> None:
         self.url = url
-        self.db = PostgresDb(url, password=password)
+        self.db = PostgresDb(url, password=password, durable=durable)
         self._version = self.db.migrate()
         self.catalog = PostgresCatalog(self.db)
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
+        self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def schema_version(self) -> int:
         return self._version

@@ -84,6 +84,103 @@ CREATE TABLE IF NOT EXISTS prewarm_progress (
     eta_s {float}, cached_ratio {float}, ready INTEGER, updated {float} NOT NULL
 )
 """),
+    Migration(2, "object origin, tags and ACL", """
+ALTER TABLE objects ADD COLUMN origin {text} NOT NULL DEFAULT 's3';
+ALTER TABLE objects ADD COLUMN tags {text};
+ALTER TABLE objects ADD COLUMN acl {text}
+"""),
+    Migration(3, "verify runs, gaps, conflicts", """
+CREATE TABLE IF NOT EXISTS verify_runs (
+    id {serial}, route {text} NOT NULL, started {float} NOT NULL, finished {float} NOT NULL,
+    trigger {text} NOT NULL, source_listed BIGINT NOT NULL, target_listed BIGINT NOT NULL,
+    missing BIGINT NOT NULL, extra BIGINT NOT NULL, differ BIGINT NOT NULL, matched BIGINT NOT NULL,
+    errors BIGINT NOT NULL, repaired BIGINT NOT NULL, sample {text} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verify_runs_route ON verify_runs (route, finished);
+CREATE TABLE IF NOT EXISTS gaps (
+    id {serial}, time {float} NOT NULL, grp {text} NOT NULL, topic {text} NOT NULL, part INTEGER NOT NULL,
+    committed BIGINT, log_start BIGINT NOT NULL, lost BIGINT, routes {text} NOT NULL, repair {text} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id {serial}, time {float} NOT NULL, route {text} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    winner_dc {text} NOT NULL, winner_etag {text} NOT NULL, loser_dc {text} NOT NULL, loser_etag {text} NOT NULL,
+    kept_key {text}, resolution {text} NOT NULL, detail {text} NOT NULL
+)
+"""),
+)
+
+# Each branch appends its own migrations after migration 1; versions may have gaps (a number
+# is reserved per branch) and are applied in version order.
+MIGRATIONS += (
+    Migration(4, "release ledger", """
+CREATE TABLE IF NOT EXISTS release_ledger (
+    dataset {text} NOT NULL, version {text} NOT NULL,
+    payload {text} NOT NULL, origin {text} NOT NULL,
+    state {text} NOT NULL
+        CHECK (state IN ('pending', 'warm', 'incomplete', 'dead_lettered', 'failed', 'not_here')),
+    attempts INTEGER NOT NULL DEFAULT 0, detail {text} NOT NULL DEFAULT '',
+    first_seen {float} NOT NULL, updated {float} NOT NULL,
+    PRIMARY KEY (dataset, version)
+)
+"""),
+)
+
+MIGRATIONS += (
+    Migration(5, "readiness per version, cache node fill, evictions for room", """
+CREATE TABLE IF NOT EXISTS prewarm_ready (
+    dataset {text} NOT NULL, version {text} NOT NULL,
+    ready INTEGER NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, cached_ratio {float} NOT NULL,
+    manifest_uri {text}, ready_at {float}, checked_at {float} NOT NULL,
+    PRIMARY KEY (dataset, version)
+);
+CREATE TABLE IF NOT EXISTS cache_node_usage (
+    node {text} NOT NULL PRIMARY KEY, used BIGINT NOT NULL, capacity BIGINT NOT NULL,
+    high_watermark {float} NOT NULL, low_watermark {float} NOT NULL, updated {float} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prewarm_evictions (
+    id {serial}, at {float} NOT NULL, dataset {text} NOT NULL, version {text} NOT NULL,
+    node {text} NOT NULL, files BIGINT NOT NULL, bytes BIGINT NOT NULL, reason {text} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prewarm_datasets_retired ON prewarm_datasets (state, retired_at)
+"""),
+)
+
+MIGRATIONS += (
+    Migration(6, "outbox headers, spans, config history, problems", """
+ALTER TABLE outbox ADD COLUMN headers {blob};
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id {text} NOT NULL, span_id {text} NOT NULL, parent_id {text},
+    name {text} NOT NULL, dc {text} NOT NULL, component {text} NOT NULL, key {text},
+    start_time {float} NOT NULL, end_time {float} NOT NULL,
+    status {text} NOT NULL, error {text}, attributes {text} NOT NULL, links {text} NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS spans_key ON spans (key, start_time);
+CREATE INDEX IF NOT EXISTS spans_start ON spans (start_time);
+CREATE TABLE IF NOT EXISTS config_versions (
+    hash {text} NOT NULL PRIMARY KEY, body {text} NOT NULL, first_seen {float} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS processes (
+    id {serial}, component {text} NOT NULL, host {text} NOT NULL, pid INTEGER NOT NULL, dc {text} NOT NULL,
+    config_hash {text} NOT NULL, started_at {float} NOT NULL, last_seen {float} NOT NULL, stopped_at {float}
+);
+CREATE INDEX IF NOT EXISTS processes_seen ON processes (last_seen);
+CREATE TABLE IF NOT EXISTS problems (
+    component {text} NOT NULL, signature {text} NOT NULL, level {text} NOT NULL, logger {text} NOT NULL,
+    template {text} NOT NULL, first_seen {float} NOT NULL, last_seen {float} NOT NULL, hits BIGINT NOT NULL,
+    example {text} NOT NULL,
+    PRIMARY KEY (component, signature)
+)
+"""),
+)
+
+MIGRATIONS += (
+    Migration(7, "etag changes", """
+CREATE TABLE IF NOT EXISTS etag_changes (
+    id {serial}, time {float} NOT NULL, bucket {text} NOT NULL, key {text} NOT NULL,
+    source_etag {text} NOT NULL, etag {text} NOT NULL, layout {text} NOT NULL, reason {text} NOT NULL
+)
+"""),
 )
 
 MIGRATIONS += (
@@ -96,4 +193,15 @@ CREATE TABLE IF NOT EXISTS outbox_tries (
 """),
 )
 
-LATEST = max(m.version for m in MIGRATIONS)  # versions may have gaps (one range per branch)
+MIGRATIONS += (
+    # a gap's repair (a verify with repair of the routes it feeds) is re-driven until it finished;
+    # rows from before have no repair of this kind to drive
+    Migration(10, "gap repair status", """
+ALTER TABLE gaps ADD COLUMN status {text} NOT NULL DEFAULT 'recorded';
+ALTER TABLE gaps ADD COLUMN repaired_at {float};
+CREATE INDEX IF NOT EXISTS gaps_open ON gaps (grp, status)
+"""),
+)
+
+# branches append their migrations with numbers of their own; gaps are fine, order is by number
+LATEST = max(m.version for m in MIGRATIONS)

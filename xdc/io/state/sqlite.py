@@ -28,7 +28,12 @@ from xdc.io.state.sql import (
     SqlCatalog,
     SqlIncidents,
     SqlLagHistory,
+    SqlConfigHistory,
     SqlPrewarmRecords,
+    SqlVerifyHistory,
+    SqlReleaseLedger,
+    SqlProblemLog,
+    SqlTraces,
     ThreadConnections,
     Tx,
 )
@@ -57,9 +62,11 @@ class _SqliteTx:
 class SqliteDb(Db):
     dialect = "sqlite"
     greatest = "MAX"
+    least = "MIN"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = path
+        self.synchronous = "FULL" if durable else "NORMAL"  # NORMAL in WAL: consistent, not fsynced per commit
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conns = ThreadConnections(self._connect)
 
@@ -67,7 +74,7 @@ class SqliteDb(Db):
         try:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # durable before offsets are committed
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")  # FULL: durable before offsets are committed
         except sqlite3.Error as exc:
             raise _translate(exc, f"open {self.path}") from exc
         conn.row_factory = sqlite3.Row
@@ -139,14 +146,19 @@ class SqliteState(State):
     backend = "sqlite"
     supports_replicas = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, durable: bool = True) -> None:
         self.path = Path(path)
-        self.db = SqliteDb(self.path)
+        self.db = SqliteDb(self.path, durable=durable)
         self._version = self.db.migrate()
         self.catalog = SqlCatalog(self.db, publisher=lambda: waited_lock(self._lock_path("outbox")))
         self.incidents = SqlIncidents(self.db)
         self.lag = SqlLagHistory(self.db)
+        self.verify = SqlVerifyHistory(self.db)
         self.prewarm = SqlPrewarmRecords(self.db)
+        self.releases = SqlReleaseLedger(self.db)
+        self.traces = SqlTraces(self.db)
+        self.configs = SqlConfigHistory(self.db)
+        self.problems = SqlProblemLog(self.db)
 
     def _lock_path(self, what: str) -> Path:
         return self.path.with_name(f"{self.path.name}.{what}.lock")
