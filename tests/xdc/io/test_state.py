@@ -521,8 +521,8 @@ def test_outbox_rows_keep_their_headers(state: State) -> None:
     hdrs = (("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"), ("traceparents", b'{"b/k": "x"}'))
     state.catalog.commit_batch([_e("k1", "1")], lambda ok: [Outgoing("applied", b"p0", b"v", hdrs),
                                                             Outgoing("applied", None, b"w")], {})
-    with state.catalog.claim_outbox() as rows:
-        assert [o.headers for _, o in rows] == [hdrs, ()]
+    with state.catalog.claim_outbox() as claim:
+        assert [r.message.headers for r in claim.rows] == [hdrs, ()]
 
 
 def _span(trace: str, span: str, key: str | None, start: float, name: str = "mirror.apply",
