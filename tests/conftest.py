@@ -14,12 +14,15 @@ reuses (and leaves running) a stack started there before, to save its start-up w
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 from devtools import postgres, stack
 from devtools.kafka_broker import SecureListener
@@ -42,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 SERVER_FIXTURES = {"stack_cfg", "pg_port", "jfs_cache", "airflow_home", "cache_backend", "alx", "secure_kafka",
-                   "secure_stack"}
+                   "secure_stack", "wan_stack", "own_stack"}
 CACHE_BACKENDS = ("juicefs", "alluxio")
 ALLUXIO_WORKER_MIB = 64  # storage per worker of the test stack's Alluxio
 ALLUXIO_BLOCK_MIB = 1  # so a few MiB make a file of several blocks
@@ -71,6 +74,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.servers)
+
+
+ALLUXIO_PARAM = re.compile(r"\[(?:[^\]]*-)?alluxio(?:-[^\]]*)?\]$")
+
+
+# Modules of one or two tests that run for minutes: handed out first (longest first), so that the
+# run does not end with one worker on a long test and the other idle. Others go by test count.
+LONG_MODULES = ("tests/dags/test_e2e_ready.py", "tests/mirror/test_wan.py", "tests/dags/test_e2e_release.py",
+                "tests/dags/test_harness.py", "tests/devtools/test_demo.py", "tests/xdc/test_secrets.py")
+
+
+class ModuleScheduling(LoadFileScheduling):
+    """`--dist loadfile` (a module's tests on one worker, so module fixtures start once) where every
+    module with tests on the Alluxio stack is one unit: that session stack takes ~60 s to start."""
+
+    _alluxio: set[str] | None = None
+
+    def _assign_work_unit(self, node: Any) -> None:
+        for scope in reversed(LONG_MODULES):
+            if scope in self.workqueue:
+                self.workqueue.move_to_end(scope, last=False)
+        super()._assign_work_unit(node)
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        if self._alluxio is None:  # the whole collection is known before the first split
+            self._alluxio = {n.split("::", 1)[0] for n in self.collection or () if ALLUXIO_PARAM.search(n)}
+        return "alluxio-stack" if module in self._alluxio else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> ModuleScheduling | None:
+    return ModuleScheduling(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from xdc.config import XdcConfig, load_config
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixture_dags"
 SRC = "idca-drive"
-QUIET_S = 20  # scheduler loops (1 s heartbeat) in which a wrongly scheduled training run would appear
+QUIET_S = 10  # scheduler loops (1 s heartbeat) in which a wrongly scheduled training run would appear
 
 
 def _t(iso: str) -> float:

@@ -12,6 +12,7 @@ from devtools import stack
 
 
 @pytest.mark.slow
+@pytest.mark.servers  # starts its own
 def test_demo_runs_the_whole_flow_and_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     try:

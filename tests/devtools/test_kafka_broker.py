@@ -37,6 +37,7 @@ def _read_all(bootstrap: list[str], topic: str, parts: int) -> list[tuple[int, i
 
 
 @pytest.mark.slow
+@pytest.mark.servers  # starts its own
 def test_committed_offsets_and_messages_survive_kill9_restart(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = stack.start_broker(run, "T")

@@ -179,6 +179,7 @@ def _feed(m: Metrics, step: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.servers  # starts its own
 def test_every_panel_returns_data_from_a_real_prometheus(tmp_path: Path, dash: dict[str, Any]) -> None:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
