@@ -52,12 +52,13 @@ way (with the retries, backoff and poison-record search above) before pipelining
 Threads: every consumer call (poll, seek, commit, offsets, the gap check) is made on the loop's
 thread; kafka-python's consumer is not thread-safe. The writer thread only runs durable parts
 (state and producer, never the consumer), and `on_gaps` runs with nothing in flight. kafka-python
-3.0.12 runs rebalance listeners on the consumer's IO thread while the loop's thread waits in
-poll(): there a blocking consumer call would fail, so the listener makes no broker call. Before
-partitions are revoked it waits until the durable parts in flight are done (so the partitions'
-next owner never applies a batch at the same time as this process) and forgets the revoked
-partitions' gap checks; the loop commits those batches once poll() returns, and a commit the group
-refuses after the rebalance is dropped (the next owner redoes the batch, found done).
+3.0.12 runs rebalance listeners on the consumer's IO thread (a join that outlives a poll() goes on
+there while the loop's thread runs): there a blocking consumer call would fail, and anything that
+blocks stalls heartbeats and the join, so the listener only forgets the revoked partitions' gap checks
+(and calls the handler's hook, which must not block either). A batch in flight when its partitions
+are revoked is finished by the loop: its commit is refused after the rebalance and dropped, and
+the next owner redoes it, found done (the state's upsert guard and the outbox's per-key claims make
+a batch applied by two processes at once safe: each row once, each applied event published once).
 """
 from __future__ import annotations
 
@@ -186,8 +187,9 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # On kafka-python's IO thread, the loop's thread waiting in poll(): no consumer call here.
-        self.loop.wait_durable()  # the next owner must not apply a batch while this process still does
+        # On kafka-python's IO thread: no consumer call and nothing that blocks here (heartbeats and
+        # the join wait on this thread). A batch in flight is finished and committed by the loop
+        # (refused after the rebalance: the next owner redoes it; the state's guards make that safe).
         with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
             self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
@@ -398,15 +400,6 @@ class ConsumeLoop:
         except BaseException:
             self._broken = True
             raise
-
-    def wait_durable(self, timeout_s: float = 60.0) -> None:
-        """Wait until the durable parts in flight are done (or failed). Called from the rebalance
-        listener: no consumer call, and the in-flight batches stay for the loop to commit or rewind."""
-        for f in list(self._inflight):
-            try:
-                f.done.result(timeout=timeout_s)
-            except Exception:  # noqa: BLE001 - the loop sees the failure when it settles
-                pass
 
     def settle(self, keep: int = 0) -> None:
         """Finish batches in flight (oldest first: letters, then offsets) until `keep` remain. A
