@@ -7,7 +7,7 @@
    using it between two datacenters would. `--multipart` writes the sources in 8 MiB parts (as
    boto3 and the AWS CLI do) instead of one PUT each: the mirror then keeps their multipart ETags.
 
-    python bench/mirror.py [--events 50000] [--object-mib 8 64] [--data-mib 320] [--multipart]
+    python bench/mirror.py [--events 50000] [--object-mib 8 64] [--data-mib 320] [--multipart] [--copy-concurrency N]
 """
 from __future__ import annotations
 
@@ -152,10 +152,13 @@ def main() -> None:
     ap.add_argument("--object-mib", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--data-mib", type=int, default=320, help="bytes per object size (objects = this / size)")
     ap.add_argument("--multipart", action="store_true", help="write the sources in 8 MiB parts (boto3's way)")
+    ap.add_argument("--copy-concurrency", type=int, default=None, help="mirror.copy_concurrency (default: the config's)")
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="xdc-bench-mirror-"))
     try:
         cfg = stack.up(run / "stack", nodes=0)
+        if args.copy_concurrency:
+            cfg = cfg.model_copy(update={"mirror": cfg.mirror.model_copy(update={"copy_concurrency": args.copy_concurrency})})
         topic = cfg.dc("A").kafka.topics.events
         src_bucket = cfg.routes[0].source.bucket
 
