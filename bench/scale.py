@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from devtools import postgres, stack  # noqa: E402
+from devtools.procs import stop_groups  # noqa: E402
 from xdc.config import XdcConfig, parse_config  # noqa: E402
 from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
 from xdc.io.kafka import ensure_topics, make_producer  # noqa: E402
@@ -334,15 +335,7 @@ def kill_phase(cfg: XdcConfig, pg_port: int, rate: float, run: Path, warmup_s: f
             applied = sum(cat.offsets(group).values())
         finally:
             stop_producing.set()
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGINT)
-            for p in procs:
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(10)
+            stop_groups(procs)
         pause = max(resumed.values()) if len(resumed) == len(before) else float("inf")
         survivor_owns = _assigned(logs[0])
         rows = cat.counts()["objects"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devtools.procs import stop_groups
 from tests.conftest import isolated
 from tests.mirror.chaos_support import (
     Workload,
@@ -151,15 +152,7 @@ def test_two_replicas_one_killed_mid_batch(stack_cfg: XdcConfig, pg_port: int, t
     finally:
         stop.set()
         producer.join(60)
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+        stop_groups(procs)
 
     data, meta = compare_data(cfg, tag), compare_metadata(cfg, tag)
     report |= {"events": work.published, "deletes": work.deletes, "data_objects": data.matched,
