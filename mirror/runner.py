@@ -128,8 +128,8 @@ class Mirror:
         self.stats = MirrorStats()
         self._stats_lock = threading.Lock()  # the loop's two threads both count
         # applied events leave through the outbox: exactly once, in order per source partition
-        self.outbox = OutboxPublisher(self.catalog, self.producer, lambda: self.site.consumer(None), name="mirror",
-                                      tag=f"{self.dc}:")
+        self.outbox = OutboxPublisher(self.catalog, lambda: self.producer, lambda: self.site.consumer(None),
+                                      name="mirror", tag=f"{self.dc}:")
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self.gap_healer = GapHealer(topology, self.group_id, self.routes, self.metrics)

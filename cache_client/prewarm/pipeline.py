@@ -453,8 +453,8 @@ def announce(site: Site, *, strict: bool = True) -> int:
 
     strict=False: a broker that cannot take them is a warning, not an error; the rows stay in the
     outbox for the next publisher (a later prewarm or the mirror in this datacenter)."""
-    publisher = OutboxPublisher(site.state.catalog, site.producer, lambda: site.consumer(None), name="prewarm",
-                                tag=f"{site.name}:")  # the state's identity, as the mirror's publisher
+    publisher = OutboxPublisher(site.state.catalog, lambda: site.producer, lambda: site.consumer(None),
+                                name="prewarm", tag=f"{site.name}:")  # the state's identity, as the mirror's
     try:
         return publisher.flush()
     except KafkaError as exc:

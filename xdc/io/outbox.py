@@ -39,13 +39,14 @@ HEADER = "xdc-outbox-id"
 
 
 class OutboxPublisher:
-    def __init__(self, catalog: ObjectCatalog, producer: KafkaProducer, reader: Callable[[], KafkaConsumer], *,
-                 name: str = "outbox", tag: str = "") -> None:
-        """`reader` makes a group-less consumer of the producer's broker (made once, when needed);
-        `tag` is put before the row id in the header (the state's identity, so two states that
-        publish to one topic do not mistake each other's rows)."""
+    def __init__(self, catalog: ObjectCatalog, producer: Callable[[], KafkaProducer],
+                 reader: Callable[[], KafkaConsumer], *, name: str = "outbox", tag: str = "") -> None:
+        """`producer` gives the producer and `reader` makes a group-less consumer of its broker, both
+        only when a row is to be sent (an empty outbox needs no broker); `tag` is put before the row
+        id in the header (the state's identity, so two states that publish to one topic do not
+        mistake each other's rows)."""
         self.catalog = catalog
-        self.producer = producer
+        self._producer = producer
         self._make_reader = reader
         self._reader: KafkaConsumer | None = None
         self.name = name
@@ -58,6 +59,10 @@ class OutboxPublisher:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+    @property
+    def producer(self) -> KafkaProducer:
+        return self._producer()
 
     @property
     def reader(self) -> KafkaConsumer:

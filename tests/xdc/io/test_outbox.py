@@ -31,7 +31,7 @@ from xdc.io.outbox import OutboxPublisher
 from xdc.topology import Topology
 with Topology(load_config(sys.argv[1]), "B") as topo:
     here = topo.here
-    OutboxPublisher(here.state.catalog, here.producer, lambda: here.consumer(None), name="test").flush()
+    OutboxPublisher(here.state.catalog, lambda: here.producer, lambda: here.consumer(None), name="test").flush()
 print("not killed")
 """
 
@@ -51,7 +51,7 @@ def _queue(cat: ObjectCatalog, topic: str, keys: list[str], n: int, tag: str) ->
 
 def _publisher(cfg: XdcConfig) -> OutboxPublisher:
     here = site(cfg, "B")
-    return OutboxPublisher(here.state.catalog, here.producer, lambda: here.consumer(None), name="test")
+    return OutboxPublisher(here.state.catalog, lambda: here.producer, lambda: here.consumer(None), name="test")
 
 
 def _check_once_in_order(cfg: XdcConfig, topic: str, queued: list[bytes]) -> None:
