@@ -141,7 +141,8 @@ def test_resize_dag_writes_derivatives(run_dag: Callable[..., Any], dag_xcom: Ca
     run = run_dag("xdc_resize", conf={"shards": 2})
     assert run.state == "success"
     total = dag_xcom(run, "summary")
-    assert total["shards"] == 2 and total["results"].get("resized") == 2
+    shards = 1 if xcfg.dc("A").state_url.startswith("sqlite") else 2  # SQLite state takes one resize process
+    assert total["shards"] == shards and total["results"].get("resized") == 2
     derived = list(site(xcfg, "A").store.list(SRC, f"camera/720p/{tag}/"))
     assert len(derived) == 2 and all(o.size < 1_000_000 for o in derived)
 
