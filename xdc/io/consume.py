@@ -19,8 +19,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   and the one that fails is dead-lettered with the reason (`ReasonedError.reason`, else
   `unexpected_error`), while the rest proceeds;
 - a retriable broker error is retried with backoff (a restarted broker is waited for, up to
-  `max_broker_failures` in a row); a commit refused after a rebalance is dropped (the partitions'
-  new owner redoes the batch, which is idempotent); before partitions are revoked the handler's
+  `max_broker_failures` in a row); a commit refused after a rebalance seeks back to the batch
+  (redone here, found done, and committed; or by the partitions' new owner); before partitions are revoked the handler's
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
   commits nothing (dead-letter listing, the lag reader);
@@ -56,8 +56,8 @@ thread; kafka-python's consumer is not thread-safe. The writer thread only runs 
 there while the loop's thread runs): there a blocking consumer call would fail, and anything that
 blocks stalls heartbeats and the join, so the listener only forgets the revoked partitions' gap checks
 (and calls the handler's hook, which must not block either). A batch in flight when its partitions
-are revoked is finished by the loop: its commit is refused after the rebalance and dropped, and
-the next owner redoes it, found done (the state's upsert guard and the outbox's per-key claims make
+are revoked is finished by the loop: its commit is refused after the rebalance, and whoever owns
+the partitions next (this loop, or another member) redoes it, found done (the state's upsert guard and the outbox's per-key claims make
 a batch applied by two processes at once safe: each row once, each applied event published once).
 """
 from __future__ import annotations
@@ -177,6 +177,7 @@ class LoopStats:
     records: int = 0
     dead_letters: int = 0
     retries: int = 0
+    refused_commits: int = 0  # refused after a rebalance: redone
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time in the handler (not waiting for records)
     letters_by_reason: dict[str, int] = field(default_factory=dict)
@@ -189,7 +190,8 @@ class _Revocations(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # On kafka-python's IO thread: no consumer call and nothing that blocks here (heartbeats and
         # the join wait on this thread). A batch in flight is finished and committed by the loop
-        # (refused after the rebalance: the next owner redoes it; the state's guards make that safe).
+        # (refused after the rebalance: whoever owns the partition next redoes it; the state's
+        # guards make that safe).
         with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
             self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
@@ -348,7 +350,9 @@ class ConsumeLoop:
                 return False
         self._failures.pop(_ident(batch), None)
         self._plain_next = False
-        self._commit(src, batch, t_batch)
+        if not self._commit(src, batch, t_batch):
+            rewind(src.consumer, batch.records)
+            return False
         return True
 
     def _failed(self, batch: Batch) -> int:
@@ -411,25 +415,40 @@ class ConsumeLoop:
             except Exception as exc:  # noqa: BLE001 - redone the plain way, which says what it is
                 log.warning("%s: batch of %d from %s failed on its way to durable (%r); redoing it", self.name,
                             len(head.batch), head.source.name, exc)
-                for f in self._inflight:  # nothing after the failure was made durable (_Skipped)
-                    try:
-                        f.done.result()
-                    except Exception:  # noqa: BLE001 - the failure itself, or skipped
-                        pass
-                for f in reversed(self._inflight):  # newest first: the oldest batch's seek wins
-                    rewind(f.source.consumer, f.batch.records)
-                self._inflight.clear()
-                self._broken = False
+                self._rewind_inflight()  # nothing after the failure was made durable (_Skipped)
                 self._plain_next = True
                 self.stats.retries += 1
                 return
             self._inflight.popleft()
             self._send_letters(head.letters, head.source.name)
-            self._commit(head.source, head.batch, head.started)
+            if not self._commit(head.source, head.batch, head.started):
+                self._inflight.appendleft(head)
+                self._rewind_inflight()
+                return
 
-    def _commit(self, src: Source, batch: Batch, started: float) -> None:
+    def _rewind_inflight(self) -> None:
+        """Wait for the durable parts in flight, then seek back to the first record of the oldest
+        batch in flight: all of them are delivered again (redone, found done where durable)."""
+        for f in self._inflight:
+            try:
+                f.done.result()
+            except Exception:  # noqa: BLE001 - a failure, or skipped after one: redone anyway
+                pass
+        for f in reversed(self._inflight):  # newest first: the oldest batch's seek wins
+            rewind(f.source.consumer, f.batch.records)
+        self._inflight.clear()
+        self._broken = False
+
+    def _commit(self, src: Source, batch: Batch, started: float) -> bool:
         """The batch is durable and its letters sent: commit its offsets (raises a retriable
-        KafkaError after rewinding, when the broker is away)."""
+        KafkaError after rewinding, when the broker is away). False when the commit was refused
+        after a rebalance: the caller seeks back (below) and the batch is redone, found done.
+
+        Why seek back: kafka-python 3 keeps a partition's position across a rebalance that leaves
+        the partition here, so without it these records would stay uncommitted until a later batch
+        of the partition commits past them; at the end of a `once` run there is none (the next run
+        redid them). A partition moved away is not sought: its new owner starts at the committed
+        offset."""
         crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
         if src.group is not None:
             try:
@@ -440,10 +459,13 @@ class ConsumeLoop:
                     raise
                 if not isinstance(exc, RebalancedError):
                     raise
-                log.info("%s: commit after a rebalance dropped (%s); the new owner redoes it", self.name, exc)
+                log.info("%s: commit after a rebalance refused (%s); the batch is redone, found done", self.name, exc)
+                self.stats.refused_commits += 1
+                return False
         self.stats.batches += 1
         self.stats.records += len(batch)
         self.stats.busy_seconds += time.monotonic() - started
+        return True
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""

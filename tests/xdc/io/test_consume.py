@@ -17,7 +17,7 @@ import xdc.io.consume as consume_mod
 from mirror.dlq import read_letters
 from tests.support import end_offsets, produce, site
 from xdc.config import XdcConfig
-from xdc.errors import EventError, TransientStateError, TransientStoreError
+from xdc.errors import EventError, RebalancedError, TransientStateError, TransientStoreError
 from xdc.io.consume import Batch, ConsumeLoop, Letter, Prepared, Source
 from xdc.io.deadletter import DeadLetterSink
 from xdc.io.kafka import TopicPartition, group_offsets, make_admin
@@ -198,6 +198,79 @@ def test_a_failed_durable_part_is_redone_and_nothing_is_committed_past_it(
     assert set(rec.applied) == every  # nothing lost (some records twice: redone after the failure)
     assert loop.stats.retries == 1 and rec.fail_at is None
     assert rec.durable == {p: end for (_, p), end in ends.items()}
+
+
+class Stalling(PipelinedRecorder):
+    """Its first durable part outlives max.poll.interval.ms: the loop waits for it without polling,
+    so the group drops the member meanwhile and refuses that batch's commit."""
+
+    def __init__(self, stall_s: float) -> None:
+        super().__init__()
+        self.stall_s = stall_s
+
+    def prepare(self, batch: Batch) -> Prepared:
+        p = super().prepare(batch)
+        if self.batches > 1:
+            return p
+
+        def durable() -> None:
+            time.sleep(self.stall_s)
+            p.durable()
+
+        return Prepared(p.letters, durable)
+
+
+def _all_committed(cfg: XdcConfig, group: str, rec: PipelinedRecorder) -> None:
+    a = site(cfg, "A")
+    ends = {tp: end for tp, end in end_offsets(cfg, "A", a.topics.events).items() if end > 0}
+    committed = {(tp.topic, tp.partition): off for tp, off in group_offsets(a.brokers, group).items()}
+    assert committed == ends
+    assert rec.durable == {p: end for (_, p), end in ends.items()}
+
+
+def test_a_member_dropped_by_the_group_ends_its_once_run_committed(xcfg: XdcConfig, tag: str) -> None:
+    """A real refusal: the loop waits on a durable part past max.poll.interval.ms, the group drops
+    the member, its commit is refused; it rejoins, redoes the batch (found done) and commits."""
+    _produce(xcfg, 20)
+    a = site(xcfg, "A")
+    group, rec = f"{tag}-stall", Stalling(stall_s=4.0)
+    consumer = a.consumer(group, max_poll_interval_ms=1500)
+    loop = ConsumeLoop([Source("A", consumer, group, (a.topics.events,))], rec, poll_timeout_s=0.2, name="test")
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    assert loop.stats.refused_commits >= 1  # the window was hit
+    _all_committed(xcfg, group, rec)
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
+def test_a_refused_commit_on_partitions_kept_is_redone_before_once_ends(
+        xcfg: XdcConfig, tag: str, monkeypatch: pytest.MonkeyPatch, pipeline: bool) -> None:
+    """The window a rebalance that leaves the partitions here opens (kafka-python 3 then keeps their
+    positions past the refused batch): the broker's refusal is injected at the loop's first commit,
+    the group itself does not move. Without the seek back, `once` ends with nothing committed and
+    the next run redoes the batch (seen in CI under load)."""
+    _produce(xcfg, 20)
+    real, refused = consume_mod.commit, []
+
+    def refuse_first(consumer: Any, offsets: dict[TopicPartition, int]) -> None:
+        if not refused:
+            refused.append(offsets)
+            raise RebalancedError("commit offsets: RebalanceInProgressError (injected)")
+        real(consumer, offsets)
+
+    monkeypatch.setattr(consume_mod, "commit", refuse_first)
+    a = site(xcfg, "A")
+    group, rec = f"{tag}-kept-{pipeline}", PipelinedRecorder()
+    loop = ConsumeLoop([Source("A", a.consumer(group), group, (a.topics.events,))], rec, poll_timeout_s=0.2,
+                       name="test", pipeline=pipeline)
+    try:
+        loop.run(once=True)
+    finally:
+        loop.close()
+    assert refused and loop.stats.refused_commits == 1
+    _all_committed(xcfg, group, rec)
 
 
 class GapRecorder(Recorder):
