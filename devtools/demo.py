@@ -24,7 +24,6 @@ from resize.worker import ResizeWorker
 from xdc.config import XdcConfig
 from xdc.observe.dashboard import serve_dashboard, snapshot_html
 from xdc.observe.lag import record_lag_snapshot
-from xdc.stats import percentile
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def _flow(cfg: XdcConfig, samples: Path, run_dir: Path, report: dict[str, Any]) 
         (run_dir / "dashboard.html").write_text(snapshot_html(in_b))
         report["dashboard_snapshot"] = str(run_dir / "dashboard.html")
         lags = ms.lags
-        report["lag"] = {"p50_s": percentile(lags, 50), "p99_s": percentile(lags, 99)}
+        report["lag"] = {"p50_s": lags.percentile(50), "p99_s": lags.percentile(99)}
     finally:
         in_a.close()
         in_b.close()

@@ -83,6 +83,7 @@ class FaultProxy:
         self.upstream = Upstream.parse(upstream)
         self.plan = plan or FaultPlan()
         self.counts: Counter[str] = Counter()  # injected faults by kind, plus "requests"
+        self.requests: Counter[tuple[str, str]] = Counter()  # (method, decoded path) of every request
         self.log: list[tuple[float, str, str, str]] = []  # (time, method, path, fault or "ok") per request
         self._rule_hits: Counter[int] = Counter()
         self._lock = threading.Lock()
@@ -184,6 +185,8 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             proxy._count("requests")
             method, path = self.command, unquote(self.path.split("?")[0])
+            with proxy._lock:
+                proxy.requests[(method, path)] += 1
             body = read_body(self)
             fault = proxy.decide_before(method, path, len(body))
             proxy._logged(method, path, fault or "ok")

@@ -35,6 +35,15 @@ def _closed(properties: dict[str, Any], required: list[str] | None = None) -> di
     return out
 
 
+_PDB: dict[str, Any] = {
+    **_closed({
+        "enabled": _BOOL,
+        "maxUnavailable": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": r"^\d+%$"}]},
+    }),
+    "description": "A PodDisruptionBudget for the workload when it runs more than one replica.",
+}
+
+
 def _workload(description: str, **extra: dict[str, Any]) -> dict[str, Any]:
     return {
         **_closed({
@@ -100,9 +109,11 @@ def chart_keys() -> dict[str, Any]:
         },
         "mirror": _workload(
             "`xdc mirror run --follow`: one consumer group; replicas above the source topic's "
-            "partition count sit idle."
+            "partition count sit idle. More than one needs a postgresql:// state_url.",
+            podDisruptionBudget=_PDB,
         ),
-        "resize": _workload("`xdc resize run --follow` (only if config.resize is set)."),
+        "resize": _workload("`xdc resize run --follow` (only if config.resize is set). More than one needs a "
+                            "postgresql:// state_url.", podDisruptionBudget=_PDB),
         "dashboard": _workload(
             "`xdc dashboard` and its Service.",
             port=_PORT,
@@ -146,6 +157,25 @@ def chart_keys() -> dict[str, Any]:
     }
 
 
+def sqlite_takes_one_replica() -> dict[str, Any]:
+    """When every datacenter's state is SQLite (a state_url left out is SQLite too), the mirror and
+    the resize worker run one replica each: SQLite state takes one process of each. (Which
+    datacenter's state a release writes depends on `dc`, which a schema cannot look up: the
+    chart's templates check that exactly, with a message that says what to change.)"""
+    one: dict[str, Any] = {"properties": {"replicas": {"maximum": 1}}}
+    return {
+        "if": {
+            "required": ["config"],
+            "properties": {"config": {
+                "required": ["datacenters"],
+                "properties": {"datacenters": {"additionalProperties": {
+                    "properties": {"state_url": {"pattern": "^sqlite:"}}}}},
+            }},
+        },
+        "then": {"properties": {"mirror": one, "resize": one}},
+    }
+
+
 def values_schema() -> dict[str, Any]:
     """The whole values.schema.json: XdcConfig under properties.config, its $defs at the root."""
     config = XdcConfig.model_json_schema()
@@ -160,6 +190,7 @@ def values_schema() -> dict[str, Any]:
         "additionalProperties": False,
         "required": ["dc", "config", "image"],
         "properties": {"config": config, **chart_keys()},
+        "allOf": [sqlite_takes_one_replica()],
         "$defs": defs,
     }
 

@@ -130,6 +130,20 @@ def _stop(p: Proc, timeout: float) -> None:
         pass
 
 
+def stop_groups(procs: list[subprocess.Popen[bytes]], sig: int = signal.SIGINT, grace_s: float = 30.0) -> None:
+    """Stop child processes started with start_new_session (each its own group): `sig` to every
+    group still running, then SIGKILL a group that outlives `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, sig)
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (its /proc status), for the start-up report."""
     try:

@@ -10,6 +10,13 @@ copy, delete or reconcile object data on data routes -> tags and ACL -> one stat
 the entries, the tag / ACL changes, the applied events owed (outbox) and the consumed offsets ->
 publish the outbox -> the loop commits the Kafka offsets.
 
+The batch is applied in two parts (`prepare`, `durable`): everything up to the state transaction
+(parse, route, decide, copy on the async copy engine, tags and ACL) runs on the consume loop's
+thread; the state transaction, the outbox publish and the batch's trace spans run on the loop's
+writer thread, in batch order, while the next batch is prepared (xdc/io/consume.py). Several
+replicas (one consumer group, PostgreSQL state) share the source partitions; the outbox publisher
+(xdc/io/outbox.py) sends each applied event once, whichever replica flushes.
+
 At-least-once delivery with idempotent apply: a batch delivered again finds its sequencers in the
 state and is ignored; the outbox guarantees the applied events of a committed batch go out even
 when the process dies between the state commit and the publish.
@@ -36,10 +43,11 @@ from xdc.config import Route
 from xdc.errors import EventError, ObjectNotFound, StoreError, SupersededError, UnavailableError, XdcError
 from xdc.events import AppliedEvent, IgnoredEvent, ObjectEvent, encode_applied, parse_message
 from xdc.faults import crash_point
-from xdc.io.consume import Batch, ConsumeLoop, Letter, Source
+from xdc.io.consume import Batch, ConsumeLoop, Letter, Prepared, Source
 from xdc.io.deadletter import DeadLetterSink
-from xdc.io.kafka import Record, consumer_lag, kafka_errors
+from xdc.io.kafka import Record, consumer_lag
 from xdc.io.offset_gaps import OffsetGap
+from xdc.io.outbox import OutboxPublisher
 from xdc.io.state import CatalogEntry, Conflict, MetaChange, Outgoing
 from xdc.io.store import (
     CANNED_ACLS,
@@ -53,9 +61,9 @@ from xdc.io.store import (
     S3Store,
     tags_json,
 )
-from xdc.metrics import METRICS, Metrics
+from xdc.metrics import METRICS, Metrics, observe_many
 from xdc.routing import Routed, route_event
-from xdc.stats import percentile
+from xdc.stats import Reservoir
 from xdc.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,7 @@ class MirrorStats:
     dead_letters: int = 0
     bytes_copied: int = 0
     etag_changed: int = 0  # objects copied with another ETag than the source's (state: etag_changes)
-    lags: list[float] = field(default_factory=list)
+    lags: Reservoir = field(default_factory=Reservoir)  # bounded: a --follow process runs for months
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent applying batches (not waiting for events)
 
@@ -81,8 +89,8 @@ class MirrorStats:
                 "ignored": dict(self.ignored), "dead_letters": self.dead_letters,
                 "bytes_copied": self.bytes_copied, "etag_changed": self.etag_changed, "seconds": round(self.seconds, 3),
                 "busy_seconds": round(self.busy_seconds, 3),
-                "lag_p50_s": percentile(self.lags, 50), "lag_p99_s": percentile(self.lags, 99),
-                "lag_max_s": max(self.lags) if self.lags else None}
+                "lag_p50_s": self.lags.percentile(50), "lag_p99_s": self.lags.percentile(99),
+                "lag_max_s": self.lags.max}
 
 
 class TargetUnavailable(XdcError):
@@ -118,6 +126,10 @@ class Mirror:
         self.producer = self.site.producer
         self.applied_topic = self.site.topics.applied
         self.stats = MirrorStats()
+        self._stats_lock = threading.Lock()  # the loop's two threads both count
+        # applied events leave through the outbox: exactly once, in order per source partition
+        self.outbox = OutboxPublisher(self.catalog, lambda: self.producer, lambda: self.site.consumer(None),
+                                      name="mirror", tag=f"{self.dc}:")
         self._pool = ThreadPoolExecutor(self.settings.copy_concurrency, thread_name_prefix="copy")
         self._consumers: dict[str, KafkaConsumer] = {}
         self.gap_healer = GapHealer(topology, self.group_id, self.routes, self.metrics)
@@ -146,6 +158,7 @@ class Mirror:
 
     def close(self) -> None:
         self.loop.close()
+        self.outbox.close()
         if not self.gap_healer.wait(30.0):  # a huge route: left to the next start (its gaps stay pending)
             log.warning("gap repair still running at close; the next start drives it again")
         self._pool.shutdown(wait=True)
@@ -161,16 +174,18 @@ class Mirror:
 
     def run(self, *, once: bool = False, max_seconds: float | None = None,
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> MirrorStats:
-        """Apply events until stopped (`once`: until every assigned partition is at its end)."""
-        self.flush_outbox()  # what a previous process committed but did not publish
-        published = self.gap_healer.repairs_published
-        self.gap_healer.resume()  # gaps a previous process recorded and did not finish repairing
-        ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
-        # `once` means caught up, gap repairs included: what a repair published is applied too
-        while once and not (stop and stop.is_set()) and self.gap_healer.wait(max_seconds) and \
-                self.gap_healer.repairs_published > published:
+        """Apply events until stopped (`once`: until every assigned partition is at its end).
+        On a state that takes one mirror process (SQLite), a second one is refused (ReplicaRefused)."""
+        with self.site.state.lease("mirror"):
+            self.flush_outbox()  # what a previous process committed but did not publish
             published = self.gap_healer.repairs_published
-            ls = self.loop.run(once=True, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+            self.gap_healer.resume()  # gaps a previous process recorded and did not finish repairing
+            ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+            # `once` means caught up, gap repairs included: what a repair published is applied too
+            while once and not (stop and stop.is_set()) and self.gap_healer.wait(max_seconds) and \
+                    self.gap_healer.repairs_published > published:
+                published = self.gap_healer.repairs_published
+                ls = self.loop.run(once=True, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
         st = self.stats
         st.batches, st.records, st.dead_letters = ls.batches, ls.records, ls.dead_letters
         st.seconds, st.busy_seconds = ls.seconds, ls.busy_seconds
@@ -178,10 +193,18 @@ class Mirror:
 
     # -- the consume-loop handler ----------------------------------------------------------------
     def handle(self, batch: Batch) -> list[Letter]:
+        prepared = self.prepare(batch)
+        prepared.durable()
+        return prepared.letters
+
+    def prepare(self, batch: Batch) -> Prepared:
+        """validate -> route -> decide -> copy / delete / reconcile -> tags and ACL here; the
+        returned `durable` part does the state transaction, the outbox publish and the batch's
+        spans (the loop runs it on its writer thread, in batch order, while it prepares the next)."""
         tr = self._trace = BatchTrace(self.dc, batch)  # spans of the traced objects (mirror/tracing.py)
         letters: list[Letter] = []
         work = plan_batch(self._validate_and_route(batch, letters))  # decide
-        self.stats.ignored["superseded_in_batch"] += sum(w.superseded for w in work.values())
+        self._ignore("", "superseded_in_batch", sum(w.superseded for w in work.values()), metric=False)
         current = self.catalog.get_many(work)
         todo: list[tuple[Routed, KeyWork]] = []
         for k, w in work.items():
@@ -203,45 +226,59 @@ class Mirror:
         if not unavailable:  # a batch that waits for an endpoint records no offsets yet
             for rec in batch.records:
                 k = (self.group_id, rec.topic, rec.partition)
-                offsets[k] = max(offsets.get(k, 0), rec.offset + 1)
+                if rec.offset >= offsets.get(k, 0):
+                    offsets[k] = rec.offset + 1
         routed_of = {id(e): it for it, e in done}
-        t_commit = time.time()
-        applied = self.catalog.commit_batch(  # durable: entries + tags/ACL + outbox + offsets in one transaction
-            [e for _, e in done],
-            lambda ok: _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok if e.origin != "echo"],
-                                         tr.headers),
-            offsets, meta=[m for _, m in meta])
-        applied = [e for e in applied if e.origin != "echo"]  # acknowledgments (two-way) changed no object
-        crash_point("mirror.after_state_commit")
-        t_committed = time.time()
-        self.flush_outbox()
-        tr.finish(done, applied, t_commit, t_committed, time.time(),
-                  error="endpoint unreachable: the batch is retried" if unavailable else None)
-        crash_point("mirror.after_applied_publish")
-        self._observe_applied(applied)
-        for it, m in meta:
-            self.metrics.events_applied_total.labels(it.route.name, m.kind).inc()
-        self.stats.applied += len(applied)
-        self.stats.meta_applied += len(meta)
-        self._observe_consumer_lag(batch.source)
+        entries = [e for _, e in done]
+        changes = [m for _, m in meta]
+
+        def outbox(ok: list[CatalogEntry]) -> list[Outgoing]:
+            return _applied_messages(self.applied_topic, [(routed_of[id(e)], e) for e in ok if e.origin != "echo"],
+                                     tr.headers)
+
+        def durable() -> None:
+            t_commit = time.time()
+            # entries + tags/ACL + outbox + offsets in one transaction
+            applied = self.catalog.commit_batch(entries, outbox, offsets, meta=changes)
+            applied = [e for e in applied if e.origin != "echo"]  # acknowledgments (two-way) changed no object
+            crash_point("mirror.after_state_commit")
+            t_committed = time.time()
+            self.flush_outbox()
+            tr.finish(done, applied, t_commit, t_committed, time.time(),
+                      error="endpoint unreachable: the batch is retried" if unavailable else None)
+            crash_point("mirror.after_applied_publish")
+            self._observe_applied(applied)
+            for it, m in meta:
+                self.metrics.events_applied_total.labels(it.route.name, m.kind).inc()
+            with self._stats_lock:
+                self.stats.meta_applied += len(meta)
+            if unavailable:
+                it, exc = unavailable[0]
+                raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
+                                        f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
+
+        self._observe_consumer_lag(batch.source)  # the source's consumer: this thread only
         self._observe_verify()
-        if unavailable:
-            it, exc = unavailable[0]
-            raise TargetUnavailable(f"{len(unavailable)} copies could not reach their endpoint, "
-                                    f"e.g. {it.event.bucket}/{it.event.key}: {exc}")
-        return letters
+        return Prepared(letters, durable)
 
     def on_gaps(self, source: str, gaps: list[OffsetGap]) -> None:
         """The consume loop found events of `source` this group will never read: record them and
         repair the routes they feed (mirror/gaps.py)."""
         self.gap_healer.record(source, gaps)
 
-    def on_revoked(self, source: str, partitions: list[Any]) -> None:
-        self.flush_outbox()  # before another replica takes the partitions
+    def on_assigned(self, source: str, partitions: list[Any], consumer: KafkaConsumer) -> None:
+        # in the rebalance listener (kafka-python's IO thread): log only, no broker call
+        log.info("mirror into %s: assigned %s of %s", self.dc,
+                 ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)), source)
 
-    def _ignore(self, route: str, reason: str, n: int = 1) -> None:
-        self.stats.ignored[reason] += n
-        self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
+    def _ignore(self, route: str, reason: str, n: int = 1, *, metric: bool = True) -> None:
+        """Count ignored events (from both of the loop's threads, and the copy pool's)."""
+        if not n:
+            return
+        with self._stats_lock:
+            self.stats.ignored[reason] += n
+        if metric:
+            self.metrics.events_ignored_total.labels(route=route, reason=reason).inc(n)
 
     def on_applied_through(self, source: str, at: float) -> None:
         """Every event `source` published before `at` is applied here (the consume loop's probe)."""
@@ -263,11 +300,11 @@ class Mirror:
                         ignored.append((self._route_name(ev.bucket, ev.key, routes), ev.reason))
                         continue
                     if not isinstance(ev, ObjectEvent):
-                        self.stats.ignored["not_object_event"] += 1
+                        self._ignore("", "not_object_event", metric=False)
                         continue
                     it = route_event(ev, routes, rec, m.max_key_bytes)
                     if it is None:
-                        self.stats.ignored["unrouted"] += 1
+                        self._ignore("", "unrouted", metric=False)
                     else:
                         mine.append(it)
             except EventError as exc:  # a message with one bad record is dead-lettered whole
@@ -354,7 +391,8 @@ class Mirror:
             entry, copied = res
             entries.append((it, entry))
             if copied:
-                self.stats.bytes_copied += copied
+                with self._stats_lock:
+                    self.stats.bytes_copied += copied
                 self.metrics.bytes_copied_total.labels(route=it.route.name).inc(copied)
         return entries, unavailable
 
@@ -372,7 +410,8 @@ class Mirror:
 
     def _etag_changed(self, it: Routed, res: CopyResult) -> None:
         """Say durably why the target's ETag differs from the source's (the catalog holds both)."""
-        self.stats.etag_changed += 1
+        with self._stats_lock:
+            self.stats.etag_changed += 1
         self.metrics.copies_etag_changed_total.labels(route=it.route.name).inc()
         log.warning("%s/%s copied with ETag %s (source %s): %s", it.target_bucket, it.target_key, res.landed.etag,
                     res.source_etag, res.note)
@@ -583,30 +622,24 @@ class Mirror:
         return MetaChange(it.target_bucket, it.target_key, "acl", acl)
 
     def flush_outbox(self) -> int:
-        """Publish the applied events the state owes; each row is published by one replica."""
-        with self.catalog.claim_outbox() as rows:
-            if not rows:
-                return 0
-            with kafka_errors("publish applied events"):
-                for _, o in rows:
-                    self.producer.send(o.topic, key=o.key, value=o.value, headers=list(o.headers) or None)
-                self.producer.flush(timeout=30)
-            crash_point("mirror.in_outbox_flush")  # published, rows not yet deleted
-            return len(rows)
+        """Publish the applied events the state owes: each once, in order per source partition,
+        also when several replicas flush at the same time (xdc/io/outbox.py)."""
+        return self.outbox.flush()
 
     # -- metrics -----------------------------------------------------------------------------
     def _observe_applied(self, entries: list[CatalogEntry]) -> None:
-        """Lag histogram and counters, one label lookup per route and batch (not per event)."""
+        """Lag histogram and counters: one label lookup and one bulk observe per route and batch."""
         by_route: dict[tuple[str, str], list[CatalogEntry]] = {}
         for e in entries:
             by_route.setdefault((e.route, e.source_dc), []).append(e)
         m = self.metrics
+        with self._stats_lock:
+            self.stats.applied += len(entries)
         for (route, src), es in by_route.items():
-            hist = m.replication_lag_seconds.labels(route, src, self.dc)
-            for e in es:
-                lag = max(0.0, e.applied_time - e.event_time)  # clock skew counts as 0, not dropped
-                self.stats.lags.append(lag)
-                hist.observe(lag)
+            lags = [max(0.0, e.applied_time - e.event_time) for e in es]  # clock skew counts as 0
+            with self._stats_lock:
+                self.stats.lags.extend(lags)
+            observe_many(m.replication_lag_seconds.labels(route, src, self.dc), lags)
             deletes = sum(1 for e in es if e.deleted)
             if deletes:
                 m.events_applied_total.labels(route, "delete").inc(deletes)
@@ -649,15 +682,14 @@ def _applied_messages(topic: str, done: list[tuple[Routed, CatalogEntry]],
     Keyed by the source partition, so one object's applied events always share a partition and stay
     in order; batching cut the publish cost per object by the batch size.
     """
-    by_part: dict[int, list[dict[str, Any]]] = {}
+    by_part: dict[int, list[AppliedEvent]] = {}
     routed: dict[int, list[Routed]] = {}
     for it, e in done:
         routed.setdefault(it.record.partition, []).append(it)
         by_part.setdefault(it.record.partition, []).append(AppliedEvent(
-            route=e.route, op="delete" if e.deleted else "put", bucket=e.bucket, key=e.key, size=e.size,
-            etag=e.etag, sequencer=e.sequencer, event_time=e.event_time, applied_time=e.applied_time,
-            source={"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key, "etag": e.source_etag},
-        ).to_dict())
+            e.route, "delete" if e.deleted else "put", e.bucket, e.key, e.size, e.etag, e.sequencer, e.event_time,
+            e.applied_time, {"dc": e.source_dc, "bucket": e.source_bucket, "key": e.source_key,
+                             "etag": e.source_etag}))
     return [Outgoing(topic, f"p{part}".encode(), encode_applied(items), tuple(headers(routed[part])))
             for part, items in sorted(by_part.items())]
 

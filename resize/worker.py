@@ -168,6 +168,7 @@ class ResizeWorker:
         self.producer = site.producer
         self.announce = not site.config.s3.notifications
         self.stats = ResizeStats()
+        self.assigned: list[int] = []  # partitions of the events topic this worker holds now
         self._spans: dict[int, Any] = {}  # id(Task) -> its resize.frame span, for one batch
         n = workers or self.settings.workers or os.cpu_count() or 1
         cfg_json = topology.config.model_dump(mode="json", exclude={"base_dir"})
@@ -201,9 +202,17 @@ class ResizeWorker:
 
     def run(self, *, once: bool = False, max_seconds: float | None = None,
             stop: threading.Event | None = None, join_timeout_s: float = 60.0) -> ResizeStats:
-        ls: LoopStats = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
+        """Resize new frames until stopped (`once`: until caught up). On a state that takes one
+        resize process (SQLite), a second one is refused (ReplicaRefused)."""
+        with self.site.state.lease("resize"):
+            ls: LoopStats = self.loop.run(once=once, max_seconds=max_seconds, stop=stop,
+                                          join_timeout_s=join_timeout_s)
         self.stats.seconds, self.stats.busy_seconds = ls.seconds, ls.busy_seconds
         return self.stats
+
+    def on_assigned(self, source: str, partitions: list[Any], consumer: Any) -> None:
+        self.assigned = sorted(tp.partition for tp in partitions)
+        log.info("resize in %s: assigned %s", self.dc, ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)))
 
     def handle(self, batch: Batch) -> list[Letter]:
         letters: list[Letter] = []

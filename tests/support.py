@@ -127,6 +127,16 @@ def read_topic(cfg: XdcConfig, dc: str, topic: str, timeout_s: float = 5.0) -> l
         c.close()
 
 
+def end_offsets(cfg: XdcConfig, dc: str, topic: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the partition's log end offset now."""
+    c = KafkaConsumer(**client_kwargs(brokers(cfg, dc)), group_id=None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        return {(tp.topic, tp.partition): off for tp, off in c.end_offsets(tps).items()}
+    finally:
+        c.close()
+
+
 def make_tls(d: Path) -> dict[str, Path]:
     """A test CA (trustme) and PEM files: the CA, a broker certificate for 127.0.0.1/localhost with
     its key, a client certificate with its key (mTLS), and the CA file of an unrelated CA."""

@@ -2,6 +2,7 @@
 
     XdcError
      +-- ConfigError            bad or inconsistent configuration (never retried)
+     |    +-- ReplicaRefused        a second mirror / resize process on a state that takes one
      +-- StoreError             object store I/O
      |    +-- ObjectNotFound
      |    +-- TransientStoreError   (retriable: 5xx, SlowDown, resets, timeouts)
@@ -44,6 +45,10 @@ class XdcError(Exception):
 
 class ConfigError(XdcError):
     pass
+
+
+class ReplicaRefused(ConfigError):
+    """A second mirror or resize process on a state that takes one writer (SQLite)."""
 
 
 class StoreError(XdcError):

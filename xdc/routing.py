@@ -7,7 +7,8 @@ the configured target buckets and prefixes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from xdc.config import Route
 from xdc.errors import EventError
@@ -15,8 +16,7 @@ from xdc.events import ObjectEvent, validate_key
 from xdc.io.kafka import Record
 
 
-@dataclass(frozen=True)
-class Routed:
+class Routed(msgspec.Struct, frozen=True):
     event: ObjectEvent
     route: Route
     target_bucket: str

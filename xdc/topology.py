@@ -24,7 +24,7 @@ from xdc.config import Brokers, CacheConfig, Datacenter, KafkaTopics, Route, Xdc
 from xdc.errors import CacheError, ConfigError
 from xdc.io.kafka import make_consumer, make_producer
 from xdc.io.s3copy import CopyEngine, EngineSettings
-from xdc.io.state import State, open_state, sqlite_path
+from xdc.io.state import State, open_state, sqlite_path, takes_replicas
 from xdc.io.store import S3Store
 from xdc.retry import RetryPolicy
 
@@ -127,6 +127,12 @@ class Site:
                 raise ConfigError(f"{self.name}: environment variable {self.config.state_password_env} not set")
         return open_state(self.config.state_url, base_dir=self.topology.config.base_dir, password=pw,
                           durable=self.topology.durable_state)
+
+    @property
+    def takes_replicas(self) -> bool:
+        """Several mirror / resize processes may share this site's state (known from the URL,
+        without connecting)."""
+        return takes_replicas(self.config.state_url)
 
     @property
     def state_location(self) -> str:

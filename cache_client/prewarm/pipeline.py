@@ -39,7 +39,7 @@ from cache_client.watermarks import Retired, RoomPlan, plan_room
 from xdc import trace
 from xdc.errors import BadKey, KafkaError, NotReadyError, ObjectNotFound, RoomError
 from xdc.events import ReadyEvent
-from xdc.io.kafka import kafka_errors
+from xdc.io.outbox import OutboxPublisher
 from xdc.io.state import NodeUsage, Outgoing
 from xdc.metrics import METRICS
 from xdc.topology import Site
@@ -453,20 +453,17 @@ def announce(site: Site, *, strict: bool = True) -> int:
 
     strict=False: a broker that cannot take them is a warning, not an error; the rows stay in the
     outbox for the next publisher (a later prewarm or the mirror in this datacenter)."""
+    publisher = OutboxPublisher(site.state.catalog, lambda: site.producer, lambda: site.consumer(None),
+                                name="prewarm", tag=f"{site.name}:")  # the state's identity, as the mirror's
     try:
-        with site.state.catalog.claim_outbox() as rows:
-            if not rows:
-                return 0
-            with kafka_errors("publish dataset.ready"):
-                for _, o in rows:
-                    site.producer.send(o.topic, key=o.key, value=o.value)
-                site.producer.flush(timeout=30)
-            return len(rows)
+        return publisher.flush()
     except KafkaError as exc:
         if strict:
             raise
         log.warning("dataset.ready not published from %s yet (kept in the outbox): %s", site.name, exc)
         return 0
+    finally:
+        publisher.close()
 
 
 def _why_not_cached(check: CheckReport, plan: Plan, rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:

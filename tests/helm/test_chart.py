@@ -3,6 +3,7 @@ against the config loader the CLI uses."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -185,7 +186,10 @@ def test_embedded_config_loads_with_the_cli_loader(chart: Any, render: Render, c
     # SQLite state lives on the volume, not beside the read-only ConfigMap mount.
     mount = Path(values["persistence"]["mountPath"])
     for name in cfg.datacenters:
-        assert mount in Path(Topology(cfg).site(name).state_location).parents, name
+        site = Topology(cfg).site(name)
+        if not site.takes_replicas:
+            assert values["persistence"]["enabled"], name
+            assert mount in Path(site.state_location).parents, name
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -223,7 +227,7 @@ def test_workloads_run_the_cli_with_probes_resources_and_secrets(chart: Any, ren
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
         assert c["resources"]["requests"] and c["resources"]["limits"], component
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert {"/etc/xdc", values["persistence"]["mountPath"]} <= mounts
+        assert {"/etc/xdc", values["persistence"]["mountPath"]} <= mounts  # an emptyDir without persistence
 
     mirror = next(d for n, d in by_kind(docs, "Deployment").items() if n.endswith("-mirror"))
     assert mirror["spec"]["replicas"] == values["mirror"]["replicas"]
@@ -276,6 +280,89 @@ def test_mirror_replicas_fit_the_partitions() -> None:
         sources = {r["source"]["dc"] for r in v["config"]["routes"]}
         partitions = max(v["config"]["datacenters"][dc]["kafka"]["partitions"] for dc in sources)
         assert v["mirror"]["replicas"] <= partitions, p.name
+
+
+# -- replicas: PostgreSQL state only, a PodDisruptionBudget, no rolling update on SQLite -------------
+PG = "postgresql://xdc@pg.example.internal:5432/xdc"
+
+
+def _state(**urls: str) -> dict[str, Any]:
+    return {"config": {"datacenters": {dc: {"state_url": url} for dc, url in urls.items()}}}
+
+
+def test_schema_refuses_replicas_when_every_state_is_sqlite() -> None:
+    schema = helm_schema.values_schema()
+    values = read_values(CHART / "values.yaml")
+    jsonschema.validate(values, schema, cls=jsonschema.Draft202012Validator)  # the default: 1 replica
+    for workload in ("mirror", "resize"):
+        bad = {**values, workload: {**values[workload], "replicas": 2}}
+        with pytest.raises(jsonschema.ValidationError, match="2 is greater than the maximum of 1"):
+            jsonschema.validate(bad, schema, cls=jsonschema.Draft202012Validator)
+    on_pg = {**values, "mirror": {**values["mirror"], "replicas": 4}}
+    for dc in on_pg["config"]["datacenters"].values():
+        dc["state_url"] = PG
+    jsonschema.validate(on_pg, schema, cls=jsonschema.Draft202012Validator)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"mirror": {"replicas": 2}}, "at '/mirror/replicas': maximum: got 2, want 1"),  # the schema: all SQLite
+    ({"mirror": {"replicas": 2}, **_state(**{"idc-b": PG})},
+     "mirror.replicas is 2, but the state of datacenter idc-a is SQLite (sqlite:////var/lib/xdc/state-idc-a.db), "
+     "which takes one mirror process: run 1 replica, or set config.datacenters.idc-a.state_url to postgresql://"),
+    ({"resize": {"replicas": 3}, **_state(**{"idc-b": PG})},
+     "resize.replicas is 3, but the state of datacenter idc-a is SQLite"),
+])
+def test_render_refuses_replicas_on_sqlite_state(chart: Any, values: dict[str, Any], message: str) -> None:
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmError, match=re.escape(message)):
+        chart.render(values=values, name="xdc")
+
+
+def _pdbs(docs: list[tuple[str, Manifest]]) -> dict[str, Manifest]:
+    return {m["metadata"]["labels"]["app.kubernetes.io/component"]: m for _, m in docs
+            if m["kind"] == "PodDisruptionBudget"}
+
+
+def test_replicas_on_postgresql_state_get_a_disruption_budget_and_roll(render: Render) -> None:
+    docs = render({"mirror": {"replicas": 4}, "resize": {"replicas": 2}, "persistence": {"enabled": False},
+                   **_state(**{"idc-a": PG, "idc-b": PG})})
+    deployments = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Deployment").values()}
+    assert deployments["mirror"]["spec"]["replicas"] == 4 and deployments["resize"]["spec"]["replicas"] == 2
+    pdbs = _pdbs(docs)
+    assert set(pdbs) == {"mirror", "resize"}
+    for name, pdb in pdbs.items():
+        assert pdb["spec"]["maxUnavailable"] == 1
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == name
+        assert "strategy" not in deployments[name]["spec"]  # rolling update: replicas may overlap
+    for version in KUBE_VERSIONS:
+        for pdb in pdbs.values():
+            kubernetes_validate.validate(pdb, version, strict=True)
+
+
+def test_sqlite_state_runs_one_process_and_never_two_during_an_update(render: Render) -> None:
+    docs = render()
+    assert not _pdbs(docs)  # one replica: nothing to budget
+    for d in by_kind(docs, "Deployment").values():
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in ("mirror", "resize"):  # a second pod of a rolling update would be refused
+            assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"] == {"type": "Recreate"}, component
+        else:
+            assert "strategy" not in d["spec"], component
+
+
+@pytest.mark.parametrize("case", [p.stem for p in EXAMPLES])
+def test_examples_run_replicas_on_postgresql_with_budgets(chart: Any, render: Render, case: str) -> None:
+    values = merged_values(chart, case)
+    docs = render(case_values(case))
+    pdbs = _pdbs(docs)
+    for name in ("mirror", "resize"):
+        runs = values[name]["enabled"] and (name == "mirror" or values["config"].get("resize"))
+        assert (name in pdbs) == bool(runs and values[name]["replicas"] > 1), name
+    assert values["mirror"]["replicas"] > 1
+    assert all(d["state_url"].startswith("postgresql://") for d in values["config"]["datacenters"].values())
 
 
 # -- render-time checks the schema cannot express ----------------------------------------------

@@ -111,7 +111,9 @@ def test_sigkill_at_each_named_crash_point(point: str, xcfg: XdcConfig, tag: str
     state = sum(cat.offsets(group).values())
     committed = _offsets_not_ahead(xcfg, group)
     if point == "mirror.after_copy":
-        assert state == committed, (state, committed)  # copied, nothing recorded: redone on restart
+        # copied, nothing of this batch recorded: redone on restart. The pipelined loop may have the
+        # previous batch (10 records at most) durable in the state and its commit still to come.
+        assert committed <= state <= committed + 10, (state, committed)
     else:
         assert state > committed, (state, committed)  # durable in the state, not committed in Kafka
     if point in ("mirror.after_state_commit", "mirror.in_outbox_flush"):

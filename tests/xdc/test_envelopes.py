@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from tests.support import eventbridge_event, sns_wrapped, sqs_wrapped
@@ -115,7 +116,7 @@ def test_native_shape_is_the_reference() -> None:
 def test_wrapped_notifications_give_the_same_event(wrap, envelope: str) -> None:  # type: ignore[no-untyped-def]
     native = _one(NATIVE)
     ev = _one(wrap(NATIVE))
-    assert ev == ObjectEvent(**{**native.__dict__, "envelope": envelope})
+    assert ev == msgspec.structs.replace(native, envelope=envelope)
 
 
 def test_eventbridge_object_created_matches_the_native_event() -> None:
@@ -123,7 +124,7 @@ def test_eventbridge_object_created_matches_the_native_event() -> None:
                            etag=ETAG, reason="PutObject", t=1_700_000_000.0)
     ev = _one(json.dumps(eb).encode())
     native = _one(NATIVE)
-    assert ev == ObjectEvent(**{**native.__dict__, "envelope": "eventbridge"})
+    assert ev == msgspec.structs.replace(native, envelope="eventbridge")
     # and through SQS (EventBridge rule -> SQS queue -> connector)
     assert _one(sqs_wrapped(json.dumps(eb).encode())).envelope == "sqs/eventbridge"  # type: ignore[union-attr]
 

@@ -135,3 +135,35 @@ def test_exposition_round_trips(m: Metrics) -> None:
     assert parsed["xdc_resize_bytes_out_total"] == 320_000
     assert parsed["xdc_resize_seconds_count"] == 1
     assert parsed["xdc_resize_frames_total"] == 1
+
+
+def test_observe_many_equals_observe_per_value() -> None:
+    """The bulk observe reaches into prometheus_client's histogram internals: it must count exactly
+    what observe() counts, bucket by bucket, including values on a bound, past the last and negative; a NaN
+    (which observe() counts in no bucket but adds to the sum) changes nothing."""
+    import random
+
+    from xdc.metrics import observe_many
+
+    rng = random.Random(7)
+    values = [rng.uniform(0, 4000) for _ in range(500)] + list(LAG_BUCKETS[:-1]) + [0.0, -1.0, 1e9]
+    one, many = Metrics(new_registry()), Metrics(new_registry())
+    for v in values:
+        one.replication_lag_seconds.labels("r", "A", "B").observe(v)
+    observe_many(many.replication_lag_seconds.labels("r", "A", "B"), values[:300])
+    observe_many(many.replication_lag_seconds.labels("r", "A", "B"), values[300:])
+    observe_many(many.replication_lag_seconds.labels("r", "A", "B"), [float("nan")])
+
+    def samples(m: Metrics) -> dict[tuple[str, str], float]:
+        out = {}
+        for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
+            for s in fam.samples:
+                if s.name.startswith("xdc_replication_lag_seconds") and not s.name.endswith("_created"):
+                    out[(s.name, s.labels.get("le", ""))] = s.value
+        return out
+
+    a, b = samples(one), samples(many)
+    assert a.keys() == b.keys() and len(a) == len(LAG_BUCKETS) + 2
+    assert a.keys() == b.keys()
+    for k in a:  # the sum is added in another order: equal up to rounding
+        assert math.isclose(a[k], b[k], rel_tol=1e-12) if k[0].endswith("_sum") else a[k] == b[k], k

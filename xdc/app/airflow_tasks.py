@@ -365,10 +365,12 @@ def mirror_into(cfg: XdcConfig, dc: str, max_seconds: float) -> dict[str, Any]:
 
 
 def resize_shards(cfg: XdcConfig, wanted: int) -> list[int]:
-    """Shard numbers for the resize workers: at most one per partition of the events topic
-    (more consumers than partitions in one group would sit idle)."""
+    """Shard numbers for the resize workers: at most one per partition of the events topic (more
+    consumers than partitions in one group would sit idle), and one on a SQLite state (it takes
+    one resize process)."""
     site = Topology(cfg).resize_site()
-    return list(range(max(1, min(int(wanted), site.config.kafka.partitions))))
+    most = site.config.kafka.partitions if site.takes_replicas else 1
+    return list(range(max(1, min(int(wanted), most))))
 
 
 def resize_shard(cfg: XdcConfig, shard: int, shards: int, max_seconds: float) -> dict[str, Any]:

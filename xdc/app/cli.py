@@ -98,9 +98,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if any(rep.drift for rep in reports) and not args.repair else 0
 
 
-def _run_service(topo: Topology, service: Any, args: argparse.Namespace) -> int:
-    """A long-running loop (mirror, resize worker) with /metrics, /healthz, /readyz while it runs."""
-    with topo, service as s, serving(topo.config, live=lambda: s.alive, ready=lambda: s.caught_up):
+def _run_service(topo: Topology, service: Any, role: str, args: argparse.Namespace) -> int:
+    """A long-running loop (mirror, resize worker) with /metrics, /healthz, /readyz while it runs.
+    The state's lease comes first: a second process on a SQLite state is refused before it binds
+    a port or joins the consumer group."""
+    with topo, service as s, s.site.state.lease(role), \
+            serving(topo.config, live=lambda: s.alive, ready=lambda: s.caught_up):
         stats = s.run(once=not args.follow, max_seconds=args.max_seconds)
     _print(stats.to_dict())
     return 0
@@ -108,12 +111,12 @@ def _run_service(topo: Topology, service: Any, args: argparse.Namespace) -> int:
 
 def cmd_mirror(args: argparse.Namespace) -> int:
     topo = topology(args)
-    return _run_service(topo, Mirror(topo), args)
+    return _run_service(topo, Mirror(topo), "mirror", args)
 
 
 def cmd_resize_run(args: argparse.Namespace) -> int:
     topo = topology(args)
-    return _run_service(topo, ResizeWorker(topo), args)
+    return _run_service(topo, ResizeWorker(topo), "resize", args)
 
 
 def cmd_resize_file(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   and the one that fails is dead-lettered with the reason (`ReasonedError.reason`, else
   `unexpected_error`), while the rest proceeds;
 - a retriable broker error is retried with backoff (a restarted broker is waited for, up to
-  `max_broker_failures` in a row); a commit refused after a rebalance is dropped (the partitions'
-  new owner redoes the batch, which is idempotent); before partitions are revoked the handler's
+  `max_broker_failures` in a row); a commit refused after a rebalance seeks back to the batch
+  (redone here, found done, and committed; or by the partitions' new owner); before partitions are revoked the handler's
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
   commits nothing (dead-letter listing, the lag reader);
@@ -28,7 +28,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   has passed a probe's ends, every record appended before that probe was handled: `applied_through`
   (wall-clock seconds, per source) moves to the probe's time, and the handler's
   `on_applied_through` hears of it. While a source cannot be reached no probe succeeds, so
-  now - applied_through bounds the lag of everything still pending and keeps growing;
+  now - applied_through bounds the lag of everything still pending and keeps growing; a batch in
+  flight (below) counts as not handled yet;
 - before a newly assigned partition is read, its committed offset is compared with the log's start
   and end (`xdc.io.offset_gaps`: the rule): when the group will never see some of its records
   (retention removed them unread, or the group has no offset and the log no longer starts at 0),
@@ -39,6 +40,25 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   revoked partitions, and the loop checks a partition it has not checked since it was assigned
   before handling its first batch, and when idle (a log that retention emptied brings no batch).
   A check that fails (broker away, state down) rewinds that batch and is tried again.
+
+Pipelined handlers (the mirror) split a batch in two: `prepare` (parse, decide, copy: CPU and
+object I/O) on the loop's thread, and the `durable` part it returns (the state transaction, the
+outbox) on one writer thread, in batch order. The loop prepares batch N+1 while N is made durable,
+and commits N's offsets once N's durable part is done: the same order of guarantees, with the
+database's time overlapped. A durable part that fails stops the writer (later batches are not made
+durable), every batch in flight is rewound, and the batch redelivered next is handled the plain
+way (with the retries, backoff and poison-record search above) before pipelining resumes.
+
+Threads: every consumer call (poll, seek, commit, offsets, the gap check) is made on the loop's
+thread; kafka-python's consumer is not thread-safe. The writer thread only runs durable parts
+(state and producer, never the consumer), and `on_gaps` runs with nothing in flight. kafka-python
+3.0.12 runs rebalance listeners on the consumer's IO thread (a join that outlives a poll() goes on
+there while the loop's thread runs): there a blocking consumer call would fail, and anything that
+blocks stalls heartbeats and the join, so the listener only forgets the revoked partitions' gap checks
+(and calls the handler's hook, which must not block either). A batch in flight when its partitions
+are revoked is finished by the loop: its commit is refused after the rebalance, and whoever owns
+the partitions next (this loop, or another member) redoes it, found done (the state's upsert guard and the outbox's per-key claims make
+a batch applied by two processes at once safe: each row once, each applied event published once).
 """
 from __future__ import annotations
 
@@ -46,7 +66,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,9 +121,9 @@ class Letter:
 
 class Handler(Protocol):
     """Optional hooks, called when defined: `on_letters(source, letters)` once letters are flushed,
-    `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)`,
-    `on_assigned(source, partitions, consumer)`, `on_gaps(source, gaps)` (records them durably;
-    the partitions are read on once it returns)."""
+    `on_applied_through(source, t)`, `on_idle()`, `on_revoked(source, partitions)` (in the rebalance
+    listener: no consumer call), `on_assigned(source, partitions, consumer)` (likewise),
+    `on_gaps(source, gaps)` (records them durably; the partitions are read on once it returns)."""
 
     def handle(self, batch: Batch) -> Sequence[Letter]:
         """Do the batch's work durably; return the records to dead-letter."""
@@ -112,6 +134,33 @@ class Handler(Protocol):
 class _Probe:
     at: float  # wall-clock time just before the log ends were asked for
     ends: dict[TopicPartition, int]
+
+
+@dataclass
+class Prepared:
+    """A batch whose work is done but for making it durable (`durable`, run on the writer thread)."""
+
+    letters: list[Letter]
+    durable: Callable[[], None]
+
+
+class PipelinedHandler(Handler, Protocol):
+    def prepare(self, batch: Batch) -> Prepared:
+        """Everything but the durable part; `handle` is `prepare` then `durable` in one go."""
+        ...
+
+
+@dataclass
+class _InFlight:
+    source: Source
+    batch: Batch
+    letters: list[Letter]
+    done: Future[None]
+    started: float
+
+
+class _Skipped(Exception):
+    """A durable part not run because an earlier one failed (its batch is redone)."""
 
 
 @dataclass
@@ -128,6 +177,7 @@ class LoopStats:
     records: int = 0
     dead_letters: int = 0
     retries: int = 0
+    refused_commits: int = 0  # refused after a rebalance: redone
     seconds: float = 0.0
     busy_seconds: float = 0.0  # time in the handler (not waiting for records)
     letters_by_reason: dict[str, int] = field(default_factory=dict)
@@ -138,6 +188,10 @@ class _Revocations(ConsumerRebalanceListener):
         self.loop, self.source = loop, source
 
     def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # On kafka-python's IO thread: no consumer call and nothing that blocks here (heartbeats and
+        # the join wait on this thread). A batch in flight is finished and committed by the loop
+        # (refused after the rebalance: whoever owns the partition next redoes it; the state's
+        # guards make that safe).
         with self.loop._gap_lock:  # checked again when next assigned (the committed offset may move meanwhile)
             self.loop._checked.get(self.source.name, set()).difference_update(revoked)
         hook = getattr(self.loop.handler, "on_revoked", None)
@@ -154,10 +208,12 @@ class ConsumeLoop:
     def __init__(self, sources: Sequence[Source], handler: Handler, *,
                  dead_letters: DeadLetterSink | None = None, max_records: int = 500,
                  poll_timeout_s: float = 1.0, retry: RetryPolicy = RetryPolicy(max_attempts=0, cap_s=10.0),
-                 max_broker_failures: int = 30, name: str = "consume", probe_interval_s: float = 1.0) -> None:
+                 max_broker_failures: int = 30, name: str = "consume", pipeline: bool = True,
+                 probe_interval_s: float = 1.0) -> None:
         """`retry.max_attempts` bounds the tries of a batch that keeps failing with a retriable
         error (0: until it works); after that its records are dead-lettered with the reason.
-        `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop."""
+        `max_broker_failures` broker errors in a row (about two minutes of backoff) end the loop.
+        `pipeline`: overlap a PipelinedHandler's durable part with the next batch."""
         self.sources = list(sources)
         self.handler = handler
         self.dead_letters = dead_letters
@@ -169,6 +225,13 @@ class ConsumeLoop:
         self.stats = LoopStats()
         self.alive = True  # for /healthz
         self.caught_up = False  # for /readyz and `once`
+        self._writer: ThreadPoolExecutor | None = None
+        if pipeline and callable(getattr(handler, "prepare", None)):
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-durable")
+        self._inflight: deque[_InFlight] = deque()
+        self._broken = False  # a durable part failed: later ones are skipped until the loop recovers
+        self._plain_next = False  # the next batch is handled the plain way (after a failure in flight)
+        self._failures: dict[tuple[str, str, int, int], int] = {}  # a batch (by its first record) -> failed tries
         self.probe_interval_s = probe_interval_s
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
         self._probes: dict[str, list[_Probe]] = {}
@@ -189,6 +252,8 @@ class ConsumeLoop:
                     s.consumer.subscribe(list(s.topics), listener=_Revocations(self, s))
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # a durable part under way finishes (the state may run ahead)
         for s in self.sources:
             try:
                 s.consumer.close(autocommit=False)
@@ -203,7 +268,6 @@ class ConsumeLoop:
         t0 = time.monotonic()
         idle = 0
         broker_failures = 0
-        failures: dict[tuple[str, str, int, int], int] = {}  # a batch (by its first record) -> failed tries
         try:
             while not (stop and stop.is_set()):
                 if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -220,52 +284,29 @@ class ConsumeLoop:
                     if not records:
                         continue
                     self.caught_up = False
-                    t_batch = time.monotonic()
                     batch = Batch(src.name, records)
-                    ident = (src.name, records[0].topic, records[0].partition, records[0].offset)
                     try:
-                        self._check_gaps(src, {TopicPartition(r.topic, r.partition) for r in records})
-                        letters = self._handle(batch)
-                        self._send_letters(letters, src.name)
-                    except XdcError as exc:
-                        if not exc.retriable:
-                            raise
-                        tries = failures[ident] = failures.get(ident, 0) + 1
-                        if self.retry.max_attempts and tries >= self.retry.max_attempts:
-                            log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, tries, exc)
-                            self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc))
-                                                for r in records], src.name)
-                        else:
-                            rewind(src.consumer, records)
-                            st.retries += 1
-                            delay = self.retry.delay(tries)
-                            log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name,
-                                        len(records), src.name, exc, delay)
-                            self._sleep(delay, stop)
+                        if not self._gaps_checked(src, batch, stop):
                             continue
-                    failures.pop(ident, None)
-                    crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
-                    if src.group is not None:
-                        try:
-                            commit(src.consumer, next_offsets(records))
-                        except KafkaError as exc:
-                            if exc.retriable:  # redelivered, found done (idempotent), committed then
-                                rewind(src.consumer, records)
-                                broker_failures = self._broker_trouble(broker_failures, exc)
-                                continue
-                            if not isinstance(exc, RebalancedError):
-                                raise
-                            log.info("%s: commit after a rebalance dropped (%s); the new owner redoes it", self.name, exc)
+                        if self._writer is not None and not self._plain_next:
+                            self._pipelined(src, batch)
+                        elif not self._plain(src, batch, stop):
+                            continue
+                    except KafkaError as exc:  # the commit: a broker error worth waiting for
+                        broker_failures = self._broker_trouble(broker_failures, exc)
+                        continue
                     broker_failures = 0
-                    st.batches += 1
-                    st.records += len(records)
-                    st.busy_seconds += time.monotonic() - t_batch
                     progressed = True
                     self._track(src, idle=False)
                 if progressed:
                     idle = 0
                     continue
-                for src in self.sources:
+                try:
+                    self.settle()  # idle: what is in flight becomes durable and committed now
+                except KafkaError as exc:
+                    broker_failures = self._broker_trouble(broker_failures, exc)
+                    continue
+                for src in self.sources:  # nothing in flight: a log that retention emptied brings no batch
                     try:
                         self._check_gaps(src, set(src.consumer.assignment()))
                     except XdcError as exc:
@@ -282,6 +323,7 @@ class ConsumeLoop:
                     if (joined and self.caught_up and idle >= idle_polls_to_finish) or \
                             (not joined and time.monotonic() - t0 > join_timeout_s):
                         break
+            self.settle()  # stopped: finish what is in flight
         except BaseException:
             self.alive = False
             raise
@@ -289,37 +331,141 @@ class ConsumeLoop:
             st.seconds += time.monotonic() - t0
         return st
 
-    def _check_gaps(self, src: Source, parts: set[TopicPartition]) -> None:
-        """Compare the committed offsets of those of `parts` not checked since their assignment with
-        their logs; hand the gaps to the handler (durably recorded when it returns) and acknowledge
-        them (commit the log start). Raises a retriable XdcError when the broker or state is away."""
-        if getattr(self.handler, "on_gaps", None) is None or src.group is None:
+    def _plain(self, src: Source, batch: Batch, stop: threading.Event | None) -> bool:
+        """handle -> letters -> commit. False when the batch was rewound for a retry."""
+        t_batch = time.monotonic()
+        try:
+            letters = self._handle(batch)
+            self._send_letters(letters, src.name)
+        except XdcError as exc:
+            if not exc.retriable:
+                raise
+            tries = self._failed(batch)
+            if self.retry.max_attempts and tries >= self.retry.max_attempts:
+                log.error("%s: batch failed %d times (%s): dead-lettering it", self.name, tries, exc)
+                self._send_letters([Letter(r, f"{_reason(exc)}_after_retries", str(exc)) for r in batch.records],
+                                   src.name)
+            else:
+                self._retry_later(src, batch, exc, tries, stop)
+                return False
+        self._failures.pop(_ident(batch), None)
+        self._plain_next = False
+        if not self._commit(src, batch, t_batch):
+            rewind(src.consumer, batch.records)
+            return False
+        return True
+
+    def _failed(self, batch: Batch) -> int:
+        """One more failed try of `batch` (counted by its first record); returns the tries."""
+        ident = _ident(batch)
+        tries = self._failures[ident] = self._failures.get(ident, 0) + 1
+        return tries
+
+    def _retry_later(self, src: Source, batch: Batch, exc: BaseException, tries: int,
+                     stop: threading.Event | None) -> None:
+        rewind(src.consumer, batch.records)
+        self.stats.retries += 1
+        delay = self.retry.delay(tries)
+        log.warning("%s: batch of %d from %s failed (%s); retry in %.1fs", self.name, len(batch), src.name, exc, delay)
+        self._sleep(delay, stop)
+
+    def _gaps_checked(self, src: Source, batch: Batch, stop: threading.Event | None) -> bool:
+        """The gap check of the batch's partitions not checked since their assignment; False when it
+        failed (broker or state away): the batch is rewound and tried again after a backoff."""
+        try:
+            self._check_gaps(src, {TopicPartition(r.topic, r.partition) for r in batch.records})
+        except XdcError as exc:
+            if not exc.retriable:
+                raise
+            self._retry_later(src, batch, exc, self._failed(batch), stop)
+            return False
+        return True
+
+    def _pipelined(self, src: Source, batch: Batch) -> None:
+        """prepare here, durable on the writer; then settle until one batch at most is in flight."""
+        assert self._writer is not None
+        t_batch = time.monotonic()
+        try:
+            prepared = self.handler.prepare(batch)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - any trouble: redo it the plain way, after what is in flight
+            rewind(src.consumer, batch.records)  # before settling: an older batch may rewind further
+            self._plain_next = True
+            self.settle()
             return
-        with self._gap_lock:
-            todo = sorted(parts - self._checked.get(src.name, set()))
-        if not todo:
-            return
-        consumer = src.consumer
-        with kafka_errors(f"offsets of {src.name} {todo}"):
-            starts = consumer.beginning_offsets(todo, timeout_ms=10_000)
-            ends = consumer.end_offsets(todo, timeout_ms=10_000)
-            committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in todo}
-        gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
-                         {(tp.topic, tp.partition): s for tp, s in starts.items()},
-                         {(tp.topic, tp.partition): e for tp, e in ends.items()})
-        if gaps:
-            for g in gaps:
-                log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
-                            self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
-                            "unknown" if g.lost is None else g.lost)
-            self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
-            self.gaps.extend(gaps)
-            try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
-                commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
-            except KafkaError as exc:  # found again after the next assignment; the handler dedupes
-                log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
-        with self._gap_lock:
-            self._checked.setdefault(src.name, set()).update(tp for tp in todo if tp in consumer.assignment())
+        self._inflight.append(_InFlight(src, batch, prepared.letters,
+                                        self._writer.submit(self._run_durable, prepared.durable), t_batch))
+        self.settle(keep=1)
+
+    def _run_durable(self, durable: Callable[[], None]) -> None:
+        if self._broken:
+            raise _Skipped()
+        try:
+            durable()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def settle(self, keep: int = 0) -> None:
+        """Finish batches in flight (oldest first: letters, then offsets) until `keep` remain. A
+        durable part that failed rewinds every batch in flight; the next one is handled plainly."""
+        while len(self._inflight) > keep:
+            head = self._inflight[0]
+            try:
+                head.done.result()
+            except Exception as exc:  # noqa: BLE001 - redone the plain way, which says what it is
+                log.warning("%s: batch of %d from %s failed on its way to durable (%r); redoing it", self.name,
+                            len(head.batch), head.source.name, exc)
+                self._rewind_inflight()  # nothing after the failure was made durable (_Skipped)
+                self._plain_next = True
+                self.stats.retries += 1
+                return
+            self._inflight.popleft()
+            self._send_letters(head.letters, head.source.name)
+            if not self._commit(head.source, head.batch, head.started):
+                self._inflight.appendleft(head)
+                self._rewind_inflight()
+                return
+
+    def _rewind_inflight(self) -> None:
+        """Wait for the durable parts in flight, then seek back to the first record of the oldest
+        batch in flight: all of them are delivered again (redone, found done where durable)."""
+        for f in self._inflight:
+            try:
+                f.done.result()
+            except Exception:  # noqa: BLE001 - a failure, or skipped after one: redone anyway
+                pass
+        for f in reversed(self._inflight):  # newest first: the oldest batch's seek wins
+            rewind(f.source.consumer, f.batch.records)
+        self._inflight.clear()
+        self._broken = False
+
+    def _commit(self, src: Source, batch: Batch, started: float) -> bool:
+        """The batch is durable and its letters sent: commit its offsets (raises a retriable
+        KafkaError after rewinding, when the broker is away). False when the commit was refused
+        after a rebalance: the caller seeks back (below) and the batch is redone, found done.
+
+        Why seek back: kafka-python 3 keeps a partition's position across a rebalance that leaves
+        the partition here, so without it these records would stay uncommitted until a later batch
+        of the partition commits past them; at the end of a `once` run there is none (the next run
+        redid them). A partition moved away is not sought: its new owner starts at the committed
+        offset."""
+        crash_point(f"{self.name}.before_commit")  # state durable, offsets not yet committed
+        if src.group is not None:
+            try:
+                commit(src.consumer, next_offsets(batch.records))
+            except KafkaError as exc:
+                if exc.retriable:  # redelivered, found done (idempotent), committed then
+                    rewind(src.consumer, batch.records)
+                    raise
+                if not isinstance(exc, RebalancedError):
+                    raise
+                log.info("%s: commit after a rebalance refused (%s); the batch is redone, found done", self.name, exc)
+                self.stats.refused_commits += 1
+                return False
+        self.stats.batches += 1
+        self.stats.records += len(batch)
+        self.stats.busy_seconds += time.monotonic() - started
+        return True
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""
@@ -366,10 +512,45 @@ class ConsumeLoop:
         time.sleep(delay)
         return failures
 
+    def _check_gaps(self, src: Source, parts: set[TopicPartition]) -> None:
+        """Compare the committed offsets of those of `parts` not checked since their assignment with
+        their logs; hand the gaps to the handler (durably recorded when it returns) and acknowledge
+        them (commit the log start). Raises a retriable XdcError when the broker or state is away.
+        On the loop's thread; the handler hears of gaps with nothing in flight (one state writer)."""
+        if getattr(self.handler, "on_gaps", None) is None or src.group is None:
+            return
+        with self._gap_lock:
+            todo = sorted(parts - self._checked.get(src.name, set()))
+        if not todo:
+            return
+        consumer = src.consumer
+        with kafka_errors(f"offsets of {src.name} {todo}"):
+            starts = consumer.beginning_offsets(todo, timeout_ms=10_000)
+            ends = consumer.end_offsets(todo, timeout_ms=10_000)
+            committed = {tp: consumer.committed(tp, timeout_ms=10_000) for tp in todo}
+        gaps = find_gaps({(tp.topic, tp.partition): c for tp, c in committed.items()},
+                         {(tp.topic, tp.partition): s for tp, s in starts.items()},
+                         {(tp.topic, tp.partition): e for tp, e in ends.items()})
+        if gaps:
+            for g in gaps:
+                log.warning("%s: offset gap on %s[%d] for group %s: committed %s, log start %d (%s offsets lost)",
+                            self.name, g.topic, g.partition, src.group, g.committed, g.log_start,
+                            "unknown" if g.lost is None else g.lost)
+            self.settle()  # the handler records them with no durable part running beside it
+            self.handler.on_gaps(src.name, gaps)  # type: ignore[attr-defined]
+            self.gaps.extend(gaps)
+            try:  # acknowledged: a restart no longer finds them (the handler's record re-drives repairs)
+                commit(consumer, {TopicPartition(g.topic, g.partition): g.resume_at for g in gaps})
+            except KafkaError as exc:  # found again after the next assignment; the handler dedupes
+                log.warning("%s: gaps recorded but not acknowledged in the group (%s)", self.name, exc)
+        with self._gap_lock:
+            self._checked.setdefault(src.name, set()).update(tp for tp in todo if tp in consumer.assignment())
+
     def _track(self, src: Source, *, idle: bool) -> bool:
         """Probe the log ends (when idle, or once per probe interval) and move `applied_through`
         past every probe the positions have reached. True when every assigned partition is at the
-        end of a probe made now (caught up); False when that is not known."""
+        end of a probe made now (caught up); False when that is not known. A batch in flight counts
+        as not handled: its partitions' positions are taken at its first record."""
         consumer = src.consumer
         parts = list(consumer.assignment())
         if not parts:
@@ -394,6 +575,12 @@ class ConsumeLoop:
         except _ClientError as exc:
             log.debug("%s: positions of %s: %r", self.name, src.name, exc)
             return False
+        for f in self._inflight:  # not durable yet
+            if f.source is src:
+                for r in f.batch.records:
+                    tp = TopicPartition(r.topic, r.partition)
+                    if tp in pos and pos[tp] is not None and r.offset < pos[tp]:
+                        pos[tp] = r.offset
         passed: _Probe | None = None
         keep = []
         for p in probes:
@@ -417,6 +604,11 @@ class ConsumeLoop:
             stop.wait(seconds)
         else:
             time.sleep(seconds)
+
+
+def _ident(batch: Batch) -> tuple[str, str, int, int]:
+    r = batch.records[0]
+    return (batch.source, r.topic, r.partition, r.offset)
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,10 +12,10 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import kafka.errors as kerrors
+import msgspec
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError as _KafkaError
@@ -42,8 +42,10 @@ def client_kwargs(brokers: Brokers | Sequence[str]) -> dict[str, Any]:
     return kafka_python_kwargs(brokers)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(msgspec.Struct, frozen=True):
+    """One consumed message (a Struct: built per message on the hot path, ten times cheaper than a
+    frozen dataclass)."""
+
     topic: str
     partition: int
     offset: int
@@ -135,12 +137,9 @@ def make_consumer(brokers: Brokers | Sequence[str], group_id: str | None, topics
 
 
 def to_records(polled: dict[TopicPartition, list[Any]]) -> list[Record]:
-    out = []
-    for msgs in polled.values():
-        for m in msgs:
-            out.append(Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp,
-                              tuple((k, v) for k, v in (m.headers or []))))
-    return out
+    return [Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp,
+                   tuple(m.headers) if m.headers else ())
+            for msgs in polled.values() for m in msgs]
 
 
 def next_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:

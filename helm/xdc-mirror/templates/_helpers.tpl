@@ -37,13 +37,48 @@ xdc.example.com/datacenter: {{ .Values.dc | quote }}
 {{- end -}}
 
 {{/*
+The state URL of a datacenter (call with (dict "root" $ "dc" NAME)); the config's default is SQLite.
+*/}}
+{{- define "xdc.stateUrl" -}}
+{{- (index .root.Values.config.datacenters .dc).state_url | default "sqlite:///state.db" -}}
+{{- end -}}
+
+{{/* "true" when the datacenter's state takes several writers (PostgreSQL), else "". */}}
+{{- define "xdc.stateTakesReplicas" -}}
+{{- if regexMatch "^postgres(ql)?://" (include "xdc.stateUrl" .) }}true{{ end -}}
+{{- end -}}
+
+{{/* The datacenter whose state a component writes: the resize worker's config.resize.dc, else `dc`. */}}
+{{- define "xdc.stateDc" -}}
+{{- if and (eq .name "resize") .root.Values.config.resize -}}
+{{- .root.Values.config.resize.dc | default .root.Values.dc -}}
+{{- else -}}
+{{- .root.Values.dc -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Checks the values cannot express in values.schema.json, so a bad release fails at render time:
-`dc` names a datacenter of the config, the metrics endpoint is reachable by probes and scrapes.
+`dc` names a datacenter of the config, the metrics endpoint is reachable by probes and scrapes,
+and the mirror and resize worker run more than one replica only on a state that takes several
+writers (PostgreSQL; SQLite takes one process of each).
 */}}
 {{- define "xdc.validate" -}}
 {{- if not (hasKey .Values.config.datacenters .Values.dc) -}}
 {{- fail (printf "dc %q is not one of config.datacenters (%s)" .Values.dc (keys .Values.config.datacenters | sortAlpha | join ", ")) -}}
 {{- end -}}
+{{- range $name := list "mirror" "resize" }}
+{{- $c := index $.Values $name }}
+{{- if and $c.enabled (gt (int $c.replicas) 1) (or (eq $name "mirror") $.Values.config.resize) }}
+{{- $dc := include "xdc.stateDc" (dict "root" $ "name" $name) }}
+{{- if not (hasKey $.Values.config.datacenters $dc) }}
+{{- fail (printf "config.resize.dc %q is not one of config.datacenters" $dc) }}
+{{- end }}
+{{- if not (include "xdc.stateTakesReplicas" (dict "root" $ "dc" $dc)) }}
+{{- fail (printf "%s.replicas is %d, but the state of datacenter %s is SQLite (%s), which takes one %s process: run 1 replica, or set config.datacenters.%s.state_url to postgresql://... (see docs/scale.md)" $name (int $c.replicas) $dc (include "xdc.stateUrl" (dict "root" $ "dc" $dc)) $name $dc) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $m := .Values.config.metrics | default dict -}}
 {{- if not (gt (int ($m.port | default 0)) 0) -}}
 {{- fail "config.metrics.port must be > 0: the probes and the scrape use it" -}}
@@ -193,6 +228,11 @@ metadata:
     app.kubernetes.io/component: {{ .name }}
 spec:
   replicas: {{ .component.replicas }}
+  {{- if and (has .name (list "mirror" "resize")) (not (include "xdc.stateTakesReplicas" (dict "root" $root "dc" (include "xdc.stateDc" (dict "root" $root "name" .name))))) }}
+  # SQLite state takes one process: a rolling update's second pod would be refused, so stop first
+  strategy:
+    type: Recreate
+  {{- end }}
   selector:
     matchLabels:
       {{- include "xdc.selectorLabels" $root | nindent 6 }}

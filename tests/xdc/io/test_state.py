@@ -6,6 +6,8 @@ each outbox row claimed by one publisher, offsets per partition that never move 
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from devtools import postgres
 from tests.conftest import PG_DATABASE
-from xdc.errors import ConfigError, TransientStateError
+from xdc.errors import ConfigError, ReplicaRefused, TransientStateError
 from xdc.io.state import (
     CatalogEntry,
     MetaChange,
@@ -26,6 +28,8 @@ from xdc.io.state import (
     sql,
 )
 from xdc.io.state.schema import LATEST, MIGRATIONS
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.servers)])
@@ -57,8 +61,8 @@ def _outbox(applied: list[CatalogEntry]) -> list[Outgoing]:
 
 
 def _drain(state: State) -> list[bytes]:
-    with state.catalog.claim_outbox() as rows:
-        return [o.value for _, o in rows]
+    with state.catalog.claim_outbox() as claim:
+        return [r.message.value for r in claim.rows]
 
 
 # -- catalog --------------------------------------------------------------------------------------
@@ -117,6 +121,14 @@ def test_guard_keeps_newer_rows_and_outbox_only_holds_what_was_applied(state: St
     assert _drain(state) == [b"k1", b"k2"]
     assert cat.offsets("g") == {("t", 0): 5}  # offsets never move backwards
     assert cat.outbox_size() == 0
+
+
+def test_a_duplicate_is_neither_applied_nor_announced_again(state: State) -> None:
+    cat = state.catalog
+    assert cat.commit_batch([_e("k1", "2"), _e("k2", "1")], _outbox, {}) == [_e("k1", "2"), _e("k2", "1")]
+    _drain(state)
+    assert cat.commit_batch([_e("k1", "2"), _e("k2", "3")], _outbox, {}) == [_e("k2", "3")]
+    assert _drain(state) == [b"k2"]
 
 
 def test_tombstone_blocks_an_older_put(state: State) -> None:
@@ -200,10 +212,29 @@ def test_offsets_are_per_partition_and_never_move_back(state: State) -> None:
 def test_a_failed_publish_keeps_the_outbox_rows(state: State) -> None:
     state.catalog.commit_batch([_e("k", "1")], _outbox, {})
     with pytest.raises(RuntimeError):
-        with state.catalog.claim_outbox() as rows:
-            assert len(rows) == 1
+        with state.catalog.claim_outbox() as claim:
+            assert len(claim.rows) == 1
             raise RuntimeError("broker away")
     assert _drain(state) == [b"k"]
+
+
+def test_send_marks_survive_a_failed_publish_and_go_with_the_rows(state: State) -> None:
+    cat = state.catalog
+    cat.commit_batch([_e(f"k{i}", "1") for i in range(3)], _outbox, {})
+    with pytest.raises(RuntimeError):
+        with cat.claim_outbox() as claim:
+            assert [r.tried for r in claim.rows] == [None] * 3
+            first, second = claim.rows[0].id, claim.rows[1].id
+            claim.mark_tried({first: (2, 40), second: (0, 7)})
+            raise RuntimeError("killed while sending")
+    with pytest.raises(RuntimeError):
+        with cat.claim_outbox() as claim:
+            assert [r.tried for r in claim.rows] == [(2, 40), (0, 7), None]
+            claim.mark_tried({first: (2, 90), claim.rows[2].id: (1, 3)})  # an earlier mark is kept
+            raise RuntimeError("again")
+    with cat.claim_outbox() as claim:
+        assert [r.tried for r in claim.rows] == [(2, 40), (0, 7), (1, 3)]
+    assert cat.outbox_size() == 0 and not state.db.rows("SELECT id FROM outbox_tries")  # type: ignore[attr-defined]
 
 
 # -- several writers --------------------------------------------------------------------------------
@@ -236,37 +267,77 @@ def test_sequencer_guard_holds_under_concurrent_upserts(url: str) -> None:
             w.close()
 
 
-def test_each_outbox_row_is_claimed_by_one_publisher(url: str) -> None:
+def _keyed(applied: list[CatalogEntry]) -> list[Outgoing]:
+    """One row per entry, keyed by the entry's route (as the mirror keys rows by source partition)."""
+    return [Outgoing("applied", e.route.encode(), e.key.encode()) for e in applied]
+
+
+def test_a_key_is_published_by_one_publisher_at_a_time_in_order(url: str) -> None:
+    """Rows of one key go to one publisher at a time, oldest first; on PostgreSQL another publisher
+    takes the other keys meanwhile (SQLite: one publisher at a time)."""
     with open_state(url) as a, open_state(url) as b:
-        a.catalog.commit_batch([_e(f"k{i}", "1") for i in range(10)], _outbox, {})
+        a.catalog.commit_batch([_e(f"x{i}", "1", route="p0") for i in range(5)], _keyed, {})
+        a.catalog.commit_batch([_e(f"y{i}", "1", route="p1") for i in range(6)], _keyed, {})
+        a.catalog.commit_batch([_e("x5", "1", route="p0")], _keyed, {})
         inside, release = threading.Event(), threading.Event()
         first: list[bytes] = []
 
         def claim_and_hold() -> None:
-            with a.catalog.claim_outbox(limit=4) as rows:
-                first.extend(o.value for _, o in rows)
+            with a.catalog.claim_outbox(limit=4) as claim:
+                first.extend(r.message.value for r in claim.rows)
                 inside.set()
                 release.wait(10)
 
         t = threading.Thread(target=claim_and_hold)
         t.start()
         assert inside.wait(10)
-        if a.supports_replicas:  # PostgreSQL: the second publisher skips the locked rows
-            with b.catalog.claim_outbox() as rows:
-                second = [o.value for _, o in rows]
+        assert first == [b"x0", b"x1", b"x2", b"x3"]
+        ys = [f"y{i}".encode() for i in range(6)]
+        if a.supports_replicas:  # the other key goes out meanwhile; p0's rest waits for the first publisher
+            assert _drain(b) == ys
             release.set()
             t.join()
-            assert len(first) == 4 and len(second) == 6 and not set(first) & set(second)
-        else:  # SQLite: one writer at a time, the second publisher waits its turn
+            assert _drain(b) == [b"x4", b"x5"]
+        else:  # SQLite: the second publisher waits its turn, then takes the rest in queue order
             release.set()
             t.join()
-            second = _drain(b)
-            assert len(first) == 4 and len(second) == 6 and not set(first) & set(second)
+            assert _drain(b) == [b"x4", *ys, b"x5"]
         assert a.catalog.outbox_size() == 0
 
 
 def test_sqlite_refuses_replicas_postgres_allows_them(state: State) -> None:
     assert state.supports_replicas == (state.backend == "postgres")
+
+
+_HOLD_LEASE = """
+import sys, time
+from xdc.io.state import open_state
+with open_state(sys.argv[1]) as st, st.lease("mirror"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_mirror_process_is_refused_on_sqlite_until_the_first_dies(url: str) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LEASE, url], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with open_state(url) as st:
+            if st.supports_replicas:
+                with st.lease("mirror"):
+                    pass  # PostgreSQL: replicas share the state
+            else:
+                with pytest.raises(ReplicaRefused, match=rf"another mirror process .* \(pid {holder.pid} on .*use a "
+                                                         "postgresql:// state_url"):
+                    with st.lease("mirror"):
+                        pass
+                with st.lease("resize"), st.lease("resize"):  # another role; and re-entrant in a process
+                    pass
+    finally:
+        holder.kill()  # SIGKILL: nothing is cleaned up by the holder
+        holder.wait(10)
+    with open_state(url) as st, st.lease("mirror"):  # the kernel dropped the dead holder's lock
+        pass
 
 
 # -- incidents, lag, prewarm --------------------------------------------------------------------
@@ -450,8 +521,8 @@ def test_outbox_rows_keep_their_headers(state: State) -> None:
     hdrs = (("traceparent", b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01"), ("traceparents", b'{"b/k": "x"}'))
     state.catalog.commit_batch([_e("k1", "1")], lambda ok: [Outgoing("applied", b"p0", b"v", hdrs),
                                                             Outgoing("applied", None, b"w")], {})
-    with state.catalog.claim_outbox() as rows:
-        assert [o.headers for _, o in rows] == [hdrs, ()]
+    with state.catalog.claim_outbox() as claim:
+        assert [r.message.headers for r in claim.rows] == [hdrs, ()]
 
 
 def _span(trace: str, span: str, key: str | None, start: float, name: str = "mirror.apply",

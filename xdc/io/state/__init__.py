@@ -20,6 +20,8 @@ from xdc.io.state.base import (
     NodeUsage,
     ObjectCatalog,
     Outgoing,
+    OutboxClaim,
+    OutboxRow,
     PrewarmRecords,
     ProblemLog,
     Registration,
@@ -31,15 +33,22 @@ from xdc.io.state.base import (
 from xdc.io.state.postgres import PostgresState
 from xdc.io.state.sqlite import SqliteState
 
-__all__ = ["open_state", "sqlite_path", "State", "ObjectCatalog", "Incidents", "LagHistory", "PrewarmRecords",
-           "CatalogEntry", "MetaChange", "Outgoing", "Gap", "Conflict", "VerifyHistory", "Registration",
-           "ReleaseLedger", "LedgerEntry", "NodeUsage", "Traces", "ConfigHistory", "ProblemLog"]
+__all__ = ["open_state", "sqlite_path", "takes_replicas", "State", "ObjectCatalog", "Incidents", "LagHistory",
+           "PrewarmRecords", "CatalogEntry", "MetaChange", "Outgoing", "OutboxClaim", "OutboxRow", "Gap", "Conflict",
+           "VerifyHistory", "Registration", "ReleaseLedger", "LedgerEntry", "NodeUsage", "Traces", "ConfigHistory",
+           "ProblemLog"]
 
 
 def sqlite_path(url: str, base_dir: Path) -> Path:
     """The file of a sqlite:/// URL; relative paths are relative to `base_dir` (the config's dir)."""
     p = Path(url.removeprefix("sqlite:///"))
     return p if p.is_absolute() else base_dir / p
+
+
+def takes_replicas(url: str) -> bool:
+    """Whether the state at `url` takes several mirror and resize processes: a server database
+    (PostgreSQL) does; a SQLite file takes one of each."""
+    return url.startswith(("postgresql://", "postgres://"))
 
 
 def open_state(url: str, *, base_dir: Path = Path("."), password: str | None = None, durable: bool = True) -> State:

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 Offsets = Mapping[tuple[str, str, int], int]  # (group, topic, partition) -> next offset
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
-    """One object as the target datacenter holds it (a tombstone when `deleted`)."""
+class CatalogEntry(msgspec.Struct, frozen=True):
+    """One object as the target datacenter holds it (a tombstone when `deleted`). A Struct: the
+    mirror builds one per applied event."""
 
     bucket: str
     key: str
@@ -72,6 +74,28 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class OutboxRow:
+    """An outbox row as a publisher claims it."""
+
+    id: int
+    message: Outgoing
+    # (partition, offset): a publisher marked it and may have sent it to that partition at or
+    # after that offset before it died; look there before sending it again
+    tried: tuple[int, int] | None = None
+
+
+class OutboxClaim(ABC):
+    """The rows one publisher holds (`ObjectCatalog.claim_outbox`)."""
+
+    rows: list[OutboxRow]
+
+    @abstractmethod
+    def mark_tried(self, where: Mapping[int, tuple[int, int]]) -> None:
+        """Record durably, before sending, where each row goes: row id -> (partition, the
+        partition's log end offset now). An earlier mark of a row is kept (the earlier offset)."""
+
+
+@dataclass(frozen=True)
 class Registration:
     dataset: str
     version: str
@@ -113,9 +137,12 @@ class ObjectCatalog(ABC):
         stored a newer one meanwhile)."""
 
     @abstractmethod
-    def claim_outbox(self, limit: int = 10_000) -> AbstractContextManager[list[tuple[int, Outgoing]]]:
-        """Rows for this publisher only (other publishers skip them); deleted when the block
-        exits normally, released for another try when it raises."""
+    def claim_outbox(self, limit: int = 10_000) -> AbstractContextManager[OutboxClaim]:
+        """Rows for this publisher only, in the order they were queued. Per message key the claim
+        holds the oldest rows of that key, and no other publisher gets any row of that key until
+        the block exits: one key's messages are published in order, even by several replicas.
+        The rows are deleted when the block exits normally, and kept (with their marks) for
+        another try when it raises."""
 
     @abstractmethod
     def outbox_size(self) -> int: ...
@@ -469,6 +496,12 @@ class State(ABC):
     backend: str = ""
     #: several processes may write (mirror replicas): only on a server database
     supports_replicas: bool = False
+
+    def lease(self, role: str) -> AbstractContextManager[None]:
+        """Held while a `role` process (mirror, resize) works on this state. A state that takes
+        several writers lets every replica hold it; one that takes one (SQLite) refuses a second
+        holder with ReplicaRefused, naming the one that holds it."""
+        return nullcontext()
 
     @abstractmethod
     def schema_version(self) -> int: ...

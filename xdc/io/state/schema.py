@@ -184,6 +184,16 @@ CREATE TABLE IF NOT EXISTS etag_changes (
 )
 
 MIGRATIONS += (
+    # A publisher records where it is about to send an outbox row before it sends; a later
+    # publisher that finds the mark looks there first, so a row is never published twice.
+    Migration(8, "outbox send marks", """
+CREATE TABLE IF NOT EXISTS outbox_tries (
+    id BIGINT NOT NULL PRIMARY KEY, part INTEGER NOT NULL, from_offset BIGINT NOT NULL
+)
+"""),
+)
+
+MIGRATIONS += (
     # a gap's repair (a verify with repair of the routes it feeds) is re-driven until it finished;
     # rows from before have no repair of this kind to drive
     Migration(10, "gap repair status", """

@@ -11,7 +11,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from itertools import islice
 from typing import Any, Protocol
 
@@ -30,6 +30,8 @@ from xdc.io.state.base import (
     ObjectCatalog,
     Offsets,
     Outgoing,
+    OutboxClaim,
+    OutboxRow,
     PrewarmRecords,
     ProblemLog,
     Registration,
@@ -195,11 +197,33 @@ def if_reconciled(greatest: str) -> str:
             + f", sequencer={greatest}(objects.sequencer, excluded.sequencer)")
 
 
-class SqlCatalog(ObjectCatalog):
-    claim_suffix = ""  # PostgreSQL: FOR UPDATE SKIP LOCKED
-
-    def __init__(self, db: Db) -> None:
+class SqlClaim(OutboxClaim):
+    def __init__(self, db: Db, rows: list[OutboxRow]) -> None:
         self.db = db
+        self.rows = rows
+
+    def mark_tried(self, where: Mapping[int, tuple[int, int]]) -> None:
+        if where:
+            with self.db.transaction() as tx:  # committed before anything is sent
+                tx.executemany("INSERT INTO outbox_tries (id, part, from_offset) VALUES (?, ?, ?) "
+                               "ON CONFLICT (id) DO NOTHING", [(i, p, o) for i, (p, o) in where.items()])
+
+
+def outbox_row(r: Mapping[str, Any]) -> OutboxRow:
+    tried = None if r["part"] is None else (int(r["part"]), int(r["from_offset"]))
+    return OutboxRow(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b"",
+                                            _unpack_headers(_bytes(r["headers"]))), tried)
+
+
+# an outbox row with its send mark; a backend may add columns between the two
+OUTBOX_COLUMNS = "SELECT o.id, o.topic, o.key, o.value, o.headers, t.part, t.from_offset"
+OUTBOX_FROM = "FROM outbox o LEFT JOIN outbox_tries t ON t.id = o.id"
+
+
+class SqlCatalog(ObjectCatalog):
+    def __init__(self, db: Db, *, publisher: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        self.db = db
+        self._publisher = publisher  # held while claimed rows are published: one publisher at a time
 
     def get_many(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], CatalogEntry]:
         out: dict[tuple[str, str], CatalogEntry] = {}
@@ -233,18 +257,16 @@ class SqlCatalog(ObjectCatalog):
         return applied
 
     def _upsert(self, tx: Tx, entries: list[CatalogEntry], always: bool = False) -> list[CatalogEntry]:
-        """Upsert where newer (`always`: a reconciliation); returns the entries that now hold
-        their sequencer (all of them when `always`)."""
+        """Upsert where newer (`always`: a reconciliation, applied whatever the stored sequencer);
+        returns the entries applied. Here (SQLite) the transaction holds the database's one write
+        lock, so the sequencers read inside it decide exactly which entries win; a backend with
+        several writers decides in the statement itself (PostgreSQL)."""
         if not entries:
             return []
-        before = tx.rows("SELECT total_changes() AS n")[0]["n"]
-        clause = if_reconciled(self.db.greatest) if always else IF_NEWER
-        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {clause}",
-                       [row_of(e) for e in entries])
-        if always or tx.rows("SELECT total_changes() AS n")[0]["n"] - before == len(entries):
+        if always:
+            tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) "
+                           f"{if_reconciled(self.db.greatest)}", [row_of(e) for e in entries])
             return list(entries)
-        # The guard kept some newer rows (another writer got there first): only the rows that now
-        # hold our sequencer were applied by us.
         held: dict[tuple[str, str], str] = {}
         for i in range(0, len(entries), 400):
             chunk = entries[i:i + 400]
@@ -252,24 +274,30 @@ class SqlCatalog(ObjectCatalog):
             for r in tx.rows(f"SELECT bucket, key, sequencer FROM objects WHERE {where}",
                              [x for e in chunk for x in (e.bucket, e.key)]):
                 held[(r["bucket"], r["key"])] = r["sequencer"]
-        return [e for e in entries if held.get((e.bucket, e.key)) == e.sequencer]
+        newer = [e for e in entries if (e.bucket, e.key) not in held or e.sequencer > held[(e.bucket, e.key)]]
+        tx.executemany(f"{INSERT_OBJECTS} VALUES ({', '.join('?' * len(OBJECT_COLUMNS))}) {IF_NEWER}",
+                       [row_of(e) for e in newer])
+        return newer
 
     @contextmanager
-    def claim_outbox(self, limit: int = 10_000) -> Iterator[list[tuple[int, Outgoing]]]:
-        if not self.db.rows("SELECT 1 AS x FROM outbox LIMIT 1"):  # the common case: no write lock taken
-            yield []
+    def claim_outbox(self, limit: int = 10_000) -> Iterator[OutboxClaim]:
+        if not self.db.rows("SELECT 1 AS x FROM outbox LIMIT 1"):  # the common case: no lock taken
+            yield SqlClaim(self.db, [])
             return
+        with self._publisher():  # no transaction stays open while the rows are published
+            rows = [outbox_row(r) for r in self.db.rows(f"{OUTBOX_COLUMNS} {OUTBOX_FROM} ORDER BY o.id LIMIT ?",
+                                                        (limit,))]
+            yield SqlClaim(self.db, rows)
+            self._delete_outbox([r.id for r in rows])
+
+    def _delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget published rows and their marks."""
         with self.db.transaction() as tx:
-            rows = tx.rows(f"SELECT id, topic, key, value, headers FROM outbox ORDER BY id LIMIT ?{self.claim_suffix}",
-                           (limit,))
-            claimed = [(int(r["id"]), Outgoing(r["topic"], _bytes(r["key"]), _bytes(r["value"]) or b"",
-                                               _unpack_headers(_bytes(r["headers"]))))
-                       for r in rows]
-            yield claimed
-            ids = [i for i, _ in claimed]
             for i in range(0, len(ids), 500):
-                chunk = ids[i:i + 500]
-                tx.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+                chunk = list(ids[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                tx.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                tx.execute(f"DELETE FROM outbox_tries WHERE id IN ({marks})", chunk)
 
     def outbox_size(self) -> int:
         return int(self.db.rows("SELECT COUNT(*) AS n FROM outbox")[0]["n"])
