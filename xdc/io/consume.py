@@ -20,7 +20,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
   `unexpected_error`), while the rest proceeds;
 - a retriable broker error is retried with backoff (a restarted broker is waited for, up to
   `max_broker_failures` in a row); a commit refused after a rebalance seeks back to the batch
-  (redone here, found done, and committed; or by the partitions' new owner); before partitions are revoked the handler's
+  (redone here, found done, and committed; or by the partitions' new owner), and a second refusal
+  in a row makes the member leave and join again (kafka-python can stay a member the group dropped); before partitions are revoked the handler's
   `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
   commits nothing (dead-letter listing, the lag reader);
@@ -231,6 +232,7 @@ class ConsumeLoop:
         self._inflight: deque[_InFlight] = deque()
         self._broken = False  # a durable part failed: later ones are skipped until the loop recovers
         self._plain_next = False  # the next batch is handled the plain way (after a failure in flight)
+        self._refused: dict[str, int] = {}  # source -> commits refused in a row
         self._failures: dict[tuple[str, str, int, int], int] = {}  # a batch (by its first record) -> failed tries
         self.probe_interval_s = probe_interval_s
         self.applied_through: dict[str, float] = {}  # source -> every record appended before it is handled
@@ -461,11 +463,31 @@ class ConsumeLoop:
                     raise
                 log.info("%s: commit after a rebalance refused (%s); the batch is redone, found done", self.name, exc)
                 self.stats.refused_commits += 1
+                refused = self._refused[src.name] = self._refused.get(src.name, 0) + 1
+                if refused >= 2:
+                    self._rejoin(src)
                 return False
+            self._refused[src.name] = 0
         self.stats.batches += 1
         self.stats.records += len(batch)
         self.stats.busy_seconds += time.monotonic() - started
         return True
+
+    def _rejoin(self, src: Source) -> None:
+        """Commits refused twice in a row: this member is not rejoining by itself. kafka-python
+        3.0.12 can go on as a member the group dropped (seen in CI under load: it fetches, every
+        commit is refused, LeaveGroup at close answers UNKNOWN_MEMBER_ID). Leave and join afresh:
+        the new assignment reads from the committed offsets."""
+        log.warning("%s: commits to %s refused twice in a row; leaving the group and joining again", self.name,
+                    src.name)
+        self._refused[src.name] = 0
+        if not src.topics:  # partitions assigned by hand: no group membership to renew
+            return
+        with kafka_errors(f"rejoin {src.name}"):
+            src.consumer.unsubscribe()
+            src.consumer.subscribe(list(src.topics), listener=_Revocations(self, src))
+        with self._gap_lock:  # a fresh assignment: checked again
+            self._checked.pop(src.name, None)
 
     def _handle(self, batch: Batch) -> list[Letter]:
         """The handler on the batch; a non-retriable failure is looked for record by record."""

@@ -273,6 +273,37 @@ def test_a_refused_commit_on_partitions_kept_is_redone_before_once_ends(
     _all_committed(xcfg, group, rec)
 
 
+def test_a_member_whose_commits_stay_refused_leaves_and_joins_again(
+        xcfg: XdcConfig, tag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member the group dropped without the client noticing (kafka-python 3.0.12 under load): it
+    fetches, and every commit is refused for as long as it keeps its member id. The loop must
+    leave and join afresh, then commit; without that, `once` never ends (bounded here at 60 s)."""
+    _produce(xcfg, 20)
+    a = site(xcfg, "A")
+    group, rec = f"{tag}-zombie", PipelinedRecorder()
+    consumer = a.consumer(group)
+    real, dropped_member, accepted = consume_mod.commit, [], set()
+
+    def refused_while_the_same_member(c: Any, offsets: dict[TopicPartition, int]) -> None:
+        member = c.group_metadata().member_id
+        if not dropped_member:
+            dropped_member.append(member)
+        if member == dropped_member[0]:
+            raise RebalancedError("commit offsets: UnknownMemberIdError (injected: a dropped member)")
+        real(c, offsets)
+        accepted.add(member)
+
+    monkeypatch.setattr(consume_mod, "commit", refused_while_the_same_member)
+    loop = ConsumeLoop([Source("A", consumer, group, (a.topics.events,))], rec, poll_timeout_s=0.2, name="test")
+    try:
+        loop.run(once=True, max_seconds=60)
+    finally:
+        loop.close()
+    assert loop.stats.refused_commits == 2  # the second refusal in a row made it rejoin
+    assert accepted and dropped_member[0] not in accepted  # committed as a new member
+    _all_committed(xcfg, group, rec)
+
+
 class GapRecorder(Recorder):
     """A handler with `on_gaps`: its first call fails when asked (the state away), as a real one may."""
 
