@@ -147,8 +147,8 @@ def _mirror_proc(cfg_data: dict[str, Any], base_dir: str, env: dict[str, str], s
         m.catalog.commit_batch = timed(f"state commit_batch ({backend})", m.catalog.commit_batch)
         m.catalog.get_many = timed(f"state get_many ({backend})", m.catalog.get_many)
         m.flush_outbox = timed("flush_outbox (publish applied)", m.flush_outbox)
-        m.loop.handler = m  # the loop calls m.handle: time it through the instance
-        m.handle = timed("handle (whole batch)", m.handle)  # type: ignore[method-assign]
+        m.loop.handler = m  # the loop calls m.prepare (then its durable part): time it through the instance
+        m.prepare = timed("prepare (decide, copy)", m.prepare)  # type: ignore[method-assign]
         m._observe_consumer_lag = timed("consumer lag gauge (committed())", m._observe_consumer_lag)
         consume_mod.commit = timed("kafka offset commit", consume_mod.commit)
         runner_mod.parse_message = timed("parse_message", runner_mod.parse_message)

@@ -31,6 +31,7 @@ from mirror.runner import Mirror  # noqa: E402
 from xdc import trace  # noqa: E402
 from xdc.config import TracingSettings, XdcConfig, parse_config  # noqa: E402
 from xdc.events import encode_notification, message_key, new_sequencer, s3_record  # noqa: E402
+from xdc.io.consume import Prepared  # noqa: E402
 from xdc.io.kafka import ensure_topics, make_producer  # noqa: E402
 from xdc.metrics import Metrics, new_registry  # noqa: E402
 from xdc.observe import telemetry  # noqa: E402
@@ -88,15 +89,20 @@ def drain(cfg: XdcConfig, n: int) -> tuple[float, float, int, int]:
     m = Mirror(topo, metrics=Metrics(new_registry()))
     first: list[tuple[float, float]] = []
     last: list[tuple[float, float]] = []
-    inner = m.handle
+    inner = m.prepare
 
-    def handle(batch: Any) -> Any:
+    def prepare(batch: Any) -> Prepared:
+        # the loop makes a batch durable on its writer thread while it prepares the next: the span
+        # runs from the first prepare to the end of the last durable part
         if not first:
             first.append((time.perf_counter(), time.process_time()))
-        out = inner(batch)
-        last[:] = [(time.perf_counter(), time.process_time())]
-        return out
-    m.handle = handle  # type: ignore[method-assign]
+        p = inner(batch)
+
+        def durable() -> None:
+            p.durable()
+            last[:] = [(time.perf_counter(), time.process_time())]
+        return Prepared(p.letters, durable)
+    m.prepare = prepare  # type: ignore[method-assign]
     try:
         applied = 0
         deadline = time.monotonic() + 600
