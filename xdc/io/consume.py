@@ -21,8 +21,8 @@ dead-letter replay, the lag reader), like aiokafka's documented loop:
 - a retriable broker error is retried with backoff (a restarted broker is waited for, up to
   `max_broker_failures` in a row); a commit refused after a rebalance seeks back to the batch
   (redone here, found done, and committed; or by the partitions' new owner), and a second refusal
-  in a row makes the member leave and join again (kafka-python can stay a member the group dropped); before partitions are revoked the handler's
-  `on_revoked` runs;
+  in a row makes the member leave and join again (kafka-python can stay a member the group
+  dropped); before partitions are revoked the handler's `on_revoked` runs;
 - a source without a group (`Source.group is None`) is read from positions set by the caller and
   commits nothing (dead-letter listing, the lag reader);
 - about once a second the log ends are probed (one ListOffsets call); once every partition's position
@@ -58,8 +58,9 @@ there while the loop's thread runs): there a blocking consumer call would fail, 
 blocks stalls heartbeats and the join, so the listener only forgets the revoked partitions' gap checks
 (and calls the handler's hook, which must not block either). A batch in flight when its partitions
 are revoked is finished by the loop: its commit is refused after the rebalance, and whoever owns
-the partitions next (this loop, or another member) redoes it, found done (the state's upsert guard and the outbox's per-key claims make
-a batch applied by two processes at once safe: each row once, each applied event published once).
+the partitions next (this loop, or another member) redoes it, found done (the state's upsert guard
+and the outbox's per-key claims make a batch applied by two processes at once safe: each row once,
+each applied event published once).
 """
 from __future__ import annotations
 
