@@ -180,6 +180,7 @@ class Mirror:
             self.flush_outbox()  # what a previous process committed but did not publish
             published = self.gap_healer.repairs_published
             self.gap_healer.resume()  # gaps a previous process recorded and did not finish repairing
+            self._warm_copies()
             ls = self.loop.run(once=once, max_seconds=max_seconds, stop=stop, join_timeout_s=join_timeout_s)
             # `once` means caught up, gap repairs included: what a repair published is applied too
             while once and not (stop and stop.is_set()) and self.gap_healer.wait(max_seconds) and \
@@ -417,6 +418,12 @@ class Mirror:
                     res.source_etag, res.note)
         self.site.state.incidents.record_etag_change(it.target_bucket, it.target_key, res.source_etag,
                                                      res.landed.etag, res.layout, res.note)
+
+    def _warm_copies(self) -> None:
+        """The data routes' copy clients, made and connected before the first batch (not inside it)."""
+        for r in self.routes:
+            if r.mode == "data":
+                self.topology.site(r.source.dc).store.warm_copies(self.target, r.source.bucket, r.target.bucket)
 
     def _sweep_uploads(self) -> None:
         """Every `upload_sweep_minutes`, abort multipart uploads under the data routes' target

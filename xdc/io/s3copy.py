@@ -197,6 +197,7 @@ class CopyEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._clients: dict[S3Connection, Any] = {}
+        self._session: aioboto3.Session | None = None  # one: its clients share botocore's loaded models
         self._stack: contextlib.AsyncExitStack | None = None
         self._streams: asyncio.Semaphore | None = None
         self._budget: _ByteBudget | None = None
@@ -222,6 +223,23 @@ class CopyEngine:
         if isinstance(res, BaseException):
             raise res
         return res
+
+    def warm(self, endpoints: Sequence[tuple[S3Connection, str]], timeout_s: float = 5.0) -> None:
+        """Make each endpoint's client and open a connection to it (HEAD bucket), before the first
+        copy needs them: a client's first use loads botocore's models and rules (about 0.3 s of CPU
+        for two endpoints), which a copier that starts cold pays inside its first batch. Best
+        effort, at most `timeout_s`: an endpoint that does not answer is logged; its copies report it."""
+        async def one(conn: S3Connection, bucket: str) -> None:
+            try:
+                c = await self._client(conn)
+                await asyncio.wait_for(self._call(conn, f"head bucket {bucket}", lambda: c.head_bucket(Bucket=bucket),
+                                                  retry=False), timeout_s)
+            except (XdcError, asyncio.TimeoutError) as exc:
+                log.warning("copy engine: warming %s: %r", conn.endpoint_url, exc)
+
+        async def every() -> None:
+            await asyncio.gather(*(one(c, b) for c, b in dict.fromkeys(endpoints)))
+        self._run(every())
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel the copies in flight (their multipart uploads are aborted), close the clients and
@@ -297,8 +315,9 @@ class CopyEngine:
             if self._stack is None:
                 self._stack = contextlib.AsyncExitStack()
             cfg = AioConfig(**conn.botocore_config(max_pool=self.settings.concurrency * 2 + 8))
-            c = await self._stack.enter_async_context(aioboto3.Session().client("s3", config=cfg,
-                                                                                **conn.client_kwargs()))
+            if self._session is None:
+                self._session = aioboto3.Session()
+            c = await self._stack.enter_async_context(self._session.client("s3", config=cfg, **conn.client_kwargs()))
             c.meta.events.register("before-sign.s3.DeleteObjects", add_content_md5)
             c.meta.events.register("before-sign.s3.GetObjectAttributes", _guard_attributes)
             self._clients[conn] = c

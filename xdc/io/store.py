@@ -200,6 +200,10 @@ class Store(ABC):
         copier). Returns the keys whose uploads were aborted; stores without uploads have none."""
         return []
 
+    def warm_copies(self, dst: Store, bucket: str, dst_bucket: str) -> None:
+        """Ready what copies from bucket here to dst_bucket there will use (best effort); stores that
+        copy synchronously have nothing to ready."""
+
     def _copy_once(self, dst: Store, bucket: str, key: str, dst_bucket: str, dst_key: str,
                    expect_etag: str | None, metadata: dict[str, str] | None,
                    guard: Callable[[ObjectInfo], None] | None = None) -> ObjectInfo:
@@ -328,6 +332,10 @@ class S3Store(Store):
         # the engine's loop runs in another thread: the caller's current span goes along explicitly
         job = CopyJob(bucket, key, dst_bucket, dst_key, expect_etag, dict(metadata or {}), trace=trace.current())
         return self.engine.copy(self.conn, dst.conn, job).landed
+
+    def warm_copies(self, dst: Store, bucket: str, dst_bucket: str) -> None:
+        if self.engine is not None and isinstance(dst, S3Store):
+            self.engine.warm([(self.conn, bucket), (dst.conn, dst_bucket)])
 
     def sweep_uploads(self, bucket: str, prefix: str, *, older_than_s: float) -> list[str]:
         now = datetime.now(timezone.utc)

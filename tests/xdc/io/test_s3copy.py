@@ -5,6 +5,7 @@ engine's code); bytes are compared whole."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -13,15 +14,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aioboto3
 import pytest
 from moto.server import ThreadedMotoServer
 
 from devtools.faultproxy import FaultPlan, FaultProxy, Rule
+from devtools.procs import free_port
 from tests.support import blob as _blob
 from tests.support import put_multipart, s3_multipart_etag, site
 from xdc import trace
 from xdc.config import TracingSettings, XdcConfig
-from xdc.errors import SupersededError
+from xdc.errors import SupersededError, UnavailableError
 from xdc.io.objects import CopyJob
 from xdc.io.s3client import S3Connection
 from xdc.io.s3copy import CopyEngine, EngineSettings
@@ -94,6 +97,33 @@ def test_single_part_object_streams_into_one_put_with_the_same_etag(stack_cfg: X
     assert b.get(DST, key) == data and b.get(DST, small) == b"tiny"
     with pytest.raises(SupersededError):  # the event's ETag is not the object's any more
         engine.copy(a.conn, b.conn, CopyJob(SRC, key, DST, key + ".x", expect_etag="0" * 32))
+
+
+def test_warmed_endpoints_need_no_client_made_at_the_first_copy(stack_cfg: XdcConfig, engine: CopyEngine, tag: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _stores(stack_cfg)
+    key = f"camera/{tag}/warm.bin"
+    a.put(SRC, key, b"warm")
+    engine.warm([(a.conn, SRC), (b.conn, DST)])
+
+    def no_new_client(*_: object, **__: object) -> None:
+        raise AssertionError("a client was made inside the copy")
+    monkeypatch.setattr(aioboto3.Session, "client", no_new_client)
+    engine.copy(a.conn, b.conn, CopyJob(SRC, key, DST, key))
+    assert b.get(DST, key) == b"warm"
+
+
+def test_warming_an_endpoint_that_is_down_is_logged_and_its_copies_report_it(
+        stack_cfg: XdcConfig, engine: CopyEngine, tag: str, caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = _stores(stack_cfg)
+    down = S3Connection(f"http://127.0.0.1:{free_port()}", "k", "s", connect_timeout_s=1.0)
+    key = f"camera/{tag}/to-nowhere.bin"
+    a.put(SRC, key, b"x")
+    with caplog.at_level(logging.WARNING, logger="xdc.io.s3copy"):
+        engine.warm([(a.conn, SRC), (down, DST)], timeout_s=5.0)  # best effort: no error
+    assert f"warming {down.endpoint_url}" in caplog.text
+    [res] = engine.copy_many(a.conn, down, [CopyJob(SRC, key, DST, key)])
+    assert isinstance(res, UnavailableError)
 
 
 def test_second_candidate_part_size_is_found_and_the_copy_redone(stack_cfg: XdcConfig, engine: CopyEngine,
