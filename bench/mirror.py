@@ -10,7 +10,7 @@
    (an even count: as many firsts each); the median ratio is the figure (one round on 2 shared
    cores varies by +-15 %).
 
-    python bench/mirror.py [--events 50000] [--object-mib 8 64] [--data-mib 320] [--multipart] [--rounds 4]
+    python bench/mirror.py [--events 50000] [--object-mib 8 64] [--data-mib 320] [--multipart] [--rounds 6]
                            [--copy-concurrency N]
 """
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main() -> None:
     ap.add_argument("--object-mib", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--data-mib", type=int, default=320, help="bytes per object size (objects = this / size)")
     ap.add_argument("--multipart", action="store_true", help="write the sources in 8 MiB parts (boto3's way)")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds per object size (fresh objects each)")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds per object size (fresh objects each)")
     ap.add_argument("--copy-concurrency", type=int, default=None, help="mirror.copy_concurrency (default: the config's)")
     args = ap.parse_args()
     run = Path(tempfile.mkdtemp(prefix="xdc-bench-mirror-"))
