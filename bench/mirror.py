@@ -71,7 +71,7 @@ def timed_mirror(cfg, group: str) -> tuple[int, int, float]:  # type: ignore[no-
     """Run the mirror once; time from its first batch to its last (group join excluded). SPLIT
     gets the batches, the seconds from each batch's prepare to the end of its durable part, and the
     seconds of those in the copy step (the rest: decide, state commit, publish). Batches overlap
-    (the next is prepared while one is made durable), so "between batches" can be negative."""
+    (the next is prepared while one is made durable): the first two can exceed the total."""
     topo = Topology(cfg, "B")
     m = Mirror(topo, metrics=Metrics(new_registry()), group_id=group)
     first: list[float] = []
@@ -162,8 +162,8 @@ def mirror_copy(cfg, run: Path, prefix: str, n: int) -> tuple[float, str, int]: 
     a, b = Topology(cfg, "A").here.store, Topology(cfg, "B").here.store
     kept = sum(1 for i in range(n) if b.head(dst_bucket, f"{prefix}{i:04d}.bin").etag
                == a.head(src_bucket, f"{prefix}{i:04d}.bin").etag)
-    where = (f"{split['batches']:.0f} batches, copy step {split['copy_s']:.2f} s of {split['total_s']:.2f} s; "
-             f"CPU s (group join included) {cpu}")
+    where = (f"{split['batches']:.0f} batches in {split['total_s']:.2f} s: prepare to durable {split['handler_s']:.2f} s, "
+             f"of which the copy step {split['copy_s']:.2f} s; CPU s (group join included) {cpu}")
     return copied / MIB / copy_s, where, kept
 
 
